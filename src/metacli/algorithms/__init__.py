@@ -1,0 +1,1 @@
+"""Meta-learning algorithms: one module per ``conf/algo/<name>.yaml``."""

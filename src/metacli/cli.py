@@ -1,0 +1,127 @@
+"""The `metacli` command: subcommands dispatched to Hydra entry points.
+
+Only the standard library is imported here, so `metacli --help` is instant; Hydra and
+torch load when a subcommand runs.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from metacli import __version__
+from metacli.errors import MetacliError
+
+USAGE = f"""metacli {__version__}: meta-learning experiments from configs
+
+Usage: metacli <command> [key=value overrides] [hydra flags]
+
+Commands:
+  train   meta-train, validate and meta-test; writes a run folder under outputs/train/
+          e.g. metacli train algo=fomaml task.shots=5 seed=1
+               metacli train -m algo=maml,fomaml seed=0,1,2     (a sweep)
+               metacli train resume=outputs/train/<date>/<time> (continue a run)
+  test    meta-test a checkpoint; reuses the run's config unless overridden
+          e.g. metacli test ckpt_path=outputs/train/<date>/<time>/checkpoints/best.pt
+
+Every command takes Hydra's flags: --help (config groups and options), --cfg job,
+--info, -m/--multirun, --config-dir DIR. See `metacli train --help`.
+"""
+
+COMMANDS = ("train", "test")
+# Keys that point at an earlier run: they are never replayed from it.
+RUN_KEYS = ("resume", "ckpt_path")
+
+
+def config_dir() -> Path:
+    """conf/ shipped inside the wheel, else the repository's top-level conf/ (editable install)."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "conf", package.parents[1] / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise MetacliError(f"metacli cannot find its configs: neither {package / 'conf'} nor "
+                       f"{package.parents[1] / 'conf'} holds train.yaml. Reinstall metacli.")
+
+
+def override_key(arg: str) -> str | None:
+    """The key an override sets (``+a.b=1`` -> ``a.b``); None for flags and their values."""
+    if arg.startswith("-") or "=" not in arg:
+        return None
+    return arg.split("=", 1)[0].lstrip("+~")
+
+
+def quote(value: str) -> str:
+    return value if re.fullmatch(r"[\w./:-]+", value) else "'" + value.replace("'", r"\'") + "'"
+
+
+def replay(saved: list[str], args: list[str]) -> list[str]:
+    """The saved overrides of a run, minus those the new arguments set again, then the new ones."""
+    new_keys = {override_key(a) for a in args} - {None}
+    kept = [o for o in saved if override_key(o) not in new_keys and override_key(o) not in RUN_KEYS]
+    return kept + args
+
+
+def value_of(args: list[str], key: str) -> str | None:
+    values = [a.split("=", 1)[1] for a in args if override_key(a) == key]
+    return values[-1] if values and values[-1] not in ("", "null") else None
+
+
+def prepare(command: str, args: list[str]) -> list[str]:
+    """Arguments for Hydra; ``resume`` and ``ckpt_path`` replay the overrides of their run."""
+    resume = value_of(args, "resume") if command == "train" else None
+    if resume is not None:
+        if any(a in ("-m", "--multirun") for a in args):
+            raise MetacliError("resume continues one run; it cannot be combined with -m/--multirun.")
+        folder = Path(resume)
+        saved_overrides = folder / ".hydra" / "overrides.yaml"
+        if not (folder / "checkpoints" / "last.pt").is_file() or not saved_overrides.is_file():
+            raise MetacliError(f"resume={resume}: {folder} is not a run folder with a checkpoint "
+                               f"(expected .hydra/overrides.yaml and checkpoints/last.pt). Set "
+                               f"resume to a folder under outputs/train/.")
+        from omegaconf import OmegaConf
+
+        saved = [str(o) for o in OmegaConf.load(saved_overrides)]
+        return [*replay(saved, args), f"hydra.run.dir={quote(str(folder))}"]
+    ckpt_path = value_of(args, "ckpt_path") if command == "test" else None
+    if ckpt_path is not None:
+        from metacli.checkpoint import load_checkpoint
+
+        return replay(list(load_checkpoint(ckpt_path).get("overrides", [])), args)
+    return args
+
+
+def run_hydra(command: str, args: list[str]) -> None:
+    import hydra
+    from omegaconf import DictConfig
+
+    sys.argv = [f"metacli {command}", *args]
+
+    @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=command)
+    def entry(cfg: DictConfig) -> float | None:
+        from metacli.run import COMMANDS as RUNNERS
+
+        return RUNNERS[command](cfg)
+
+    entry()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        raise SystemExit(0 if argv else 2)
+    if argv[0] in ("-V", "--version"):
+        print(f"metacli {__version__}")
+        return
+    command, args = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"metacli: unknown command {command!r}; choose one of: {', '.join(COMMANDS)}. "
+              f"See `metacli --help`.", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        args = prepare(command, args)
+    except MetacliError as err:
+        print(f"metacli {command}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    run_hydra(command, args)

@@ -1,0 +1,162 @@
+"""Typed schemas for every config section, and the check that runs before any work.
+
+Hydra composes plain YAML from ``conf/``; this module turns each section into a
+dataclass. A misspelt key, a wrong type or an impossible value (``task.shots=0``)
+becomes a :class:`ConfigError` that names the key to fix. The component groups
+(``algo``, ``task``, ``model``) are checked against the ``Config`` dataclass of the
+class the registry finds for them, so a new algorithm brings its own schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from metacli.errors import ConfigError
+
+
+def require(ok: bool, key: str, value: Any, rule: str) -> None:
+    """Raise a ConfigError naming ``key`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {rule}. Set {key} to a valid value.")
+
+
+@dataclass
+class DeviceConfig:
+    name: str = "auto"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        require(self.name in ("auto", "cpu", "cuda", "mps"), "device", self.name,
+                "choose one of auto, cpu, cuda, mps")
+        require(self.threads is None or self.threads >= 1, "device.threads", self.threads,
+                "it must be >= 1 or null")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    scheduler: str = "none"
+    min_lr: float = 0.0
+    step_size: int = 1000
+    gamma: float = 0.5
+
+    def __post_init__(self) -> None:
+        require(self.name in ("adam", "sgd"), "optim", self.name, "choose adam or sgd")
+        require(self.lr > 0, "optim.lr", self.lr, "the learning rate must be > 0")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+                self.betas, "two numbers in [0, 1)")
+        require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "it must be >= 0")
+        require(self.scheduler in ("none", "cosine", "step"), "optim.scheduler", self.scheduler,
+                "choose none, cosine or step")
+        require(0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr, "it must be in [0, optim.lr]")
+        require(self.step_size >= 1, "optim.step_size", self.step_size, "it must be >= 1")
+        require(0 < self.gamma <= 1, "optim.gamma", self.gamma, "it must be in (0, 1]")
+
+
+@dataclass
+class TrainLoopConfig:
+    iterations: int = 4000
+    meta_batch_size: int = 25
+    val_every: int = 500
+    log_every: int = 100
+    ckpt_every: int | None = None
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        require(self.iterations >= 0, "train.iterations", self.iterations, "it must be >= 0")
+        require(self.meta_batch_size >= 1, "train.meta_batch_size", self.meta_batch_size,
+                "it must be >= 1")
+        require(self.val_every >= 1, "train.val_every", self.val_every, "it must be >= 1")
+        require(self.log_every >= 1, "train.log_every", self.log_every, "it must be >= 1")
+        require(self.ckpt_every is None or self.ckpt_every >= 1, "train.ckpt_every",
+                self.ckpt_every, "it must be >= 1 or null")
+        require(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", self.grad_clip,
+                "it must be > 0 or null")
+
+
+@dataclass
+class EvalConfig:
+    num_tasks: int = 100
+    batch_size: int = 100
+
+    def check(self, section: str) -> None:
+        require(self.num_tasks >= 1, f"{section}.num_tasks", self.num_tasks, "it must be >= 1")
+        require(self.batch_size >= 1, f"{section}.batch_size", self.batch_size, "it must be >= 1")
+
+
+@dataclass
+class TestConfig(EvalConfig):
+    num_tasks: int = 600
+    batch_size: int = 200
+    checkpoint: str = "best"  # weights meta-tested after training: best (validation) or last
+
+    def check(self, section: str) -> None:
+        super().check(section)
+        require(self.checkpoint in ("best", "last"), "test.checkpoint", self.checkpoint,
+                "choose best or last")
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None
+
+
+@dataclass
+class RunConfig:
+    """The top level: everything but the component groups, which the registry types."""
+
+    seed: int = 0
+    resume: str | None = None
+    ckpt_path: str | None = None
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    val: EvalConfig = field(default_factory=EvalConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        require(self.seed >= 0, "seed", self.seed, "it must be >= 0")
+        self.val.check("val")
+        self.test.check("test")
+
+
+COMPONENT_GROUPS = ("algo", "task", "model")
+
+
+def to_typed(schema: type, node: Any, key: str) -> Any:
+    """Check ``node`` against the dataclass ``schema``; return the dataclass instance.
+
+    Unknown keys and wrong types are OmegaConf errors, impossible values come from the
+    dataclass's ``__post_init__``; both become a ConfigError naming the full key.
+    """
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        where = f"{key}.{err.full_key}" if key and err.full_key else (key or err.full_key or "")
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"Invalid setting {where!r}: {reason}. Fix {where} in your overrides "
+                          f"or config files (see `metacli train --help`).") from None
+
+
+def check_run_config(cfg: DictConfig) -> RunConfig:
+    """Check every section but the component groups; return the typed top level."""
+    rest = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()  # type: ignore[union-attr]
+            if k not in COMPONENT_GROUPS}
+    run: RunConfig = to_typed(RunConfig, rest, "")
+    return run
+
+
+def dataclass_keys(schema: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(schema)]

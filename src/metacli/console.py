@@ -1,0 +1,75 @@
+"""Terminal output: a rich progress bar on a terminal, plain log lines elsewhere."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+CONSOLE = Console()
+# Periodic progress lines: always in metacli.log; on a terminal the bar shows them instead.
+PROGRESS_LOGGER = "metacli.progress"
+
+
+class _NotProgress(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != PROGRESS_LOGGER
+
+
+def make_log_handler() -> logging.Handler:
+    """Console handler used by conf/hydra/job_logging/metacli.yaml."""
+    handler: logging.Handler
+    if CONSOLE.is_terminal:
+        handler = RichHandler(console=CONSOLE, show_path=False, rich_tracebacks=False)
+        handler.addFilter(_NotProgress())
+    else:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+    return handler
+
+
+class Bar:
+    """Updates a rich progress bar when there is one; silent otherwise."""
+
+    def __init__(self, progress: Progress | None, total: int, start: int) -> None:
+        self.progress = progress
+        self.task = progress.add_task("meta-train", total=total, completed=start,
+                                      stats="") if progress else None
+
+    def update(self, iteration: int, **stats: Any) -> None:
+        if self.progress is not None and self.task is not None:
+            text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                             for k, v in stats.items() if v is not None)
+            self.progress.update(self.task, completed=iteration, stats=text)
+
+
+@contextmanager
+def progress_bar(total: int, start: int) -> Iterator[Bar]:
+    if not CONSOLE.is_terminal:
+        yield Bar(None, total, start)
+        return
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[stats]}"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=CONSOLE, transient=False) as progress:
+        yield Bar(progress, total, start)
+
+
+def print_summary(title: str, metric_name: str, rows: list[tuple[str, float, float]],
+                  footer: list[tuple[str, str]]) -> None:
+    """A table of ``metric mean +- 95% CI`` rows, then key/value lines (time, run folder)."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("")
+    table.add_column(f"{metric_name} (mean ± 95% CI)", justify="right")
+    for label, mean, ci in rows:
+        table.add_row(label, f"{mean:.4f} ± {ci:.4f}")
+    for key, value in footer:
+        table.add_row(key, value)
+    CONSOLE.print(table)

@@ -1,0 +1,1 @@
+"""Task distributions: one module per ``conf/task/<name>.yaml``."""

@@ -1,0 +1,89 @@
+"""What every task distribution provides: batched episodes, a loss and a metric."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from metacli.config import require
+from metacli.registry import Registered
+
+
+@dataclass
+class TaskConfig:
+    name: str = ""
+    shots: int = 1
+    queries: int = 1
+    test_shots: int | None = None
+
+    def __post_init__(self) -> None:
+        require(self.shots >= 1, "task.shots", self.shots, "it must be >= 1")
+        require(self.queries >= 1, "task.queries", self.queries, "it must be >= 1")
+        require(self.test_shots is None or self.test_shots >= 1, "task.test_shots",
+                self.test_shots, "it must be >= 1 or null")
+
+
+@dataclass
+class TaskBatch:
+    """A meta-batch of episodes; axis 0 is the task."""
+
+    support_x: Tensor  # [B, S, *input_shape]
+    support_y: Tensor  # [B, S, *target_shape]
+    query_x: Tensor  # [B, Q, *input_shape]
+    query_y: Tensor  # [B, Q, *target_shape]
+
+    def __len__(self) -> int:
+        return self.support_x.shape[0]
+
+    def __getitem__(self, index: slice) -> TaskBatch:
+        return TaskBatch(self.support_x[index], self.support_y[index],
+                         self.query_x[index], self.query_y[index])
+
+    def to(self, device: torch.device) -> TaskBatch:
+        return TaskBatch(self.support_x.to(device), self.support_y.to(device),
+                         self.query_x.to(device), self.query_y.to(device))
+
+
+class TaskDistribution(Registered):
+    """A distribution over tasks. ``loss`` and ``metric`` act on ONE task (they run under vmap)."""
+
+    registry: ClassVar[dict[str, type]] = {}
+    Config: ClassVar[type[TaskConfig]] = TaskConfig
+    input_shape: tuple[int, ...]
+    output_dim: int
+    metric_name: str
+    higher_is_better: bool
+
+    def __init__(self, cfg: TaskConfig, data_root: str | None = None) -> None:
+        self.cfg = cfg
+        self.data_root = data_root
+
+    def shots(self, split: str) -> int:
+        """Support size: meta-test (and validation, which mirrors it) may use other shots."""
+        if split != "train" and self.cfg.test_shots is not None:
+            return self.cfg.test_shots
+        return self.cfg.shots
+
+    def sample(self, num_tasks: int, split: str, generator: torch.Generator) -> TaskBatch:
+        """``num_tasks`` episodes of ``split`` (train | val | test) drawn from ``generator``."""
+        raise NotImplementedError
+
+    def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def metric(self, prediction: Tensor, target: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+def split_generator(seed: int, split: str) -> torch.Generator:
+    """The task stream of one split: a function of (seed, split) alone, never of the algorithm.
+
+    So every algorithm run with the same seed and task settings meets the same validation
+    and test tasks, and comparisons between them are paired.
+    """
+    digest = hashlib.sha256(f"metacli:{seed}:{split}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)

@@ -1,0 +1,62 @@
+"""Sinusoid regression of Finn et al. 2017: y = A sin(x - phi), MSE loss."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from metacli.config import require
+from metacli.tasks.base import TaskBatch, TaskConfig, TaskDistribution
+
+
+@dataclass
+class SinusoidConfig(TaskConfig):
+    name: str = "sinusoid"
+    shots: int = 10
+    queries: int = 10
+    amplitude: list[float] = field(default_factory=lambda: [0.1, 5.0])
+    phase: list[float] = field(default_factory=lambda: [0.0, math.pi])
+    x_range: list[float] = field(default_factory=lambda: [-5.0, 5.0])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("amplitude", "phase", "x_range"):
+            low_high = getattr(self, key)
+            require(len(low_high) == 2 and low_high[0] <= low_high[1], f"task.{key}", low_high,
+                    "give [low, high] with low <= high")
+
+
+class Sinusoid(TaskDistribution, key="sinusoid"):
+    """Every split draws from the same distribution; splits differ only in their seeds."""
+
+    Config = SinusoidConfig
+    cfg: SinusoidConfig
+    input_shape = (1,)
+    output_dim = 1
+    metric_name = "mse"
+    higher_is_better = False
+
+    def sample(self, num_tasks: int, split: str, generator: torch.Generator) -> TaskBatch:
+        cfg = self.cfg
+        shots = self.shots(split)
+        points = shots + cfg.queries
+
+        def uniform(shape: tuple[int, ...], low_high: list[float]) -> Tensor:
+            low, high = low_high
+            return low + (high - low) * torch.rand(shape, generator=generator)
+
+        amplitude = uniform((num_tasks, 1, 1), cfg.amplitude)
+        phase = uniform((num_tasks, 1, 1), cfg.phase)
+        x = uniform((num_tasks, points, 1), cfg.x_range)  # [B, S+Q, 1]
+        y = amplitude * torch.sin(x - phase)
+        return TaskBatch(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
+
+    def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
+        return F.mse_loss(prediction, target)
+
+    def metric(self, prediction: Tensor, target: Tensor) -> Tensor:
+        return F.mse_loss(prediction, target)
