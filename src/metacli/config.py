@@ -65,7 +65,7 @@ class OptimConfig:
 
 @dataclass
 class TrainLoopConfig:
-    iterations: int = 4000
+    iterations: int = 5000
     meta_batch_size: int = 25
     val_every: int = 500
     log_every: int = 100

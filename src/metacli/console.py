@@ -70,6 +70,6 @@ def print_summary(title: str, metric_name: str, rows: list[tuple[str, float, flo
     table.add_column(f"{metric_name} (mean ± 95% CI)", justify="right")
     for label, mean, ci in rows:
         table.add_row(label, f"{mean:.4f} ± {ci:.4f}")
-    for key, value in footer:
-        table.add_row(key, value)
     CONSOLE.print(table)
+    for key, value in footer:  # plain lines: a path must never be cut to fit a column
+        CONSOLE.print(f"{key}: {value}", overflow="ignore", crop=False, soft_wrap=True)

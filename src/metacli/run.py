@@ -93,6 +93,7 @@ class RunFolder:
         import torch
 
         choices = HydraConfig.get().runtime.choices
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
         self.summary = {
             "status": "running", "command": command, "run_dir": str(self.root),
             "groups": {g: choices.get(g) for g in GROUPS}, "overrides": self.overrides,

@@ -1,0 +1,53 @@
+"""Shared helpers: compose configs with Hydra's compose API, run the CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+# Fields of metrics.jsonl that measure time, and so legitimately differ between runs.
+TIMING_FIELDS = ("wall_time", "it_per_s")
+
+
+def compose_config(*overrides: str, name: str = "train") -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``metacli ARGS`` in a subprocess, as a user would run it."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    result = subprocess.run([sys.executable, "-m", "metacli", *args], cwd=cwd, env=full_env,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        pytest.fail(f"metacli {' '.join(args)} exited {result.returncode}\n"
+                    f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+    return result
+
+
+def read_metrics(run_dir: Path, drop_timing: bool = True) -> list[dict[str, Any]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    if drop_timing:
+        for record in records:
+            for key in TIMING_FIELDS:
+                record.pop(key, None)
+    return records
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+TINY = ("debug=tiny",)

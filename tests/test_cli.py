@@ -1,0 +1,192 @@
+"""End to end, as a user runs it: `metacli train` and `metacli test` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import TINY, read_metrics, read_summary, run_cli
+
+RUN_FILES = ("summary.json", "metrics.jsonl", "metacli.log", "checkpoints/last.pt",
+             "checkpoints/best.pt", ".hydra/config.yaml", ".hydra/overrides.yaml",
+             ".hydra/hydra.yaml")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny training run shared by the checks below."""
+    cwd = tmp_path_factory.mktemp("train")
+    run_cli("train", *TINY, "seed=3", cwd=cwd)
+    (run_dir,) = (cwd / "outputs" / "train").glob("*/*")
+    return run_dir
+
+
+def test_train_writes_a_complete_run_folder(trained: Path) -> None:
+    for name in RUN_FILES:
+        assert (trained / name).is_file() and (trained / name).stat().st_size > 0, name
+    date, clock = trained.parts[-2:]
+    assert len(date) == 10 and len(clock.split("-")[-1]) == 6  # microseconds in the name
+    config = yaml.safe_load((trained / ".hydra/config.yaml").read_text())
+    assert config["seed"] == 3 and config["train"]["iterations"] == 20
+
+
+def test_summary_holds_what_a_run_is_compared_by(trained: Path) -> None:
+    summary = read_summary(trained)
+    assert summary["status"] == "finished" and summary["command"] == "train"
+    assert summary["groups"] == {"algo": "maml", "task": "sinusoid", "model": "mlp",
+                                 "device": "auto", "optim": "adam", "experiment": None,
+                                 "debug": "tiny"}
+    assert summary["overrides"] == ["debug=tiny", "seed=3"] and summary["seed"] == 3
+    assert summary["device"] == "cpu" and summary["torch_version"] == str(torch.__version__)
+    assert "git_commit" in summary and summary["wall_time_s"] > 0
+    assert summary["iterations"] == 20
+    test = summary["test"]
+    n, per_step = test["num_tasks"], test["per_step"]
+    assert n == 16 and test["inner_steps"] == 3 and len(per_step["mean"]) == 4
+    assert test["mean"] == per_step["mean"][-1]
+    assert test["before_adaptation"]["mean"] == per_step["mean"][0]
+    assert math.isclose(test["ci95"], 1.96 * test["std"] / math.sqrt(n))
+    best = summary["best_val"]
+    vals = [r for r in read_metrics(trained) if r["split"] == "val"]
+    assert best["metric"] == min(r["metric"] for r in vals)
+
+
+def test_metrics_jsonl_lines(trained: Path) -> None:
+    records = read_metrics(trained, drop_timing=False)
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "val"]
+    test = [r for r in records if r["split"] == "test"]
+    assert [r["iteration"] for r in train] == [5, 10, 15, 20]
+    assert [r["iteration"] for r in val] == [10, 20] and len(test) == 1
+    for r in train:
+        assert {"loss", "metric", "lr", "inner_lr", "it_per_s", "wall_time"} <= r.keys()
+        assert r["lr"] == 0.001 and r["inner_lr"] == 0.01 and r["it_per_s"] > 0
+    assert test[0]["metric"] == read_summary(trained)["test"]["mean"]
+    log = (trained / "metacli.log").read_text()
+    assert "iter 20/20" in log and "meta-test on 16 tasks" in log
+
+
+def test_best_and_last_checkpoints_are_complete_dicts(trained: Path) -> None:
+    last = torch.load(trained / "checkpoints/last.pt", weights_only=True)
+    assert last["iteration"] == 20 and last["format"] == "metacli"
+    for key in ("algorithm", "optimizer", "scheduler", "rng", "config", "overrides",
+                "best_metric", "best_iteration"):
+        assert key in last
+    assert set(last["rng"]) >= {"python", "torch", "train_tasks"}
+    assert last["config"]["seed"] == 3 and last["overrides"] == ["debug=tiny", "seed=3"]
+    best = torch.load(trained / "checkpoints/best.pt", weights_only=True)
+    assert best["iteration"] == best["best_iteration"] == read_summary(trained)["best_val"]["iteration"]
+
+
+def test_metacli_test_meta_tests_a_checkpoint_with_the_runs_config(trained: Path,
+                                                                     tmp_path: Path) -> None:
+    ckpt = trained / "checkpoints/best.pt"
+    run_cli("test", f"ckpt_path={ckpt}", cwd=tmp_path)
+    (test_dir,) = (tmp_path / "outputs" / "test").glob("*/*")
+    for name in ("summary.json", "metrics.jsonl", "metacli.log", ".hydra/config.yaml"):
+        assert (test_dir / name).is_file(), name
+    assert (test_dir / "checkpoints").is_dir()
+    summary = read_summary(test_dir)
+    # The run's own overrides were replayed: same tiny test set, same seed, same result.
+    assert summary["seed"] == 3 and summary["groups"]["debug"] == "tiny"
+    assert summary["test"]["mean"] == read_summary(trained)["test"]["mean"]
+    # An explicit override wins over the replayed one.
+    (tmp_path / "again").mkdir()
+    run_cli("test", f"ckpt_path={ckpt}", "test.num_tasks=5", "algo.test_inner_steps=1",
+            cwd=tmp_path / "again")
+    (again,) = (tmp_path / "again" / "outputs" / "test").glob("*/*")
+    test = read_summary(again)["test"]
+    assert test["num_tasks"] == 5 and test["inner_steps"] == 1
+
+
+def test_multirun_jobs_get_their_own_numbered_folders(tmp_path: Path) -> None:
+    run_cli("train", "-m", *TINY, "train.iterations=4", "train.val_every=2", "algo=maml,fomaml",
+            cwd=tmp_path)
+    (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert jobs == ["0", "1"]
+    algos = [read_summary(sweep / j)["groups"]["algo"] for j in jobs]
+    assert algos == ["maml", "fomaml"]
+    assert all(read_summary(sweep / j)["status"] == "finished" for j in jobs)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("algo=nosuch", "Could not find 'algo/nosuch'"),
+        ("train.nosuch=1", "train.nosuch"),
+        ("+train.nosuch=1", "train.nosuch"),
+        ("task.shots=0", "task.shots"),
+        ("optim.lr=-1", "optim.lr"),
+        ("algo.inner_lr=fast", "algo.inner_lr"),
+    ],
+)
+def test_bad_overrides_fail_cleanly(tmp_path: Path, override: str, message: str) -> None:
+    result = run_cli("train", *TINY, override, cwd=tmp_path, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert message in output
+    assert "Traceback" not in output
+
+
+def test_device_cuda_without_cuda_is_a_clear_error(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = run_cli("train", *TINY, "device=cuda", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "device=cuda" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    (run_dir,) = (tmp_path / "outputs" / "train").glob("*/*")
+    summary = read_summary(run_dir)
+    assert summary["status"] == "failed" and "device=cuda" in summary["error"]
+
+
+def test_help_lists_subcommands_quickly(tmp_path: Path) -> None:
+    # Best of three, so a busy machine does not fail it: the point is that no torch is imported.
+    seconds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        result = run_cli("--help", cwd=tmp_path)
+        seconds.append(time.perf_counter() - start)
+    assert "train" in result.stdout and "test" in result.stdout
+    assert min(seconds) < 1.0
+    probe = subprocess.run([sys.executable, "-c", "import sys, metacli.cli; "
+                            "print('torch' in sys.modules, 'hydra' in sys.modules)"],
+                           capture_output=True, text=True, check=True)
+    assert probe.stdout.split() == ["False", "False"]
+
+
+def test_hydra_flags_work_per_subcommand(tmp_path: Path) -> None:
+    result = run_cli("train", "--help", cwd=tmp_path)
+    for text in ("algo: fomaml, maml", "device: auto, cpu, cuda, mps", "optim: adam, sgd",
+                 "experiment: maml_sinusoid", "debug: tiny"):
+        assert text in result.stdout
+    job = yaml.safe_load(run_cli("train", "algo=fomaml", "--cfg", "job", cwd=tmp_path).stdout)
+    assert job["algo"]["name"] == "fomaml" and "hydra" not in job
+    assert "Config search path" in run_cli("train", "--info", cwd=tmp_path).stdout
+    assert run_cli("test", "--help", cwd=tmp_path).returncode == 0
+    extra = tmp_path / "myconf" / "algo"
+    extra.mkdir(parents=True)
+    (extra / "mymaml.yaml").write_text("name: maml\ninner_lr: 0.5\ninner_steps: 1\n")
+    job = yaml.safe_load(run_cli("train", "--config-dir", str(tmp_path / "myconf"), "algo=mymaml",
+                                 "--cfg", "job", cwd=tmp_path).stdout)
+    assert job["algo"]["inner_lr"] == 0.5
+    assert not (tmp_path / "outputs").exists()  # none of these flags starts a run
+
+
+def test_unknown_command_and_no_command(tmp_path: Path) -> None:
+    result = run_cli("fit", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "unknown command 'fit'" in result.stderr
+    assert run_cli(cwd=tmp_path, check=False).returncode == 2
+
+
+def test_summary_json_is_valid_json_at_every_stage(trained: Path) -> None:
+    json.loads((trained / "summary.json").read_text())
+    assert not list(trained.rglob("*.tmp"))

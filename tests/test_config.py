@@ -1,0 +1,93 @@
+"""Every option of every group composes and builds; bad values are rejected by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metacli.build import build, check, resolve_device
+from metacli.config import DeviceConfig
+from metacli.errors import ConfigError
+from tests.conftest import CONF, compose_config
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_every_group_has_options() -> None:
+    for group in ("algo", "task", "model", "device", "optim", "experiment", "debug"):
+        assert options(group), f"conf/{group}/ has no options"
+
+
+@pytest.mark.parametrize("group", ["algo", "task", "model", "optim", "experiment", "debug"])
+def test_every_option_composes_and_builds(group: str) -> None:
+    for option in options(group):
+        cfg = compose_config(f"{group}={option}", "device=cpu")
+        check(cfg)
+        components = build(cfg)
+        batch = components.task.sample(2, "train", torch.Generator().manual_seed(0))
+        loss, metric = components.algorithm.meta_loss(batch)
+        assert torch.isfinite(loss) and metric.shape == (2,), (group, option)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "mps"])
+def test_every_device_option(device: str) -> None:
+    cfg = compose_config(f"device={device}")
+    available = {"auto": True, "cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}[device]
+    if available:
+        assert build(cfg).device.type in ("cpu", "cuda", "mps")
+    else:
+        with pytest.raises(ConfigError, match=f"device={device}.*device=cpu"):
+            build(cfg)
+
+
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device(DeviceConfig("auto")).type == "cpu"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device(DeviceConfig("auto")).type == "mps"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device(DeviceConfig("auto")).type == "cuda"
+
+
+def test_test_config_composes_like_train() -> None:
+    cfg = compose_config("algo=fomaml", "ckpt_path=x.pt", name="test")
+    assert cfg.algo.name == "fomaml" and cfg.ckpt_path == "x.pt"
+    check(cfg)
+
+
+def test_paper_preset_matches_finn_et_al() -> None:
+    cfg = compose_config("experiment=maml_sinusoid")
+    assert (cfg.task.shots, cfg.algo.inner_steps, cfg.algo.inner_lr) == (10, 1, 0.01)
+    assert (cfg.train.meta_batch_size, cfg.optim.name, cfg.optim.lr) == (25, "adam", 0.001)
+    assert cfg.train.iterations == 70000 and cfg.model.hidden == [40, 40]
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("task.shots=0", "task.shots"),
+        ("task.queries=-1", "task.queries"),
+        ("algo.inner_lr=0", "algo.inner_lr"),
+        ("algo.inner_steps=0", "algo.inner_steps"),
+        ("algo.batching=fast", "algo.batching"),
+        ("optim.lr=-0.1", "optim.lr"),
+        ("train.meta_batch_size=0", "train.meta_batch_size"),
+        ("train.val_every=0", "train.val_every"),
+        ("val.num_tasks=0", "val.num_tasks"),
+        ("test.checkpoint=middle", "test.checkpoint"),
+        ("model.hidden=[40,0]", "model.hidden"),
+        ("seed=-1", "seed"),
+        ("+train.iteratons=5", "train.iteratons"),
+        ("+task.way=5", "task.way"),
+        ("algo.inner_lr=fast", "algo.inner_lr"),
+        ("task.amplitude=[5.0,0.1]", "task.amplitude"),
+    ],
+)
+def test_bad_values_are_rejected_naming_the_key(override: str, named: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        check(compose_config(override))
+    assert named in str(info.value)
