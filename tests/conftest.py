@@ -24,16 +24,29 @@ def compose_config(*overrides: str, name: str = "train") -> DictConfig:
         return compose(config_name=name, overrides=list(overrides))
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str,
+    cwd: Path,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
     """``metacli ARGS`` in a subprocess, as a user would run it."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
-    result = subprocess.run([sys.executable, "-m", "metacli", *args], cwd=cwd, env=full_env,
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-m", "metacli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and result.returncode != 0:
-        pytest.fail(f"metacli {' '.join(args)} exited {result.returncode}\n"
-                    f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+        pytest.fail(
+            f"metacli {' '.join(args)} exited {result.returncode}\n"
+            f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
     return result
 
 

@@ -15,9 +15,16 @@ import yaml
 
 from tests.conftest import TINY, read_metrics, read_summary, run_cli
 
-RUN_FILES = ("summary.json", "metrics.jsonl", "metacli.log", "checkpoints/last.pt",
-             "checkpoints/best.pt", ".hydra/config.yaml", ".hydra/overrides.yaml",
-             ".hydra/hydra.yaml")
+RUN_FILES = (
+    "summary.json",
+    "metrics.jsonl",
+    "metacli.log",
+    "checkpoints/last.pt",
+    "checkpoints/best.pt",
+    ".hydra/config.yaml",
+    ".hydra/overrides.yaml",
+    ".hydra/hydra.yaml",
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +48,15 @@ def test_train_writes_a_complete_run_folder(trained: Path) -> None:
 def test_summary_holds_what_a_run_is_compared_by(trained: Path) -> None:
     summary = read_summary(trained)
     assert summary["status"] == "finished" and summary["command"] == "train"
-    assert summary["groups"] == {"algo": "maml", "task": "sinusoid", "model": "mlp",
-                                 "device": "auto", "optim": "adam", "experiment": None,
-                                 "debug": "tiny"}
+    assert summary["groups"] == {
+        "algo": "maml",
+        "task": "sinusoid",
+        "model": "mlp",
+        "device": "auto",
+        "optim": "adam",
+        "experiment": None,
+        "debug": "tiny",
+    }
     assert summary["overrides"] == ["debug=tiny", "seed=3"] and summary["seed"] == 3
     assert summary["device"] == "cpu" and summary["torch_version"] == str(torch.__version__)
     assert "git_commit" in summary and summary["wall_time_s"] > 0
@@ -77,17 +90,30 @@ def test_metrics_jsonl_lines(trained: Path) -> None:
 def test_best_and_last_checkpoints_are_complete_dicts(trained: Path) -> None:
     last = torch.load(trained / "checkpoints/last.pt", weights_only=True)
     assert last["iteration"] == 20 and last["format"] == "metacli"
-    for key in ("algorithm", "optimizer", "scheduler", "rng", "config", "overrides",
-                "best_metric", "best_iteration"):
+    for key in (
+        "algorithm",
+        "optimizer",
+        "scheduler",
+        "rng",
+        "config",
+        "overrides",
+        "best_metric",
+        "best_iteration",
+    ):
         assert key in last
     assert set(last["rng"]) >= {"python", "torch", "train_tasks"}
     assert last["config"]["seed"] == 3 and last["overrides"] == ["debug=tiny", "seed=3"]
     best = torch.load(trained / "checkpoints/best.pt", weights_only=True)
-    assert best["iteration"] == best["best_iteration"] == read_summary(trained)["best_val"]["iteration"]
+    assert (
+        best["iteration"]
+        == best["best_iteration"]
+        == read_summary(trained)["best_val"]["iteration"]
+    )
 
 
-def test_metacli_test_meta_tests_a_checkpoint_with_the_runs_config(trained: Path,
-                                                                     tmp_path: Path) -> None:
+def test_metacli_test_meta_tests_a_checkpoint_with_the_runs_config(
+    trained: Path, tmp_path: Path
+) -> None:
     ckpt = trained / "checkpoints/best.pt"
     run_cli("test", f"ckpt_path={ckpt}", cwd=tmp_path)
     (test_dir,) = (tmp_path / "outputs" / "test").glob("*/*")
@@ -100,16 +126,28 @@ def test_metacli_test_meta_tests_a_checkpoint_with_the_runs_config(trained: Path
     assert summary["test"]["mean"] == read_summary(trained)["test"]["mean"]
     # An explicit override wins over the replayed one.
     (tmp_path / "again").mkdir()
-    run_cli("test", f"ckpt_path={ckpt}", "test.num_tasks=5", "algo.test_inner_steps=1",
-            cwd=tmp_path / "again")
+    run_cli(
+        "test",
+        f"ckpt_path={ckpt}",
+        "test.num_tasks=5",
+        "algo.test_inner_steps=1",
+        cwd=tmp_path / "again",
+    )
     (again,) = (tmp_path / "again" / "outputs" / "test").glob("*/*")
     test = read_summary(again)["test"]
     assert test["num_tasks"] == 5 and test["inner_steps"] == 1
 
 
 def test_multirun_jobs_get_their_own_numbered_folders(tmp_path: Path) -> None:
-    run_cli("train", "-m", *TINY, "train.iterations=4", "train.val_every=2", "algo=maml,fomaml",
-            cwd=tmp_path)
+    run_cli(
+        "train",
+        "-m",
+        *TINY,
+        "train.iterations=4",
+        "train.val_every=2",
+        "algo=maml,fomaml",
+        cwd=tmp_path,
+    )
     (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert jobs == ["0", "1"]
@@ -157,16 +195,28 @@ def test_help_lists_subcommands_quickly(tmp_path: Path) -> None:
         seconds.append(time.perf_counter() - start)
     assert "train" in result.stdout and "test" in result.stdout
     assert min(seconds) < 1.0
-    probe = subprocess.run([sys.executable, "-c", "import sys, metacli.cli; "
-                            "print('torch' in sys.modules, 'hydra' in sys.modules)"],
-                           capture_output=True, text=True, check=True)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, metacli.cli; print('torch' in sys.modules, 'hydra' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert probe.stdout.split() == ["False", "False"]
 
 
 def test_hydra_flags_work_per_subcommand(tmp_path: Path) -> None:
     result = run_cli("train", "--help", cwd=tmp_path)
-    for text in ("algo: fomaml, maml", "device: auto, cpu, cuda, mps", "optim: adam, sgd",
-                 "experiment: maml_sinusoid", "debug: tiny"):
+    for text in (
+        "algo: fomaml, maml",
+        "device: auto, cpu, cuda, mps",
+        "optim: adam, sgd",
+        "experiment: maml_sinusoid",
+        "debug: tiny",
+    ):
         assert text in result.stdout
     job = yaml.safe_load(run_cli("train", "algo=fomaml", "--cfg", "job", cwd=tmp_path).stdout)
     assert job["algo"]["name"] == "fomaml" and "hydra" not in job
@@ -175,8 +225,17 @@ def test_hydra_flags_work_per_subcommand(tmp_path: Path) -> None:
     extra = tmp_path / "myconf" / "algo"
     extra.mkdir(parents=True)
     (extra / "mymaml.yaml").write_text("name: maml\ninner_lr: 0.5\ninner_steps: 1\n")
-    job = yaml.safe_load(run_cli("train", "--config-dir", str(tmp_path / "myconf"), "algo=mymaml",
-                                 "--cfg", "job", cwd=tmp_path).stdout)
+    job = yaml.safe_load(
+        run_cli(
+            "train",
+            "--config-dir",
+            str(tmp_path / "myconf"),
+            "algo=mymaml",
+            "--cfg",
+            "job",
+            cwd=tmp_path,
+        ).stdout
+    )
     assert job["algo"]["inner_lr"] == 0.5
     assert not (tmp_path / "outputs").exists()  # none of these flags starts a run
 

@@ -34,8 +34,12 @@ def test_every_option_composes_and_builds(group: str) -> None:
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "mps"])
 def test_every_device_option(device: str) -> None:
     cfg = compose_config(f"device={device}")
-    available = {"auto": True, "cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": torch.backends.mps.is_available()}[device]
+    available = {
+        "auto": True,
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }[device]
     if available:
         assert build(cfg).device.type in ("cpu", "cuda", "mps")
     else:

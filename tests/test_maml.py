@@ -31,8 +31,13 @@ def setup(hidden: list[int], activation: str, tasks: int = 4) -> tuple[Sinusoid,
     torch.manual_seed(0)
     model = MLP(MLPConfig(hidden=hidden, activation=activation), (1,), 1).double()
     batch = task.sample(tasks, "train", torch.Generator().manual_seed(3))
-    return task, model, TaskBatch(*(t.double() for t in (batch.support_x, batch.support_y,
-                                                          batch.query_x, batch.query_y)))
+    return (
+        task,
+        model,
+        TaskBatch(
+            *(t.double() for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y))
+        ),
+    )
 
 
 def flat_grad(algorithm: MAML, batch: TaskBatch) -> torch.Tensor:
@@ -50,11 +55,15 @@ def reference_meta_grad(model: nn.Module, batch: TaskBatch, first_order: bool) -
     for i in range(len(batch)):
         fast = params
         for _ in range(STEPS):
-            out = torch.func.functional_call(model, dict(zip(names, fast)), (batch.support_x[i],))
+            out = torch.func.functional_call(
+                model, dict(zip(names, fast, strict=True)), (batch.support_x[i],)
+            )
             inner = ((out - batch.support_y[i]) ** 2).mean()
             grads = torch.autograd.grad(inner, fast, create_graph=not first_order)
-            fast = [p - LR * g for p, g in zip(fast, grads)]
-        out = torch.func.functional_call(model, dict(zip(names, fast)), (batch.query_x[i],))
+            fast = [p - LR * g for p, g in zip(fast, grads, strict=True)]
+        out = torch.func.functional_call(
+            model, dict(zip(names, fast, strict=True)), (batch.query_x[i],)
+        )
         total = total + ((out - batch.query_y[i]) ** 2).mean()
     grads = torch.autograd.grad(total / len(batch), params)
     return torch.cat([g.flatten() for g in grads])
@@ -66,8 +75,9 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("batching", ["vmap", "loop"])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_meta_gradient_equals_per_task_loop_reference(float64, batching: str,
-                                                      first_order: bool) -> None:
+def test_meta_gradient_equals_per_task_loop_reference(
+    float64, batching: str, first_order: bool
+) -> None:
     task, model, batch = setup([16, 16], "relu")
     cls, config = (FOMAML, FOMAMLConfig) if first_order else (MAML, MAMLConfig)
     algorithm = cls(config(inner_lr=LR, inner_steps=STEPS, batching=batching), model, task)
@@ -96,7 +106,9 @@ def test_second_order_meta_gradient_matches_central_finite_differences(float64) 
                 index += 1
     assert relative_error(analytic, numeric) < 1e-6
     # First-order MAML drops the Hessian term, which is far from zero here.
-    first_order = flat_grad(FOMAML(FOMAMLConfig(inner_lr=LR, inner_steps=STEPS), model, task), batch)
+    first_order = flat_grad(
+        FOMAML(FOMAMLConfig(inner_lr=LR, inner_steps=STEPS), model, task), batch
+    )
     assert relative_error(first_order, numeric) > 1e-3
 
 
@@ -104,8 +116,14 @@ def test_one_step_first_order_gradient_is_query_gradient_at_adapted_params(float
     task, model, batch = setup([8], "tanh", tasks=1)
     algorithm = FOMAML(FOMAMLConfig(inner_lr=LR, inner_steps=1), model, task)
     ours = flat_grad(algorithm, batch)
-    adapted = algorithm.adapt(dict(model.named_parameters()), batch.support_x[0],
-                              batch.support_y[0], 1, LR, first_order=True)
+    adapted = algorithm.adapt(
+        dict(model.named_parameters()),
+        batch.support_x[0],
+        batch.support_y[0],
+        1,
+        LR,
+        first_order=True,
+    )
     adapted = {k: v.detach().requires_grad_() for k, v in adapted.items()}
     loss = algorithm.support_loss(adapted, batch.query_x[0], batch.query_y[0])
     expected = torch.autograd.grad(loss, list(adapted.values()))
@@ -128,8 +146,9 @@ def test_evaluate_reports_every_inner_step_and_matches_loop(float64) -> None:
 
 @pytest.mark.parametrize("algo", ["maml", "fomaml"])
 def test_short_meta_training_learns_sinusoids(algo: str) -> None:
-    c = build(compose_config(f"algo={algo}", "device=cpu", "train.meta_batch_size=10",
-                          "optim.lr=0.01"))
+    c = build(
+        compose_config(f"algo={algo}", "device=cpu", "train.meta_batch_size=10", "optim.lr=0.01")
+    )
     before = evaluate(c, "val", 100, 100)
     for _ in range(400):
         meta_step(c, None)

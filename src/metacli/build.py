@@ -31,12 +31,14 @@ class Components:
     train_generator: torch.Generator  # the training task stream (checkpointed)
 
 
-def typed_group(cfg: DictConfig, group: str, base: type[Registered]) -> tuple[type, Any]:
+def typed_group(cfg: DictConfig, group: str, base: type[Registered]) -> tuple[Any, Any]:
     """The registered class of a component group and its config checked against its schema."""
     node = cfg.get(group)
     if node is None or node.get("name") is None:
-        raise ConfigError(f"The config has no {group}.name. Select a {group} with {group}=<option>.")
-    cls = lookup(group, str(node.name), base)
+        raise ConfigError(
+            f"The config has no {group}.name. Select a {group} with {group}=<option>."
+        )
+    cls: Any = lookup(group, str(node.name), base)
     return cls, to_typed(cls.Config, node, group)
 
 
@@ -54,9 +56,11 @@ def resolve_device(cfg: DeviceConfig) -> torch.device:
     if cfg.name == "auto":
         return torch.device("cuda" if cuda else "mps" if mps else "cpu")
     if (cfg.name == "cuda" and not cuda) or (cfg.name == "mps" and not mps):
-        raise ConfigError(f"device={cfg.name} was requested, but this PyTorch ({torch.__version__}) "
-                          f"finds no {cfg.name.upper()} device on this machine. Use device=cpu, or "
-                          f"device=auto to take the best device present.")
+        raise ConfigError(
+            f"device={cfg.name} was requested, but this PyTorch ({torch.__version__}) "
+            f"finds no {cfg.name.upper()} device on this machine. Use device=cpu, or "
+            f"device=auto to take the best device present."
+        )
     return torch.device(cfg.name)
 
 
@@ -73,17 +77,25 @@ def seed_everything(seed: int) -> None:
 
 def make_optimizer(cfg: OptimConfig, params: Any) -> torch.optim.Optimizer:
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]),
-                                weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                           weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(
+            params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay
+        )
+    return torch.optim.SGD(
+        params,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+    )
 
 
-def make_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer,
-                   iterations: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+def make_scheduler(
+    cfg: OptimConfig, optimizer: torch.optim.Optimizer, iterations: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
     if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(iterations, 1),
-                                                          eta_min=cfg.min_lr)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(iterations, 1), eta_min=cfg.min_lr
+        )
     if cfg.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     return None
@@ -104,6 +116,14 @@ def build(cfg: DictConfig) -> Components:
     algorithm = algo_cls(algo_cfg, model, task).to(device)
     optimizer = make_optimizer(run.optim, algorithm.parameters())
     scheduler = make_scheduler(run.optim, optimizer, run.train.iterations)
-    return Components(cfg=cfg, run=run, task=task, model=model, algorithm=algorithm,
-                      optimizer=optimizer, scheduler=scheduler, device=device,
-                      train_generator=split_generator(run.seed, "train"))
+    return Components(
+        cfg=cfg,
+        run=run,
+        task=task,
+        model=model,
+        algorithm=algorithm,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        device=device,
+        train_generator=split_generator(run.seed, "train"),
+    )

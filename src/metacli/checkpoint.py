@@ -21,7 +21,7 @@ from metacli.errors import MetacliError
 FORMAT_VERSION = 1
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -52,8 +52,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load on the CPU with ``weights_only=True``: a checkpoint never runs code."""
     path = Path(path)
     if not path.is_file():
-        raise MetacliError(f"No checkpoint at {path}. Set ckpt_path (or resume) to an existing "
-                           f"file, e.g. outputs/train/<date>/<time>/checkpoints/best.pt.")
+        raise MetacliError(
+            f"No checkpoint at {path}. Set ckpt_path (or resume) to an existing "
+            f"file, e.g. outputs/train/<date>/<time>/checkpoints/best.pt."
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or foreign files
@@ -75,8 +77,9 @@ def capture_rng(train_generator: torch.Generator) -> dict[str, Any]:
     try:
         import numpy as np
 
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = (name, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached)
+        name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+        keys64 = torch.from_numpy(np.asarray(keys).astype("int64"))
+        state["numpy"] = (name, keys64, pos, has_gauss, cached)
     except ImportError:
         pass
     return state

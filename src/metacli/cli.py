@@ -40,8 +40,10 @@ def config_dir() -> Path:
     for candidate in (package / "conf", package.parents[1] / "conf"):
         if (candidate / "train.yaml").is_file():
             return candidate
-    raise MetacliError(f"metacli cannot find its configs: neither {package / 'conf'} nor "
-                       f"{package.parents[1] / 'conf'} holds train.yaml. Reinstall metacli.")
+    raise MetacliError(
+        f"metacli cannot find its configs: neither {package / 'conf'} nor "
+        f"{package.parents[1] / 'conf'} holds train.yaml. Reinstall metacli."
+    )
 
 
 def override_key(arg: str) -> str | None:
@@ -72,13 +74,17 @@ def prepare(command: str, args: list[str]) -> list[str]:
     resume = value_of(args, "resume") if command == "train" else None
     if resume is not None:
         if any(a in ("-m", "--multirun") for a in args):
-            raise MetacliError("resume continues one run; it cannot be combined with -m/--multirun.")
+            raise MetacliError(
+                "resume continues one run; it cannot be combined with -m/--multirun."
+            )
         folder = Path(resume)
         saved_overrides = folder / ".hydra" / "overrides.yaml"
         if not (folder / "checkpoints" / "last.pt").is_file() or not saved_overrides.is_file():
-            raise MetacliError(f"resume={resume}: {folder} is not a run folder with a checkpoint "
-                               f"(expected .hydra/overrides.yaml and checkpoints/last.pt). Set "
-                               f"resume to a folder under outputs/train/.")
+            raise MetacliError(
+                f"resume={resume}: {folder} is not a run folder with a checkpoint "
+                f"(expected .hydra/overrides.yaml and checkpoints/last.pt). Set "
+                f"resume to a folder under outputs/train/."
+            )
         from omegaconf import OmegaConf
 
         saved = [str(o) for o in OmegaConf.load(saved_overrides)]
@@ -116,8 +122,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, args = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"metacli: unknown command {command!r}; choose one of: {', '.join(COMMANDS)}. "
-              f"See `metacli --help`.", file=sys.stderr)
+        print(
+            f"metacli: unknown command {command!r}; choose one of: {', '.join(COMMANDS)}. "
+            f"See `metacli --help`.",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     try:
         args = prepare(command, args)

@@ -31,10 +31,18 @@ class DeviceConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        require(self.name in ("auto", "cpu", "cuda", "mps"), "device", self.name,
-                "choose one of auto, cpu, cuda, mps")
-        require(self.threads is None or self.threads >= 1, "device.threads", self.threads,
-                "it must be >= 1 or null")
+        require(
+            self.name in ("auto", "cpu", "cuda", "mps"),
+            "device",
+            self.name,
+            "choose one of auto, cpu, cuda, mps",
+        )
+        require(
+            self.threads is None or self.threads >= 1,
+            "device.threads",
+            self.threads,
+            "it must be >= 1 or null",
+        )
 
 
 @dataclass
@@ -53,12 +61,22 @@ class OptimConfig:
     def __post_init__(self) -> None:
         require(self.name in ("adam", "sgd"), "optim", self.name, "choose adam or sgd")
         require(self.lr > 0, "optim.lr", self.lr, "the learning rate must be > 0")
-        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
-                self.betas, "two numbers in [0, 1)")
+        require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optim.betas",
+            self.betas,
+            "two numbers in [0, 1)",
+        )
         require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "it must be >= 0")
-        require(self.scheduler in ("none", "cosine", "step"), "optim.scheduler", self.scheduler,
-                "choose none, cosine or step")
-        require(0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr, "it must be in [0, optim.lr]")
+        require(
+            self.scheduler in ("none", "cosine", "step"),
+            "optim.scheduler",
+            self.scheduler,
+            "choose none, cosine or step",
+        )
+        require(
+            0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr, "it must be in [0, optim.lr]"
+        )
         require(self.step_size >= 1, "optim.step_size", self.step_size, "it must be >= 1")
         require(0 < self.gamma <= 1, "optim.gamma", self.gamma, "it must be in (0, 1]")
 
@@ -74,14 +92,26 @@ class TrainLoopConfig:
 
     def __post_init__(self) -> None:
         require(self.iterations >= 0, "train.iterations", self.iterations, "it must be >= 0")
-        require(self.meta_batch_size >= 1, "train.meta_batch_size", self.meta_batch_size,
-                "it must be >= 1")
+        require(
+            self.meta_batch_size >= 1,
+            "train.meta_batch_size",
+            self.meta_batch_size,
+            "it must be >= 1",
+        )
         require(self.val_every >= 1, "train.val_every", self.val_every, "it must be >= 1")
         require(self.log_every >= 1, "train.log_every", self.log_every, "it must be >= 1")
-        require(self.ckpt_every is None or self.ckpt_every >= 1, "train.ckpt_every",
-                self.ckpt_every, "it must be >= 1 or null")
-        require(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", self.grad_clip,
-                "it must be > 0 or null")
+        require(
+            self.ckpt_every is None or self.ckpt_every >= 1,
+            "train.ckpt_every",
+            self.ckpt_every,
+            "it must be >= 1 or null",
+        )
+        require(
+            self.grad_clip is None or self.grad_clip > 0,
+            "train.grad_clip",
+            self.grad_clip,
+            "it must be > 0 or null",
+        )
 
 
 @dataclass
@@ -102,8 +132,12 @@ class TestConfig(EvalConfig):
 
     def check(self, section: str) -> None:
         super().check(section)
-        require(self.checkpoint in ("best", "last"), "test.checkpoint", self.checkpoint,
-                "choose best or last")
+        require(
+            self.checkpoint in ("best", "last"),
+            "test.checkpoint",
+            self.checkpoint,
+            "choose best or last",
+        )
 
 
 @dataclass
@@ -146,14 +180,19 @@ def to_typed(schema: type, node: Any, key: str) -> Any:
     except OmegaConfBaseException as err:
         where = f"{key}.{err.full_key}" if key and err.full_key else (key or err.full_key or "")
         reason = str(err).splitlines()[0]
-        raise ConfigError(f"Invalid setting {where!r}: {reason}. Fix {where} in your overrides "
-                          f"or config files (see `metacli train --help`).") from None
+        raise ConfigError(
+            f"Invalid setting {where!r}: {reason}. Fix {where} in your overrides "
+            f"or config files (see `metacli train --help`)."
+        ) from None
 
 
 def check_run_config(cfg: DictConfig) -> RunConfig:
     """Check every section but the component groups; return the typed top level."""
-    rest = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()  # type: ignore[union-attr]
-            if k not in COMPONENT_GROUPS}
+    rest = {
+        k: v
+        for k, v in OmegaConf.to_container(cfg, resolve=True).items()  # type: ignore[union-attr]
+        if k not in COMPONENT_GROUPS
+    }
     run: RunConfig = to_typed(RunConfig, rest, "")
     return run
 

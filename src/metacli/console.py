@@ -40,13 +40,19 @@ class Bar:
 
     def __init__(self, progress: Progress | None, total: int, start: int) -> None:
         self.progress = progress
-        self.task = progress.add_task("meta-train", total=total, completed=start,
-                                      stats="") if progress else None
+        self.task = (
+            progress.add_task("meta-train", total=total, completed=start, stats="")
+            if progress
+            else None
+        )
 
     def update(self, iteration: int, **stats: Any) -> None:
         if self.progress is not None and self.task is not None:
-            text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                             for k, v in stats.items() if v is not None)
+            text = "  ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in stats.items()
+                if v is not None
+            )
             self.progress.update(self.task, completed=iteration, stats=text)
 
 
@@ -55,15 +61,23 @@ def progress_bar(total: int, start: int) -> Iterator[Bar]:
     if not CONSOLE.is_terminal:
         yield Bar(None, total, start)
         return
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[stats]}"),
-               TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=CONSOLE, transient=False) as progress:
         yield Bar(progress, total, start)
 
 
-def print_summary(title: str, metric_name: str, rows: list[tuple[str, float, float]],
-                  footer: list[tuple[str, str]]) -> None:
+def print_summary(
+    title: str,
+    metric_name: str,
+    rows: list[tuple[str, float, float]],
+    footer: list[tuple[str, str]],
+) -> None:
     """A table of ``metric mean +- 95% CI`` rows, then key/value lines (time, run folder)."""
     table = Table(title=title, title_justify="left")
     table.add_column("")

@@ -89,24 +89,40 @@ class EvalSummary:
     def from_tensors(cls, metric_name: str, loss: Tensor, metric: Tensor) -> EvalSummary:
         n = metric.shape[0]  # metric, loss: [n_tasks, k+1]
         std = metric.std(dim=0, unbiased=True) if n > 1 else torch.zeros(metric.shape[1])
-        return cls(metric_name=metric_name, num_tasks=n,
-                   metric_mean=metric.mean(0).tolist(), metric_std=std.tolist(),
-                   metric_ci95=(1.96 * std / math.sqrt(n)).tolist(),
-                   loss_mean=loss.mean(0).tolist(), per_task=metric[:, -1].tolist())
+        return cls(
+            metric_name=metric_name,
+            num_tasks=n,
+            metric_mean=metric.mean(0).tolist(),
+            metric_std=std.tolist(),
+            metric_ci95=(1.96 * std / math.sqrt(n)).tolist(),
+            loss_mean=loss.mean(0).tolist(),
+            per_task=metric[:, -1].tolist(),
+        )
 
     @property
     def final(self) -> float:
         return self.metric_mean[-1]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"metric_name": self.metric_name, "num_tasks": self.num_tasks,
-                "inner_steps": len(self.metric_mean) - 1,
-                "mean": self.metric_mean[-1], "std": self.metric_std[-1],
-                "ci95": self.metric_ci95[-1],
-                "before_adaptation": {"mean": self.metric_mean[0], "std": self.metric_std[0],
-                                      "ci95": self.metric_ci95[0]},
-                "per_step": {"mean": self.metric_mean, "std": self.metric_std,
-                             "ci95": self.metric_ci95, "loss": self.loss_mean}}
+        return {
+            "metric_name": self.metric_name,
+            "num_tasks": self.num_tasks,
+            "inner_steps": len(self.metric_mean) - 1,
+            "mean": self.metric_mean[-1],
+            "std": self.metric_std[-1],
+            "ci95": self.metric_ci95[-1],
+            "before_adaptation": {
+                "mean": self.metric_mean[0],
+                "std": self.metric_std[0],
+                "ci95": self.metric_ci95[0],
+            },
+            "per_step": {
+                "mean": self.metric_mean,
+                "std": self.metric_std,
+                "ci95": self.metric_ci95,
+                "loss": self.loss_mean,
+            },
+        }
 
 
 def evaluate(c: Components, split: str, num_tasks: int, batch_size: int) -> EvalSummary:
@@ -116,7 +132,7 @@ def evaluate(c: Components, split: str, num_tasks: int, batch_size: int) -> Eval
     c.algorithm.eval()
     losses, metrics = [], []
     for start in range(0, num_tasks, batch_size):
-        result = c.algorithm.evaluate(tasks[start:start + batch_size].to(c.device))
+        result = c.algorithm.evaluate(tasks[start : start + batch_size].to(c.device))
         losses.append(result.loss.detach().double().cpu())
         metrics.append(result.metric.detach().double().cpu())
     c.algorithm.train(was_training)
@@ -136,10 +152,14 @@ def learning_rates(c: Components) -> dict[str, float]:
 def make_checkpoint(c: Components, state: LoopState, overrides: list[str]) -> dict[str, Any]:
     """Everything needed to continue bit for bit, in one dict."""
     return {
-        "format": "metacli", "format_version": FORMAT_VERSION, "metacli_version": __version__,
+        "format": "metacli",
+        "format_version": FORMAT_VERSION,
+        "metacli_version": __version__,
         "torch_version": str(torch.__version__),
-        "iteration": state.iteration, "best_metric": state.best_metric,
-        "best_iteration": state.best_iteration, "wall_time": state.wall_time,
+        "iteration": state.iteration,
+        "best_metric": state.best_metric,
+        "best_iteration": state.best_iteration,
+        "wall_time": state.wall_time,
         "algorithm": c.algorithm.state_dict(),
         "optimizer": c.optimizer.state_dict(),
         "scheduler": c.scheduler.state_dict() if c.scheduler is not None else None,
@@ -154,9 +174,11 @@ def load_weights(c: Components, checkpoint: dict[str, Any], source: str) -> None
         c.algorithm.load_state_dict(checkpoint["algorithm"])
     except RuntimeError as err:
         first = str(err).splitlines()[0]
-        raise MetacliError(f"The checkpoint {source} does not fit the configured algo/model "
-                           f"({first}). Use the same algo and model settings as the run that "
-                           f"wrote it.") from None
+        raise MetacliError(
+            f"The checkpoint {source} does not fit the configured algo/model "
+            f"({first}). Use the same algo and model settings as the run that "
+            f"wrote it."
+        ) from None
 
 
 def restore(c: Components, checkpoint: dict[str, Any], source: str) -> LoopState:
@@ -165,9 +187,12 @@ def restore(c: Components, checkpoint: dict[str, Any], source: str) -> LoopState
     if c.scheduler is not None and checkpoint["scheduler"] is not None:
         c.scheduler.load_state_dict(checkpoint["scheduler"])
     restore_rng(checkpoint["rng"], c.train_generator)
-    return LoopState(iteration=checkpoint["iteration"], best_metric=checkpoint["best_metric"],
-                     best_iteration=checkpoint["best_iteration"],
-                     wall_time=checkpoint["wall_time"])
+    return LoopState(
+        iteration=checkpoint["iteration"],
+        best_metric=checkpoint["best_metric"],
+        best_iteration=checkpoint["best_iteration"],
+        wall_time=checkpoint["wall_time"],
+    )
 
 
 def meta_step(c: Components, grad_clip: float | None) -> tuple[Tensor, Tensor]:
@@ -205,19 +230,37 @@ def meta_train(c: Components, folder: RunFolder, state: LoopState) -> LoopState:
             if it % cfg.log_every == 0 or it == total:
                 mean_loss = (window_loss / window_n).item()
                 if not math.isfinite(mean_loss):
-                    raise MetacliError(f"The meta-loss became {mean_loss} by iteration {it}. "
-                                       f"Lower optim.lr or algo.inner_lr; checkpoints/last.pt "
-                                       f"still holds the last good state.")
+                    raise MetacliError(
+                        f"The meta-loss became {mean_loss} by iteration {it}. "
+                        f"Lower optim.lr or algo.inner_lr; checkpoints/last.pt "
+                        f"still holds the last good state."
+                    )
                 speed = window_n / (time.perf_counter() - window_start)
-                folder.log_metrics({"iteration": it, "split": "train", "loss": mean_loss,
-                                    "metric": (window_metric / window_n).item(),
-                                    "metric_name": name, **learning_rates(c),
-                                    "it_per_s": speed, "wall_time": state.wall_time})
-                progress_log.info("iter %d/%d  loss %.4f  val %s %s  %.1f it/s  eta %s", it, total,
-                                  mean_loss, name, "-" if val_metric is None else f"{val_metric:.4f}",
-                                  speed, _eta((total - it) / speed))
-                bar.update(it, loss=mean_loss, **{f"val_{name}": val_metric},
-                           **{"it/s": round(speed, 1)})
+                folder.log_metrics(
+                    {
+                        "iteration": it,
+                        "split": "train",
+                        "loss": mean_loss,
+                        "metric": (window_metric / window_n).item(),
+                        "metric_name": name,
+                        **learning_rates(c),
+                        "it_per_s": speed,
+                        "wall_time": state.wall_time,
+                    }
+                )
+                progress_log.info(
+                    "iter %d/%d  loss %.4f  val %s %s  %.1f it/s  eta %s",
+                    it,
+                    total,
+                    mean_loss,
+                    name,
+                    "-" if val_metric is None else f"{val_metric:.4f}",
+                    speed,
+                    _eta((total - it) / speed),
+                )
+                bar.update(
+                    it, loss=mean_loss, **{f"val_{name}": val_metric}, **{"it/s": round(speed, 1)}
+                )
                 window_loss.zero_()
                 window_metric.zero_()
                 window_n, window_start = 0, time.perf_counter()
@@ -227,15 +270,29 @@ def meta_train(c: Components, folder: RunFolder, state: LoopState) -> LoopState:
                 improved = is_better(c, val.final, state.best_metric)
                 if improved:
                     state.best_metric, state.best_iteration = val.final, it
-                folder.log_metrics({"iteration": it, "split": "val", "loss": val.loss_mean[-1],
-                                    "metric": val.final, "metric_name": name,
-                                    "metric_ci95": val.metric_ci95[-1],
-                                    "metric_before": val.metric_mean[0],
-                                    "metric_per_step": val.metric_mean, **learning_rates(c),
-                                    "wall_time": state.wall_time})
-                log.info("iter %d: val %s %.4f ± %.4f (before adaptation %.4f)%s", it, name,
-                         val.final, val.metric_ci95[-1], val.metric_mean[0],
-                         "  [best]" if improved else "")
+                folder.log_metrics(
+                    {
+                        "iteration": it,
+                        "split": "val",
+                        "loss": val.loss_mean[-1],
+                        "metric": val.final,
+                        "metric_name": name,
+                        "metric_ci95": val.metric_ci95[-1],
+                        "metric_before": val.metric_mean[0],
+                        "metric_per_step": val.metric_mean,
+                        **learning_rates(c),
+                        "wall_time": state.wall_time,
+                    }
+                )
+                log.info(
+                    "iter %d: val %s %.4f ± %.4f (before adaptation %.4f)%s",
+                    it,
+                    name,
+                    val.final,
+                    val.metric_ci95[-1],
+                    val.metric_mean[0],
+                    "  [best]" if improved else "",
+                )
                 if improved:
                     folder.save_checkpoint("best", c, state)
             if it % ckpt_every == 0 or it == total:
@@ -243,9 +300,11 @@ def meta_train(c: Components, folder: RunFolder, state: LoopState) -> LoopState:
             bar.update(it)
             if stop:
                 folder.save_checkpoint("last", c, state)
-                raise Interrupted(f"Stopped by {signal.Signals(stop[0]).name} at iteration {it} "
-                                  f"of {total}; checkpoints/last.pt holds it. Continue with: "
-                                  f"metacli train resume={folder.root}")
+                raise Interrupted(
+                    f"Stopped by {signal.Signals(stop[0]).name} at iteration {it} "
+                    f"of {total}; checkpoints/last.pt holds it. Continue with: "
+                    f"metacli train resume={folder.root}"
+                )
     return state
 
 

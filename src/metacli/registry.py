@@ -33,16 +33,21 @@ class Registered:
 def available(group: str) -> list[str]:
     """Options of a group: the public modules of its package."""
     package = importlib.import_module(PACKAGES[group])
-    return sorted(m.name for m in pkgutil.iter_modules(package.__path__)
-                  if not m.name.startswith("_") and m.name != "base")
+    return sorted(
+        m.name
+        for m in pkgutil.iter_modules(package.__path__)
+        if not m.name.startswith("_") and m.name != "base"
+    )
 
 
 def lookup(group: str, name: str, base: type[Registered]) -> type:
     """The class registered as ``name`` in ``group``; a ConfigError naming the options if none."""
     options = available(group)
     if name not in options:
-        raise ConfigError(f"{group}.name={name!r} matches no module in {PACKAGES[group]} "
-                          f"(options: {', '.join(options)}). Pick one with {group}=<option>.")
+        raise ConfigError(
+            f"{group}.name={name!r} matches no module in {PACKAGES[group]} "
+            f"(options: {', '.join(options)}). Pick one with {group}=<option>."
+        )
     importlib.import_module(f"{PACKAGES[group]}.{name}")
     if name not in base.registry:
         raise ConfigError(f"Module {PACKAGES[group]}.{name} registers no class with key {name!r}.")

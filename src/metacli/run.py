@@ -34,10 +34,20 @@ def git_commit() -> dict[str, Any]:
     """The commit of the metacli source in use (editable installs), if it is a git checkout."""
     here = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", "."],
-                               capture_output=True, text=True, timeout=5, check=True).stdout
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout
         return {"git_commit": commit, "git_dirty": bool(dirty.strip())}
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": None, "git_dirty": None}
@@ -95,11 +105,19 @@ class RunFolder:
         choices = HydraConfig.get().runtime.choices
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         self.summary = {
-            "status": "running", "command": command, "run_dir": str(self.root),
-            "groups": {g: choices.get(g) for g in GROUPS}, "overrides": self.overrides,
-            "seed": cfg.get("seed"), "device": None, "torch_version": str(torch.__version__),
-            "metacli_version": __version__, "python_version": platform.python_version(),
-            **git_commit(), "host": platform.node(), "pid": os.getpid(),
+            "status": "running",
+            "command": command,
+            "run_dir": str(self.root),
+            "groups": {g: choices.get(g) for g in GROUPS},
+            "overrides": self.overrides,
+            "seed": cfg.get("seed"),
+            "device": None,
+            "torch_version": str(torch.__version__),
+            "metacli_version": __version__,
+            "python_version": platform.python_version(),
+            **git_commit(),
+            "host": platform.node(),
+            "pid": os.getpid(),
             "started_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         }
         self.update_summary()
@@ -128,27 +146,48 @@ class RunFolder:
         self.update_summary(status=status, finished_at=now, **fields)
 
 
-def report(title: str, result: EvalSummary, seconds: float, folder: RunFolder,
-           extra: list[tuple[str, str]]) -> None:
+def report(
+    title: str, result: EvalSummary, seconds: float, folder: RunFolder, extra: list[tuple[str, str]]
+) -> None:
     steps = len(result.metric_mean) - 1
-    rows = [("before adaptation (0 steps)", result.metric_mean[0], result.metric_ci95[0]),
-            (f"after {steps} inner step{'s' * (steps != 1)}", result.final, result.metric_ci95[-1])]
-    print_summary(f"{title}: {result.num_tasks} tasks", result.metric_name, rows,
-                  [*extra, ("time", f"{seconds:.1f} s"), ("run folder", str(folder.root))])
+    rows = [
+        ("before adaptation (0 steps)", result.metric_mean[0], result.metric_ci95[0]),
+        (f"after {steps} inner step{'s' * (steps != 1)}", result.final, result.metric_ci95[-1]),
+    ]
+    print_summary(
+        f"{title}: {result.num_tasks} tasks",
+        result.metric_name,
+        rows,
+        [*extra, ("time", f"{seconds:.1f} s"), ("run folder", str(folder.root))],
+    )
 
 
 def meta_test(c: Components, folder: RunFolder, iteration: int) -> EvalSummary:
     from metacli.loop import evaluate
 
     result = evaluate(c, "test", c.run.test.num_tasks, c.run.test.batch_size)
-    folder.log_metrics({"iteration": iteration, "split": "test", "loss": result.loss_mean[-1],
-                        "metric": result.final, "metric_name": result.metric_name,
-                        "metric_ci95": result.metric_ci95[-1],
-                        "metric_before": result.metric_mean[0],
-                        "metric_per_step": result.metric_mean, "num_tasks": result.num_tasks})
-    log.info("meta-test on %d tasks: %s %.4f ± %.4f after %d steps (%.4f before adaptation)",
-             result.num_tasks, result.metric_name, result.final, result.metric_ci95[-1],
-             len(result.metric_mean) - 1, result.metric_mean[0])
+    folder.log_metrics(
+        {
+            "iteration": iteration,
+            "split": "test",
+            "loss": result.loss_mean[-1],
+            "metric": result.final,
+            "metric_name": result.metric_name,
+            "metric_ci95": result.metric_ci95[-1],
+            "metric_before": result.metric_mean[0],
+            "metric_per_step": result.metric_mean,
+            "num_tasks": result.num_tasks,
+        }
+    )
+    log.info(
+        "meta-test on %d tasks: %s %.4f ± %.4f after %d steps (%.4f before adaptation)",
+        result.num_tasks,
+        result.metric_name,
+        result.final,
+        result.metric_ci95[-1],
+        len(result.metric_mean) - 1,
+        result.metric_mean[0],
+    )
     return result
 
 
@@ -170,9 +209,15 @@ def train(cfg: DictConfig) -> float | None:
             folder.rewind_metrics(state.iteration)
             folder.update_summary(resumed_from_iteration=state.iteration)
             log.info("Resuming %s from iteration %d", folder.root, state.iteration)
-        log.info("Meta-training %s on %s with %s (%d meta-parameters) on %s for %d iterations",
-                 cfg.algo.name, cfg.task.name, cfg.model.name,
-                 sum(p.numel() for p in c.algorithm.parameters()), c.device, cfg.train.iterations)
+        log.info(
+            "Meta-training %s on %s with %s (%d meta-parameters) on %s for %d iterations",
+            cfg.algo.name,
+            cfg.task.name,
+            cfg.model.name,
+            sum(p.numel() for p in c.algorithm.parameters()),
+            c.device,
+            cfg.train.iterations,
+        )
         state = meta_train(c, folder, state)
         if not (folder.checkpoints / "last.pt").exists():
             folder.save_checkpoint("last", c, state)
@@ -182,15 +227,28 @@ def train(cfg: DictConfig) -> float | None:
             load_weights(c, load_checkpoint(best), str(best))
         result = meta_test(c, folder, state.iteration)
         seconds = time.perf_counter() - start
-        folder.finish("finished", iterations=state.iteration, train_time_s=state.wall_time,
-                      it_per_s=state.iteration / state.wall_time if state.wall_time else None,
-                      wall_time_s=seconds,
-                      best_val={"metric": state.best_metric, "iteration": state.best_iteration},
-                      test={**result.as_dict(), "checkpoint": source if best.exists() else "last",
-                            "checkpoint_iteration": state.best_iteration
-                            if source == "best" and best.exists() else state.iteration})
-        report("meta-test", result, seconds, folder,
-               [("algorithm", f"{cfg.algo.name} on {cfg.task.name} ({cfg.model.name})")])
+        folder.finish(
+            "finished",
+            iterations=state.iteration,
+            train_time_s=state.wall_time,
+            it_per_s=state.iteration / state.wall_time if state.wall_time else None,
+            wall_time_s=seconds,
+            best_val={"metric": state.best_metric, "iteration": state.best_iteration},
+            test={
+                **result.as_dict(),
+                "checkpoint": source if best.exists() else "last",
+                "checkpoint_iteration": state.best_iteration
+                if source == "best" and best.exists()
+                else state.iteration,
+            },
+        )
+        report(
+            "meta-test",
+            result,
+            seconds,
+            folder,
+            [("algorithm", f"{cfg.algo.name} on {cfg.task.name} ({cfg.model.name})")],
+        )
     return state.best_metric
 
 
@@ -204,19 +262,33 @@ def test(cfg: DictConfig) -> float:
     folder.start("test", cfg)
     with folder.guard():
         if not cfg.ckpt_path:
-            raise ConfigError("metacli test needs a checkpoint: add ckpt_path=<run folder>/"
-                              "checkpoints/best.pt (or last.pt).")
+            raise ConfigError(
+                "metacli test needs a checkpoint: add ckpt_path=<run folder>/"
+                "checkpoints/best.pt (or last.pt)."
+            )
         c = build(cfg)
         folder.update_summary(device=str(c.device), checkpoint=str(cfg.ckpt_path))
         checkpoint = load_checkpoint(cfg.ckpt_path)
         load_weights(c, checkpoint, str(cfg.ckpt_path))
         result = meta_test(c, folder, checkpoint["iteration"])
         seconds = time.perf_counter() - start
-        folder.finish("finished", iterations=checkpoint["iteration"], wall_time_s=seconds,
-                      test={**result.as_dict(), "checkpoint": str(cfg.ckpt_path),
-                            "checkpoint_iteration": checkpoint["iteration"]})
-        report("meta-test", result, seconds, folder,
-               [("checkpoint", f"{cfg.ckpt_path} (iteration {checkpoint['iteration']})")])
+        folder.finish(
+            "finished",
+            iterations=checkpoint["iteration"],
+            wall_time_s=seconds,
+            test={
+                **result.as_dict(),
+                "checkpoint": str(cfg.ckpt_path),
+                "checkpoint_iteration": checkpoint["iteration"],
+            },
+        )
+        report(
+            "meta-test",
+            result,
+            seconds,
+            folder,
+            [("checkpoint", f"{cfg.ckpt_path} (iteration {checkpoint['iteration']})")],
+        )
     return result.final
 
 

@@ -29,8 +29,12 @@ class AlgoConfig:
     batching: str = "auto"
 
     def __post_init__(self) -> None:
-        require(self.batching in BATCHING, "algo.batching", self.batching,
-                f"choose one of {', '.join(BATCHING)}")
+        require(
+            self.batching in BATCHING,
+            "algo.batching",
+            self.batching,
+            f"choose one of {', '.join(BATCHING)}",
+        )
 
 
 @dataclass
@@ -74,8 +78,10 @@ class MetaAlgorithm(nn.Module, Registered):
         if self.batching == "vmap":
             return torch.func.vmap(fn, in_dims=tuple(in_dims))(*args)
         size = next(a.shape[0] for a, d in zip(args, in_dims, strict=True) if d == 0)
-        outputs = [fn(*(a[i] if d == 0 else a for a, d in zip(args, in_dims, strict=True)))
-                   for i in range(size)]
+        outputs = [
+            fn(*(a[i] if d == 0 else a for a, d in zip(args, in_dims, strict=True)))
+            for i in range(size)
+        ]
         if isinstance(outputs[0], tuple):
             return tuple(torch.stack(parts) for parts in zip(*outputs, strict=True))
         return torch.stack(outputs)

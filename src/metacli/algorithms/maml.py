@@ -10,6 +10,7 @@ Meta-SGD, MAML++) subclass this and override the small hooks below.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -33,10 +34,18 @@ class GradientConfig(AlgoConfig):
         super().__post_init__()
         require(self.inner_lr > 0, "algo.inner_lr", self.inner_lr, "the learning rate must be > 0")
         require(self.inner_steps >= 1, "algo.inner_steps", self.inner_steps, "it must be >= 1")
-        require(self.test_inner_steps is None or self.test_inner_steps >= 0,
-                "algo.test_inner_steps", self.test_inner_steps, "it must be >= 0 or null")
-        require(self.test_inner_lr is None or self.test_inner_lr > 0, "algo.test_inner_lr",
-                self.test_inner_lr, "the learning rate must be > 0 or null")
+        require(
+            self.test_inner_steps is None or self.test_inner_steps >= 0,
+            "algo.test_inner_steps",
+            self.test_inner_steps,
+            "it must be >= 0 or null",
+        )
+        require(
+            self.test_inner_lr is None or self.test_inner_lr > 0,
+            "algo.test_inner_lr",
+            self.test_inner_lr,
+            "the learning rate must be > 0 or null",
+        )
 
 
 @dataclass
@@ -46,7 +55,7 @@ class MAMLConfig(GradientConfig):
 
 
 class MAML(MetaAlgorithm, key="maml"):
-    Config = MAMLConfig
+    Config: ClassVar[type[AlgoConfig]] = MAMLConfig
     cfg: GradientConfig
 
     def __init__(self, cfg: GradientConfig, model: Model, task: TaskDistribution) -> None:
@@ -74,8 +83,9 @@ class MAML(MetaAlgorithm, key="maml"):
     def support_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         return self.task.loss(self.forward_with(params, x), y)
 
-    def adapt(self, params: Params, x: Tensor, y: Tensor, steps: int, lr: float,
-              first_order: bool) -> Params:
+    def adapt(
+        self, params: Params, x: Tensor, y: Tensor, steps: int, lr: float, first_order: bool
+    ) -> Params:
         """``steps`` gradient steps on one task's support set ``x`` [S, ...], ``y`` [S, ...]."""
         for step in range(steps):
             grads = torch.func.grad(self.support_loss)(params, x, y)
@@ -84,15 +94,18 @@ class MAML(MetaAlgorithm, key="maml"):
             params = self.inner_update(params, grads, step, lr)
         return params
 
-    def task_query_loss(self, params: Params, support_x: Tensor, support_y: Tensor,
-                        query_x: Tensor, query_y: Tensor) -> tuple[Tensor, Tensor]:
-        adapted = self.adapt(params, support_x, support_y, self.train_steps, self.train_lr,
-                             self.first_order)
+    def task_query_loss(
+        self, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        adapted = self.adapt(
+            params, support_x, support_y, self.train_steps, self.train_lr, self.first_order
+        )
         prediction = self.forward_with(adapted, query_x)
         return self.task.loss(prediction, query_y), self.task.metric(prediction, query_y).detach()
 
-    def task_trace(self, params: Params, support_x: Tensor, support_y: Tensor,
-                   query_x: Tensor, query_y: Tensor) -> tuple[Tensor, Tensor]:
+    def task_trace(
+        self, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Query loss and metric after 0..k inner steps of one task: two [k+1] tensors."""
         losses, metrics = [], []
         for step in range(self.test_steps + 1):
@@ -107,16 +120,28 @@ class MAML(MetaAlgorithm, key="maml"):
     # --- the meta-batch -----------------------------------------------------------------
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         losses, metrics = self.per_task(
-            self.task_query_loss, (None, 0, 0, 0, 0), self.initial_params(),
-            batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+            self.task_query_loss,
+            (None, 0, 0, 0, 0),
+            self.initial_params(),
+            batch.support_x,
+            batch.support_y,
+            batch.query_x,
+            batch.query_y,
+        )
         return losses.mean(), metrics  # [], [B]
 
     def evaluate(self, batch: TaskBatch) -> Evaluation:
         params = {name: p.detach() for name, p in self.initial_params().items()}
         with torch.no_grad():
             losses, metrics = self.per_task(
-                self.task_trace, (None, 0, 0, 0, 0), params,
-                batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+                self.task_trace,
+                (None, 0, 0, 0, 0),
+                params,
+                batch.support_x,
+                batch.support_y,
+                batch.query_x,
+                batch.query_y,
+            )
         return Evaluation(loss=losses, metric=metrics)  # [B, k+1] each
 
     def inner_learning_rates(self) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -20,10 +21,18 @@ class MLPConfig(ModelConfig):
     activation: str = "relu"
 
     def __post_init__(self) -> None:
-        require(all(h >= 1 for h in self.hidden), "model.hidden", self.hidden,
-                "every layer width must be >= 1")
-        require(self.activation in ACTIVATIONS, "model.activation", self.activation,
-                f"choose one of {', '.join(ACTIVATIONS)}")
+        require(
+            all(h >= 1 for h in self.hidden),
+            "model.hidden",
+            self.hidden,
+            "every layer width must be >= 1",
+        )
+        require(
+            self.activation in ACTIVATIONS,
+            "model.activation",
+            self.activation,
+            f"choose one of {', '.join(ACTIVATIONS)}",
+        )
 
 
 class MLP(Model, key="mlp"):
@@ -33,7 +42,7 @@ class MLP(Model, key="mlp"):
         super().__init__(cfg, input_shape, output_dim)
         widths = [math.prod(input_shape), *cfg.hidden]
         layers: list[nn.Module] = [nn.Flatten(start_dim=-len(input_shape))]
-        for width_in, width_out in zip(widths[:-1], widths[1:], strict=True):
+        for width_in, width_out in itertools.pairwise(widths):
             layers += [nn.Linear(width_in, width_out), ACTIVATIONS[cfg.activation]()]
         layers.append(nn.Linear(widths[-1], output_dim))
         self.net = nn.Sequential(*layers)

@@ -23,8 +23,12 @@ class TaskConfig:
     def __post_init__(self) -> None:
         require(self.shots >= 1, "task.shots", self.shots, "it must be >= 1")
         require(self.queries >= 1, "task.queries", self.queries, "it must be >= 1")
-        require(self.test_shots is None or self.test_shots >= 1, "task.test_shots",
-                self.test_shots, "it must be >= 1 or null")
+        require(
+            self.test_shots is None or self.test_shots >= 1,
+            "task.test_shots",
+            self.test_shots,
+            "it must be >= 1 or null",
+        )
 
 
 @dataclass
@@ -40,12 +44,17 @@ class TaskBatch:
         return self.support_x.shape[0]
 
     def __getitem__(self, index: slice) -> TaskBatch:
-        return TaskBatch(self.support_x[index], self.support_y[index],
-                         self.query_x[index], self.query_y[index])
+        return TaskBatch(
+            self.support_x[index], self.support_y[index], self.query_x[index], self.query_y[index]
+        )
 
     def to(self, device: torch.device) -> TaskBatch:
-        return TaskBatch(self.support_x.to(device), self.support_y.to(device),
-                         self.query_x.to(device), self.query_y.to(device))
+        return TaskBatch(
+            self.support_x.to(device),
+            self.support_y.to(device),
+            self.query_x.to(device),
+            self.query_y.to(device),
+        )
 
 
 class TaskDistribution(Registered):

@@ -26,8 +26,12 @@ class SinusoidConfig(TaskConfig):
         super().__post_init__()
         for key in ("amplitude", "phase", "x_range"):
             low_high = getattr(self, key)
-            require(len(low_high) == 2 and low_high[0] <= low_high[1], f"task.{key}", low_high,
-                    "give [low, high] with low <= high")
+            require(
+                len(low_high) == 2 and low_high[0] <= low_high[1],
+                f"task.{key}",
+                low_high,
+                "give [low, high] with low <= high",
+            )
 
 
 class Sinusoid(TaskDistribution, key="sinusoid"):

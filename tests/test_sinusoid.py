@@ -1,0 +1,58 @@
+"""The sinusoid task distribution of Finn et al. 2017."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from metacli.tasks.base import split_generator
+from metacli.tasks.sinusoid import Sinusoid, SinusoidConfig
+
+
+def test_shapes_ranges_and_one_function_per_task() -> None:
+    task = Sinusoid(SinusoidConfig(shots=5, queries=15))
+    batch = task.sample(1000, "train", torch.Generator().manual_seed(0))
+    assert batch.support_x.shape == (1000, 5, 1) and batch.query_y.shape == (1000, 15, 1)
+    x = torch.cat([batch.support_x, batch.query_x], 1).squeeze(-1).double()
+    y = torch.cat([batch.support_y, batch.query_y], 1).squeeze(-1).double()
+    assert x.min() >= -5 and x.max() <= 5
+    # Recover A and phi of every task from its 20 points by least squares on
+    # y = a sin x + b cos x (a = A cos phi, b = -A sin phi): the fit must be exact.
+    design = torch.stack([torch.sin(x), torch.cos(x)], -1)  # [T, 20, 2]
+    coef = torch.linalg.lstsq(design, y.unsqueeze(-1)).solution.squeeze(-1)
+    residual = (design @ coef.unsqueeze(-1)).squeeze(-1) - y
+    assert residual.abs().max() < 1e-4
+    amplitude = coef.norm(dim=-1)
+    phase = torch.atan2(-coef[:, 1], coef[:, 0])
+    assert amplitude.min() >= 0.1 - 1e-4 and amplitude.max() <= 5.0 + 1e-4
+    assert phase.min() >= -1e-4 and phase.max() <= math.pi + 1e-4
+    # Uniform over [0.1, 5] and [0, pi]: the means sit in the middle.
+    assert abs(amplitude.mean().item() - 2.55) < 0.15
+    assert abs(phase.mean().item() - math.pi / 2) < 0.1
+
+
+def test_test_shots_apply_to_validation_and_test_only() -> None:
+    task = Sinusoid(SinusoidConfig(shots=10, queries=10, test_shots=5))
+    gen = torch.Generator().manual_seed(0)
+    assert task.sample(2, "train", gen).support_x.shape[1] == 10
+    assert task.sample(2, "val", gen).support_x.shape[1] == 5
+    assert task.sample(2, "test", gen).support_x.shape[1] == 5
+
+
+def test_split_streams_are_fixed_per_seed_and_distinct_per_split() -> None:
+    task = Sinusoid(SinusoidConfig())
+    val_a = task.sample(4, "val", split_generator(0, "val"))
+    val_b = task.sample(4, "val", split_generator(0, "val"))
+    test = task.sample(4, "test", split_generator(0, "test"))
+    other_seed = task.sample(4, "val", split_generator(1, "val"))
+    assert torch.equal(val_a.support_x, val_b.support_x)
+    assert not torch.equal(val_a.support_x, test.support_x)
+    assert not torch.equal(val_a.support_x, other_seed.support_x)
+
+
+def test_loss_and_metric_are_mse() -> None:
+    task = Sinusoid(SinusoidConfig())
+    prediction, target = torch.tensor([[1.0], [2.0]]), torch.tensor([[0.0], [0.0]])
+    assert task.loss(prediction, target).item() == 2.5
+    assert task.metric(prediction, target).item() == 2.5
