@@ -249,3 +249,16 @@ def test_unknown_command_and_no_command(tmp_path: Path) -> None:
 def test_summary_json_is_valid_json_at_every_stage(trained: Path) -> None:
     json.loads((trained / "summary.json").read_text())
     assert not list(trained.rglob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_default_train_learns_sinusoids_in_about_a_minute(tmp_path: Path) -> None:
+    """What `make train` runs: the post-adaptation MSE far below the pre-adaptation MSE."""
+    run_cli("train", cwd=tmp_path, timeout=600)
+    (run_dir,) = (tmp_path / "outputs" / "train").glob("*/*")
+    test = read_summary(run_dir)["test"]
+    assert test["num_tasks"] == 600 and test["inner_steps"] == 10
+    assert test["mean"] < 0.2 * test["before_adaptation"]["mean"]
+    assert test["mean"] + test["ci95"] < test["before_adaptation"]["mean"] - test[
+        "before_adaptation"
+    ]["ci95"]
