@@ -47,13 +47,18 @@ class Bar:
         )
 
     def update(self, iteration: int, **stats: Any) -> None:
-        if self.progress is not None and self.task is not None:
+        """Move the bar; ``stats`` (loss, validation metric, speed) replace the shown ones."""
+        if self.progress is None or self.task is None:
+            return
+        if stats:
             text = "  ".join(
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                 for k, v in stats.items()
                 if v is not None
             )
             self.progress.update(self.task, completed=iteration, stats=text)
+        else:
+            self.progress.update(self.task, completed=iteration)
 
 
 @contextmanager
