@@ -259,6 +259,7 @@ def test_default_train_learns_sinusoids_in_about_a_minute(tmp_path: Path) -> Non
     test = read_summary(run_dir)["test"]
     assert test["num_tasks"] == 600 and test["inner_steps"] == 10
     assert test["mean"] < 0.2 * test["before_adaptation"]["mean"]
-    assert test["mean"] + test["ci95"] < test["before_adaptation"]["mean"] - test[
-        "before_adaptation"
-    ]["ci95"]
+    assert (
+        test["mean"] + test["ci95"]
+        < test["before_adaptation"]["mean"] - test["before_adaptation"]["ci95"]
+    )
