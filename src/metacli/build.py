@@ -106,13 +106,21 @@ def build(cfg: DictConfig) -> Components:
     task_cls, task_cfg = typed_group(cfg, "task", TaskDistribution)
     model_cls, model_cfg = typed_group(cfg, "model", Model)
     algo_cls, algo_cfg = typed_group(cfg, "algo", MetaAlgorithm)
+    test_ways = getattr(task_cfg, "test_ways", None)
+    if algo_cls.uses_head and test_ways not in (None, getattr(task_cfg, "ways", None)):
+        raise ConfigError(
+            f"task.test_ways={test_ways} differs from task.ways, but algo={algo_cfg.name} "
+            f"adapts a {task_cfg.ways}-way linear head. Set task.test_ways=null, or use an "
+            f"algorithm without a head (algo=protonet)."
+        )
     device = resolve_device(run.device)
     if run.device.threads is not None:
         torch.set_num_threads(run.device.threads)
     seed_everything(run.seed)
     data_root = run.data.root or os.environ.get("METACLI_DATA")
     task = task_cls(task_cfg, data_root)
-    model = model_cls(model_cfg, task.input_shape, task.output_dim)
+    output_dim = task.output_dim if algo_cls.uses_head else None
+    model = model_cls(model_cfg, task.input_shape, output_dim)
     algorithm = algo_cls(algo_cfg, model, task).to(device)
     optimizer = make_optimizer(run.optim, algorithm.parameters())
     scheduler = make_scheduler(run.optim, optimizer, run.train.iterations)

@@ -205,6 +205,7 @@ def meta_step(c: Components, grad_clip: float | None) -> tuple[Tensor, Tensor]:
     c.optimizer.step()
     if c.scheduler is not None:
         c.scheduler.step()
+    c.algorithm.observe(batch)
     return loss.detach(), metric.detach().mean()
 
 

@@ -48,13 +48,27 @@ class Evaluation:
 class MetaAlgorithm(nn.Module, Registered):
     registry: ClassVar[dict[str, type]] = {}
     Config: ClassVar[type[AlgoConfig]] = AlgoConfig
+    uses_head: ClassVar[bool] = True  # False: the model is built without its linear head
 
     def __init__(self, cfg: AlgoConfig, model: Model, task: TaskDistribution) -> None:
         super().__init__()
         self.cfg = cfg
         self.model = model
         self.task = task
-        self.batching = model.preferred_batching if cfg.batching == "auto" else cfg.batching
+
+    @property
+    def batching(self) -> str:
+        """The per-task strategy in use; ``auto`` asks the model, for the current device."""
+        if self.cfg.batching != "auto":
+            return self.cfg.batching
+        parameter = next(self.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        return self.model.batching_for(device)
+
+    def observe(self, batch: TaskBatch) -> None:
+        """After each outer step: let ``running`` batch norm see the training inputs."""
+        if self.model.tracks_running_stats:
+            self.model.update_running_stats(batch.support_x)
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         """Scalar loss whose gradient is the meta-gradient, and the per-task query metric [B]."""

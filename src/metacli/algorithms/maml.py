@@ -76,19 +76,21 @@ class MAML(MetaAlgorithm, key="maml"):
         return {name: p - lr * grads[name] for name, p in params.items()}
 
     # --- one task ---------------------------------------------------------------------
-    def forward_with(self, params: Params, x: Tensor) -> Tensor:
+    def forward_with(self, params: Params, x: Tensor, step: int = 0) -> Tensor:
+        """The model with weights ``params`` on ``x``, as seen at inner step ``step``."""
+        self.model.set_step(step)
         buffers = dict(self.model.named_buffers())
         return torch.func.functional_call(self.model, (params, buffers), (x,))
 
-    def support_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        return self.task.loss(self.forward_with(params, x), y)
+    def support_loss(self, params: Params, x: Tensor, y: Tensor, step: int = 0) -> Tensor:
+        return self.task.loss(self.forward_with(params, x, step), y)
 
     def adapt(
         self, params: Params, x: Tensor, y: Tensor, steps: int, lr: float, first_order: bool
     ) -> Params:
         """``steps`` gradient steps on one task's support set ``x`` [S, ...], ``y`` [S, ...]."""
         for step in range(steps):
-            grads = torch.func.grad(self.support_loss)(params, x, y)
+            grads = torch.func.grad(self.support_loss)(params, x, y, step)
             if first_order:
                 grads = {name: g.detach() for name, g in grads.items()}
             params = self.inner_update(params, grads, step, lr)
@@ -100,7 +102,7 @@ class MAML(MetaAlgorithm, key="maml"):
         adapted = self.adapt(
             params, support_x, support_y, self.train_steps, self.train_lr, self.first_order
         )
-        prediction = self.forward_with(adapted, query_x)
+        prediction = self.forward_with(adapted, query_x, self.train_steps)
         return self.task.loss(prediction, query_y), self.task.metric(prediction, query_y).detach()
 
     def task_trace(
@@ -109,11 +111,11 @@ class MAML(MetaAlgorithm, key="maml"):
         """Query loss and metric after 0..k inner steps of one task: two [k+1] tensors."""
         losses, metrics = [], []
         for step in range(self.test_steps + 1):
-            prediction = self.forward_with(params, query_x)
+            prediction = self.forward_with(params, query_x, step)
             losses.append(self.task.loss(prediction, query_y))
             metrics.append(self.task.metric(prediction, query_y))
             if step < self.test_steps:
-                grads = torch.func.grad(self.support_loss)(params, support_x, support_y)
+                grads = torch.func.grad(self.support_loss)(params, support_x, support_y, step)
                 params = self.inner_update(params, grads, step, self.test_lr)
         return torch.stack(losses), torch.stack(metrics)
 

@@ -1,13 +1,17 @@
-"""Shared base of the models: a registered nn.Module sized by the task."""
+"""Shared base of the models: a registered nn.Module sized by the task, and batch norm
+written so that it stays exact under ``torch.func`` transforms."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from metacli.registry import Registered
+
+NORMS = ("transductive", "per_step", "running", "none")
 
 
 @dataclass
@@ -16,14 +20,93 @@ class ModelConfig:
 
 
 class Model(nn.Module, Registered):
-    """Algorithms call models through ``torch.func.functional_call`` with per-task weights."""
+    """Algorithms call models through ``torch.func.functional_call`` with per-task weights.
+
+    ``output_dim=None`` builds the embedding network alone (metric-based algorithms);
+    otherwise the last layer is a linear ``head`` (the part ANIL adapts).
+    """
 
     registry: ClassVar[dict[str, type]] = {}
     Config: ClassVar[type[ModelConfig]] = ModelConfig
-    # How a meta-batch is best computed on this model when algo.batching=auto.
-    # Batching tasks with vmap wins big for small MLPs; conv nets may differ (measure).
-    preferred_batching: ClassVar[str] = "vmap"
+    # How a meta-batch is best computed on this model when algo.batching=auto; measured
+    # by `make bench` (docs/benchmarks.md): vmap wins big for small MLPs on a CPU, while
+    # batched (grouped) convolutions lose to a loop there.
+    preferred_batching: ClassVar[dict[str, str]] = {"cpu": "vmap", "cuda": "vmap"}
 
-    def __init__(self, cfg: ModelConfig, input_shape: tuple[int, ...], output_dim: int) -> None:
+    def __init__(self, cfg: ModelConfig, input_shape: tuple[int, ...], output_dim: int | None):
         super().__init__()
         self.cfg = cfg
+
+    def batching_for(self, device: torch.device) -> str:
+        return self.preferred_batching.get(device.type, "vmap")
+
+    def norm_layers(self) -> list[MetaBatchNorm]:
+        return [m for m in self.modules() if isinstance(m, MetaBatchNorm)]
+
+    def set_step(self, step: int) -> None:
+        """Tell per-step batch norm which inner step the next forward pass belongs to."""
+        for layer in self.norm_layers():
+            layer.step = step
+
+    @property
+    def tracks_running_stats(self) -> bool:
+        return any(layer.mode == "running" for layer in self.norm_layers())
+
+    @torch.no_grad()
+    def update_running_stats(self, inputs: Tensor) -> None:
+        """Accumulate running statistics from the inputs of each task ([B, N, ...])."""
+        layers = self.norm_layers()
+        for layer in layers:
+            layer.collect = True
+        try:
+            for task_inputs in inputs:
+                self(task_inputs)
+        finally:
+            for layer in layers:
+                layer.collect = False
+
+
+class MetaBatchNorm(nn.Module):
+    """Batch norm over (N, H, W) from plain mean and variance.
+
+    PyTorch's own batch norm gives a silently wrong second-order meta-gradient under
+    ``vmap``; plain tensor ops are exact. Modes:
+    ``transductive`` batch statistics at train and test (MAML's original);
+    ``per_step`` batch statistics, with separate affine parameters for each inner step
+    (MAML++), chosen by ``step``; steps past the last set reuse it;
+    ``running`` batch statistics while meta-training, running statistics at
+    validation/test, accumulated from the training tasks' inputs at the meta-parameters;
+    ``none`` the identity.
+    """
+
+    def __init__(self, channels: int, mode: str = "transductive", steps: int = 1,
+                 momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.mode, self.momentum, self.eps = mode, momentum, eps
+        self.step, self.collect = 0, False
+        shape = (steps, channels) if mode == "per_step" else (channels,)
+        if mode != "none":
+            self.weight = nn.Parameter(torch.ones(shape))
+            self.bias = nn.Parameter(torch.zeros(shape))
+            self.register_buffer("running_mean", torch.zeros(shape))
+            self.register_buffer("running_var", torch.ones(shape))
+
+    def _select(self, tensor: Tensor) -> Tensor:
+        if self.mode == "per_step":
+            return tensor[min(self.step, tensor.shape[0] - 1)]
+        return tensor
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, C, H, W] or [N, C]
+        if self.mode == "none":
+            return x
+        dims = [0, *range(2, x.dim())]
+        view = (1, -1, *([1] * (x.dim() - 2)))
+        if self.mode == "running" and not self.training and not self.collect:
+            mean, var = self.running_mean, self.running_var
+        else:
+            mean, var = x.mean(dim=dims), x.var(dim=dims, unbiased=False)
+            if self.collect:  # outside any transform, under no_grad
+                for buffer, value in ((self.running_mean, mean), (self.running_var, var)):
+                    self._select(buffer).mul_(1 - self.momentum).add_(self.momentum * value)
+        scale = torch.rsqrt(var + self.eps) * self._select(self.weight)
+        return (x - mean.view(view)) * scale.view(view) + self._select(self.bias).view(view)

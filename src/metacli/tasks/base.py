@@ -96,3 +96,45 @@ def split_generator(seed: int, split: str) -> torch.Generator:
     """
     digest = hashlib.sha256(f"metacli:{seed}:{split}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+@dataclass
+class ClassificationConfig(TaskConfig):
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    test_ways: int | None = None  # null = ways (ProtoNets train with more ways than they test)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.ways >= 1, "task.ways", self.ways, "it must be >= 1")
+        require(self.test_ways is None or self.test_ways >= 1, "task.test_ways", self.test_ways,
+                "it must be >= 1 or null")
+
+
+class ClassificationTask(TaskDistribution):
+    """N-way K-shot episodes: labels 0..N-1, cross-entropy loss, accuracy metric."""
+
+    cfg: ClassificationConfig
+    metric_name = "accuracy"
+    higher_is_better = True
+
+    @property
+    def output_dim(self) -> int:  # type: ignore[override]
+        return self.cfg.ways
+
+    def ways(self, split: str) -> int:
+        if split != "train" and self.cfg.test_ways is not None:
+            return self.cfg.test_ways
+        return self.cfg.ways
+
+    def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
+        return torch.nn.functional.cross_entropy(prediction, target)
+
+    def metric(self, prediction: Tensor, target: Tensor) -> Tensor:
+        return (prediction.argmax(dim=-1) == target).to(prediction.dtype).mean()
+
+
+def episode_labels(num_tasks: int, ways: int, per_class: int) -> Tensor:
+    """Labels [B, ways * per_class]: 0,0,..,1,1,.. (class-major, as episodes are laid out)."""
+    return torch.arange(ways).repeat_interleave(per_class).expand(num_tasks, -1).clone()

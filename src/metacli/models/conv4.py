@@ -1,0 +1,76 @@
+"""Conv-4 of the few-shot literature (Vinyals et al. 2016; MAML; ProtoNets).
+
+Four blocks of 3x3 convolution, batch norm, ReLU and 2x2 max-pooling (``filters``: 64
+for Omniglot, 32 for mini-ImageNet), then a linear head. ``strided: true`` is the
+variant of MAML's Omniglot code: stride-2 convolutions, no pooling, features averaged
+over space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metacli.config import require
+from metacli.errors import ConfigError
+from metacli.models.base import NORMS, MetaBatchNorm, Model, ModelConfig
+
+
+@dataclass
+class Conv4Config(ModelConfig):
+    name: str = "conv4"
+    filters: int = 64
+    strided: bool = False
+    norm: str = "transductive"  # transductive | per_step | running | none
+    norm_steps: int = 6  # per_step: parameter sets for inner steps 0..norm_steps-1
+
+    def __post_init__(self) -> None:
+        require(self.filters >= 1, "model.filters", self.filters, "it must be >= 1")
+        require(self.norm in NORMS, "model.norm", self.norm, f"choose one of {', '.join(NORMS)}")
+        require(self.norm_steps >= 1, "model.norm_steps", self.norm_steps, "it must be >= 1")
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, channels_in: int, channels_out: int, cfg: Conv4Config) -> None:
+        super().__init__()
+        self.strided = cfg.strided
+        self.conv = nn.Conv2d(channels_in, channels_out, 3, stride=2 if cfg.strided else 1,
+                              padding=1)
+        self.norm = MetaBatchNorm(channels_out, cfg.norm, cfg.norm_steps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.norm(self.conv(x)))
+        return x if self.strided else F.max_pool2d(x, 2)
+
+
+class Conv4(Model, key="conv4"):
+    Config = Conv4Config
+    # Measured (docs/benchmarks.md): on a CPU, batched convolutions with per-task
+    # weights are slower than a loop over tasks.
+    preferred_batching = {"cpu": "loop", "cuda": "vmap"}
+
+    def __init__(self, cfg: Conv4Config, input_shape: tuple[int, ...], output_dim: int | None):
+        super().__init__(cfg, input_shape, output_dim)
+        channels = input_shape[0]
+        self.strided = cfg.strided
+        self.blocks = nn.Sequential(*(ConvBlock(channels if i == 0 else cfg.filters, cfg.filters,
+                                                cfg) for i in range(4)))
+        try:
+            with torch.no_grad():
+                self.feature_dim = self.features(torch.zeros(2, *input_shape)).shape[-1]
+        except RuntimeError:
+            raise ConfigError(f"Inputs of shape {tuple(input_shape)} are too small for conv4: "
+                              f"its four 2x2 poolings need images of at least 16x16. Use a "
+                              f"larger task.image_size or model.strided=true.") from None
+        self.head = nn.Linear(self.feature_dim, output_dim) if output_dim else None
+
+    def features(self, x: Tensor) -> Tensor:  # [N, C, H, W] -> [N, D]
+        x = self.blocks(x)
+        return x.mean(dim=(2, 3)) if self.strided else x.flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.features(x)
+        return self.head(features) if self.head is not None else features
