@@ -11,6 +11,11 @@ from metacli.errors import ConfigError
 from tests.conftest import CONF, compose_config
 
 
+IMAGE_MODELS = ("conv4", "resnet12")
+CLASSIFIERS = ("protonet",)
+IMAGE_TASK = ("task=synthetic", "task.image_size=32", "task.channels=3")
+
+
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
@@ -23,7 +28,10 @@ def test_every_group_has_options() -> None:
 @pytest.mark.parametrize("group", ["algo", "task", "model", "optim", "experiment", "debug"])
 def test_every_option_composes_and_builds(group: str) -> None:
     for option in options(group):
-        cfg = compose_config(f"{group}={option}", "device=cpu")
+        companions = IMAGE_TASK if group == "model" and option in IMAGE_MODELS else ()
+        if group == "algo" and option in CLASSIFIERS:
+            companions = ("task=synthetic",)
+        cfg = compose_config(f"{group}={option}", "device=cpu", *companions)
         check(cfg)
         components = build(cfg)
         batch = components.task.sample(2, "train", torch.Generator().manual_seed(0))

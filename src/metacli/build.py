@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from metacli.errors import ConfigError
 from metacli.models.base import Model
 from metacli.registry import Registered, lookup
 from metacli.tasks.base import TaskDistribution, split_generator
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,6 +99,13 @@ def make_scheduler(
         return torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=max(iterations, 1), eta_min=cfg.min_lr
         )
+    if cfg.scheduler == "linear":  # to min_lr at the last iteration (Reptile's annealing)
+        return torch.optim.lr_scheduler.LinearLR(
+            optimizer,
+            start_factor=1.0,
+            end_factor=cfg.min_lr / cfg.lr,
+            total_iters=max(iterations, 1),
+        )
     if cfg.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     return None
@@ -113,6 +123,8 @@ def build(cfg: DictConfig) -> Components:
             f"adapts a {task_cfg.ways}-way linear head. Set task.test_ways=null, or use an "
             f"algorithm without a head (algo=protonet)."
         )
+    for note in algo_cls.configure(algo_cfg, model_cfg, run):
+        log.info("%s", note)
     device = resolve_device(run.device)
     if run.device.threads is not None:
         torch.set_num_threads(run.device.threads)

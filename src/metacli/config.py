@@ -69,10 +69,10 @@ class OptimConfig:
         )
         require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "it must be >= 0")
         require(
-            self.scheduler in ("none", "cosine", "step"),
+            self.scheduler in ("none", "cosine", "linear", "step"),
             "optim.scheduler",
             self.scheduler,
-            "choose none, cosine or step",
+            "choose none, cosine, linear or step",
         )
         require(
             0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr, "it must be in [0, optim.lr]"

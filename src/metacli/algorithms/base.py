@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from metacli.config import require
 from metacli.models.base import Model
@@ -55,6 +56,17 @@ class MetaAlgorithm(nn.Module, Registered):
         self.cfg = cfg
         self.model = model
         self.task = task
+        # Outer steps taken; a buffer, so schedules inside algorithms survive a resume.
+        self.register_buffer("outer_steps", torch.zeros((), dtype=torch.long))
+
+    @classmethod
+    def configure(cls, cfg: AlgoConfig, model_cfg: Any, run_cfg: Any) -> list[str]:
+        """Adjust the model or outer-optimizer settings an algorithm needs, before building.
+
+        Returns one line per change, for the log. MAML++ uses it for per-step batch
+        norm and cosine annealing of the outer learning rate.
+        """
+        return []
 
     @property
     def batching(self) -> str:
@@ -66,7 +78,8 @@ class MetaAlgorithm(nn.Module, Registered):
         return self.model.batching_for(device)
 
     def observe(self, batch: TaskBatch) -> None:
-        """After each outer step: let ``running`` batch norm see the training inputs."""
+        """After each outer step: count it; let ``running`` batch norm see the inputs."""
+        self.outer_steps += 1
         if self.model.tracks_running_stats:
             self.model.update_running_stats(batch.support_x)
 
@@ -96,6 +109,6 @@ class MetaAlgorithm(nn.Module, Registered):
             fn(*(a[i] if d == 0 else a for a, d in zip(args, in_dims, strict=True)))
             for i in range(size)
         ]
-        if isinstance(outputs[0], tuple):
-            return tuple(torch.stack(parts) for parts in zip(*outputs, strict=True))
-        return torch.stack(outputs)
+        flat = [tree_flatten(output) for output in outputs]
+        leaves = [torch.stack(parts) for parts in zip(*(f[0] for f in flat), strict=True)]
+        return tree_unflatten(leaves, flat[0][1])  # same structure as vmap returns

@@ -71,9 +71,16 @@ class MAML(MetaAlgorithm, key="maml"):
         """The meta-learned initialisation the inner loop starts from."""
         return dict(self.model.named_parameters())
 
+    def adapted(self, params: Params) -> Params:
+        """The part of ``params`` the inner loop updates (all of it; ANIL: the head)."""
+        return params
+
     def inner_update(self, params: Params, grads: Params, step: int, lr: float) -> Params:
         """One inner step; plain gradient descent with step size ``lr``."""
         return {name: p - lr * grads[name] for name, p in params.items()}
+
+    def use_first_order(self) -> bool:
+        return self.first_order
 
     # --- one task ---------------------------------------------------------------------
     def forward_with(self, params: Params, x: Tensor, step: int = 0) -> Tensor:
@@ -85,22 +92,32 @@ class MAML(MetaAlgorithm, key="maml"):
     def support_loss(self, params: Params, x: Tensor, y: Tensor, step: int = 0) -> Tensor:
         return self.task.loss(self.forward_with(params, x, step), y)
 
+    def inner_step(
+        self, params: Params, x: Tensor, y: Tensor, step: int, lr: float, first_order: bool
+    ) -> Params:
+        """One gradient step on one task's support set ``x`` [S, ...], ``y`` [S, ...]."""
+        fast = self.adapted(params)
+
+        def loss(fast: Params) -> Tensor:
+            return self.support_loss({**params, **fast}, x, y, step)
+
+        grads = torch.func.grad(loss)(fast)
+        if first_order:
+            grads = {name: g.detach() for name, g in grads.items()}
+        return {**params, **self.inner_update(fast, grads, step, lr)}
+
     def adapt(
         self, params: Params, x: Tensor, y: Tensor, steps: int, lr: float, first_order: bool
     ) -> Params:
-        """``steps`` gradient steps on one task's support set ``x`` [S, ...], ``y`` [S, ...]."""
         for step in range(steps):
-            grads = torch.func.grad(self.support_loss)(params, x, y, step)
-            if first_order:
-                grads = {name: g.detach() for name, g in grads.items()}
-            params = self.inner_update(params, grads, step, lr)
+            params = self.inner_step(params, x, y, step, lr, first_order)
         return params
 
     def task_query_loss(
         self, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
     ) -> tuple[Tensor, Tensor]:
         adapted = self.adapt(
-            params, support_x, support_y, self.train_steps, self.train_lr, self.first_order
+            params, support_x, support_y, self.train_steps, self.train_lr, self.use_first_order()
         )
         prediction = self.forward_with(adapted, query_x, self.train_steps)
         return self.task.loss(prediction, query_y), self.task.metric(prediction, query_y).detach()
@@ -115,8 +132,7 @@ class MAML(MetaAlgorithm, key="maml"):
             losses.append(self.task.loss(prediction, query_y))
             metrics.append(self.task.metric(prediction, query_y))
             if step < self.test_steps:
-                grads = torch.func.grad(self.support_loss)(params, support_x, support_y, step)
-                params = self.inner_update(params, grads, step, self.test_lr)
+                params = self.inner_step(params, support_x, support_y, step, self.test_lr, True)
         return torch.stack(losses), torch.stack(metrics)
 
     # --- the meta-batch -----------------------------------------------------------------

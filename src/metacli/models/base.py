@@ -79,8 +79,14 @@ class MetaBatchNorm(nn.Module):
     ``none`` the identity.
     """
 
-    def __init__(self, channels: int, mode: str = "transductive", steps: int = 1,
-                 momentum: float = 0.1, eps: float = 1e-5) -> None:
+    def __init__(
+        self,
+        channels: int,
+        mode: str = "transductive",
+        steps: int = 1,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+    ) -> None:
         super().__init__()
         self.mode, self.momentum, self.eps = mode, momentum, eps
         self.step, self.collect = 0, False

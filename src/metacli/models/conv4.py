@@ -37,8 +37,9 @@ class ConvBlock(nn.Module):
     def __init__(self, channels_in: int, channels_out: int, cfg: Conv4Config) -> None:
         super().__init__()
         self.strided = cfg.strided
-        self.conv = nn.Conv2d(channels_in, channels_out, 3, stride=2 if cfg.strided else 1,
-                              padding=1)
+        self.conv = nn.Conv2d(
+            channels_in, channels_out, 3, stride=2 if cfg.strided else 1, padding=1
+        )
         self.norm = MetaBatchNorm(channels_out, cfg.norm, cfg.norm_steps)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -56,15 +57,18 @@ class Conv4(Model, key="conv4"):
         super().__init__(cfg, input_shape, output_dim)
         channels = input_shape[0]
         self.strided = cfg.strided
-        self.blocks = nn.Sequential(*(ConvBlock(channels if i == 0 else cfg.filters, cfg.filters,
-                                                cfg) for i in range(4)))
+        self.blocks = nn.Sequential(
+            *(ConvBlock(channels if i == 0 else cfg.filters, cfg.filters, cfg) for i in range(4))
+        )
         try:
             with torch.no_grad():
                 self.feature_dim = self.features(torch.zeros(2, *input_shape)).shape[-1]
         except RuntimeError:
-            raise ConfigError(f"Inputs of shape {tuple(input_shape)} are too small for conv4: "
-                              f"its four 2x2 poolings need images of at least 16x16. Use a "
-                              f"larger task.image_size or model.strided=true.") from None
+            raise ConfigError(
+                f"Inputs of shape {tuple(input_shape)} are too small for conv4: "
+                f"its four 2x2 poolings need images of at least 16x16. Use a "
+                f"larger task.image_size or model.strided=true."
+            ) from None
         self.head = nn.Linear(self.feature_dim, output_dim) if output_dim else None
 
     def features(self, x: Tensor) -> Tensor:  # [N, C, H, W] -> [N, D]

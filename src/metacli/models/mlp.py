@@ -22,11 +22,15 @@ class MLPConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         require(
-            all(h >= 1 for h in self.hidden), "model.hidden", self.hidden,
+            all(h >= 1 for h in self.hidden),
+            "model.hidden",
+            self.hidden,
             "every layer width must be >= 1",
         )
         require(
-            self.activation in ACTIVATIONS, "model.activation", self.activation,
+            self.activation in ACTIVATIONS,
+            "model.activation",
+            self.activation,
             f"choose one of {', '.join(ACTIVATIONS)}",
         )
 

@@ -108,8 +108,12 @@ class ClassificationConfig(TaskConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.ways >= 1, "task.ways", self.ways, "it must be >= 1")
-        require(self.test_ways is None or self.test_ways >= 1, "task.test_ways", self.test_ways,
-                "it must be >= 1 or null")
+        require(
+            self.test_ways is None or self.test_ways >= 1,
+            "task.test_ways",
+            self.test_ways,
+            "it must be >= 1 or null",
+        )
 
 
 class ClassificationTask(TaskDistribution):

@@ -39,8 +39,12 @@ class SyntheticConfig(ClassificationConfig):
         require(self.image_size >= 4, "task.image_size", self.image_size, "it must be >= 4")
         require(self.noise >= 0, "task.noise", self.noise, "it must be >= 0")
         most_ways = max(self.ways, self.test_ways or 0)
-        require(self.classes >= most_ways, "task.classes", self.classes,
-                f"each split needs at least ways={most_ways} classes")
+        require(
+            self.classes >= most_ways,
+            "task.classes",
+            self.classes,
+            f"each split needs at least ways={most_ways} classes",
+        )
 
 
 class Synthetic(ClassificationTask, key="synthetic"):
@@ -55,19 +59,25 @@ class Synthetic(ClassificationTask, key="synthetic"):
         for split in SPLITS:
             gen = split_generator(0, f"synthetic-templates-{split}")
             low = torch.randn(cfg.classes, cfg.channels, coarse, coarse, generator=gen)
-            self.templates[split] = F.interpolate(low, size=cfg.image_size, mode="bilinear",
-                                                  align_corners=False)
+            self.templates[split] = F.interpolate(
+                low, size=cfg.image_size, mode="bilinear", align_corners=False
+            )
 
     def sample(self, num_tasks: int, split: str, generator: torch.Generator) -> TaskBatch:
         ways, shots, queries = self.ways(split), self.shots(split), self.cfg.queries
         pool = self.templates[split]
-        classes = torch.stack([torch.randperm(len(pool), generator=generator)[:ways]
-                               for _ in range(num_tasks)])  # [B, ways]
+        classes = torch.stack(
+            [torch.randperm(len(pool), generator=generator)[:ways] for _ in range(num_tasks)]
+        )  # [B, ways]
         templates = pool[classes]  # [B, ways, C, H, W]
         per_class = shots + queries
         noise = torch.randn(num_tasks, ways, per_class, *self.input_shape, generator=generator)
         images = templates.unsqueeze(2) + self.cfg.noise * noise  # [B, ways, S+Q, C, H, W]
         support = images[:, :, :shots].flatten(1, 2)  # [B, ways*S, C, H, W]
         query = images[:, :, shots:].flatten(1, 2)
-        return TaskBatch(support, episode_labels(num_tasks, ways, shots),
-                         query, episode_labels(num_tasks, ways, queries))
+        return TaskBatch(
+            support,
+            episode_labels(num_tasks, ways, shots),
+            query,
+            episode_labels(num_tasks, ways, queries),
+        )

@@ -1,0 +1,348 @@
+"""Each algorithm against an independent plain per-task loop reference (float64).
+
+The references below use nn.Module calls, ``torch.autograd.grad`` and Python loops over
+tasks and steps: the way a researcher writes the algorithm from the paper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metacli.algorithms.anil import ANIL, ANILConfig
+from metacli.algorithms.maml import MAML, MAMLConfig
+from metacli.algorithms.mamlpp import MAMLPP, MAMLPPConfig, msl_weights
+from metacli.algorithms.metasgd import MetaSGD, MetaSGDConfig
+from metacli.algorithms.pretrain import Pretrain, PretrainConfig
+from metacli.algorithms.protonet import ProtoNet, ProtoNetConfig
+from metacli.algorithms.reptile import Reptile, ReptileConfig
+from metacli.build import build
+from metacli.loop import evaluate, meta_step
+from metacli.models.conv4 import Conv4, Conv4Config
+from metacli.models.mlp import MLP, MLPConfig
+from metacli.tasks.base import TaskBatch
+from metacli.tasks.sinusoid import Sinusoid, SinusoidConfig
+from metacli.tasks.synthetic import Synthetic, SyntheticConfig
+from tests.conftest import compose_config
+
+LR, STEPS = 0.1, 2
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def double(batch: TaskBatch) -> TaskBatch:
+    def cast(t: Tensor) -> Tensor:
+        return t.double() if t.is_floating_point() else t
+
+    return TaskBatch(
+        *(cast(t) for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y))
+    )
+
+
+def regression(tasks: int = 3) -> tuple[Sinusoid, MLP, TaskBatch]:
+    task = Sinusoid(SinusoidConfig(shots=5, queries=6))
+    torch.manual_seed(0)
+    model = MLP(MLPConfig(hidden=[12, 12], activation="tanh"), (1,), 1).double()
+    return task, model, double(task.sample(tasks, "train", torch.Generator().manual_seed(1)))
+
+
+def classification(
+    norm: str = "transductive", head: bool = True, tasks: int = 3
+) -> tuple[Synthetic, Conv4, TaskBatch]:
+    task = Synthetic(SyntheticConfig(ways=3, shots=2, queries=2, image_size=16, classes=8))
+    torch.manual_seed(0)
+    model = Conv4(
+        Conv4Config(filters=3, norm=norm, norm_steps=STEPS + 1),
+        task.input_shape,
+        3 if head else None,
+    ).double()
+    return task, model, double(task.sample(tasks, "train", torch.Generator().manual_seed(1)))
+
+
+def grads_of(module: nn.Module, loss: Tensor) -> dict[str, Tensor]:
+    module.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def assert_close_dicts(ours: dict[str, Tensor], reference: dict[str, Tensor], rel: float) -> None:
+    assert ours.keys() == reference.keys()
+    a = torch.cat([ours[k].flatten() for k in reference])
+    b = torch.cat([reference[k].flatten() for k in reference])
+    assert ((a - b).norm() / b.norm()).item() < rel
+
+
+def reference_maml(
+    model: nn.Module,
+    batch: TaskBatch,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    adapted: list[str],
+    lr: Callable[[str, int], Tensor | float],
+    steps: int = STEPS,
+    step_weights: list[float] | None = None,
+    set_step: bool = False,
+) -> Tensor:
+    """Mean over tasks of the (weighted) query losses after the inner steps."""
+    names = [n for n, _ in model.named_parameters()]
+    total = torch.zeros(())
+    for i in range(len(batch)):
+        params = dict(model.named_parameters())
+        task_loss = torch.zeros(())
+        for step in range(steps):
+            if set_step:
+                model.set_step(step)
+            out = torch.func.functional_call(model, params, (batch.support_x[i],))
+            inner = loss_fn(out, batch.support_y[i])
+            grads = torch.autograd.grad(inner, [params[n] for n in adapted], create_graph=True)
+            for n, g in zip(adapted, grads, strict=True):
+                params[n] = params[n] - lr(n, step) * g
+            weight = 1.0 if step_weights is None else step_weights[step]
+            if step_weights is not None or step == steps - 1:
+                if set_step:
+                    model.set_step(step + 1)
+                out = torch.func.functional_call(model, params, (batch.query_x[i],))
+                task_loss = task_loss + weight * loss_fn(out, batch.query_y[i])
+        total = total + task_loss
+    assert names
+    return total / len(batch)
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_anil_meta_gradient_and_frozen_body(batching: str) -> None:
+    task, model, batch = regression()
+    anil = ANIL(ANILConfig(inner_lr=LR, inner_steps=STEPS, batching=batching), model, task)
+    ours = grads_of(model, anil.meta_loss(batch)[0])
+    head = ["head.weight", "head.bias"]
+    ref = grads_of(model, reference_maml(model, batch, F.mse_loss, head, lambda n, s: LR))
+    assert_close_dicts(ours, ref, 1e-8)
+    assert ours["body.1.weight"].abs().sum() > 0  # the body learns in the outer loop
+    params = dict(model.named_parameters())
+    adapted = anil.adapt(params, batch.support_x[0], batch.support_y[0], STEPS, LR, False)
+    for name, value in params.items():
+        changed = not torch.equal(adapted[name], value)
+        assert changed == (name in head), name
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_metasgd_meta_gradient_reaches_the_learned_rates(batching: str) -> None:
+    task, model, batch = regression()
+    metasgd = MetaSGD(MetaSGDConfig(inner_lr=LR, inner_steps=STEPS, batching=batching), model, task)
+    with torch.no_grad():  # distinct rates per element, so a mix-up would show
+        for rates in metasgd.learning_rates.values():
+            rates.uniform_(0.05, 0.15)
+    ours = grads_of(metasgd, metasgd.meta_loss(batch)[0])
+    names = [n for n, _ in model.named_parameters()]
+    rates = {n: metasgd.learning_rates[n.replace(".", "__")] for n in names}
+    loss = reference_maml(model, batch, F.mse_loss, names, lambda n, s: rates[n])
+    ref = grads_of(metasgd, loss)
+    assert_close_dicts(ours, ref, 1e-8)
+    assert all(ours[f"learning_rates.{n.replace('.', '__')}"].abs().sum() > 0 for n in names)
+
+
+def test_mamlpp_with_every_trick_off_equals_maml() -> None:
+    task, model, batch = classification()
+    off = MAMLPPConfig(
+        inner_lr=LR,
+        inner_steps=STEPS,
+        learn_inner_lr=False,
+        multi_step_loss=False,
+        first_order_iterations=0,
+        per_step_bn=False,
+        cosine_outer_lr=False,
+    )
+    mamlpp = MAMLPP(off, model, task)
+    maml = MAML(MAMLConfig(inner_lr=LR, inner_steps=STEPS), model, task)
+    assert_close_dicts(
+        grads_of(model, mamlpp.meta_loss(batch)[0]),
+        grads_of(model, maml.meta_loss(batch)[0]),
+        1e-12,
+    )
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_mamlpp_tricks_match_reference(batching: str) -> None:
+    task, model, batch = classification(norm="per_step")
+    cfg = MAMLPPConfig(inner_lr=LR, inner_steps=STEPS, msl_iterations=100, batching=batching)
+    mamlpp = MAMLPP(cfg, model, task)
+    mamlpp.outer_steps.fill_(30)
+    with torch.no_grad():
+        for rates in mamlpp.step_lrs.values():
+            rates.uniform_(0.05, 0.15)
+    ours = grads_of(mamlpp, mamlpp.meta_loss(batch)[0])
+    weights = msl_weights(STEPS, 30, 100)
+    assert 0 < weights[0] < weights[-1] and abs(sum(weights) - 1) < 1e-12
+    names = [n for n, _ in model.named_parameters()]
+    lrs = {n: mamlpp.step_lrs[n.replace(".", "__")] for n in names}
+    loss = reference_maml(
+        model,
+        batch,
+        F.cross_entropy,
+        names,
+        lambda n, s: lrs[n][s],
+        step_weights=weights,
+        set_step=True,
+    )
+    assert_close_dicts(ours, grads_of(mamlpp, loss), 1e-8)
+    # Per-step batch norm: step 1's affine parameters receive their own gradient.
+    assert ours["model.blocks.0.norm.weight"][1].abs().sum() > 0
+
+
+def test_mamlpp_derivative_order_annealing_and_schedule() -> None:
+    task, model, batch = regression()
+    cfg = MAMLPPConfig(
+        inner_lr=LR,
+        inner_steps=STEPS,
+        first_order_iterations=10,
+        multi_step_loss=False,
+        learn_inner_lr=False,
+    )
+    mamlpp = MAMLPP(cfg, model, task)
+    first = grads_of(model, mamlpp.meta_loss(batch)[0])
+    mamlpp.outer_steps.fill_(10)
+    second = grads_of(model, mamlpp.meta_loss(batch)[0])
+    maml = MAML(MAMLConfig(inner_lr=LR, inner_steps=STEPS), model, task)
+    fomaml = MAML(MAMLConfig(inner_lr=LR, inner_steps=STEPS, first_order=True), model, task)
+    assert_close_dicts(first, grads_of(model, fomaml.meta_loss(batch)[0]), 1e-12)
+    assert_close_dicts(second, grads_of(model, maml.meta_loss(batch)[0]), 1e-12)
+    assert msl_weights(4, 0, 100) == [0.25] * 4
+    assert msl_weights(4, 100, 100) == [0.0, 0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_protonet_logits_are_minus_squared_distances_to_class_means(batching: str) -> None:
+    task, model, batch = classification(head=False)
+    protonet = ProtoNet(ProtoNetConfig(batching=batching), model, task)
+    ours = grads_of(protonet, protonet.meta_loss(batch)[0])
+    total = torch.zeros(())
+    for i in range(len(batch)):
+        embedded = model(torch.cat([batch.support_x[i], batch.query_x[i]]))
+        support, query = embedded[:6], embedded[6:]
+        means = torch.stack([support[batch.support_y[i] == c].mean(0) for c in range(3)])
+        logits = torch.stack([torch.stack([-((q - m) ** 2).sum() for m in means]) for q in query])
+        total = total + F.cross_entropy(logits, batch.query_y[i])
+    assert_close_dicts(ours, grads_of(protonet, total / len(batch)), 1e-8)
+
+
+def test_reptile_step_is_interpolation_toward_adapted_weights() -> None:
+    task, model, batch = regression()
+    reptile = Reptile(ReptileConfig(inner_lr=0.05, inner_steps=3), model, task)
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    phis = []
+    for i in range(len(batch)):
+        fast = {n: p.clone().requires_grad_() for n, p in theta.items()}
+        x = torch.cat([batch.support_x[i], batch.query_x[i]])
+        y = torch.cat([batch.support_y[i], batch.query_y[i]])
+        for _ in range(3):
+            loss = F.mse_loss(torch.func.functional_call(model, fast, (x,)), y)
+            grads = torch.autograd.grad(loss, list(fast.values()))
+            fast = {
+                n: (p - 0.05 * g).detach().requires_grad_()
+                for (n, p), g in zip(fast.items(), grads, strict=True)
+            }
+        phis.append(fast)
+    eps = 0.3
+    optimizer = torch.optim.SGD(reptile.parameters(), lr=eps)
+    optimizer.zero_grad()
+    reptile.meta_loss(batch)[0].backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        phi = torch.stack([f[name] for f in phis]).mean(0)
+        torch.testing.assert_close(p.detach(), theta[name] + eps * (phi - theta[name]))
+
+
+def test_pretrain_fits_all_examples_jointly() -> None:
+    task, model, batch = regression()
+    pretrain = Pretrain(PretrainConfig(inner_lr=LR), model, task)
+    ours = grads_of(model, pretrain.meta_loss(batch)[0])
+    total = sum(
+        F.mse_loss(
+            model(torch.cat([batch.support_x[i], batch.query_x[i]])),
+            torch.cat([batch.support_y[i], batch.query_y[i]]),
+        )
+        for i in range(len(batch))
+    )
+    assert_close_dicts(ours, grads_of(model, total / len(batch)), 1e-10)
+
+
+@pytest.mark.parametrize("norm", ["transductive", "per_step", "running"])
+@pytest.mark.parametrize("algo", ["maml", "anil", "metasgd", "mamlpp", "protonet"])
+def test_batched_equals_loop_on_conv4_with_batchnorm(algo: str, norm: str) -> None:
+    """The vmap trap: batched second-order meta-gradients through batch norm are exact."""
+    classes = {
+        "maml": (MAML, MAMLConfig),
+        "anil": (ANIL, ANILConfig),
+        "metasgd": (MetaSGD, MetaSGDConfig),
+        "mamlpp": (MAMLPP, MAMLPPConfig),
+        "protonet": (ProtoNet, ProtoNetConfig),
+    }
+    cls, config = classes[algo]
+    task, model, batch = classification(norm=norm, head=algo != "protonet")
+    kwargs = {} if algo == "protonet" else {"inner_lr": LR, "inner_steps": STEPS}
+    results = {}
+    for batching in ("vmap", "loop"):
+        algorithm = cls(config(batching=batching, **kwargs), model, task)
+        results[batching] = grads_of(algorithm, algorithm.meta_loss(batch)[0])
+    assert_close_dicts(results["vmap"], results["loop"], 1e-10)
+
+
+@pytest.mark.parametrize("algo", ["anil", "metasgd", "mamlpp", "reptile", "pretrain"])
+def test_each_algorithm_learns_sinusoids(algo: str) -> None:
+    torch.set_default_dtype(torch.float32)
+    overrides = {
+        "reptile": ["optim=sgd", "optim.lr=1.0", "optim.momentum=0"],
+        "mamlpp": [
+            "algo.inner_lr=0.01",
+            "algo.inner_steps=2",
+            "algo.test_inner_steps=2",
+            "algo.msl_iterations=100",
+        ],
+    }
+    c = build(
+        compose_config(
+            f"algo={algo}",
+            "device=cpu",
+            "train.meta_batch_size=10",
+            "optim.lr=0.01",
+            "train.iterations=400",
+            *overrides.get(algo, []),
+        )
+    )
+    before = evaluate(c, "val", 100, 100)
+    for _ in range(400):
+        meta_step(c, None)
+    after = evaluate(c, "val", 100, 100)
+    assert after.final < 0.6 * before.final, (before.final, after.final)
+
+
+@pytest.mark.parametrize("algo", ["maml", "protonet", "anil"])
+def test_classifiers_learn_a_synthetic_task(algo: str) -> None:
+    torch.set_default_dtype(torch.float32)
+    adaptation = ["algo.test_inner_steps=3", "algo.inner_lr=0.4"] if algo != "protonet" else []
+    c = build(
+        compose_config(
+            f"algo={algo}",
+            "task=synthetic",
+            "model=conv4",
+            "device=cpu",
+            "model.filters=8",
+            "task.noise=1.0",
+            "train.meta_batch_size=4",
+            "optim.lr=0.003",
+            *adaptation,
+        )
+    )
+    before = evaluate(c, "val", 40, 40)
+    for _ in range(60):
+        meta_step(c, None)
+    after = evaluate(c, "val", 40, 40)
+    assert after.final > before.final + 0.15 and after.final > 0.5, (before.final, after.final)
