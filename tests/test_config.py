@@ -10,7 +10,6 @@ from metacli.config import DeviceConfig
 from metacli.errors import ConfigError
 from tests.conftest import CONF, compose_config
 
-
 IMAGE_MODELS = ("conv4", "resnet12")
 CLASSIFIERS = ("protonet",)
 IMAGE_TASK = ("task=synthetic", "task.image_size=32", "task.channels=3")

@@ -50,6 +50,7 @@ class MetaAlgorithm(nn.Module, Registered):
     registry: ClassVar[dict[str, type]] = {}
     Config: ClassVar[type[AlgoConfig]] = AlgoConfig
     uses_head: ClassVar[bool] = True  # False: the model is built without its linear head
+    outer_steps: Tensor
 
     def __init__(self, cfg: AlgoConfig, model: Model, task: TaskDistribution) -> None:
         super().__init__()

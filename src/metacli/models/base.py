@@ -79,6 +79,11 @@ class MetaBatchNorm(nn.Module):
     ``none`` the identity.
     """
 
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+
     def __init__(
         self,
         channels: int,
@@ -106,7 +111,7 @@ class MetaBatchNorm(nn.Module):
         if self.mode == "none":
             return x
         dims = [0, *range(2, x.dim())]
-        view = (1, -1, *([1] * (x.dim() - 2)))
+        shape = (1, -1, *([1] * (x.dim() - 2)))
         if self.mode == "running" and not self.training and not self.collect:
             mean, var = self.running_mean, self.running_var
         else:
@@ -115,4 +120,4 @@ class MetaBatchNorm(nn.Module):
                 for buffer, value in ((self.running_mean, mean), (self.running_var, var)):
                     self._select(buffer).mul_(1 - self.momentum).add_(self.momentum * value)
         scale = torch.rsqrt(var + self.eps) * self._select(self.weight)
-        return (x - mean.view(view)) * scale.view(view) + self._select(self.bias).view(view)
+        return (x - mean.view(shape)) * scale.view(shape) + self._select(self.bias).view(shape)
