@@ -1,11 +1,13 @@
-"""Seconds per meta-iteration of metacli against a plain per-task loop, timed in one run.
+"""Seconds per meta-iteration and peak memory of metacli against a plain per-task loop.
 
-Usage: make bench  (or: python benchmarks/run.py [--repeats N] [--out docs/benchmarks])
+Usage: make bench   (or: python benchmarks/run.py [--quick] [--out docs/benchmarks])
 
 The reference is MAML as `higher`/learn2learn users write it: an nn.Module, a Python
-loop over the tasks, ``torch.autograd.grad(create_graph=True)`` for the inner step.
-Each figure is the median over repeats after warm-up; speed is reported as a ratio
-(reference time / metacli time), so machines of different speed give comparable rows.
+loop over the tasks, ``torch.autograd.grad(create_graph=True)`` for the inner steps.
+Every measurement runs in a fresh subprocess (so its peak memory is its own): the
+median seconds per meta-iteration after warm-up, and the peak resident memory growth
+of the process during the timed steps. Speed is a ratio, reference time / metacli
+time, from the same run. Random tensors of the right shapes stand in for data.
 """
 
 from __future__ import annotations
@@ -13,30 +15,137 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-
-import torch
-from hydra import compose, initialize_config_dir
-
-from metacli.build import build
-from metacli.loop import meta_step
-from metacli.tasks.base import TaskBatch
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "sinusoid": {
+        "title": "sinusoid MLP 1-40-40-1, meta-batch 25, K=10, 1 step",
+        "overrides": [
+            "task=sinusoid",
+            "model=mlp",
+            "train.meta_batch_size=25",
+            "task.shots=10",
+            "algo.inner_steps=1",
+        ],
+        "algos": ["maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "pretrain"],
+        "repeats": (20, 15, 10),  # warm-up steps, timed repeats, steps per repeat
+    },
+    "omniglot_1step": {
+        "title": "Omniglot-shaped 5-way 1-shot, Conv4-64, meta-batch 32, 15 queries, 1 step",
+        "overrides": [
+            "task=synthetic",
+            "model=conv4",
+            "model.filters=64",
+            "task.ways=5",
+            "task.shots=1",
+            "task.queries=15",
+            "train.meta_batch_size=32",
+            "algo.inner_steps=1",
+        ],
+        "algos": ["maml", "fomaml", "protonet"],
+        "repeats": (1, 3, 1),
+    },
+    "omniglot_5step": {
+        "title": "Omniglot-shaped 5-way 1-shot, Conv4-64, meta-batch 32, 15 queries, 5 steps",
+        "overrides": [
+            "task=synthetic",
+            "model=conv4",
+            "model.filters=64",
+            "task.ways=5",
+            "task.shots=1",
+            "task.queries=15",
+            "train.meta_batch_size=32",
+            "algo.inner_steps=5",
+        ],
+        "algos": ["maml", "fomaml"],
+        "repeats": (1, 2, 1),
+    },
+    "miniimagenet_5step": {
+        "title": "mini-ImageNet-shaped 5-way 1-shot, Conv4-32, 84x84x3, meta-batch 4, 5 steps",
+        "overrides": [
+            "task=synthetic",
+            "model=conv4",
+            "model.filters=32",
+            "task.ways=5",
+            "task.shots=1",
+            "task.queries=15",
+            "task.image_size=84",
+            "task.channels=3",
+            "train.meta_batch_size=4",
+            "algo.inner_steps=5",
+        ],
+        "algos": ["maml", "fomaml"],
+        "repeats": (1, 3, 1),
+    },
+}
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def measure(workload: str, algo: str, strategy: str) -> dict[str, float]:
+    """Runs in the subprocess: one (workload, algo, strategy) measurement."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from metacli.build import build
+    from metacli.loop import meta_step
+
+    spec = WORKLOADS[workload]
+    overrides = [f"algo={algo}", *spec["overrides"], "device=cpu"]
+    if algo == "protonet":
+        overrides = [o for o in overrides if not o.startswith("algo.inner_steps")]
+    if strategy != "reference":
+        overrides.append(f"algo.batching={strategy}")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        c = build(compose("train", overrides=overrides))
+    if strategy == "reference":
+        steps, first_order = c.algorithm.cfg.inner_steps, algo == "fomaml"  # type: ignore[attr-defined]
+        lr = c.algorithm.cfg.inner_lr  # type: ignore[attr-defined]
+
+        def step() -> None:
+            batch = c.task.sample(c.run.train.meta_batch_size, "train", c.train_generator)
+            reference_step(c.model, c.optimizer, c.task.loss, batch, steps, lr, first_order)
+    else:
+
+        def step() -> None:
+            meta_step(c, None)
+
+    warmup, repeats, inner = spec["repeats"]
+    if strategy == "auto":  # only report which strategy auto picks
+        return {"strategy": c.algorithm.batching}
+    for _ in range(warmup):
+        step()
+    before = rss_mb()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            step()
+        times.append((time.perf_counter() - start) / inner)
+    del torch
+    return {
+        "seconds": statistics.median(times),
+        "peak_mb": rss_mb(),
+        "growth_mb": rss_mb() - before,
+    }
+
 
 def reference_step(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batch: TaskBatch,
-    steps: int,
-    lr: float,
-    first_order: bool,
+    model: Any, optimizer: Any, loss_fn: Any, batch: Any, steps: int, lr: float, first_order: bool
 ) -> None:
-    """One outer step of the per-task loop reference."""
+    """One outer step of MAML written as a plain loop over tasks."""
+    import torch
+
     optimizer.zero_grad()
     names = [n for n, _ in model.named_parameters()]
     total = torch.zeros(())
@@ -46,102 +155,92 @@ def reference_step(
             out = torch.func.functional_call(
                 model, dict(zip(names, fast, strict=True)), (batch.support_x[i],)
             )
-            loss = torch.nn.functional.mse_loss(out, batch.support_y[i])
-            grads = torch.autograd.grad(loss, fast, create_graph=not first_order)
+            grads = torch.autograd.grad(
+                loss_fn(out, batch.support_y[i]), fast, create_graph=not first_order
+            )
             fast = [p - lr * g for p, g in zip(fast, grads, strict=True)]
         out = torch.func.functional_call(
             model, dict(zip(names, fast, strict=True)), (batch.query_x[i],)
         )
-        total = total + torch.nn.functional.mse_loss(out, batch.query_y[i])
+        total = total + loss_fn(out, batch.query_y[i])
     (total / len(batch)).backward()
     optimizer.step()
 
 
-def median_seconds(step: Callable[[], None], warmup: int, repeats: int, inner: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            step()
-        times.append((time.perf_counter() - start) / inner)
-    return statistics.median(times)
-
-
-def bench_sinusoid(algo: str, repeats: int) -> dict[str, object]:
-    overrides = [
-        f"algo={algo}",
-        "device=cpu",
-        "train.meta_batch_size=25",
-        "task.shots=10",
-        "algo.inner_steps=1",
-    ]
-    row: dict[str, object] = {
-        "workload": "sinusoid MLP 1-40-40-1, meta-batch 25, K=10, 1 step",
-        "algo": algo,
-    }
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        for batching in ("auto", "loop"):
-            c = build(compose("train", overrides=[*overrides, f"algo.batching={batching}"]))
-            seconds = median_seconds(lambda c=c: meta_step(c, None), 20, repeats, 20)
-            row[f"metacli_{batching}_s"] = seconds
-            row["auto_strategy"] = (
-                c.algorithm.batching if batching == "auto" else row.get("auto_strategy")
-            )
-        c = build(compose("train", overrides=overrides))
-        model, task = c.model, c.task
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        gen = torch.Generator().manual_seed(0)
-        first_order = algo == "fomaml"
-        row["reference_loop_s"] = median_seconds(
-            lambda: reference_step(
-                model, optimizer, task.sample(25, "train", gen), 1, 0.01, first_order
-            ),
-            20,
-            repeats,
-            20,
-        )
-    reference = float(row["reference_loop_s"])  # type: ignore[arg-type]
-    row["speedup_auto"] = reference / float(row["metacli_auto_s"])  # type: ignore[arg-type]
-    row["speedup_loop"] = reference / float(row["metacli_loop_s"])  # type: ignore[arg-type]
-    return row
+def run_one(workload: str, algo: str, strategy: str) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--one", workload, algo, strategy],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    rows = [bench_sinusoid(algo, args.repeats) for algo in ("maml", "fomaml")]
+    if args.one:
+        print(json.dumps(measure(*args.one)))
+        return
+    import torch
+
+    rows = []
+    for workload, spec in WORKLOADS.items():
+        if workload not in args.workloads:
+            continue
+        for algo in spec["algos"]:
+            row: dict[str, Any] = {"workload": workload, "title": spec["title"], "algo": algo}
+            for strategy in ("vmap", "loop"):
+                row[strategy] = run_one(workload, algo, strategy)
+            row["auto_strategy"] = run_one(workload, algo, "auto")["strategy"]
+            if algo in ("maml", "fomaml"):
+                row["reference"] = run_one(workload, algo, "reference")
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     meta = {
         "torch": str(torch.__version__),
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
-        "processor": platform.processor() or "unknown",
+        "python": platform.python_version(),
         "command": "make bench",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    args.out.with_suffix(".md").write_text(markdown(meta, rows))
+    print(markdown(meta, rows))
+
+
+def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| workload | algo | reference loop (ms/it) | metacli auto (ms/it) | strategy | "
-        "speed-up | metacli loop speed-up |",
-        "|---|---|---|---|---|---|---|",
+        "# Benchmarks",
+        "",
+        f"Produced by `make bench` (torch {meta['torch']}, {meta['threads']} CPU threads, "
+        f"{meta['machine']}). Median milliseconds per meta-iteration after warm-up, each "
+        "measured in its own process; `speed-up` = reference time / time of the strategy "
+        "that `algo.batching=auto` picks, "
+        "timed in the same run; the reference is the plain per-task loop MAML of "
+        "`benchmarks/run.py`. `peak MB` is the process's peak resident memory.",
+        "",
+        "| workload | algo | reference ms | vmap ms | loop ms | auto picks | "
+        "speed-up of auto | peak MB ref / vmap / loop |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        ref = r.get("reference")
+        auto = r[r["auto_strategy"]]["seconds"]
+        ref_ms = "-" if ref is None else f"{1e3 * ref['seconds']:.1f}"
+        speedup = "-" if ref is None else f"{ref['seconds'] / auto:.1f}x"
+        ref_mb = "-" if ref is None else f"{ref['peak_mb']:.0f}"
         lines.append(
-            f"| {r['workload']} | {r['algo']} | {1e3 * r['reference_loop_s']:.2f} | "  # type: ignore[operator]
-            f"{1e3 * r['metacli_auto_s']:.2f} | {r['auto_strategy']} | "  # type: ignore[operator]
-            f"{r['speedup_auto']:.1f}x | {r['speedup_loop']:.1f}x |"
+            f"| {r['title']} | {r['algo']} | {ref_ms} | {1e3 * r['vmap']['seconds']:.1f} | "
+            f"{1e3 * r['loop']['seconds']:.1f} | {r['auto_strategy']} | {speedup} | "
+            f"{ref_mb} / {r['vmap']['peak_mb']:.0f} / {r['loop']['peak_mb']:.0f} |"
         )
-    text = (
-        f"# Benchmarks\n\nProduced by `make bench` (torch {meta['torch']}, "
-        f"{meta['threads']} threads, {meta['machine']}, CPU). Median seconds per "
-        f"meta-iteration after warm-up; speed-up = reference time / metacli time, both "
-        f"timed in the same run.\n\n" + "\n".join(lines) + "\n"
-    )
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -346,3 +346,88 @@ def test_classifiers_learn_a_synthetic_task(algo: str) -> None:
         meta_step(c, None)
     after = evaluate(c, "val", 40, 40)
     assert after.final > before.final + 0.15 and after.final > 0.5, (before.final, after.final)
+
+
+def test_conv4_variants_and_feature_sizes() -> None:
+    torch.set_default_dtype(torch.float32)
+    omniglot, mini = (1, 28, 28), (3, 84, 84)
+    assert Conv4(Conv4Config(filters=64), omniglot, 5).feature_dim == 64  # 28->14->7->3->1
+    assert Conv4(Conv4Config(filters=32), mini, 5).feature_dim == 32 * 5 * 5  # 84->...->5
+    strided = Conv4(Conv4Config(filters=64, strided=True), omniglot, 5)
+    assert strided.feature_dim == 64  # MAML's variant averages the last feature map
+    assert strided(torch.zeros(3, *omniglot)).shape == (3, 5)
+    assert Conv4(Conv4Config(), omniglot, None)(torch.zeros(3, *omniglot)).shape == (3, 64)
+
+
+def test_running_batchnorm_uses_accumulated_statistics_at_test_time() -> None:
+    torch.set_default_dtype(torch.float32)
+    model = Conv4(Conv4Config(filters=4, norm="running"), (1, 16, 16), 2)
+    layer = model.norm_layers()[0]
+    inputs = 3.0 + torch.randn(2, 6, 1, 16, 16)
+    before = layer.running_mean.clone()
+    model.update_running_stats(inputs)
+    assert not torch.equal(layer.running_mean, before)
+    model.eval()
+    x = torch.randn(4, 1, 16, 16)
+    # With running statistics a test example's output does not depend on its batch.
+    torch.testing.assert_close(model(x)[:1], model(x[:1]))
+    model.train()
+    assert not torch.allclose(model(x)[:1], model(x[:1]))
+
+
+def test_protonet_trains_with_more_ways_than_it_tests() -> None:
+    torch.set_default_dtype(torch.float32)
+    c = build(
+        compose_config(
+            "algo=protonet",
+            "task=synthetic",
+            "model=conv4",
+            "device=cpu",
+            "model.filters=4",
+            "task.ways=8",
+            "task.test_ways=3",
+            "train.meta_batch_size=2",
+        )
+    )
+    loss, metric = meta_step(c, None)
+    assert torch.isfinite(loss)
+    result = evaluate(c, "test", 4, 4)
+    assert result.num_tasks == 4 and len(result.metric_mean) == 1
+
+
+def test_head_based_algorithms_refuse_other_test_ways() -> None:
+    from metacli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="task.test_ways"):
+        build(compose_config("algo=maml", "task=synthetic", "task.test_ways=3", "device=cpu"))
+
+
+def test_mamlpp_switches_on_per_step_norm_and_cosine_schedule() -> None:
+    torch.set_default_dtype(torch.float32)
+    c = build(
+        compose_config(
+            "algo=mamlpp", "task=synthetic", "model=conv4", "device=cpu", "model.filters=4"
+        )
+    )
+    assert all(layer.mode == "per_step" for layer in c.model.norm_layers())
+    assert isinstance(c.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+    off = build(
+        compose_config(
+            "algo=mamlpp",
+            "task=synthetic",
+            "model=conv4",
+            "device=cpu",
+            "model.filters=4",
+            "algo.per_step_bn=false",
+            "algo.cosine_outer_lr=false",
+        )
+    )
+    assert all(layer.mode == "transductive" for layer in off.model.norm_layers())
+    assert off.scheduler is None
+
+
+def test_auto_batching_follows_the_measured_preference() -> None:
+    torch.set_default_dtype(torch.float32)
+    assert build(compose_config("device=cpu")).algorithm.batching == "vmap"
+    conv = build(compose_config("task=synthetic", "model=conv4", "device=cpu", "model.filters=4"))
+    assert conv.algorithm.batching == "loop"
