@@ -103,6 +103,20 @@ class EvalSummary:
     def final(self) -> float:
         return self.metric_mean[-1]
 
+    def record(self, iteration: int, split: str) -> dict[str, Any]:
+        """The metrics.jsonl line of a validation or meta-test."""
+        return {
+            "iteration": iteration,
+            "split": split,
+            "loss": self.loss_mean[-1],
+            "metric": self.final,
+            "metric_name": self.metric_name,
+            "metric_ci95": self.metric_ci95[-1],
+            "metric_before": self.metric_mean[0],
+            "metric_per_step": self.metric_mean,
+            "num_tasks": self.num_tasks,
+        }
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "metric_name": self.metric_name,
@@ -272,18 +286,7 @@ def meta_train(c: Components, folder: RunFolder, state: LoopState) -> LoopState:
                 if improved:
                     state.best_metric, state.best_iteration = val.final, it
                 folder.log_metrics(
-                    {
-                        "iteration": it,
-                        "split": "val",
-                        "loss": val.loss_mean[-1],
-                        "metric": val.final,
-                        "metric_name": name,
-                        "metric_ci95": val.metric_ci95[-1],
-                        "metric_before": val.metric_mean[0],
-                        "metric_per_step": val.metric_mean,
-                        **learning_rates(c),
-                        "wall_time": state.wall_time,
-                    }
+                    {**val.record(it, "val"), **learning_rates(c), "wall_time": state.wall_time}
                 )
                 log.info(
                     "iter %d: val %s %.4f ± %.4f (before adaptation %.4f)%s",

@@ -166,19 +166,7 @@ def meta_test(c: Components, folder: RunFolder, iteration: int) -> EvalSummary:
     from metacli.loop import evaluate
 
     result = evaluate(c, "test", c.run.test.num_tasks, c.run.test.batch_size)
-    folder.log_metrics(
-        {
-            "iteration": iteration,
-            "split": "test",
-            "loss": result.loss_mean[-1],
-            "metric": result.final,
-            "metric_name": result.metric_name,
-            "metric_ci95": result.metric_ci95[-1],
-            "metric_before": result.metric_mean[0],
-            "metric_per_step": result.metric_mean,
-            "num_tasks": result.num_tasks,
-        }
-    )
+    folder.log_metrics(result.record(iteration, "test"))
     log.info(
         "meta-test on %d tasks: %s %.4f ± %.4f after %d steps (%.4f before adaptation)",
         result.num_tasks,

@@ -96,6 +96,18 @@ class MetaAlgorithm(nn.Module, Registered):
         """Learning rates worth logging besides the outer optimizer's."""
         return {}
 
+    def map_tasks(self, fn: Callable[..., Any], params: Any, batch: TaskBatch) -> Any:
+        """``fn(params, support_x, support_y, query_x, query_y)`` for every task, stacked."""
+        return self.per_task(
+            fn,
+            (None, 0, 0, 0, 0),
+            params,
+            batch.support_x,
+            batch.support_y,
+            batch.query_x,
+            batch.query_y,
+        )
+
     def per_task(self, fn: Callable[..., Any], in_dims: Sequence[int | None], *args: Any) -> Any:
         """Apply ``fn`` to each task (args with in_dim 0 are sliced on axis 0) and stack.
 

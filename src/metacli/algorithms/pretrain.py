@@ -35,15 +35,7 @@ class Pretrain(MAML, key="pretrain"):
         return self.task.loss(prediction, y), self.task.metric(prediction, y).detach()
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
-        losses, metrics = self.per_task(
-            self.joint_loss,
-            (None, 0, 0, 0, 0),
-            self.initial_params(),
-            batch.support_x,
-            batch.support_y,
-            batch.query_x,
-            batch.query_y,
-        )
+        losses, metrics = self.map_tasks(self.joint_loss, self.initial_params(), batch)
         return losses.mean(), metrics
 
     def inner_learning_rates(self) -> dict[str, float]:

@@ -43,14 +43,8 @@ class Reptile(MAML, key="reptile"):
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         theta = self.initial_params()
         detached = {n: p.detach() for n, p in theta.items()}
-        phi, metrics = self.per_task(
-            self.adapted_weights,
-            (None, 0, 0, 0, 0),
-            detached,
-            batch.support_x,
-            batch.support_y,
-            batch.query_x,
-            batch.query_y,
+        phi, metrics = self.map_tasks(
+            self.adapted_weights, detached, batch
         )  # phi: {name: [B, *shape]}
         # d/dtheta of 0.5 * ||theta - mean(phi)||^2 is theta - mean(phi).
         loss = sum(0.5 * (theta[n] - phi[n].mean(0).detach()).pow(2).sum() for n in theta)

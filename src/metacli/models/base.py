@@ -41,7 +41,11 @@ class Model(nn.Module, Registered):
         return self.preferred_batching.get(device.type, "vmap")
 
     def norm_layers(self) -> list[MetaBatchNorm]:
-        return [m for m in self.modules() if isinstance(m, MetaBatchNorm)]
+        if "_norm_layers" not in self.__dict__:  # the structure is fixed once built
+            self.__dict__["_norm_layers"] = [
+                m for m in self.modules() if isinstance(m, MetaBatchNorm)
+            ]
+        return self.__dict__["_norm_layers"]
 
     def set_step(self, step: int) -> None:
         """Tell per-step batch norm which inner step the next forward pass belongs to."""
