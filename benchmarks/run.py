@@ -92,9 +92,8 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def measure(workload: str, algo: str, strategy: str) -> dict[str, float]:
-    """Runs in the subprocess: one (workload, algo, strategy) measurement."""
-    import torch
+def make_step(workload: str, algo: str, strategy: str) -> tuple[Any, Any]:
+    """The components and a one-meta-iteration closure for (workload, algo, strategy)."""
     from hydra import compose, initialize_config_dir
 
     from metacli.build import build
@@ -104,7 +103,7 @@ def measure(workload: str, algo: str, strategy: str) -> dict[str, float]:
     overrides = [f"algo={algo}", *spec["overrides"], "device=cpu"]
     if algo == "protonet":
         overrides = [o for o in overrides if not o.startswith("algo.inner_steps")]
-    if strategy != "reference":
+    if strategy not in ("reference", "auto"):
         overrides.append(f"algo.batching={strategy}")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         c = build(compose("train", overrides=overrides))
@@ -115,14 +114,17 @@ def measure(workload: str, algo: str, strategy: str) -> dict[str, float]:
         def step() -> None:
             batch = c.task.sample(c.run.train.meta_batch_size, "train", c.train_generator)
             reference_step(c.model, c.optimizer, c.task.loss, batch, steps, lr, first_order)
-    else:
 
-        def step() -> None:
-            meta_step(c, None)
+        return c, step
+    return c, lambda: meta_step(c, None)
 
-    warmup, repeats, inner = spec["repeats"]
+
+def measure(workload: str, algo: str, strategy: str) -> dict[str, Any]:
+    """Runs in the subprocess: one (workload, algo, strategy) measurement."""
+    c, step = make_step(workload, algo, strategy)
     if strategy == "auto":  # only report which strategy auto picks
         return {"strategy": c.algorithm.batching}
+    warmup, repeats, inner = WORKLOADS[workload]["repeats"]
     for _ in range(warmup):
         step()
     before = rss_mb()
@@ -132,12 +134,29 @@ def measure(workload: str, algo: str, strategy: str) -> dict[str, float]:
         for _ in range(inner):
             step()
         times.append((time.perf_counter() - start) / inner)
-    del torch
     return {
         "seconds": statistics.median(times),
         "peak_mb": rss_mb(),
         "growth_mb": rss_mb() - before,
     }
+
+
+def interleaved(workload: str, algo: str, rounds: int) -> dict[str, float]:
+    """Reference and metacli's loop timed alternately in ONE process, median ms.
+
+    Separate processes (as in the table) add a few percent of process-to-process noise;
+    alternating in one process compares the two under the same conditions.
+    """
+    steps = {name: make_step(workload, algo, name)[1] for name in ("reference", "loop")}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for step in steps.values():
+        step()
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def reference_step(
@@ -182,7 +201,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--interleaved",
+        nargs=2,
+        metavar=("WORKLOAD", "ALGO"),
+        help="time reference and loop alternately in one process",
+    )
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
+    if args.interleaved:
+        print(json.dumps(interleaved(*args.interleaved, args.rounds)))
+        return
     if args.one:
         print(json.dumps(measure(*args.one)))
         return
