@@ -389,7 +389,7 @@ def test_protonet_trains_with_more_ways_than_it_tests() -> None:
             "train.meta_batch_size=2",
         )
     )
-    loss, metric = meta_step(c, None)
+    loss, _ = meta_step(c, None)
     assert torch.isfinite(loss)
     result = evaluate(c, "test", 4, 4)
     assert result.num_tasks == 4 and len(result.metric_mean) == 1
@@ -398,7 +398,7 @@ def test_protonet_trains_with_more_ways_than_it_tests() -> None:
 def test_head_based_algorithms_refuse_other_test_ways() -> None:
     from metacli.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="task.test_ways"):
+    with pytest.raises(ConfigError, match=r"task\.test_ways"):
         build(compose_config("algo=maml", "task=synthetic", "task.test_ways=3", "device=cpu"))
 
 
