@@ -56,3 +56,46 @@ def test_loss_and_metric_are_mse() -> None:
     prediction, target = torch.tensor([[1.0], [2.0]]), torch.tensor([[0.0], [0.0]])
     assert task.loss(prediction, target).item() == 2.5
     assert task.metric(prediction, target).item() == 2.5
+
+
+def fit_amplitude_phase(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares of y = a sin x + b cos x per task; returns (A, residual max)."""
+    design = torch.stack([torch.sin(x), torch.cos(x)], -1).double()
+    coef = torch.linalg.lstsq(design, y.double().unsqueeze(-1)).solution.squeeze(-1)
+    residual = (design @ coef.unsqueeze(-1)).squeeze(-1) - y.double()
+    return coef.norm(dim=-1), residual.abs().amax(dim=-1)
+
+
+def test_frequency_and_noise_variants() -> None:
+    gen = torch.Generator().manual_seed(0)
+    varied = Sinusoid(SinusoidConfig(frequency=[0.8, 1.2])).sample(200, "train", gen)
+    _, residual = fit_amplitude_phase(varied.support_x.squeeze(-1), varied.support_y.squeeze(-1))
+    assert residual.max() > 1e-2  # w != 1: a unit-frequency sinusoid no longer fits exactly
+    clean = Sinusoid(SinusoidConfig()).sample(50, "train", torch.Generator().manual_seed(1))
+    noisy = Sinusoid(SinusoidConfig(noise=0.3)).sample(
+        50, "train", torch.Generator().manual_seed(1)
+    )
+    assert torch.equal(clean.support_x, noisy.support_x)
+    assert abs((noisy.support_y - clean.support_y).std().item() - 0.3) < 0.05
+
+
+def test_non_mutually_exclusive_sinusoid() -> None:
+    from metacli.tasks.sinusoid_nonexclusive import (
+        NonExclusiveSinusoid,
+        NonExclusiveSinusoidConfig,
+    )
+
+    task = NonExclusiveSinusoid(NonExclusiveSinusoidConfig(noise=0.0))
+    batch = task.sample(300, "train", torch.Generator().manual_seed(0))
+    assert task.input_shape == (21,) and batch.support_x.shape == (300, 10, 21)
+    one_hot = batch.support_x[..., 1:]
+    assert torch.equal(one_hot.sum(-1), torch.ones(300, 10))
+    assert torch.equal(one_hot, batch.query_x[..., 1:])  # one task, one index
+    index = one_hot[:, 0].argmax(-1)
+    amplitude, residual = fit_amplitude_phase(batch.support_x[..., 0], batch.support_y.squeeze(-1))
+    assert residual.max() < 1e-4
+    expected = torch.linspace(0.1, 4.0, 20).double()[index]
+    assert torch.allclose(amplitude, expected, atol=1e-4)
+    assert len(set(index.tolist())) == 20
+    noisy = NonExclusiveSinusoid(NonExclusiveSinusoidConfig())
+    assert noisy.cfg.noise == 0.1

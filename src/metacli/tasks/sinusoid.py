@@ -1,4 +1,9 @@
-"""Sinusoid regression of Finn et al. 2017: y = A sin(x - phi), MSE loss."""
+"""Sinusoid regression of Finn et al. 2017: y = A sin(w x - phi) + noise, MSE loss.
+
+Finn et al.: w = 1, no noise (the defaults). Meta-SGD (Li et al. 2017) also draws the
+frequency, w ~ U[0.8, 1.2] (``task.frequency=[0.8,1.2]``); ``task.noise`` adds Gaussian
+observation noise to y.
+"""
 
 from __future__ import annotations
 
@@ -21,10 +26,13 @@ class SinusoidConfig(TaskConfig):
     amplitude: list[float] = field(default_factory=lambda: [0.1, 5.0])
     phase: list[float] = field(default_factory=lambda: [0.0, math.pi])
     x_range: list[float] = field(default_factory=lambda: [-5.0, 5.0])
+    frequency: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    noise: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("amplitude", "phase", "x_range"):
+        require(self.noise >= 0, "task.noise", self.noise, "it must be >= 0")
+        for key in ("amplitude", "phase", "x_range", "frequency"):
             low_high = getattr(self, key)
             require(
                 len(low_high) == 2 and low_high[0] <= low_high[1],
@@ -56,7 +64,14 @@ class Sinusoid(TaskDistribution, key="sinusoid"):
         amplitude = uniform((num_tasks, 1, 1), cfg.amplitude)
         phase = uniform((num_tasks, 1, 1), cfg.phase)
         x = uniform((num_tasks, points, 1), cfg.x_range)  # [B, S+Q, 1]
-        y = amplitude * torch.sin(x - phase)
+        frequency = (
+            uniform((num_tasks, 1, 1), cfg.frequency)
+            if cfg.frequency[0] != cfg.frequency[1]
+            else torch.full((num_tasks, 1, 1), cfg.frequency[0])
+        )
+        y = amplitude * torch.sin(frequency * x - phase)
+        if cfg.noise > 0:
+            y = y + cfg.noise * torch.randn(y.shape, generator=generator)
         return TaskBatch(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
 
     def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
