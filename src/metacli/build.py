@@ -130,7 +130,7 @@ def build(cfg: DictConfig) -> Components:
         torch.set_num_threads(run.device.threads)
     seed_everything(run.seed)
     data_root = run.data.root or os.environ.get("METACLI_DATA")
-    task = task_cls(task_cfg, data_root)
+    task = task_cls(task_cfg, data_root, run.data.cache_dir)
     output_dim = task.output_dim if algo_cls.uses_head else None
     model = model_cls(model_cfg, task.input_shape, output_dim)
     algorithm = algo_cls(algo_cfg, model, task).to(device)

@@ -143,6 +143,7 @@ class TestConfig(EvalConfig):
 @dataclass
 class DataConfig:
     root: str | None = None
+    cache_dir: str | None = None
 
 
 @dataclass

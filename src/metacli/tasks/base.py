@@ -67,7 +67,9 @@ class TaskDistribution(Registered):
     metric_name: str
     higher_is_better: bool
 
-    def __init__(self, cfg: TaskConfig, data_root: str | None = None) -> None:
+    def __init__(
+        self, cfg: TaskConfig, data_root: str | None = None, cache_folder: str | None = None
+    ) -> None:
         self.cfg = cfg
         self.data_root = data_root
 

@@ -43,10 +43,16 @@ class NonExclusiveSinusoid(TaskDistribution, key="sinusoid_nonexclusive"):
     metric_name = "mse"
     higher_is_better = False
 
-    def __init__(self, cfg: NonExclusiveSinusoidConfig, data_root: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: NonExclusiveSinusoidConfig,
+        data_root: str | None = None,
+        cache_folder: str | None = None,
+    ) -> None:
         super().__init__(cfg, data_root)
         self.input_shape = (1 + cfg.amplitudes,)
-        self.amplitude_values = torch.linspace(*cfg.amplitude, cfg.amplitudes)
+        low, high = cfg.amplitude
+        self.amplitude_values = torch.linspace(low, high, cfg.amplitudes)
 
     def sample(self, num_tasks: int, split: str, generator: torch.Generator) -> TaskBatch:
         cfg, shots = self.cfg, self.shots(split)

@@ -51,7 +51,9 @@ class Synthetic(ClassificationTask, key="synthetic"):
     Config = SyntheticConfig
     cfg: SyntheticConfig
 
-    def __init__(self, cfg: SyntheticConfig, data_root: str | None = None) -> None:
+    def __init__(
+        self, cfg: SyntheticConfig, data_root: str | None = None, cache_folder: str | None = None
+    ) -> None:
         super().__init__(cfg, data_root)
         self.input_shape = (cfg.channels, cfg.image_size, cfg.image_size)
         coarse = max(cfg.image_size // 4, 2)

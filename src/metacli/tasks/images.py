@@ -1,0 +1,132 @@
+"""What the image task distributions share: a uint8 cache and episode sampling by index.
+
+A dataset is decoded once into one compact uint8 tensor (``images`` [N, C, H, W]) with,
+for each split, the list of its classes: the indices of the class's images and a
+rotation in quarter turns. Episodes gather from that tensor, so sampling costs
+microseconds per image instead of a PNG decode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metacli.checkpoint import save_checkpoint
+from metacli.errors import MetacliError
+from metacli.tasks.base import ClassificationTask, TaskBatch, episode_labels
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+def cache_dir(configured: str | None) -> Path:
+    """``data.cache_dir``, else $METACLI_CACHE, else ~/.cache/metacli (never the data folder)."""
+    if configured:
+        return Path(configured).expanduser()
+    if os.environ.get("METACLI_CACHE"):
+        return Path(os.environ["METACLI_CACHE"]).expanduser()
+    return Path.home() / ".cache" / "metacli"
+
+
+def cached(
+    folder: Path, name: str, key: dict[str, Any], build: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """Load the cache entry for ``key`` or build it, written atomically.
+
+    Two processes building the same entry at once both end with a correct file: each
+    writes its own temporary file and renames it into place.
+    """
+    digest = hashlib.sha256(
+        json.dumps({**key, "version": CACHE_VERSION}, sort_keys=True).encode()
+    ).hexdigest()[:16]
+    path = folder / f"{name}-{digest}.pt"
+    if path.is_file():
+        try:
+            return dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception:  # a cache file from a crashed writer or another version
+            log.warning("Rebuilding the unreadable cache file %s", path)
+    log.info("Building the %s cache in %s (once)", name, path)
+    data = build()
+    try:
+        save_checkpoint(path, data)
+    except OSError as err:
+        raise MetacliError(
+            f"Cannot write the dataset cache {path}: {err}. Set data.cache_dir "
+            f"(or METACLI_CACHE) to a writable folder."
+        ) from None
+    return data
+
+
+@dataclass
+class ClassSet:
+    """The classes of one split: image indices [n_classes, per_class], quarter turns."""
+
+    indices: Tensor  # [n_classes, per_class] into the images tensor
+    turns: Tensor  # [n_classes] rotation in multiples of 90 degrees
+
+    def __len__(self) -> int:
+        return self.indices.shape[0]
+
+
+class ImageClassTask(ClassificationTask):
+    """N-way K-shot episodes drawn from a uint8 image tensor."""
+
+    images: Tensor  # [N, C, H, W] uint8
+    splits: dict[str, ClassSet]
+    mean: float = 0.0
+    std: float = 1.0
+
+    def check_sizes(self) -> None:
+        for split, classes in self.splits.items():
+            ways = self.ways(split)
+            if len(classes) < ways:
+                raise MetacliError(
+                    f"The {split} split has {len(classes)} classes, fewer than "
+                    f"ways={ways}. Lower task.ways (or task.test_ways)."
+                )
+            need = self.shots(split) + self.cfg.queries
+            if classes.indices.shape[1] < need:
+                raise MetacliError(
+                    f"Classes of the {split} split have {classes.indices.shape[1]} images, fewer "
+                    f"than shots + queries = {need}. Lower task.shots or task.queries."
+                )
+
+    def sample(self, num_tasks: int, split: str, generator: torch.Generator) -> TaskBatch:
+        classes = self.splits[split]
+        ways, shots, queries = self.ways(split), self.shots(split), self.cfg.queries
+        per_class = shots + queries
+        chosen = torch.stack(
+            [torch.randperm(len(classes), generator=generator)[:ways] for _ in range(num_tasks)]
+        )  # [B, ways]
+        available = classes.indices.shape[1]
+        picks = torch.stack(
+            [
+                torch.randperm(available, generator=generator)[:per_class]
+                for _ in range(num_tasks * ways)
+            ]
+        ).view(num_tasks, ways, per_class)
+        index = classes.indices[chosen.unsqueeze(-1), picks]  # [B, ways, S+Q]
+        images = self.images[index].float().div_(255)  # [B, ways, S+Q, C, H, W]
+        turns = classes.turns[chosen]  # [B, ways]
+        for k in (1, 2, 3):
+            mask = turns == k
+            if mask.any():
+                images[mask] = torch.rot90(images[mask], k, dims=(-2, -1))
+        images = (images - self.mean) / self.std
+        support = images[:, :, :shots].flatten(1, 2)  # [B, ways*S, C, H, W]
+        query = images[:, :, shots:].flatten(1, 2)
+        return TaskBatch(
+            support,
+            episode_labels(num_tasks, ways, shots),
+            query,
+            episode_labels(num_tasks, ways, queries),
+        )

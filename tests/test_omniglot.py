@@ -1,0 +1,186 @@
+"""Omniglot from local files: every layout, every split, rotations, errors, real data."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from metacli.errors import MetacliError
+from metacli.tasks.omniglot import Omniglot, OmniglotConfig
+from tests.conftest import REPO
+
+REAL = REPO.parent / "shared" / "data" / "omniglot"
+ALPHABETS = {"images_background": ["Alpha", "Beta"], "images_evaluation": ["Gamma"]}
+CHARACTERS, DRAWERS = 3, 4
+
+
+def glyph(seed: int) -> bytes:
+    """A 105x105 one-bit PNG like the official files: white background, black strokes."""
+    gen = torch.Generator().manual_seed(seed)
+    image = Image.new("1", (105, 105), 1)
+    x0, y0 = (int(v) for v in torch.randint(5, 60, (2,), generator=gen))
+    for x in range(x0, x0 + 40):
+        for y in range(y0, y0 + 6):
+            image.putpixel((x, y), 0)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def files() -> dict[str, bytes]:
+    out, seed = {}, 0
+    for image_set, alphabets in ALPHABETS.items():
+        for alphabet in alphabets:
+            for c in range(1, CHARACTERS + 1):
+                seed += 1
+                for d in range(1, DRAWERS + 1):
+                    out[f"{image_set}/{alphabet}/character{c:02d}/{seed:04d}_{d:02d}.png"] = glyph(
+                        seed * 100 + d
+                    )
+    return out
+
+
+def make(root: Path, layout: str) -> Path:
+    root.mkdir(parents=True)
+    if layout == "zip":
+        for image_set in ALPHABETS:
+            with zipfile.ZipFile(root / f"{image_set}.zip", "w") as archive:
+                for name, data in files().items():
+                    if name.startswith(image_set):
+                        archive.writestr(name, data)
+    else:
+        base = root / "omniglot-py" if layout == "torchvision" else root
+        for name, data in files().items():
+            (base / name).parent.mkdir(parents=True, exist_ok=True)
+            (base / name).write_bytes(data)
+    return root
+
+
+def config(**kwargs: object) -> OmniglotConfig:
+    defaults: dict[str, object] = {
+        "ways": 2,
+        "shots": 1,
+        "queries": 2,
+        "split": "random",
+        "random_sizes": [4, 2],
+    }
+    return OmniglotConfig(**{**defaults, **kwargs})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("layout", ["zip", "folders", "torchvision"])
+def test_every_layout_reads_the_same_images(tmp_path: Path, layout: str) -> None:
+    task = Omniglot(config(), str(make(tmp_path / layout, layout)), str(tmp_path / "cache"))
+    assert task.layout == layout
+    assert len(task.characters) == 9 and task.image_indices.shape == (9, DRAWERS)
+    assert task.images.shape == (36, 1, 28, 28) and task.images.dtype == torch.uint8
+    assert task.images.max() == 255 and task.images.min() == 0
+    assert task.images.float().mean() < 60  # mostly background: ink is the bright value
+    reference = Omniglot(config(), str(make(tmp_path / "ref", "zip")), str(tmp_path / "c2"))
+    assert torch.equal(task.images, reference.images)
+
+
+def test_cache_is_reused_and_keyed_by_preprocessing(tmp_path: Path) -> None:
+    root, cache = make(tmp_path / "data", "zip"), tmp_path / "cache"
+    Omniglot(config(), str(root), str(cache))
+    Omniglot(config(), str(root), str(cache))
+    assert len(list(cache.glob("omniglot-*.pt"))) == 1
+    Omniglot(config(image_size=20), str(root), str(cache))
+    assert len(list(cache.glob("omniglot-*.pt"))) == 2
+    assert not list(cache.glob("*.tmp"))
+
+
+def test_random_and_lake_splits_with_rotations(tmp_path: Path) -> None:
+    root, cache = str(make(tmp_path / "d", "zip")), str(tmp_path / "c")
+    task = Omniglot(config(), root, cache)
+    sizes = {s: len(c) for s, c in task.splits.items()}
+    assert sizes == {"train": 4 * 4, "val": 2, "test": 3}  # train characters x 4 rotations
+    rows = {s: set(c.indices[:, 0].tolist()) for s, c in task.splits.items()}
+    assert not (rows["train"] & rows["val"]) and not (rows["train"] & rows["test"])
+    assert sorted(task.splits["train"].turns.tolist()) == sorted([0, 1, 2, 3] * 4)
+    lake = Omniglot(config(split="lake", lake_val=2, test_rotations=[0, 180]), root, cache)
+    test_sets = {
+        lake.character_set[lake.characters.index(c)]
+        for c in lake.characters
+        if lake.image_indices[lake.characters.index(c), 0].item()
+        in set(lake.splits["test"].indices[:, 0].tolist())
+    }
+    assert test_sets == {"images_evaluation"} and len(lake.splits["test"]) == 3 * 2
+    assert len(lake.splits["val"]) == 2 * 2 and len(lake.splits["train"]) == 4 * 4
+
+
+def test_vinyals_split_files_and_their_errors(tmp_path: Path) -> None:
+    root = make(tmp_path / "d", "folders")
+    cache = str(tmp_path / "c")
+    with pytest.raises(MetacliError, match="looked in"):
+        Omniglot(config(split="vinyals"), str(root), cache)
+    splits = root / "splits" / "vinyals"
+    splits.mkdir(parents=True)
+    (splits / "train.txt").write_text("Alpha/character01/rot000\nAlpha/character02/rot090\n")
+    (splits / "val.txt").write_text("Beta/character01/rot000\nBeta/character02/rot000\n")
+    (splits / "test.txt").write_text("Gamma/character01/rot000\nGamma/character03/rot270\n")
+    task = Omniglot(config(split="vinyals"), str(root), cache)
+    assert {s: len(c) for s, c in task.splits.items()} == {"train": 2, "val": 2, "test": 2}
+    assert task.splits["test"].turns.tolist() == [0, 3]
+    (splits / "val.txt").write_text("Beta/character09/rot000\n")
+    with pytest.raises(MetacliError, match="Beta/character09"):
+        Omniglot(config(split="vinyals"), str(root), cache)
+
+
+def test_episodes_are_seeded_and_rotations_rotate(tmp_path: Path) -> None:
+    task = Omniglot(
+        config(shots=1, queries=3), str(make(tmp_path / "d", "zip")), str(tmp_path / "c")
+    )
+    a = task.sample(3, "train", torch.Generator().manual_seed(5))
+    b = task.sample(3, "train", torch.Generator().manual_seed(5))
+    assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x)
+    assert a.support_x.shape == (3, 2, 1, 28, 28) and a.query_x.shape == (3, 6, 1, 28, 28)
+    assert a.support_y.tolist()[0] == [0, 1] and a.query_y.tolist()[0] == [0, 0, 0, 1, 1, 1]
+    assert a.support_x.min() >= 0 and a.support_x.max() <= 1
+    # A rotated class holds its base character's images turned by its quarter turns.
+    train = task.splits["train"]
+    row = int((train.turns == 1).nonzero()[0])
+    task.splits["train"] = type(train)(
+        train.indices[row : row + 1].repeat(2, 1), train.turns[row : row + 1].repeat(2)
+    )
+    episode = task.sample(1, "train", torch.Generator().manual_seed(0))
+    base = task.images[train.indices[row]].float() / 255
+    rotated = torch.rot90(base, 1, dims=(-2, -1))
+    assert any(torch.equal(episode.support_x[0, 0], r) for r in rotated)
+
+
+def test_bad_data_gets_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(MetacliError, match=r"images_background\.zip"):
+        Omniglot(config(), str(tmp_path / "nothing"), str(tmp_path / "c"))
+    with pytest.raises(MetacliError, match=r"data\.root"):
+        Omniglot(config(), None, str(tmp_path / "c"))
+    root = make(tmp_path / "bad", "folders")
+    broken = next(root.glob("images_background/Alpha/character01/*.png"))
+    broken.write_bytes(b"not a png")
+    with pytest.raises(MetacliError, match="Alpha/character01"):
+        Omniglot(config(), str(root), str(tmp_path / "c"))
+    with pytest.raises(MetacliError, match=r"task\.ways"):
+        Omniglot(config(ways=20), str(make(tmp_path / "ok", "zip")), str(tmp_path / "c"))
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory: pytest.TempPathFactory) -> Omniglot:
+    if not (REAL / "images_background.zip").is_file():
+        pytest.skip(f"real Omniglot not found at {REAL} (see its README)")
+    cache = tmp_path_factory.mktemp("omniglot-cache")
+    return Omniglot(OmniglotConfig(), str(REAL), str(cache))
+
+
+def test_real_omniglot_counts_and_vinyals_split(real: Omniglot) -> None:
+    background = real.character_set.count("images_background")
+    evaluation = real.character_set.count("images_evaluation")
+    assert (background, evaluation) == (964, 659)
+    assert real.image_indices.shape == (1623, 20)
+    assert {s: len(c) for s, c in real.splits.items()} == {"train": 4112, "val": 688, "test": 1692}
+    episode = real.sample(2, "test", torch.Generator().manual_seed(0))
+    assert episode.support_x.shape == (2, 5, 1, 28, 28)
+    assert episode.query_x.shape == (2, 75, 1, 28, 28)
