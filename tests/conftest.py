@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,9 @@ from omegaconf import DictConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
+OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot"
+# One dataset cache for the whole session (subprocesses inherit it), never ~/.cache.
+os.environ.setdefault("METACLI_CACHE", tempfile.mkdtemp(prefix="metacli-cache-"))
 # Fields of metrics.jsonl that measure time, and so legitimately differ between runs.
 TIMING_FIELDS = ("wall_time", "it_per_s")
 

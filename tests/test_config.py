@@ -8,10 +8,11 @@ import torch
 from metacli.build import build, check, resolve_device
 from metacli.config import DeviceConfig
 from metacli.errors import ConfigError
-from tests.conftest import CONF, compose_config
+from tests.conftest import CONF, OMNIGLOT, compose_config
 
 IMAGE_MODELS = ("conv4", "resnet12")
 CLASSIFIERS = ("protonet",)
+REAL_DATA = ("omniglot",)
 IMAGE_TASK = ("task=synthetic", "task.image_size=32", "task.channels=3")
 
 
@@ -30,6 +31,10 @@ def test_every_option_composes_and_builds(group: str) -> None:
         companions = IMAGE_TASK if group == "model" and option in IMAGE_MODELS else ()
         if group == "algo" and option in CLASSIFIERS:
             companions = ("task=synthetic",)
+        if group == "task" and option in REAL_DATA:
+            if not (OMNIGLOT / "images_background.zip").is_file():
+                continue  # covered by tests/test_omniglot.py's fixtures; real data absent
+            companions = (f"data.root={OMNIGLOT}",)
         cfg = compose_config(f"{group}={option}", "device=cpu", *companions)
         check(cfg)
         components = build(cfg)

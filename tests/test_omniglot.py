@@ -12,9 +12,9 @@ from PIL import Image
 
 from metacli.errors import MetacliError
 from metacli.tasks.omniglot import Omniglot, OmniglotConfig
-from tests.conftest import REPO
+from tests.conftest import OMNIGLOT
 
-REAL = REPO.parent / "shared" / "data" / "omniglot"
+REAL = OMNIGLOT
 ALPHABETS = {"images_background": ["Alpha", "Beta"], "images_evaluation": ["Gamma"]}
 CHARACTERS, DRAWERS = 3, 4
 
@@ -168,11 +168,10 @@ def test_bad_data_gets_clear_errors(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory: pytest.TempPathFactory) -> Omniglot:
+def real() -> Omniglot:
     if not (REAL / "images_background.zip").is_file():
         pytest.skip(f"real Omniglot not found at {REAL} (see its README)")
-    cache = tmp_path_factory.mktemp("omniglot-cache")
-    return Omniglot(OmniglotConfig(), str(REAL), str(cache))
+    return Omniglot(OmniglotConfig(), str(REAL))  # the session's METACLI_CACHE
 
 
 def test_real_omniglot_counts_and_vinyals_split(real: Omniglot) -> None:
