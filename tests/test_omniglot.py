@@ -12,7 +12,7 @@ from PIL import Image
 
 from metacli.errors import MetacliError
 from metacli.tasks.omniglot import Omniglot, OmniglotConfig
-from tests.conftest import OMNIGLOT
+from tests.conftest import OMNIGLOT, run_cli
 
 REAL = OMNIGLOT
 ALPHABETS = {"images_background": ["Alpha", "Beta"], "images_evaluation": ["Gamma"]}
@@ -183,3 +183,35 @@ def test_real_omniglot_counts_and_vinyals_split(real: Omniglot) -> None:
     episode = real.sample(2, "test", torch.Generator().manual_seed(0))
     assert episode.support_x.shape == (2, 5, 1, 28, 28)
     assert episode.query_x.shape == (2, 75, 1, 28, 28)
+
+
+def test_data_check_and_prepare_commands(tmp_path: Path) -> None:
+    root = make(tmp_path / "d", "zip")
+    args = (
+        "task=omniglot",
+        f"data.root={root}",
+        "task.split=random",
+        "task.random_sizes=[4,2]",
+        "task.ways=2",
+        "task.queries=2",
+    )
+    prepared = run_cli("data", "prepare", *args, cwd=tmp_path)
+    assert "36 images ready" in prepared.stdout
+    checked = run_cli("data", "check", *args, cwd=tmp_path)
+    assert "layout zip" in checked.stdout and "No problems found" in checked.stdout
+    assert "6 images_background, 3 images_evaluation" in checked.stdout
+    too_many = run_cli("data", "check", *args, "task.queries=10", cwd=tmp_path, check=False)
+    assert too_many.returncode == 1 and "shots + queries" in too_many.stdout
+    missing = run_cli(
+        "data", "check", "task=omniglot", f"data.root={tmp_path / 'x'}", cwd=tmp_path, check=False
+    )
+    assert missing.returncode == 1 and "images_background.zip" in missing.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_data_check_on_real_omniglot(tmp_path: Path, real: Omniglot) -> None:
+    result = run_cli("data", "check", "task=omniglot", f"data.root={REAL}", cwd=tmp_path)
+    assert "964 images_background, 659 images_evaluation" in result.stdout
+    for count in ("4112", "688", "1692"):
+        assert count in result.stdout
+    assert "No problems found" in result.stdout

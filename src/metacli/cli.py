@@ -24,12 +24,15 @@ Commands:
                metacli train resume=outputs/train/<date>/<time> (continue a run)
   test    meta-test a checkpoint; reuses the run's config unless overridden
           e.g. metacli test ckpt_path=outputs/train/<date>/<time>/checkpoints/best.pt
+  data    check: what a dataset holds per split and its problems; prepare: build its cache
+          e.g. metacli data check task=omniglot data.root=../shared/data/omniglot
 
 Every command takes Hydra's flags: --help (config groups and options), --cfg job,
 --info, -m/--multirun, --config-dir DIR. See `metacli train --help`.
 """
 
-COMMANDS = ("train", "test")
+COMMANDS = ("train", "test", "data")
+DATA_ACTIONS = ("check", "prepare")
 # Keys that point at an earlier run: they are never replayed from it.
 RUN_KEYS = ("resume", "ckpt_path")
 
@@ -112,6 +115,27 @@ def run_hydra(command: str, args: list[str]) -> None:
     entry()
 
 
+def run_data(args: list[str]) -> None:
+    if not args or args[0] not in DATA_ACTIONS:
+        print(
+            f"metacli data: choose one of: {', '.join(DATA_ACTIONS)}, e.g. metacli data check "
+            f"task=omniglot data.root=DIR",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from metacli import data
+
+    try:
+        action = data.check if args[0] == "check" else data.prepare
+        raise SystemExit(action(str(config_dir()), args[1:]))
+    except (HydraException, OmegaConfBaseException, MetacliError) as err:
+        print(f"metacli data {args[0]}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -128,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         raise SystemExit(2)
+    if command == "data":
+        run_data(args)
+        return
     try:
         args = prepare(command, args)
     except MetacliError as err:
