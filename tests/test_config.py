@@ -12,7 +12,7 @@ from tests.conftest import CONF, OMNIGLOT, compose_config
 
 IMAGE_MODELS = ("conv4", "resnet12")
 CLASSIFIERS = ("protonet",)
-REAL_DATA = ("omniglot",)
+REAL_DATA = {"omniglot": OMNIGLOT / "images_background.zip", "miniimagenet": None}
 IMAGE_TASK = ("task=synthetic", "task.image_size=32", "task.channels=3")
 
 
@@ -32,9 +32,10 @@ def test_every_option_composes_and_builds(group: str) -> None:
         if group == "algo" and option in CLASSIFIERS:
             companions = ("task=synthetic",)
         if group == "task" and option in REAL_DATA:
-            if not (OMNIGLOT / "images_background.zip").is_file():
-                continue  # covered by tests/test_omniglot.py's fixtures; real data absent
-            companions = (f"data.root={OMNIGLOT}",)
+            marker = REAL_DATA[option]
+            if marker is None or not marker.is_file():
+                continue  # no real data here: tests/test_<task>.py covers it with fixtures
+            companions = (f"data.root={marker.parent}",)
         cfg = compose_config(f"{group}={option}", "device=cpu", *companions)
         check(cfg)
         components = build(cfg)

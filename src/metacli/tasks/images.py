@@ -82,8 +82,8 @@ class ImageClassTask(ClassificationTask):
 
     images: Tensor  # [N, C, H, W] uint8
     splits: dict[str, ClassSet]
-    mean: float = 0.0
-    std: float = 1.0
+    mean: float | Tensor = 0.0  # per channel: [C, 1, 1]
+    std: float | Tensor = 1.0
 
     def check_sizes(self) -> None:
         for split, classes in self.splits.items():
@@ -130,3 +130,50 @@ class ImageClassTask(ClassificationTask):
             query,
             episode_labels(num_tasks, ways, queries),
         )
+
+
+def decode_image(data: bytes, size: int, channels: int, name: str) -> Tensor:
+    """Image bytes -> uint8 [channels, size, size], resized with LANCZOS when needed."""
+    import io
+
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(data)).convert("L" if channels == 1 else "RGB")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.LANCZOS)
+    except Exception as err:
+        raise MetacliError(
+            f"Cannot read the image {name}: {err}. Replace or remove that file."
+        ) from None
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return pixels.view(size, size, channels).permute(2, 0, 1).contiguous()
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def class_folders(root: Path) -> dict[str, list[Path]]:
+    """{class name: sorted image files} for every subfolder of ``root`` holding images."""
+    classes = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if files:
+            classes[folder.name] = files
+    return classes
+
+
+def stack_classes(
+    classes: dict[str, list[Any]],
+    per_class: int | None = None,
+) -> tuple[Tensor, list[str]]:
+    """Image-index table [n_classes, per_class] for classes listed in image order."""
+    names, rows, start = [], [], 0
+    for name, items in classes.items():
+        count = len(items)
+        names.append(name)
+        rows.append(list(range(start, start + count)))
+        start += count
+    smallest = min(len(r) for r in rows)
+    width = smallest if per_class is None else min(per_class, smallest)
+    return torch.tensor([r[:width] for r in rows], dtype=torch.long), names

@@ -1,0 +1,199 @@
+"""mini-ImageNet (Vinyals et al. 2016) with the Ravi & Larochelle split (64 / 16 / 20 classes).
+
+Layouts under ``data.root`` (or $METACLI_DATA):
+- ``images/`` (flat, ``n0153282900000005.jpg``...) with the Ravi CSVs ``train.csv``,
+  ``val.csv``, ``test.csv`` (``filename,label``) beside it, in ``splits/ravi/`` or in
+  ``task.split_dir``;
+- class folders ``{train,val,test}/<wnid>/*.jpg``;
+- the pickle caches ``mini-imagenet-cache-{train,val,test}.pkl`` (``...-validation.pkl``
+  accepted) holding ``image_data`` [N, 84, 84, 3] uint8 and ``class_dict``
+  {wnid: [indices]}. They are read by a restricted unpickler that admits numpy arrays
+  and plain containers only; anything else is refused, never executed.
+Images are 84x84x3 (LANCZOS-resized when needed), normalised with the ImageNet channel
+means and standard deviations.
+"""
+
+from __future__ import annotations
+
+import csv
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metacli.errors import MetacliError
+from metacli.tasks.base import ClassificationConfig
+from metacli.tasks.images import (
+    ClassSet,
+    ImageClassTask,
+    cache_dir,
+    cached,
+    class_folders,
+    decode_image,
+    stack_classes,
+)
+
+SPLITS = ("train", "val", "test")
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+SAFE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+}
+
+
+@dataclass
+class MiniImageNetConfig(ClassificationConfig):
+    name: str = "miniimagenet"
+    image_size: int = 84
+    split_dir: str | None = None  # folder of the Ravi CSVs (flat layout)
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Admits numpy arrays and plain containers; refuses every other global."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+
+def load_pickle(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            data = SafeUnpickler(handle).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+        raise MetacliError(
+            f"Refused to load {path}: {err}. A mini-ImageNet cache holds only "
+            f"numpy arrays and plain containers; this file holds something "
+            f"else and was not executed. Use the common release's "
+            f"files."
+        ) from None
+    if not isinstance(data, dict) or not {"image_data", "class_dict"} <= data.keys():
+        raise MetacliError(f"{path} has no 'image_data' and 'class_dict' entries.")
+    return data
+
+
+def find_layout(root: Path, split_dir: str | None) -> tuple[str, dict[str, Any]]:
+    pickles = {}
+    for split, names in (("train", ["train"]), ("val", ["val", "validation"]), ("test", ["test"])):
+        found = [
+            root / f"mini-imagenet-cache-{n}.pkl"
+            for n in names
+            if (root / f"mini-imagenet-cache-{n}.pkl").is_file()
+        ]
+        if found:
+            pickles[split] = found[0]
+    if len(pickles) == 3:
+        return "pickle", pickles
+    if all((root / s).is_dir() for s in SPLITS):
+        return "folders", {s: root / s for s in SPLITS}
+    csv_places = [Path(split_dir)] if split_dir else []
+    csv_places += [root, root / "splits" / "ravi"]
+    if (root / "images").is_dir():
+        for place in csv_places:
+            if all((place / f"{s}.csv").is_file() for s in SPLITS):
+                return "flat", {s: place / f"{s}.csv" for s in SPLITS}
+        raise MetacliError(
+            f"{root / 'images'} exists but the Ravi split files train.csv, "
+            f"val.csv, test.csv were not found in "
+            f"{', '.join(str(p) for p in csv_places)}. Set task.split_dir."
+        )
+    raise MetacliError(
+        f"No mini-ImageNet found in data.root={root}. Looked for: "
+        f"mini-imagenet-cache-{{train,val,test}}.pkl (pickle caches); {root}/train/<wnid>/, "
+        f"val/, test/ (class folders); {root}/images/ with the Ravi CSVs (flat release). Set "
+        f"data.root to the folder that holds one of them."
+    )
+
+
+def read_split(layout: str, place: Any, root: Path, size: int) -> dict[str, Any]:
+    """One split as {"images": uint8 [N, 3, size, size], "classes": {wnid: [indices]}}."""
+    if layout == "pickle":
+        data = load_pickle(place)
+        array = torch.from_numpy(data["image_data"]).permute(0, 3, 1, 2).contiguous()
+        if array.shape[-1] != size:
+            array = (
+                torch.nn.functional.interpolate(
+                    array.float(), size=size, mode="bilinear", antialias=True
+                )
+                .round()
+                .clamp(0, 255)
+            )
+            array = array.to(torch.uint8)
+        return {"images": array, "classes": {k: list(v) for k, v in data["class_dict"].items()}}
+    if layout == "folders":
+        files = class_folders(place)
+    else:
+        files = {}
+        with open(place, newline="") as handle:
+            for row in csv.DictReader(handle):
+                path = root / "images" / row["filename"]
+                if not path.is_file():
+                    raise MetacliError(
+                        f"{place} names {row['filename']}, which is not in "
+                        f"{root / 'images'}. Check data.root."
+                    )
+                files.setdefault(row["label"], []).append(path)
+    images: list[torch.Tensor] = []
+    classes: dict[str, list[int]] = {}
+    for wnid, paths in files.items():
+        classes[wnid] = list(range(len(images), len(images) + len(paths)))
+        images += [decode_image(p.read_bytes(), size, 3, str(p)) for p in paths]
+    return {"images": torch.stack(images), "classes": classes}
+
+
+class MiniImageNet(ImageClassTask, key="miniimagenet"):
+    Config = MiniImageNetConfig
+    cfg: MiniImageNetConfig
+
+    def __init__(
+        self, cfg: MiniImageNetConfig, data_root: str | None = None, cache_folder: str | None = None
+    ) -> None:
+        super().__init__(cfg, data_root)
+        if not data_root:
+            raise MetacliError(
+                "task=miniimagenet needs its files: set data.root (or "
+                "METACLI_DATA) to the mini-ImageNet folder."
+            )
+        self.root = Path(data_root).expanduser()
+        self.layout, places = find_layout(self.root, cfg.split_dir)
+        stamp = [(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in places.values()]
+
+        def build() -> dict[str, Any]:
+            parts = {
+                s: read_split(self.layout, places[s], self.root, cfg.image_size) for s in SPLITS
+            }
+            offset, images, tables = 0, [], {}
+            for split in SPLITS:
+                part = parts[split]
+                shifted = {k: [i + offset for i in v] for k, v in part["classes"].items()}
+                tables[split] = shifted
+                images.append(part["images"])
+                offset += len(part["images"])
+            return {"images": torch.cat(images), "classes": tables}
+
+        data = cached(
+            cache_dir(cache_folder),
+            "miniimagenet",
+            {"layout": self.layout, "source": stamp, "size": cfg.image_size},
+            build,
+        )
+        self.images = data["images"]
+        self.input_shape = (3, cfg.image_size, cfg.image_size)
+        self.mean = torch.tensor(MEAN).view(3, 1, 1)
+        self.std = torch.tensor(STD).view(3, 1, 1)
+        self.splits = {}
+        for split in SPLITS:
+            indices, _ = stack_classes(data["classes"][split])
+            self.splits[split] = ClassSet(indices, torch.zeros(len(indices), dtype=torch.long))
+        self.check_sizes()
