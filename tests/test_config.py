@@ -12,7 +12,11 @@ from tests.conftest import CONF, OMNIGLOT, compose_config
 
 IMAGE_MODELS = ("conv4", "resnet12")
 CLASSIFIERS = ("protonet",)
-REAL_DATA = {"omniglot": OMNIGLOT / "images_background.zip", "miniimagenet": None}
+REAL_DATA = {
+    "omniglot": OMNIGLOT / "images_background.zip",
+    "miniimagenet": None,
+    "image_folder": None,
+}
 IMAGE_TASK = ("task=synthetic", "task.image_size=32", "task.channels=3")
 
 
