@@ -12,6 +12,7 @@ from tests.conftest import CONF, OMNIGLOT, compose_config
 
 IMAGE_MODELS = ("conv4", "resnet12")
 CLASSIFIERS = ("protonet",)
+DATA_EXPERIMENTS = ("maml_omniglot",)
 REAL_DATA = {
     "omniglot": OMNIGLOT / "images_background.zip",
     "miniimagenet": None,
@@ -35,6 +36,10 @@ def test_every_option_composes_and_builds(group: str) -> None:
         companions = IMAGE_TASK if group == "model" and option in IMAGE_MODELS else ()
         if group == "algo" and option in CLASSIFIERS:
             companions = ("task=synthetic",)
+        if group == "experiment" and option in DATA_EXPERIMENTS:
+            if not (OMNIGLOT / "images_background.zip").is_file():
+                continue
+            companions = (f"data.root={OMNIGLOT}",)
         if group == "task" and option in REAL_DATA:
             marker = REAL_DATA[option]
             if marker is None or not marker.is_file():

@@ -12,7 +12,7 @@ from PIL import Image
 
 from metacli.errors import MetacliError
 from metacli.tasks.omniglot import Omniglot, OmniglotConfig
-from tests.conftest import OMNIGLOT, run_cli
+from tests.conftest import OMNIGLOT, read_metrics, run_cli
 
 REAL = OMNIGLOT
 ALPHABETS = {"images_background": ["Alpha", "Beta"], "images_evaluation": ["Gamma"]}
@@ -215,3 +215,28 @@ def test_data_check_on_real_omniglot(tmp_path: Path, real: Omniglot) -> None:
     for count in ("4112", "688", "1692"):
         assert count in result.stdout
     assert "No problems found" in result.stdout
+
+
+@pytest.mark.slow
+def test_maml_on_real_omniglot_rises_above_chance(tmp_path: Path, real: Omniglot) -> None:
+    """`metacli train algo=maml task=omniglot model=conv4 data.root=...`, a few hundred its."""
+    run_cli(
+        "train",
+        "algo=maml",
+        "task=omniglot",
+        "model=conv4",
+        f"data.root={REAL}",
+        "train.iterations=200",
+        "train.meta_batch_size=4",
+        "train.val_every=100",
+        "algo.inner_lr=0.4",
+        "algo.test_inner_steps=3",
+        "val.num_tasks=50",
+        "test.num_tasks=100",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+        timeout=1200,
+    )
+    vals = [r for r in read_metrics(tmp_path / "run") if r["split"] == "val"]
+    assert vals[-1]["metric"] > 0.5  # chance is 0.2 for 5 ways
+    assert vals[-1]["metric"] > vals[-1]["metric_before"] + 0.2
