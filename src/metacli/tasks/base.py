@@ -141,6 +141,17 @@ class ClassificationTask(TaskDistribution):
         return (prediction.argmax(dim=-1) == target).to(prediction.dtype).mean()
 
 
+def episodes(images: Tensor, shots: int) -> TaskBatch:
+    """Class-major examples [B, ways, S+Q, ...] -> support (first S) and query, labelled."""
+    num_tasks, ways, per_class = images.shape[:3]
+    return TaskBatch(
+        images[:, :, :shots].flatten(1, 2),  # [B, ways*S, ...]
+        episode_labels(num_tasks, ways, shots),
+        images[:, :, shots:].flatten(1, 2),  # [B, ways*Q, ...]
+        episode_labels(num_tasks, ways, per_class - shots),
+    )
+
+
 def episode_labels(num_tasks: int, ways: int, per_class: int) -> Tensor:
     """Labels [B, ways * per_class]: 0,0,..,1,1,.. (class-major, as episodes are laid out)."""
     return torch.arange(ways).repeat_interleave(per_class).expand(num_tasks, -1).clone()

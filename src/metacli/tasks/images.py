@@ -22,7 +22,7 @@ from torch import Tensor
 
 from metacli.checkpoint import save_checkpoint
 from metacli.errors import MetacliError
-from metacli.tasks.base import ClassificationTask, TaskBatch, episode_labels
+from metacli.tasks.base import ClassificationTask, TaskBatch, episodes
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -121,15 +121,7 @@ class ImageClassTask(ClassificationTask):
             mask = turns == k
             if mask.any():
                 images[mask] = torch.rot90(images[mask], k, dims=(-2, -1))
-        images = (images - self.mean) / self.std
-        support = images[:, :, :shots].flatten(1, 2)  # [B, ways*S, C, H, W]
-        query = images[:, :, shots:].flatten(1, 2)
-        return TaskBatch(
-            support,
-            episode_labels(num_tasks, ways, shots),
-            query,
-            episode_labels(num_tasks, ways, queries),
-        )
+        return episodes((images - self.mean) / self.std, shots)
 
 
 def decode_image(data: bytes, size: int, channels: int, name: str) -> Tensor:

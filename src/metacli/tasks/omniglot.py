@@ -16,7 +16,6 @@ validation and test; ``vinyals`` names its rotations in its files.
 
 from __future__ import annotations
 
-import io
 import re
 import zipfile
 from collections.abc import Callable, Iterator
@@ -28,7 +27,7 @@ import torch
 from metacli.config import require
 from metacli.errors import MetacliError
 from metacli.tasks.base import ClassificationConfig
-from metacli.tasks.images import ClassSet, ImageClassTask, cache_dir, cached
+from metacli.tasks.images import ClassSet, ImageClassTask, cache_dir, cached, decode_image
 
 SETS = ("images_background", "images_evaluation")
 NAME = re.compile(
@@ -106,18 +105,7 @@ def reader(archive: zipfile.ZipFile, name: str) -> Reader:
 
 def decode(data: bytes, size: int, name: str) -> torch.Tensor:
     """PNG bytes -> uint8 [1, size, size] with ink = 255 (background 0)."""
-    from PIL import Image
-
-    try:
-        image = Image.open(io.BytesIO(data)).convert("L")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.LANCZOS)
-    except Exception as err:
-        raise MetacliError(
-            f"Cannot read the Omniglot image {name}: {err}. Replace or remove that file."
-        ) from None
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return (255 - pixels).view(1, size, size)
+    return 255 - decode_image(data, size, 1, f"Omniglot image {name}")
 
 
 def load(root: Path, size: int, cache: Path) -> dict[str, object]:

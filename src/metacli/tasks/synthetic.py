@@ -18,7 +18,7 @@ from metacli.tasks.base import (
     ClassificationConfig,
     ClassificationTask,
     TaskBatch,
-    episode_labels,
+    episodes,
     split_generator,
 )
 
@@ -75,11 +75,4 @@ class Synthetic(ClassificationTask, key="synthetic"):
         per_class = shots + queries
         noise = torch.randn(num_tasks, ways, per_class, *self.input_shape, generator=generator)
         images = templates.unsqueeze(2) + self.cfg.noise * noise  # [B, ways, S+Q, C, H, W]
-        support = images[:, :, :shots].flatten(1, 2)  # [B, ways*S, C, H, W]
-        query = images[:, :, shots:].flatten(1, 2)
-        return TaskBatch(
-            support,
-            episode_labels(num_tasks, ways, shots),
-            query,
-            episode_labels(num_tasks, ways, queries),
-        )
+        return episodes(images, shots)
