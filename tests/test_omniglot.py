@@ -240,3 +240,24 @@ def test_maml_on_real_omniglot_rises_above_chance(tmp_path: Path, real: Omniglot
     vals = [r for r in read_metrics(tmp_path / "run") if r["split"] == "val"]
     assert vals[-1]["metric"] > 0.5  # chance is 0.2 for 5 ways
     assert vals[-1]["metric"] > vals[-1]["metric_before"] + 0.2
+
+
+def test_data_check_lists_a_character_with_missing_drawers(tmp_path: Path) -> None:
+    root = make(tmp_path / "d", "folders")
+    next(root.glob("images_evaluation/Gamma/character02/*_04.png")).unlink()
+    task = Omniglot(config(), str(root), str(tmp_path / "c"))
+    assert task.problems == ["Gamma/character02 has 3 images, not 4; every class uses 3"]
+    assert task.image_indices.shape == (9, 3)
+    result = run_cli(
+        "data",
+        "check",
+        "task=omniglot",
+        f"data.root={root}",
+        "task.split=random",
+        "task.random_sizes=[4,2]",
+        "task.ways=2",
+        "task.queries=2",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 1 and "Gamma/character02 has 3 images" in result.stdout

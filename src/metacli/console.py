@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import track as rich_track
 from rich.table import Table
 
+T = TypeVar("T")
 CONSOLE = Console()
 # Periodic progress lines: always in metacli.log; on a terminal the bar shows them instead.
 PROGRESS_LOGGER = "metacli.progress"
@@ -59,6 +67,20 @@ class Bar:
             self.progress.update(self.task, completed=iteration, stats=text)
         else:
             self.progress.update(self.task, completed=iteration)
+
+
+def track(items: Sequence[T], description: str) -> Iterator[T]:
+    """Iterate with a progress bar on a terminal; log every 10% elsewhere."""
+    if CONSOLE.is_terminal:
+        yield from rich_track(items, description=description, console=CONSOLE)
+        return
+    log = logging.getLogger(PROGRESS_LOGGER)
+    step = max(len(items) // 10, 1)
+    for i, item in enumerate(items):
+        if i % step == 0:
+            log.info("%s: %d/%d", description, i, len(items))
+        yield item
+    log.info("%s: %d/%d", description, len(items), len(items))
 
 
 @contextmanager

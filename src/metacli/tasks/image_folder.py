@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from metacli.config import require
+from metacli.console import track
 from metacli.errors import MetacliError
 from metacli.tasks.base import ClassificationConfig
 from metacli.tasks.images import (
@@ -81,10 +82,10 @@ class ImageFolder(ImageClassTask, key="image_folder"):
         ]
 
         def build() -> dict[str, Any]:
+            every = [p for paths in files.values() for p in paths]
             images = [
                 decode_image(p.read_bytes(), cfg.image_size, cfg.channels, str(p))
-                for paths in files.values()
-                for p in paths
+                for p in track(every, "decoding images")
             ]
             return {
                 "images": torch.stack(images),

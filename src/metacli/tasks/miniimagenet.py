@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from metacli.console import track
 from metacli.errors import MetacliError
 from metacli.tasks.base import ClassificationConfig
 from metacli.tasks.images import (
@@ -144,11 +145,12 @@ def read_split(layout: str, place: Any, root: Path, size: int) -> dict[str, Any]
                         f"{root / 'images'}. Check data.root."
                     )
                 files.setdefault(row["label"], []).append(path)
-    images: list[torch.Tensor] = []
     classes: dict[str, list[int]] = {}
+    every: list[Path] = []
     for wnid, paths in files.items():
-        classes[wnid] = list(range(len(images), len(images) + len(paths)))
-        images += [decode_image(p.read_bytes(), size, 3, str(p)) for p in paths]
+        classes[wnid] = list(range(len(every), len(every) + len(paths)))
+        every += paths
+    images = [decode_image(p.read_bytes(), size, 3, str(p)) for p in track(every, "decoding")]
     return {"images": torch.stack(images), "classes": classes}
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from metacli.config import require
+from metacli.console import track
 from metacli.errors import MetacliError
 from metacli.tasks.base import ClassificationConfig
 from metacli.tasks.images import ClassSet, ImageClassTask, cache_dir, cached, decode_image
@@ -117,7 +118,9 @@ def load(root: Path, size: int, cache: Path) -> dict[str, object]:
         characters: dict[str, list[int]] = {}
         sets: dict[str, str] = {}
         images: list[torch.Tensor] = []
-        for image_set, character, read in list_images(layout, places):
+        for image_set, character, read in track(
+            list(list_images(layout, places)), "decoding Omniglot"
+        ):
             characters.setdefault(character, []).append(len(images))
             sets[character] = image_set
             images.append(decode(read(), size, f"{image_set}/{character}"))
@@ -158,8 +161,13 @@ class Omniglot(ImageClassTask, key="omniglot"):
         self.input_shape = (1, cfg.image_size, cfg.image_size)
         self.characters: list[str] = list(data["characters"])  # type: ignore[call-overload]
         self.character_set: list[str] = list(data["sets"])  # type: ignore[call-overload]
-        counts = {len(i) for i in data["indices"]}  # type: ignore[attr-defined]
+        counts = [len(i) for i in data["indices"]]  # type: ignore[attr-defined]
         drawers = min(counts)
+        self.problems = [
+            f"{c} has {n} images, not {max(counts)}; every class uses {drawers}"
+            for c, n in zip(self.characters, counts, strict=True)
+            if n != max(counts)
+        ]
         self.image_indices = torch.tensor([i[:drawers] for i in data["indices"]])  # type: ignore[attr-defined]
         self.splits = {split: self.class_set(names) for split, names in self.split_names().items()}
         self.check_sizes()
