@@ -185,9 +185,9 @@ def test_real_omniglot_counts_and_vinyals_split(real: Omniglot) -> None:
     assert episode.query_x.shape == (2, 75, 1, 28, 28)
 
 
-def test_data_check_and_prepare_commands(tmp_path: Path) -> None:
-    root = make(tmp_path / "d", "zip")
-    args = (
+def fixture_args(root: Path) -> tuple[str, ...]:
+    """The overrides that make `metacli data` use a fixture as `config()` does."""
+    return (
         "task=omniglot",
         f"data.root={root}",
         "task.split=random",
@@ -195,6 +195,11 @@ def test_data_check_and_prepare_commands(tmp_path: Path) -> None:
         "task.ways=2",
         "task.queries=2",
     )
+
+
+def test_data_check_and_prepare_commands(tmp_path: Path) -> None:
+    root = make(tmp_path / "d", "zip")
+    args = fixture_args(root)
     prepared = run_cli("data", "prepare", *args, cwd=tmp_path)
     assert "36 images ready" in prepared.stdout
     checked = run_cli("data", "check", *args, cwd=tmp_path)
@@ -248,16 +253,5 @@ def test_data_check_lists_a_character_with_missing_drawers(tmp_path: Path) -> No
     task = Omniglot(config(), str(root), str(tmp_path / "c"))
     assert task.problems == ["Gamma/character02 has 3 images, not 4; every class uses 3"]
     assert task.image_indices.shape == (9, 3)
-    result = run_cli(
-        "data",
-        "check",
-        "task=omniglot",
-        f"data.root={root}",
-        "task.split=random",
-        "task.random_sizes=[4,2]",
-        "task.ways=2",
-        "task.queries=2",
-        cwd=tmp_path,
-        check=False,
-    )
+    result = run_cli("data", "check", *fixture_args(root), cwd=tmp_path, check=False)
     assert result.returncode == 1 and "Gamma/character02 has 3 images" in result.stdout

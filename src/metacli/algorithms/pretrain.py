@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from metacli.algorithms.base import AlgoConfig
@@ -30,7 +29,7 @@ class Pretrain(MAML, key="pretrain"):
     def joint_loss(
         self, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
     ) -> tuple[Tensor, Tensor]:
-        x, y = torch.cat([support_x, query_x]), torch.cat([support_y, query_y])
+        x, y = TaskBatch.joined(support_x, query_x), TaskBatch.joined(support_y, query_y)
         prediction = self.forward_with(params, x)
         return self.task.loss(prediction, y), self.task.metric(prediction, y).detach()
 

@@ -35,7 +35,7 @@ class Reptile(MAML, key="reptile"):
         self, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
     ) -> tuple[Params, Tensor]:
         """phi of one task: SGD on all its examples (Reptile does not split them)."""
-        x, y = torch.cat([support_x, query_x]), torch.cat([support_y, query_y])
+        x, y = TaskBatch.joined(support_x, query_x), TaskBatch.joined(support_y, query_y)
         phi = self.adapt(params, x, y, self.train_steps, self.train_lr, first_order=True)
         prediction = self.forward_with(phi, query_x, self.train_steps)
         return phi, self.task.metric(prediction, query_y)

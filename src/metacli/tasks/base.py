@@ -48,6 +48,11 @@ class TaskBatch:
             self.support_x[index], self.support_y[index], self.query_x[index], self.query_y[index]
         )
 
+    @staticmethod
+    def joined(support: Tensor, query: Tensor) -> Tensor:
+        """One task's support and query examples as one set (Reptile, pretraining)."""
+        return torch.cat([support, query])
+
     def to(self, device: torch.device) -> TaskBatch:
         return TaskBatch(
             self.support_x.to(device),
