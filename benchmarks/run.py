@@ -90,6 +90,9 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 }
 
 
+STRATEGIES = ("vmap", "loop", "threads")  # algo.batching, besides auto
+
+
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -167,15 +170,16 @@ def torch_generator() -> Any:
     return torch.Generator().manual_seed(0)
 
 
-def interleaved(workload: str, algo: str, rounds: int) -> dict[str, float]:
-    """Reference and metacli's loop timed alternately in ONE process.
+def interleaved(workload: str, algo: str, rounds: int) -> dict[str, Any]:
+    """Reference and metacli's default strategy timed alternately in ONE process.
 
     Separate processes (as in the table) add a few percent of process-to-process noise;
     alternating in one process compares the two under the same conditions. Reports the
-    median ms of each and the speed-up (reference / loop) with a 95% interval from the
+    median ms of each and the speed-up (reference / metacli) with a 95% interval from the
     per-round log ratios.
     """
-    steps = {name: make_step(workload, algo, name)[1] for name in ("reference", "loop")}
+    components, ours = make_step(workload, algo, "auto")
+    steps = {"reference": make_step(workload, algo, "reference")[1], "metacli": ours}
     times: dict[str, list[float]] = {name: [] for name in steps}
     for step in steps.values():
         step()
@@ -184,12 +188,13 @@ def interleaved(workload: str, algo: str, rounds: int) -> dict[str, float]:
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
-    logs = [math.log(r / o) for r, o in zip(times["reference"], times["loop"], strict=True)]
+    logs = [math.log(r / o) for r, o in zip(times["reference"], times["metacli"], strict=True)]
     mean = statistics.fmean(logs)
     half = 1.96 * statistics.stdev(logs) / math.sqrt(len(logs)) if len(logs) > 1 else 0.0
     return {
+        "strategy": components.algorithm.batching,
         "reference_ms": 1e3 * statistics.median(times["reference"]),
-        "loop_ms": 1e3 * statistics.median(times["loop"]),
+        "metacli_ms": 1e3 * statistics.median(times["metacli"]),
         "rounds": rounds,
         "speedup": math.exp(mean),
         "speedup_low": math.exp(mean - half),
@@ -243,7 +248,7 @@ def main() -> None:
         "--interleaved",
         nargs=2,
         metavar=("WORKLOAD", "ALGO"),
-        help="time reference and loop alternately in one process",
+        help="time the reference and the default strategy alternately in one process",
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
@@ -270,18 +275,26 @@ def main() -> None:
     import torch
 
     rows = []
+    previous = args.out.with_suffix(".json")
+    if set(args.workloads) != set(WORKLOADS) and previous.exists():  # keep the other rows
+        rows = [
+            r
+            for r in json.loads(previous.read_text())["rows"]
+            if r["workload"] not in args.workloads
+        ]
     for workload, spec in WORKLOADS.items():
         if workload not in args.workloads:
             continue
         for algo in spec["algos"]:
             row: dict[str, Any] = {"workload": workload, "title": spec["title"], "algo": algo}
-            for strategy in ("vmap", "loop"):
+            for strategy in STRATEGIES:
                 row[strategy] = run_one(workload, algo, strategy)
             row["auto_strategy"] = run_one(workload, algo, "auto")["strategy"]
             if algo in ("maml", "fomaml"):
                 row["reference"] = run_one(workload, algo, "reference")
             print(json.dumps(row), flush=True)
             rows.append(row)
+    rows.sort(key=lambda r: list(WORKLOADS).index(r["workload"]))
     meta = {
         "torch": str(torch.__version__),
         "threads": torch.get_num_threads(),
@@ -310,9 +323,9 @@ def markdown(
         "timed in the same run; the reference is the plain per-task loop MAML of "
         "`benchmarks/run.py`. `peak MB` is the process's peak resident memory.",
         "",
-        "| workload | algo | reference ms | vmap ms | loop ms | auto picks | "
-        "speed-up of auto | peak MB ref / vmap / loop |",
-        "|---|---|---|---|---|---|---|---|",
+        "| workload | algo | reference ms | vmap ms | loop ms | threads ms | auto picks | "
+        "speed-up of auto | peak MB ref / vmap / loop / threads |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ref = r.get("reference")
@@ -320,10 +333,11 @@ def markdown(
         ref_ms = "-" if ref is None else f"{1e3 * ref['seconds']:.1f}"
         speedup = "-" if ref is None else f"{ref['seconds'] / auto:.1f}x"
         ref_mb = "-" if ref is None else f"{ref['peak_mb']:.0f}"
+        times = " | ".join(f"{1e3 * r[s]['seconds']:.1f}" for s in STRATEGIES)
+        peaks = " / ".join(f"{r[s]['peak_mb']:.0f}" for s in STRATEGIES)
         lines.append(
-            f"| {r['title']} | {r['algo']} | {ref_ms} | {1e3 * r['vmap']['seconds']:.1f} | "
-            f"{1e3 * r['loop']['seconds']:.1f} | {r['auto_strategy']} | {speedup} | "
-            f"{ref_mb} / {r['vmap']['peak_mb']:.0f} / {r['loop']['peak_mb']:.0f} |"
+            f"| {r['title']} | {r['algo']} | {ref_ms} | {times} | {r['auto_strategy']} | "
+            f"{speedup} | {ref_mb} / {peaks} |"
         )
     if sampling is not None:
         maml = next(

@@ -117,7 +117,7 @@ def reference_maml(
     return total / len(batch)
 
 
-@pytest.mark.parametrize("batching", ["vmap", "loop"])
+@pytest.mark.parametrize("batching", ["vmap", "loop", "threads"])
 def test_anil_meta_gradient_and_frozen_body(batching: str) -> None:
     task, model, batch = regression()
     anil = ANIL(ANILConfig(inner_lr=LR, inner_steps=STEPS, batching=batching), model, task)
@@ -133,7 +133,7 @@ def test_anil_meta_gradient_and_frozen_body(batching: str) -> None:
         assert changed == (name in head), name
 
 
-@pytest.mark.parametrize("batching", ["vmap", "loop"])
+@pytest.mark.parametrize("batching", ["vmap", "loop", "threads"])
 def test_metasgd_meta_gradient_reaches_the_learned_rates(batching: str) -> None:
     task, model, batch = regression()
     metasgd = MetaSGD(MetaSGDConfig(inner_lr=LR, inner_steps=STEPS, batching=batching), model, task)
@@ -169,7 +169,7 @@ def test_mamlpp_with_every_trick_off_equals_maml() -> None:
     )
 
 
-@pytest.mark.parametrize("batching", ["vmap", "loop"])
+@pytest.mark.parametrize("batching", ["vmap", "loop", "threads"])
 def test_mamlpp_tricks_match_reference(batching: str) -> None:
     task, model, batch = classification(norm="per_step")
     cfg = MAMLPPConfig(inner_lr=LR, inner_steps=STEPS, msl_iterations=100, batching=batching)
@@ -218,7 +218,7 @@ def test_mamlpp_derivative_order_annealing_and_schedule() -> None:
     assert msl_weights(4, 100, 100) == [0.0, 0.0, 0.0, 1.0]
 
 
-@pytest.mark.parametrize("batching", ["vmap", "loop"])
+@pytest.mark.parametrize("batching", ["vmap", "loop", "threads"])
 def test_protonet_logits_are_minus_squared_distances_to_class_means(batching: str) -> None:
     task, model, batch = classification(head=False)
     protonet = ProtoNet(ProtoNetConfig(batching=batching), model, task)
@@ -233,9 +233,10 @@ def test_protonet_logits_are_minus_squared_distances_to_class_means(batching: st
     assert_close_dicts(ours, grads_of(protonet, total / len(batch)), 1e-8)
 
 
-def test_reptile_step_is_interpolation_toward_adapted_weights() -> None:
+@pytest.mark.parametrize("batching", ["vmap", "loop", "threads"])
+def test_reptile_step_is_interpolation_toward_adapted_weights(batching: str) -> None:
     task, model, batch = regression()
-    reptile = Reptile(ReptileConfig(inner_lr=0.05, inner_steps=3), model, task)
+    reptile = Reptile(ReptileConfig(inner_lr=0.05, inner_steps=3, batching=batching), model, task)
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     phis = []
     for i in range(len(batch)):
@@ -260,9 +261,10 @@ def test_reptile_step_is_interpolation_toward_adapted_weights() -> None:
         torch.testing.assert_close(p.detach(), theta[name] + eps * (phi - theta[name]))
 
 
-def test_pretrain_fits_all_examples_jointly() -> None:
+@pytest.mark.parametrize("batching", ["vmap", "loop", "threads"])
+def test_pretrain_fits_all_examples_jointly(batching: str) -> None:
     task, model, batch = regression()
-    pretrain = Pretrain(PretrainConfig(inner_lr=LR), model, task)
+    pretrain = Pretrain(PretrainConfig(inner_lr=LR, batching=batching), model, task)
     ours = grads_of(model, pretrain.meta_loss(batch)[0])
     total = sum(
         F.mse_loss(
@@ -288,11 +290,15 @@ def test_batched_equals_loop_on_conv4_with_batchnorm(algo: str, norm: str) -> No
     cls, config = classes[algo]
     task, model, batch = classification(norm=norm, head=algo != "protonet")
     kwargs = {} if algo == "protonet" else {"inner_lr": LR, "inner_steps": STEPS}
-    results = {}
-    for batching in ("vmap", "loop"):
+    results, values = {}, {}
+    for batching in ("vmap", "loop", "threads"):
         algorithm = cls(config(batching=batching, **kwargs), model, task)
-        results[batching] = grads_of(algorithm, algorithm.meta_loss(batch)[0])
-    assert_close_dicts(results["vmap"], results["loop"], 1e-10)
+        loss, metrics = algorithm.meta_loss(batch)
+        values[batching] = torch.cat([loss.reshape(1), metrics])
+        results[batching] = grads_of(algorithm, loss)
+    for batching in ("vmap", "threads"):
+        assert_close_dicts(results[batching], results["loop"], 1e-10)
+        torch.testing.assert_close(values[batching], values["loop"], rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("algo", ["anil", "metasgd", "mamlpp", "reptile", "pretrain"])
@@ -430,4 +436,19 @@ def test_auto_batching_follows_the_measured_preference() -> None:
     torch.set_default_dtype(torch.float32)
     assert build(compose_config("device=cpu")).algorithm.batching == "vmap"
     conv = build(compose_config("task=synthetic", "model=conv4", "device=cpu", "model.filters=4"))
-    assert conv.algorithm.batching == "loop"
+    assert conv.algorithm.batching == "threads"
+
+
+def test_threads_compute_each_task_in_its_own_replica_and_restore_nothing_global() -> None:
+    """Workers run single-threaded on model copies; the main thread's settings stay."""
+    torch.set_default_dtype(torch.float32)
+    threads = torch.get_num_threads()
+    task, model, batch = classification(norm="per_step", head=True)
+    maml = MAML(MAMLConfig(inner_lr=LR, inner_steps=STEPS, batching="threads"), model, task)
+    maml.meta_loss(batch)[0].backward()
+    assert torch.get_num_threads() == threads
+    workers = maml.__dict__["_workers"]
+    assert workers.replicas and all(r is not model for r in workers.replicas.values())
+    maml.eval()
+    maml.evaluate(batch)  # replicas follow train/eval mode
+    assert all(not r.training for r in workers.replicas.values())

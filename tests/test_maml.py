@@ -73,7 +73,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("batching", ["vmap", "loop"])
+@pytest.mark.parametrize("batching", ["vmap", "loop", "threads"])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_meta_gradient_equals_per_task_loop_reference(
     float64, batching: str, first_order: bool

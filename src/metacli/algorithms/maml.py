@@ -1,7 +1,7 @@
 """MAML (Finn et al. 2017): learn an initialisation that adapts in a few gradient steps.
 
 The inner loop is written for ONE task with ``torch.func`` (``functional_call`` and
-``grad``), then mapped over the meta-batch by ``per_task`` (vmap or loop). The second-order
+``grad``), then mapped over the meta-batch by ``per_task`` (vmap, loop or threads). The second-order
 meta-gradient comes from backpropagating through the inner updates; ``first_order``
 treats each inner gradient as a constant. Variants (first-order MAML, and later ANIL,
 Meta-SGD, MAML++) subclass this and override the small hooks below.
@@ -86,9 +86,10 @@ class MAML(MetaAlgorithm, key="maml"):
     # --- one task ---------------------------------------------------------------------
     def forward_with(self, params: Params, x: Tensor, step: int = 0) -> Tensor:
         """The model with weights ``params`` on ``x``, as seen at inner step ``step``."""
-        self.model.set_step(step)
+        model = self.replica()
+        model.set_step(step)
         buffers = dict(self.model.named_buffers())
-        return torch.func.functional_call(self.model, (params, buffers), (x,))
+        return torch.func.functional_call(model, (params, buffers), (x,))
 
     def support_loss(self, params: Params, x: Tensor, y: Tensor, step: int = 0) -> Tensor:
         return self.task.loss(self.forward_with(params, x, step), y)
@@ -157,8 +158,7 @@ class MAML(MetaAlgorithm, key="maml"):
 
     # --- the meta-batch -----------------------------------------------------------------
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
-        losses, metrics = self.map_tasks(self.task_query_loss, self.initial_params(), batch)
-        return losses.mean(), metrics  # [], [B]
+        return self.mean_loss(self.task_query_loss, self.initial_params(), batch)  # [], [B]
 
     def evaluate(self, batch: TaskBatch) -> Evaluation:
         params = {name: p.detach() for name, p in self.initial_params().items()}

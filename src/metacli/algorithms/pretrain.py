@@ -34,8 +34,7 @@ class Pretrain(MAML, key="pretrain"):
         return self.task.loss(prediction, y), self.task.metric(prediction, y).detach()
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
-        losses, metrics = self.map_tasks(self.joint_loss, self.initial_params(), batch)
-        return losses.mean(), metrics
+        return self.mean_loss(self.joint_loss, self.initial_params(), batch)
 
     def inner_learning_rates(self) -> dict[str, float]:
         return {"inner_lr": self.test_lr}

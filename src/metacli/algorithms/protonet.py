@@ -8,6 +8,7 @@ prototypes. There is no inner loop, so ways may differ between training and test
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -55,19 +56,18 @@ class ProtoNet(MetaAlgorithm, key="protonet"):
         logits = prototype_logits(support, support_y, query, ways)
         return self.task.loss(logits, query_y), self.task.metric(logits, query_y)
 
-    def _run(self, batch: TaskBatch, ways: int) -> tuple[Tensor, Tensor]:
-        def one(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
+    def episodes(self, ways: int) -> Callable[..., tuple[Tensor, Tensor]]:
+        """``task_loss`` with ``map_tasks``'s signature (ProtoNet has no adapted params)."""
+
+        def one(_: None, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
             return self.task_loss(sx, sy, qx, qy, ways)
 
-        return self.per_task(
-            one, (0, 0, 0, 0), batch.support_x, batch.support_y, batch.query_x, batch.query_y
-        )
+        return one
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
-        losses, metrics = self._run(batch, self.classes.ways("train"))
-        return losses.mean(), metrics.detach()
+        return self.mean_loss(self.episodes(self.classes.ways("train")), None, batch)
 
     def evaluate(self, batch: TaskBatch) -> Evaluation:
         with torch.no_grad():
-            losses, metrics = self._run(batch, self.classes.ways("test"))
+            losses, metrics = self.map_tasks(self.episodes(self.classes.ways("test")), None, batch)
         return Evaluation(loss=losses.unsqueeze(1), metric=metrics.unsqueeze(1))  # [B, 1]

@@ -51,7 +51,7 @@ class Conv4(Model, key="conv4"):
     Config = Conv4Config
     # Measured (docs/benchmarks.md): on a CPU, batched convolutions with per-task
     # weights are slower than a loop over tasks.
-    preferred_batching = {"cpu": "loop", "cuda": "vmap"}
+    preferred_batching = {"cpu": "threads", "cuda": "vmap"}
 
     def __init__(self, cfg: Conv4Config, input_shape: tuple[int, ...], output_dim: int | None):
         super().__init__(cfg, input_shape, output_dim)

@@ -48,6 +48,9 @@ class TaskBatch:
             self.support_x[index], self.support_y[index], self.query_x[index], self.query_y[index]
         )
 
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.support_x, self.support_y, self.query_x, self.query_y
+
     @staticmethod
     def joined(support: Tensor, query: Tensor) -> Tensor:
         """One task's support and query examples as one set (Reptile, pretraining)."""
