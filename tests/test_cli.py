@@ -54,9 +54,11 @@ def test_summary_holds_what_a_run_is_compared_by(trained: Path) -> None:
         "model": "mlp",
         "device": "auto",
         "optim": "adam",
+        "logger": "none",
         "experiment": None,
         "debug": "tiny",
     }
+    assert summary["config"]["train"]["iterations"] == 20 and "seed" in summary["config"]
     assert summary["overrides"] == ["debug=tiny", "seed=3"] and summary["seed"] == 3
     assert summary["device"] == "cpu" and summary["torch_version"] == str(torch.__version__)
     assert "git_commit" in summary and summary["wall_time_s"] > 0

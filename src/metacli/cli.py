@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 from metacli import __version__
 from metacli.errors import MetacliError
+from metacli.extras import check_overrides
 
 USAGE = f"""metacli {__version__}: meta-learning experiments from configs
 
@@ -26,12 +29,16 @@ Commands:
           e.g. metacli test ckpt_path=outputs/train/<date>/<time>/checkpoints/best.pt
   data    check: what a dataset holds per split and its problems; prepare: build its cache
           e.g. metacli data check task=omniglot data.root=../shared/data/omniglot
+  compare one row per configuration of the runs below some folders, over seeds
+          e.g. metacli compare outputs/multirun --format markdown --plot val.png
+  plot    figures of one run, written into its folder (learning curves, inner steps,
+          adaptation on regression tasks)   e.g. metacli plot outputs/train/<date>/<time>
 
 Every command takes Hydra's flags: --help (config groups and options), --cfg job,
 --info, -m/--multirun, --config-dir DIR. See `metacli train --help`.
 """
 
-COMMANDS = ("train", "test", "data")
+COMMANDS = ("train", "test", "data", "compare", "plot")
 DATA_ACTIONS = ("check", "prepare")
 # Keys that point at an earlier run: they are never replayed from it.
 RUN_KEYS = ("resume", "ckpt_path")
@@ -100,19 +107,33 @@ def prepare(command: str, args: list[str]) -> list[str]:
     return args
 
 
+def train_task(cfg: Any) -> float:
+    from metacli.run import train
+
+    return train(cfg)
+
+
+def test_task(cfg: Any) -> float:
+    from metacli.run import test
+
+    return test(cfg)
+
+
+# Module-level task functions: parallel launchers pickle them by reference, so their
+# worker processes import this module, and this filter, before composing a job's config.
+TASKS = {"train": train_task, "test": test_task}
+# conf/hydra/launcher/*.yaml carry metacli's defaults for the launcher plugins under the
+# plugins' own names, so Hydra checks them against the plugins' schemas: wanted, though
+# Hydra warns that this matching is deprecated.
+warnings.filterwarnings("ignore", message=r"(?s).*validated against ConfigStore schema")
+
+
 def run_hydra(command: str, args: list[str]) -> None:
     import hydra
-    from omegaconf import DictConfig
 
     sys.argv = [f"metacli {command}", *args]
-
-    @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=command)
-    def entry(cfg: DictConfig) -> float | None:
-        from metacli.run import COMMANDS as RUNNERS
-
-        return RUNNERS[command](cfg)
-
-    entry()
+    main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=command)
+    main(TASKS[command])()
 
 
 def run_data(args: list[str]) -> None:
@@ -136,6 +157,25 @@ def run_data(args: list[str]) -> None:
         raise SystemExit(2) from None
 
 
+def run_tool(command: str, args: list[str]) -> None:
+    """compare and plot: plain argparse commands over run folders (no Hydra)."""
+    try:
+        if command == "compare":
+            from metacli import compare
+
+            raise SystemExit(compare.main(args))
+        if len(args) != 1 or args[0].startswith("-"):
+            print("usage: metacli plot <run folder>", file=sys.stderr)
+            raise SystemExit(2 if args != ["--help"] and args != ["-h"] else 0)
+        from metacli.plots import plot_run
+
+        for path in plot_run(Path(args[0])):
+            print(f"wrote {path}")
+    except MetacliError as err:
+        print(f"metacli {command}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -155,7 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     if command == "data":
         run_data(args)
         return
+    if command in ("compare", "plot"):
+        run_tool(command, args)
+        return
     try:
+        check_overrides(args)
         args = prepare(command, args)
     except MetacliError as err:
         print(f"metacli {command}: {err}", file=sys.stderr)

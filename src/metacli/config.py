@@ -146,6 +146,16 @@ class DataConfig:
     cache_dir: str | None = None
 
 
+OBJECTIVES = ("val", "test")
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+    tracking_uri: str | None = None  # mlflow
+    experiment: str = "metacli"  # mlflow
+
+
 @dataclass
 class RunConfig:
     """The top level: everything but the component groups, which the registry types."""
@@ -153,6 +163,10 @@ class RunConfig:
     seed: int = 0
     resume: str | None = None
     ckpt_path: str | None = None
+    optimized_metric: str = "val"
+    skip_finished: bool = False
+    threads: int | None = None
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
@@ -162,6 +176,15 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         require(self.seed >= 0, "seed", self.seed, "it must be >= 0")
+        require(
+            self.optimized_metric in OBJECTIVES,
+            "optimized_metric",
+            self.optimized_metric,
+            f"choose one of {', '.join(OBJECTIVES)}",
+        )
+        require(
+            self.threads is None or self.threads >= 1, "threads", self.threads, "it must be >= 1"
+        )
         self.val.check("val")
         self.test.check("test")
 

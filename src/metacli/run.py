@@ -5,17 +5,21 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import os
 import platform
+import shutil
 import subprocess
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 from metacli import __version__
 from metacli.checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
@@ -27,7 +31,10 @@ if TYPE_CHECKING:
     from metacli.loop import EvalSummary, LoopState
 
 log = logging.getLogger("metacli")
-GROUPS = ("algo", "task", "model", "device", "optim", "experiment", "debug")
+GROUPS = ("algo", "task", "model", "device", "optim", "logger", "experiment", "debug")
+# Keys that say where or how a run executes, not what it computes.
+RUN_ONLY_KEYS = ("resume", "ckpt_path", "skip_finished", "threads", "logger")
+RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoints")
 
 
 def git_commit() -> dict[str, Any]:
@@ -56,9 +63,11 @@ def git_commit() -> dict[str, Any]:
 class RunFolder:
     """A run's folder: metrics.jsonl, summary.json and checkpoints/, each written safely."""
 
-    def __init__(self, root: Path, overrides: list[str]) -> None:
+    def __init__(self, root: Path, overrides: list[str], multirun: bool = False) -> None:
         self.root = root
         self.overrides = overrides
+        self.multirun = multirun  # a failed job is recorded, not raised: the sweep goes on
+        self.sinks: list[Any] = []  # extra logging backends (metacli.loggers)
         self.checkpoints = root / "checkpoints"
         self.metrics_path = root / "metrics.jsonl"
         self.summary_path = root / "summary.json"
@@ -67,12 +76,39 @@ class RunFolder:
     @classmethod
     def current(cls) -> RunFolder:
         hydra = HydraConfig.get()
-        return cls(Path(hydra.runtime.output_dir), list(hydra.overrides.task))
+        multirun = hydra.mode == RunMode.MULTIRUN
+        return cls(Path(hydra.runtime.output_dir), list(hydra.overrides.task), multirun)
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
+        for sink in self.sinks:
+            sink.log(record)
+
+    def previous_run(self, cfg: DictConfig) -> str | None:
+        """What an earlier run in this folder means for this one (re-run sweeps).
+
+        Returns ``finished`` (same config, finished: skip it) or ``resumable`` (same
+        config, unfinished, with a checkpoint) when ``skip_finished`` is on; otherwise an
+        earlier run's files are moved to ``.replaced/<time>/``, never overwritten.
+        """
+        old = read_json(self.summary_path)
+        if old is None and not self.metrics_path.exists():
+            return None
+        if cfg.get("skip_finished") and old is not None and old.get("config") == config_of(cfg):
+            if old.get("status") == "finished":
+                return "finished"
+            if (self.checkpoints / "last.pt").exists():
+                return "resumable"
+        stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+        archive = self.root / ".replaced" / stamp
+        archive.mkdir(parents=True)
+        for name in RUN_FILES:
+            if (self.root / name).exists():
+                shutil.move(str(self.root / name), str(archive / name))
+        log.info("An earlier run in %s was moved to %s", self.root, archive)
+        return None
 
     def rewind_metrics(self, iteration: int) -> None:
         """On resume: drop lines written after the checkpoint, and the old meta-test line."""
@@ -110,6 +146,7 @@ class RunFolder:
             "run_dir": str(self.root),
             "groups": {g: choices.get(g) for g in GROUPS},
             "overrides": self.overrides,
+            "config": config_of(cfg),
             "seed": cfg.get("seed"),
             "device": None,
             "torch_version": str(torch.__version__),
@@ -124,7 +161,11 @@ class RunFolder:
 
     @contextmanager
     def guard(self) -> Iterator[None]:
-        """Record how the run ended in summary.json; a user error is one paragraph, exit 2."""
+        """Record how the run ended in summary.json; a user error is one paragraph, exit 2.
+
+        In a sweep a failed job is recorded and swallowed (the sweep goes on and its
+        summary lists it); Ctrl-C still stops the whole sweep.
+        """
         from metacli.loop import Interrupted
 
         try:
@@ -136,14 +177,71 @@ class RunFolder:
         except MetacliError as err:
             log.error(str(err))
             self.finish("failed", error=str(err))
-            raise SystemExit(2) from None
+            if not self.multirun:
+                raise SystemExit(2) from None
         except Exception as err:
-            self.finish("failed", error=f"{type(err).__name__}: {err}")
-            raise
+            message = f"{type(err).__name__}: {err}"
+            self.finish("failed", error=message, traceback=traceback.format_exc())
+            if not self.multirun:
+                raise
+            log.error("%s (the traceback is in %s)", message, self.summary_path)
 
     def finish(self, status: str, **fields: Any) -> None:
         now = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        for sink in self.sinks:
+            sink.close(status)
+        self.sinks = []
         self.update_summary(status=status, finished_at=now, **fields)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def config_of(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config of a run without the keys that only say where or how it runs."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    return {str(k): v for k, v in container.items() if k not in RUN_ONLY_KEYS}
+
+
+def objective(summary: dict[str, Any], which: str) -> float:
+    """What a run returns to sweepers: NaN unless it finished (Optuna: a failed trial)."""
+    if summary.get("status") != "finished":
+        return math.nan
+    test = (summary.get("test") or {}).get("mean")
+    value = test if which == "test" else (summary.get("best_val") or {}).get("metric")
+    value = test if value is None else value  # no validation ran
+    return math.nan if value is None else float(value)
+
+
+def set_threads(cfg: DictConfig) -> int:
+    """Torch CPU threads: ``threads``, else the cores a launcher gives each job.
+
+    Parallel local jobs each taking every core would oversubscribe the CPU, so the cores
+    are divided by joblib's n_jobs, or set from submitit's cpus_per_task / Ray's num_cpus.
+    """
+    import torch
+
+    threads = cfg.get("threads")
+    if not threads:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        cores = cores or os.cpu_count() or 1
+        launcher = HydraConfig.get().launcher
+        ray = OmegaConf.select(launcher, "ray.remote.num_cpus", default=None)
+        n_jobs = launcher.get("n_jobs")
+        if launcher.get("cpus_per_task") or ray:
+            threads = int(launcher.get("cpus_per_task") or ray)
+        elif n_jobs:
+            jobs = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib: -1 = all
+            threads = max(1, cores // jobs)
+    if threads:
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
 
 
 def report(
@@ -179,19 +277,27 @@ def meta_test(c: Components, folder: RunFolder, iteration: int) -> EvalSummary:
     return result
 
 
-def train(cfg: DictConfig) -> float | None:
-    """Meta-train, then meta-test; returns the best validation metric (for sweepers)."""
+def train(cfg: DictConfig) -> float:
+    """Meta-train, then meta-test; returns ``optimized_metric`` (for sweepers; NaN if failed)."""
     from metacli.build import build
+    from metacli.loggers import make_sinks
     from metacli.loop import LoopState, load_weights, meta_train, restore
 
     start = time.perf_counter()
     folder = RunFolder.current()
+    previous = None if cfg.resume else folder.previous_run(cfg)
+    if previous == "finished":
+        summary = read_json(folder.summary_path) or {}
+        log.info("skip_finished: %s already holds a finished run of this config", folder.root)
+        return objective(summary, cfg.optimized_metric)
     folder.start("train", cfg)
     with folder.guard():
+        folder.update_summary(threads=set_threads(cfg))
         c = build(cfg)
         folder.update_summary(device=str(c.device))
+        folder.sinks = make_sinks(cfg, folder.root)
         state = LoopState()
-        if cfg.resume:
+        if cfg.resume or previous == "resumable":
             last = folder.checkpoints / "last.pt"
             state = restore(c, load_checkpoint(last), str(last))
             folder.rewind_metrics(state.iteration)
@@ -230,6 +336,7 @@ def train(cfg: DictConfig) -> float | None:
                 else state.iteration,
             },
         )
+        folder.update_summary(objective=objective(folder.summary, cfg.optimized_metric))
         report(
             "meta-test",
             result,
@@ -237,7 +344,7 @@ def train(cfg: DictConfig) -> float | None:
             folder,
             [("algorithm", f"{cfg.algo.name} on {cfg.task.name} ({cfg.model.name})")],
         )
-    return state.best_metric
+    return objective(folder.summary, cfg.optimized_metric)
 
 
 def test(cfg: DictConfig) -> float:
@@ -247,8 +354,10 @@ def test(cfg: DictConfig) -> float:
 
     start = time.perf_counter()
     folder = RunFolder.current()
+    folder.previous_run(cfg)
     folder.start("test", cfg)
     with folder.guard():
+        folder.update_summary(threads=set_threads(cfg))
         if not cfg.ckpt_path:
             raise ConfigError(
                 "metacli test needs a checkpoint: add ckpt_path=<run folder>/"
@@ -277,7 +386,7 @@ def test(cfg: DictConfig) -> float:
             folder,
             [("checkpoint", f"{cfg.ckpt_path} (iteration {checkpoint['iteration']})")],
         )
-    return result.final
+    return objective(folder.summary, "test")
 
 
 COMMANDS = {"train": train, "test": test}

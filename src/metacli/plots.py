@@ -1,0 +1,245 @@
+"""Figures from run folders: `metacli plot <run>` and `metacli compare --plot`.
+
+``metacli plot`` writes into the run folder:
+- ``learning_curves.png``: train loss and the validation metric against iteration;
+- ``inner_steps.png``: the meta-test metric after 0..k inner steps (mean, 95% CI at k);
+- ``adaptation.png`` (1-D regression, e.g. sinusoids): test tasks with the true function,
+  the support points and the model before and after adaptation (MAML's figure 2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from metacli.errors import MetacliError
+from metacli.extras import require_extra
+
+PANEL = (5.0, 3.6)  # inches per panel
+
+
+def pyplot() -> Any:
+    require_extra("plot", "plotting")
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_records(folder: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl, skipping a line torn by a kill."""
+    records: list[dict[str, Any]] = []
+    path = folder / "metrics.jsonl"
+    if not path.exists():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def series(records: list[dict[str, Any]], split: str, key: str) -> tuple[list[int], list[float]]:
+    points = [
+        (int(r["iteration"]), float(r[key]))
+        for r in records
+        if r.get("split") == split and isinstance(r.get(key), (int, float))
+    ]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def validation_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    """Validation metric against iteration: one line per configuration, the mean over its
+    seeds with a band of one standard deviation (a 95% interval from 2-3 seeds would
+    dwarf every difference)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    label_keys = [
+        k
+        for k in (rows[0] if rows else {})
+        if k not in ("seeds", "metric", "metric_name", "ci95", "best_val", "iterations")
+        and k not in ("wall_time_s", "it_per_s", "runs", "command")
+    ]
+    metric_name = "validation metric"
+    for row in rows:
+        curves: dict[int, list[float]] = {}
+        for folder in row["runs"]:
+            records = read_records(Path(folder))
+            metric_name = next(
+                (f"validation {r['metric_name']}" for r in records if r.get("split") == "val"),
+                metric_name,
+            )
+            for it, value in zip(*series(records, "val", "metric"), strict=True):
+                curves.setdefault(it, []).append(value)
+        if not curves:
+            continue
+        its = sorted(curves)
+        means = [statistics.fmean(curves[i]) for i in its]
+        label = ", ".join(f"{k}={row[k]}" for k in label_keys) + f" ({row['seeds']} seeds)"
+        (line,) = ax.plot(its, means, label=label)
+        half = [statistics.stdev(curves[i]) if len(curves[i]) > 1 else 0.0 for i in its]
+        ax.fill_between(
+            its,
+            [m - h for m, h in zip(means, half, strict=True)],
+            [m + h for m, h in zip(means, half, strict=True)],
+            color=line.get_color(),
+            alpha=0.2,
+        )
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(metric_name)
+    ax.set_title("mean over seeds, band: ± 1 standard deviation", fontsize=9)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_run(folder: Path) -> list[Path]:
+    """Every figure that the run's files allow; returns the files written."""
+    summary_path = folder / "summary.json"
+    if not summary_path.is_file():
+        raise MetacliError(
+            f"metacli plot: {folder} is not a run folder (no summary.json). Give a folder "
+            f"under outputs/train/ or a multirun job folder."
+        )
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    records = read_records(folder)
+    plt = pyplot()
+    written = []
+    train_its, train_loss = series(records, "train", "loss")
+    val_its, val_metric = series(records, "val", "metric")
+    if train_its or val_its:
+        fig, axes = plt.subplots(1, 2, figsize=(2 * PANEL[0], PANEL[1]))
+        axes[0].plot(train_its, train_loss)
+        axes[0].set(xlabel="iteration", ylabel="train query loss", title="meta-training")
+        name = next((r["metric_name"] for r in records if r.get("split") == "val"), "metric")
+        axes[1].plot(val_its, val_metric, marker="o", markersize=3)
+        axes[1].set(xlabel="iteration", ylabel=f"validation {name}", title="validation")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+        written.append(save(plt, fig, folder / "learning_curves.png"))
+    test = next((r for r in reversed(records) if r.get("split") == "test"), None)
+    if test is not None and test.get("metric_per_step"):
+        per_step = test["metric_per_step"]
+        fig, ax = plt.subplots(figsize=PANEL)
+        ax.plot(range(len(per_step)), per_step, marker="o")
+        ax.errorbar(
+            [len(per_step) - 1],
+            [per_step[-1]],
+            yerr=[test.get("metric_ci95", 0.0)],
+            capsize=4,
+            color="black",
+        )
+        ax.set(
+            xlabel="inner steps on the support set",
+            ylabel=f"meta-test {test.get('metric_name', 'metric')}",
+            title=f"{test.get('num_tasks', '?')} test tasks",
+        )
+        ax.set_xticks(range(len(per_step)))
+        ax.grid(alpha=0.3)
+        written.append(save(plt, fig, folder / "inner_steps.png"))
+    figure = adaptation_figure(folder, summary, plt)
+    if figure is not None:
+        written.append(figure)
+    if not written:
+        raise MetacliError(
+            f"metacli plot: {folder} has nothing to plot yet (metrics.jsonl is empty or missing)."
+        )
+    return written
+
+
+def save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def adaptation_figure(
+    folder: Path, summary: dict[str, Any], plt: Any, tasks: int = 6
+) -> Path | None:
+    """1-D regression only: true function, support set, model before/after adaptation."""
+    config = summary.get("config")
+    checkpoints = [folder / "checkpoints" / n for n in ("best.pt", "last.pt")]
+    checkpoint_path = next((p for p in checkpoints if p.exists()), None)
+    if not isinstance(config, dict) or checkpoint_path is None:
+        return None
+    import torch
+    from omegaconf import DictConfig, OmegaConf
+
+    from metacli.algorithms.maml import MAML
+    from metacli.build import build
+    from metacli.checkpoint import load_checkpoint
+    from metacli.loop import load_weights
+    from metacli.tasks.base import ClassificationTask, split_generator
+
+    cfg = OmegaConf.merge(
+        OmegaConf.create(
+            {
+                "resume": None,
+                "ckpt_path": None,
+                "skip_finished": False,
+                "threads": None,
+                "logger": {"name": "none"},
+            }
+        ),
+        OmegaConf.create(config),
+    )
+    cfg.device = {"name": "cpu"}
+    if "queries" in cfg.task:
+        cfg.task.queries = 200  # a dense set of query points draws the true function
+    if "noise" in cfg.task:
+        cfg.task.noise = 0.0
+    assert isinstance(cfg, DictConfig)
+    c = build(cfg)
+    if (
+        isinstance(c.task, ClassificationTask)
+        or tuple(c.task.input_shape) != (1,)
+        or not isinstance(c.algorithm, MAML)
+    ):
+        return None
+    load_weights(c, load_checkpoint(checkpoint_path), str(checkpoint_path))
+    algorithm = c.algorithm
+    algorithm.eval()
+    batch = c.task.sample(tasks, "test", split_generator(int(cfg.seed), "test"))
+    params = {n: p.detach() for n, p in algorithm.initial_params().items()}
+    steps, lr = algorithm.test_steps, algorithm.test_lr
+    columns = 3
+    fig, axes = plt.subplots(
+        math.ceil(tasks / columns),
+        columns,
+        figsize=(columns * 4.0, math.ceil(tasks / columns) * 3.0),
+    )
+    for i, ax in enumerate(axes.flat):
+        sx, sy, qx, qy = (t[i] for t in batch.tensors())
+        order = qx[:, 0].argsort()
+        grid = qx[order]
+        with torch.no_grad():
+            before = algorithm.forward_with(params, grid, 0)
+        adapted = algorithm.adapt(params, sx, sy, steps, lr, True)
+        with torch.no_grad():
+            after = algorithm.forward_with(adapted, grid, steps)
+        x = grid[:, 0].numpy()
+        ax.plot(x, qy[order][:, 0].numpy(), color="black", label="true function")
+        ax.plot(x, before[:, 0].numpy(), "--", color="tab:blue", label="before adaptation")
+        ax.plot(x, after[:, 0].numpy(), color="tab:red", label=f"after {steps} steps")
+        ax.scatter(
+            sx[:, 0].numpy(),
+            sy[:, 0].numpy(),
+            color="tab:purple",
+            zorder=3,
+            label=f"{len(sx)} support points",
+        )
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{summary.get('groups', {}).get('algo', '')}: {tasks} meta-test tasks")
+    return save(plt, fig, folder / "adaptation.png")

@@ -1,0 +1,323 @@
+"""Sweeps (multirun, launchers, skip_finished, Optuna), `metacli compare` and `metacli plot`.
+
+Every sweep here is a real `metacli train -m` in a subprocess with tiny runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from metacli import compare, extras
+from metacli.errors import MetacliError
+
+from .conftest import read_summary, run_cli
+
+PNG = b"\x89PNG\r\n\x1a\n"
+SWEEP = ("train", "-m", "debug=tiny", "algo=maml,fomaml", "seed=0,1")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-config x 2-seed sweep, basic launcher."""
+    root = tmp_path_factory.mktemp("sweep")
+    result = run_cli(*SWEEP, f"hydra.sweep.dir={root / 'sweep'}", cwd=root)
+    assert "sweep: 4 jobs, 0 not finished" in result.stdout
+    return root / "sweep"
+
+
+def compare_json(*args: str, cwd: Path) -> dict:
+    return json.loads(run_cli("compare", *args, "--format", "json", cwd=cwd).stdout)
+
+
+def test_multirun_runs_every_combination_into_one_folder(sweep: Path) -> None:
+    jobs = {int(p.name): read_summary(p) for p in sweep.iterdir() if p.name.isdigit()}
+    assert sorted(jobs) == [0, 1, 2, 3]
+    combos = {(s["groups"]["algo"], s["seed"]) for s in jobs.values()}
+    assert combos == {("maml", 0), ("maml", 1), ("fomaml", 0), ("fomaml", 1)}
+    for summary in jobs.values():
+        assert summary["status"] == "finished"
+        # the train entry point returns optimized_metric (val: the best validation metric)
+        assert summary["objective"] == summary["best_val"]["metric"]
+
+
+def test_compare_aggregates_over_seeds_and_matches_the_summaries(sweep: Path) -> None:
+    report = compare_json(str(sweep), cwd=sweep.parent)
+    assert report["unfinished"] == []
+    rows = {row["algo"]: row for row in report["rows"]}
+    assert set(rows) == {"maml", "fomaml"}
+    for algo, row in rows.items():
+        summaries = [read_summary(Path(r)) for r in row["runs"]]
+        assert {s["groups"]["algo"] for s in summaries} == {algo}
+        assert sorted(s["seed"] for s in summaries) == [0, 1]
+        tests = [s["test"]["mean"] for s in summaries]
+        assert row["seeds"] == 2
+        assert row["metric"] == pytest.approx(statistics.fmean(tests), abs=1e-12)
+        # 95% CI across 2 seeds: t(0.975, df=1) = 12.706 times the standard error
+        assert row["ci95"] == pytest.approx(12.706 * statistics.stdev(tests) / math.sqrt(2))
+        vals = [s["best_val"]["metric"] for s in summaries]
+        assert row["best_val"] == pytest.approx(statistics.fmean(vals))
+        assert row["iterations"] == 20
+        assert row["wall_time_s"] == pytest.approx(
+            statistics.fmean(s["wall_time_s"] for s in summaries)
+        )
+    # mse: lower is better, so the default order is ascending
+    metrics = [row["metric"] for row in report["rows"]]
+    assert metrics == sorted(metrics)
+
+
+def test_compare_formats_print_the_same_numbers(sweep: Path) -> None:
+    rows = compare_json(str(sweep), cwd=sweep.parent)["rows"]
+    table = run_cli("compare", str(sweep), cwd=sweep.parent).stdout
+    markdown = run_cli("compare", str(sweep), "--format", "markdown", cwd=sweep.parent).stdout
+    text = run_cli("compare", str(sweep), "--format", "csv", cwd=sweep.parent).stdout
+    parsed = list(csv.DictReader(io.StringIO(text)))
+    assert len(parsed) == 2
+    assert markdown.splitlines()[1].startswith("|---|")
+    for row in rows:
+        shown = f"{row['metric']:.4f} ± {row['ci95']:.4f}"
+        assert shown in table and shown in markdown
+        line = next(p for p in parsed if p["algo"] == row["algo"])
+        assert float(line["metric"]) == pytest.approx(row["metric"], rel=1e-12)
+        assert int(line["seeds"]) == 2
+
+
+def test_compare_group_by_filter_sort_and_metric(sweep: Path) -> None:
+    cwd = sweep.parent
+    everything = compare_json(str(sweep), "--group-by", "task", cwd=cwd)["rows"]
+    assert len(everything) == 1 and everything[0]["seeds"] == 4
+    summaries = [read_summary(sweep / str(i)) for i in range(4)]
+    assert everything[0]["metric"] == pytest.approx(
+        statistics.fmean(s["test"]["mean"] for s in summaries)
+    )
+    only = compare_json(str(sweep), "--filter", "algo=fomaml", cwd=cwd)["rows"]
+    assert [r["algo"] for r in only] == ["fomaml"]
+    seed0 = compare_json(str(sweep), "--filter", "algo=maml", "--filter", "seed=0", cwd=cwd)
+    [row] = seed0["rows"]
+    assert row["seeds"] == 1 and row["metric"] == read_summary(sweep / "0")["test"]["mean"]
+    by_val = compare_json(str(sweep), "--metric", "val", "--sort", "algo", cwd=cwd)["rows"]
+    assert [r["algo"] for r in by_val] == ["fomaml", "maml"]
+    for row in by_val:
+        assert row["metric"] == pytest.approx(row["best_val"])
+    bad = run_cli("compare", str(sweep), "--sort", "nosuch", cwd=cwd, check=False)
+    assert bad.returncode == 2 and "--sort nosuch: no such column" in bad.stderr
+
+
+def test_one_seed_uses_the_runs_own_interval_and_broken_runs_are_listed(
+    sweep: Path, tmp_path: Path
+) -> None:
+    tree = tmp_path / "outputs"
+    tree.mkdir()
+    single = tree / "single"
+    subprocess.run(["cp", "-r", str(sweep / "0"), str(single)], check=True)
+    crashed = tree / "crashed"
+    crashed.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    summary = {**read_summary(single), "status": "running", "pid": dead.pid}
+    summary["host"] = os.uname().nodename
+    (crashed / "summary.json").write_text(json.dumps(summary))
+    torn = tree / "torn"
+    torn.mkdir()
+    (torn / "summary.json").write_text('{"status": "fini')
+    failed = tree / "failed"
+    failed.mkdir()
+    (failed / "summary.json").write_text(json.dumps({"status": "failed", "error": "boom"}))
+    hidden = tree / "single" / ".replaced" / "old"
+    hidden.mkdir(parents=True)
+    (hidden / "summary.json").write_text(json.dumps(read_summary(single)))
+    report = compare_json(str(tree), cwd=tmp_path)
+    [row] = report["rows"]
+    assert row["seeds"] == 1
+    assert row["ci95"] == read_summary(single)["test"]["ci95"]
+    statuses = {Path(u["folder"]).name: u["status"] for u in report["unfinished"]}
+    assert statuses == {"crashed": "crashed", "torn": "unreadable", "failed": "failed"}
+    table = run_cli("compare", str(tree), cwd=tmp_path).stdout
+    assert "3 run(s) not finished" in table and "failed: " in table and "(boom)" in table
+
+
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
+    result = run_cli(
+        "train",
+        "-m",
+        "debug=tiny",
+        "task.shots=0,5",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "sweep: 2 jobs, 1 not finished" in result.stdout
+    assert "job 0 failed: task.shots=0 is not allowed" in result.stdout
+    assert read_summary(tmp_path / "sweep" / "0")["status"] == "failed"
+    assert read_summary(tmp_path / "sweep" / "1")["status"] == "finished"
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_skip_finished_skips_resumes_and_never_overwrites(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    args = ("train", "-m", "debug=tiny", "seed=0,1", f"hydra.sweep.dir={sweep}")
+    run_cli(*args, cwd=tmp_path)
+    before = {i: (sweep / str(i) / "metrics.jsonl").read_bytes() for i in (0, 1)}
+    # job 1 was interrupted: skip_finished resumes it from its last checkpoint
+    summary = read_summary(sweep / "1")
+    (sweep / "1" / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    result = run_cli(*args, "skip_finished=true", cwd=tmp_path)
+    assert "skipped (finished before)" in result.stdout
+    assert (sweep / "0" / "metrics.jsonl").read_bytes() == before[0]
+    resumed = read_summary(sweep / "1")
+    assert resumed["status"] == "finished" and resumed["resumed_from_iteration"] == 20
+    # another config in the same folders: the earlier runs are moved aside, not lost
+    run_cli(
+        "train",
+        "-m",
+        "debug=tiny",
+        "seed=0",
+        "train.iterations=10",
+        f"hydra.sweep.dir={sweep}",
+        "skip_finished=true",
+        cwd=tmp_path,
+    )
+    assert read_summary(sweep / "0")["iterations"] == 10
+    [archived] = (sweep / "0" / ".replaced").iterdir()
+    assert (archived / "metrics.jsonl").read_bytes() == before[0]
+    assert read_summary(archived)["iterations"] == 20
+
+
+@pytest.mark.skipif(not extras.installed("joblib"), reason="hydra-joblib-launcher not installed")
+def test_joblib_launcher_runs_two_jobs_in_parallel_without_oversubscribing(
+    tmp_path: Path,
+) -> None:
+    sweep = tmp_path / "sweep"
+    run_cli(
+        "train",
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "debug=tiny",
+        "seed=0,1",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    jobs = [read_summary(sweep / str(i)) for i in (0, 1)]
+    assert [j["status"] for j in jobs] == ["finished", "finished"]
+    assert jobs[0]["pid"] != jobs[1]["pid"]  # separate worker processes
+    cores = len(os.sched_getaffinity(0))
+    assert all(j["threads"] == max(1, cores // 2) for j in jobs)
+    assert all(j["run_dir"] == str(sweep / str(i)) for i, j in enumerate(jobs))
+    assert len(set((sweep / "0" / "metacli.log").read_text().splitlines())) > 3
+
+
+@pytest.mark.skipif(not extras.installed("submitit"), reason="hydra-submitit-launcher missing")
+def test_submitit_local_launcher(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "train",
+        "-m",
+        "hydra/launcher=submitit_local",
+        "debug=tiny",
+        "seed=0,1",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert "sweep: 2 jobs, 0 not finished" in result.stdout
+    jobs = [read_summary(sweep / str(i)) for i in (0, 1)]
+    assert [j["status"] for j in jobs] == ["finished", "finished"]
+    assert all(j["threads"] == 1 for j in jobs)  # cpus_per_task: 1
+
+
+@pytest.mark.skipif(not extras.installed("optuna"), reason="hydra-optuna-sweeper not installed")
+def test_optuna_search_preset(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "train",
+        "hparams_search=maml_sinusoid",
+        "debug=tiny",
+        "hydra.sweeper.n_trials=3",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert "Best value:" in result.stdout + result.stderr
+    jobs = [read_summary(sweep / str(i)) for i in range(3)]
+    best = min(j["objective"] for j in jobs)
+    assert f"Best value: {best}" in result.stdout + result.stderr
+    lrs = {j["config"]["algo"]["inner_lr"] for j in jobs}
+    assert len(lrs) == 3 and all(0.001 <= lr <= 0.1 for lr in lrs)
+
+
+def test_a_missing_plugin_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(extras.EXTRAS, "joblib", ("no_such_module.launcher", "the launcher"))
+    with pytest.raises(MetacliError, match=r"pip install 'metacli\[joblib\]'"):
+        extras.check_overrides(["debug=tiny", "hydra/launcher=joblib"])
+    extras.check_overrides(["hydra/launcher=basic", "logger=none", "hparams_search=null"])
+
+
+def test_plots_are_written(sweep: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    figure = tmp_path / "val.png"
+    run_cli("compare", str(sweep), "--plot", str(figure), cwd=tmp_path)
+    assert figure.read_bytes().startswith(PNG) and figure.stat().st_size > 10_000
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(sweep / "0"), str(run)], check=True)
+    result = run_cli("plot", str(run), cwd=tmp_path)
+    for name in ("learning_curves.png", "inner_steps.png", "adaptation.png"):
+        assert f"wrote {run / name}" in result.stdout
+        assert (run / name).read_bytes().startswith(PNG) and (run / name).stat().st_size > 10_000
+    bad = run_cli("plot", str(tmp_path), cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "is not a run folder" in bad.stderr
+
+
+@pytest.mark.skipif(not extras.installed("tensorboard"), reason="tensorboard not installed")
+def test_tensorboard_logger(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    run_cli("train", "debug=tiny", "logger=tensorboard", f"hydra.run.dir={run}", cwd=tmp_path)
+    tags: dict[str, list[float]] = {}
+    for events in (run / "tensorboard").rglob("events.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            tags[tag] = [e.value for e in accumulator.Scalars(tag)]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r["metric"] for r in lines if r["split"] == "val"]
+    assert tags["val/metric"] == pytest.approx(val)
+    assert tags["hparam/test/metric"] == pytest.approx([read_summary(run)["test"]["mean"]])
+
+
+@pytest.mark.skipif(not extras.installed("mlflow"), reason="mlflow not installed (optional)")
+def test_mlflow_logger(tmp_path: Path) -> None:
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = tmp_path / "run"
+    run_cli(
+        "train",
+        "debug=tiny",
+        "logger=mlflow",
+        f"logger.tracking_uri={uri}",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("metacli")
+    [found] = client.search_runs([experiment.experiment_id])
+    assert found.info.status == "FINISHED"
+    assert found.data.params["algo.name"] == "maml"
+    assert found.data.metrics["test_metric"] == pytest.approx(read_summary(run)["test"]["mean"])
+
+
+def test_t_quantiles_and_mean_ci() -> None:
+    assert compare.t95(2) == 12.706 and compare.t95(11) == 2.228 and compare.t95(500) == 1.96
+    mean, half = compare.mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    assert compare.mean_ci([5.0]) == (5.0, None)
