@@ -1,13 +1,16 @@
 """Seconds per meta-iteration and peak memory of metacli against a plain per-task loop.
 
-Usage: make bench   (or: python benchmarks/run.py [--quick] [--out docs/benchmarks])
+Usage: make bench   (or: python benchmarks/run.py [--workloads ...] [--speedups] [--out ...])
 
 The reference is MAML as `higher`/learn2learn users write it: an nn.Module, a Python
 loop over the tasks, ``torch.autograd.grad(create_graph=True)`` for the inner steps.
 Every measurement runs in a fresh subprocess (so its peak memory is its own): the
 median seconds per meta-iteration after warm-up, and the peak resident memory growth
-of the process during the timed steps. Speed is a ratio, reference time / metacli
-time, from the same run. Random tensors of the right shapes stand in for data.
+of the process during the timed steps. The speed-up is measured apart: the reference
+and metacli's default strategy alternate step by step in one process, so both meet the
+same machine conditions (separate processes on a shared machine differ by up to 10-20%);
+it is the geometric mean of the per-round ratios with a 95% interval. Random tensors of
+the right shapes stand in for data.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
         ],
         "algos": ["maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "pretrain"],
         "repeats": (20, 15, 10),  # warm-up steps, timed repeats, steps per repeat
+        "rounds": 200,  # alternating reference / metacli steps for the speed-up
     },
     "omniglot_1step": {
         "title": "Omniglot-shaped 5-way 1-shot, Conv4-64, meta-batch 32, 15 queries, 1 step",
@@ -54,6 +58,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
         ],
         "algos": ["maml", "fomaml", "protonet"],
         "repeats": (1, 3, 1),
+        "rounds": 8,
     },
     "omniglot_5step": {
         "title": "Omniglot-shaped 5-way 1-shot, Conv4-64, meta-batch 32, 15 queries, 5 steps",
@@ -69,6 +74,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
         ],
         "algos": ["maml", "fomaml"],
         "repeats": (1, 2, 1),
+        "rounds": 6,
     },
     "miniimagenet_5step": {
         "title": "mini-ImageNet-shaped 5-way 1-shot, Conv4-32, 84x84x3, meta-batch 4, 5 steps",
@@ -86,6 +92,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
         ],
         "algos": ["maml", "fomaml"],
         "repeats": (1, 3, 1),
+        "rounds": 8,
     },
 }
 
@@ -229,9 +236,19 @@ def reference_step(
     optimizer.step()
 
 
-def run_one(workload: str, algo: str, strategy: str) -> dict[str, float]:
+def speedup(workload: str, algo: str) -> dict[str, Any]:
+    """The interleaved comparison of one row, in a process of its own."""
+    rounds = str(WORKLOADS[workload]["rounds"])
+    return run_child("--interleaved", workload, algo, "--rounds", rounds)
+
+
+def run_one(workload: str, algo: str, strategy: str) -> dict[str, Any]:
+    return run_child("--one", workload, algo, strategy)
+
+
+def run_child(*args: str) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, __file__, "--one", workload, algo, strategy],
+        [sys.executable, __file__, *args],
         capture_output=True,
         text=True,
         check=True,
@@ -256,10 +273,20 @@ def main() -> None:
         action="store_true",
         help="only measure episode sampling; update the existing report",
     )
+    parser.add_argument(
+        "--speedups",
+        action="store_true",
+        help="only re-measure the interleaved speed-ups; update the existing report",
+    )
     args = parser.parse_args()
-    if args.sampling:
+    if args.sampling or args.speedups:
         report = json.loads(args.out.with_suffix(".json").read_text())
-        report["sampling"] = sampling_cost()
+        if args.sampling:
+            report["sampling"] = sampling_cost()
+        for row in report["rows"] if args.speedups else []:
+            if "reference" in row and row["workload"] in args.workloads:
+                row["speedup"] = speedup(row["workload"], row["algo"])
+                print(json.dumps(row["speedup"]), flush=True)
         args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
         args.out.with_suffix(".md").write_text(
             markdown(report["meta"], report["rows"], report["sampling"])
@@ -292,6 +319,7 @@ def main() -> None:
             row["auto_strategy"] = run_one(workload, algo, "auto")["strategy"]
             if algo in ("maml", "fomaml"):
                 row["reference"] = run_one(workload, algo, "reference")
+                row["speedup"] = speedup(workload, algo)
             print(json.dumps(row), flush=True)
             rows.append(row)
     rows.sort(key=lambda r: list(WORKLOADS).index(r["workload"]))
@@ -318,20 +346,26 @@ def markdown(
         "",
         f"Produced by `make bench` (torch {meta['torch']}, {meta['threads']} CPU threads, "
         f"{meta['machine']}). Median milliseconds per meta-iteration after warm-up, each "
-        "measured in its own process; `speed-up` = reference time / time of the strategy "
-        "that `algo.batching=auto` picks, "
-        "timed in the same run; the reference is the plain per-task loop MAML of "
-        "`benchmarks/run.py`. `peak MB` is the process's peak resident memory.",
+        "measured in its own process; the reference is the plain per-task loop MAML of "
+        "`benchmarks/run.py`. `speed-up of auto` = reference time / time of the strategy "
+        "that `algo.batching=auto` picks, the two alternating step by step in one process "
+        "(geometric mean over rounds, 95% interval in brackets; `python benchmarks/run.py "
+        "--speedups` re-measures only these). `peak MB` is the process's peak resident "
+        "memory.",
         "",
         "| workload | algo | reference ms | vmap ms | loop ms | threads ms | auto picks | "
-        "speed-up of auto | peak MB ref / vmap / loop / threads |",
+        "speed-up of auto [95%] | peak MB ref / vmap / loop / threads |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ref = r.get("reference")
-        auto = r[r["auto_strategy"]]["seconds"]
         ref_ms = "-" if ref is None else f"{1e3 * ref['seconds']:.1f}"
-        speedup = "-" if ref is None else f"{ref['seconds'] / auto:.1f}x"
+        fast = r.get("speedup")
+        speedup = (
+            "-"
+            if fast is None
+            else f"{fast['speedup']:.2f}x [{fast['speedup_low']:.2f}-{fast['speedup_high']:.2f}]"
+        )
         ref_mb = "-" if ref is None else f"{ref['peak_mb']:.0f}"
         times = " | ".join(f"{1e3 * r[s]['seconds']:.1f}" for s in STRATEGIES)
         peaks = " / ".join(f"{r[s]['peak_mb']:.0f}" for s in STRATEGIES)

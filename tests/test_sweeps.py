@@ -35,6 +35,16 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "sweep"
 
 
+def run_sweep(
+    cwd: Path, *overrides: str, check: bool = True
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """``metacli train -m debug=tiny OVERRIDES`` into ``cwd/sweep``."""
+    sweep = cwd / "sweep"
+    mode = () if any(o.startswith("hparams_search=") for o in overrides) else ("-m",)
+    args = ("train", *mode, "debug=tiny", *overrides, f"hydra.sweep.dir={sweep}")
+    return sweep, run_cli(*args, cwd=cwd, check=check)
+
+
 def compare_json(*args: str, cwd: Path) -> dict:
     return json.loads(run_cli("compare", *args, "--format", "json", cwd=cwd).stdout)
 
@@ -146,15 +156,7 @@ def test_one_seed_uses_the_runs_own_interval_and_broken_runs_are_listed(
 
 
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
-    result = run_cli(
-        "train",
-        "-m",
-        "debug=tiny",
-        "task.shots=0,5",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        cwd=tmp_path,
-        check=False,
-    )
+    _, result = run_sweep(tmp_path, "task.shots=0,5", check=False)
     assert result.returncode == 1
     assert "sweep: 2 jobs, 1 not finished" in result.stdout
     assert "job 0 failed: task.shots=0 is not allowed" in result.stdout
@@ -164,29 +166,18 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
 
 
 def test_skip_finished_skips_resumes_and_never_overwrites(tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
-    args = ("train", "-m", "debug=tiny", "seed=0,1", f"hydra.sweep.dir={sweep}")
-    run_cli(*args, cwd=tmp_path)
+    sweep, _ = run_sweep(tmp_path, "seed=0,1")
     before = {i: (sweep / str(i) / "metrics.jsonl").read_bytes() for i in (0, 1)}
     # job 1 was interrupted: skip_finished resumes it from its last checkpoint
     summary = read_summary(sweep / "1")
     (sweep / "1" / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
-    result = run_cli(*args, "skip_finished=true", cwd=tmp_path)
+    _, result = run_sweep(tmp_path, "seed=0,1", "skip_finished=true")
     assert "skipped (finished before)" in result.stdout
     assert (sweep / "0" / "metrics.jsonl").read_bytes() == before[0]
     resumed = read_summary(sweep / "1")
     assert resumed["status"] == "finished" and resumed["resumed_from_iteration"] == 20
     # another config in the same folders: the earlier runs are moved aside, not lost
-    run_cli(
-        "train",
-        "-m",
-        "debug=tiny",
-        "seed=0",
-        "train.iterations=10",
-        f"hydra.sweep.dir={sweep}",
-        "skip_finished=true",
-        cwd=tmp_path,
-    )
+    run_sweep(tmp_path, "seed=0", "train.iterations=10", "skip_finished=true")
     assert read_summary(sweep / "0")["iterations"] == 10
     [archived] = (sweep / "0" / ".replaced").iterdir()
     assert (archived / "metrics.jsonl").read_bytes() == before[0]
@@ -197,17 +188,7 @@ def test_skip_finished_skips_resumes_and_never_overwrites(tmp_path: Path) -> Non
 def test_joblib_launcher_runs_two_jobs_in_parallel_without_oversubscribing(
     tmp_path: Path,
 ) -> None:
-    sweep = tmp_path / "sweep"
-    run_cli(
-        "train",
-        "-m",
-        "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
-        "debug=tiny",
-        "seed=0,1",
-        f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
-    )
+    sweep, _ = run_sweep(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1")
     jobs = [read_summary(sweep / str(i)) for i in (0, 1)]
     assert [j["status"] for j in jobs] == ["finished", "finished"]
     assert jobs[0]["pid"] != jobs[1]["pid"]  # separate worker processes
@@ -219,16 +200,7 @@ def test_joblib_launcher_runs_two_jobs_in_parallel_without_oversubscribing(
 
 @pytest.mark.skipif(not extras.installed("submitit"), reason="hydra-submitit-launcher missing")
 def test_submitit_local_launcher(tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
-    result = run_cli(
-        "train",
-        "-m",
-        "hydra/launcher=submitit_local",
-        "debug=tiny",
-        "seed=0,1",
-        f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
-    )
+    sweep, result = run_sweep(tmp_path, "hydra/launcher=submitit_local", "seed=0,1")
     assert "sweep: 2 jobs, 0 not finished" in result.stdout
     jobs = [read_summary(sweep / str(i)) for i in (0, 1)]
     assert [j["status"] for j in jobs] == ["finished", "finished"]
@@ -237,15 +209,7 @@ def test_submitit_local_launcher(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not extras.installed("optuna"), reason="hydra-optuna-sweeper not installed")
 def test_optuna_search_preset(tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
-    result = run_cli(
-        "train",
-        "hparams_search=maml_sinusoid",
-        "debug=tiny",
-        "hydra.sweeper.n_trials=3",
-        f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
-    )
+    sweep, result = run_sweep(tmp_path, "hparams_search=maml_sinusoid", "hydra.sweeper.n_trials=3")
     assert "Best value:" in result.stdout + result.stderr
     jobs = [read_summary(sweep / str(i)) for i in range(3)]
     best = min(j["objective"] for j in jobs)
