@@ -285,3 +285,21 @@ def test_t_quantiles_and_mean_ci() -> None:
     mean, half = compare.mean_ci([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
     assert compare.mean_ci([5.0]) == (5.0, None)
+
+
+def test_sweeping_a_key_that_only_some_algorithms_have(tmp_path: Path) -> None:
+    small = ("task=synthetic", "model=conv4", "model.filters=4", "algo=maml,protonet")
+    refused = run_cli(
+        "train", "-m", "debug=tiny", *small, "algo.inner_lr=0.1", cwd=tmp_path, check=False
+    )
+    assert refused.returncode == 2
+    assert "algo.inner_lr is not a setting of algo=protonet" in refused.stderr
+    assert "++algo.inner_lr=0.1" in refused.stderr and "Traceback" not in refused.stderr
+    sweep, result = run_sweep(tmp_path, *small, "++algo.inner_lr=0.1")
+    assert "sweep: 2 jobs, 0 not finished" in result.stdout
+    maml, protonet = (read_summary(sweep / str(i)) for i in (0, 1))
+    assert maml["config"]["algo"]["inner_lr"] == 0.1 and protonet["status"] == "finished"
+    log = (sweep / "1" / "metacli.log").read_text()
+    assert "algo.inner_lr does not apply to algo=protonet; ignored" in log
+    typo = run_cli("train", "debug=tiny", "++algo.inner_lrr=0.1", cwd=tmp_path, check=False)
+    assert typo.returncode == 2 and "algo.inner_lrr" in typo.stdout + typo.stderr  # unknown: error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from metacli.algorithms.base import MetaAlgorithm
 from metacli.config import DeviceConfig, OptimConfig, RunConfig, check_run_config, to_typed
@@ -42,7 +43,29 @@ def typed_group(cfg: DictConfig, group: str, base: type[Registered]) -> tuple[An
             f"The config has no {group}.name. Select a {group} with {group}=<option>."
         )
     cls: Any = lookup(group, str(node.name), base)
+    own = {f.name for f in dataclasses.fields(cls.Config)}
+    foreign = [k for k in node if k not in own and k in keys_of_other_options(group)]
+    if foreign:  # e.g. ++algo.inner_lr=0.1,0.4 in a sweep that includes algo=protonet
+        log.warning(
+            "%s does not apply to %s=%s; ignored",
+            ", ".join(f"{group}.{k}" for k in foreign),
+            group,
+            node.name,
+        )
+        node = OmegaConf.masked_copy(node, [k for k in node if k not in foreign])
     return cls, to_typed(cls.Config, node, group)
+
+
+def keys_of_other_options(group: str) -> set[str]:
+    """Every key that some shipped option of ``group`` has (conf/<group>/*.yaml)."""
+    from metacli.cli import config_dir
+
+    keys: set[str] = set()
+    for path in (config_dir() / group).glob("*.yaml"):
+        node = OmegaConf.load(path)
+        if isinstance(node, DictConfig):
+            keys.update(str(k) for k in node)
+    return keys
 
 
 def check(cfg: DictConfig) -> None:

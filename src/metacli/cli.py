@@ -79,6 +79,40 @@ def value_of(args: list[str], key: str) -> str | None:
     return values[-1] if values and values[-1] not in ("", "null") else None
 
 
+def check_swept_keys(args: list[str]) -> None:
+    """A sweep over ``algo=a,b`` with ``algo.key=...`` that only some options have.
+
+    Hydra would stop the whole sweep at the first job lacking the key; say instead how to
+    set it where it applies (``++``: force-add; options without it ignore it, logged).
+    """
+    if not any(a in ("-m", "--multirun") for a in args):
+        return
+    swept = {
+        key: value.split(",")
+        for key, value in (a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
+        if key in ("algo", "task", "model") and "," in value
+    }
+    for arg in args:
+        key, _, value = arg.partition("=")
+        group, _, sub = key.partition(".")
+        if not value or key.startswith(("+", "~")) or group not in swept or not sub:
+            continue
+        import yaml
+
+        lacking = []
+        for option in swept[group]:
+            path = config_dir() / group / f"{option}.yaml"
+            node = yaml.safe_load(path.read_text()) if path.is_file() else None
+            if isinstance(node, dict) and sub.split(".")[0] not in node:
+                lacking.append(option)
+        if lacking:
+            raise MetacliError(
+                f"{key} is not a setting of {group}={','.join(lacking)}, so Hydra would stop "
+                f"the sweep at its first job. To set it where it applies, write "
+                f"++{key}={value} (the other options ignore it, with a warning in their log)."
+            )
+
+
 def prepare(command: str, args: list[str]) -> list[str]:
     """Arguments for Hydra; ``resume`` and ``ckpt_path`` replay the overrides of their run."""
     resume = value_of(args, "resume") if command == "train" else None
@@ -200,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         check_overrides(args)
+        check_swept_keys(args)
         args = prepare(command, args)
     except MetacliError as err:
         print(f"metacli {command}: {err}", file=sys.stderr)

@@ -244,12 +244,20 @@ def cell(row: dict[str, Any], column: str) -> str:
     return text(value)
 
 
+RESULTS = ["seeds", "metric", "best_val", "iterations", "wall_time_s", "it_per_s"]
+HIDDEN = ["metric_name", "metric_source", "ci95", "runs"]
+
+
+def config_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The columns that say which configuration a row is."""
+    return [k for k in (rows[0] if rows else {}) if k not in (*RESULTS, *HIDDEN)]
+
+
 def display_columns(rows: list[dict[str, Any]]) -> list[str]:
-    fixed = ["seeds", "metric", "best_val", "iterations", "wall_time_s", "it_per_s"]
+    fixed = list(RESULTS)
     if rows[0]["metric_source"] == "val":
         fixed.remove("best_val")  # it is the metric column
-    rest = [k for k in rows[0] if k not in (*fixed, "metric_name", "metric_source", "ci95", "runs")]
-    return rest + fixed
+    return config_columns(rows) + fixed
 
 
 def header(column: str, rows: list[dict[str, Any]]) -> str:

@@ -60,12 +60,9 @@ def validation_curves(rows: list[dict[str, Any]], path: Path) -> None:
     dwarf every difference)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    label_keys = [
-        k
-        for k in (rows[0] if rows else {})
-        if k not in ("seeds", "metric", "metric_name", "ci95", "best_val", "iterations")
-        and k not in ("wall_time_s", "it_per_s", "runs", "command")
-    ]
+    from metacli.compare import config_columns
+
+    label_keys = config_columns(rows)
     metric_name = "validation metric"
     for row in rows:
         curves: dict[int, list[float]] = {}
@@ -81,7 +78,8 @@ def validation_curves(rows: list[dict[str, Any]], path: Path) -> None:
             continue
         its = sorted(curves)
         means = [statistics.fmean(curves[i]) for i in its]
-        label = ", ".join(f"{k}={row[k]}" for k in label_keys) + f" ({row['seeds']} seeds)"
+        parts = [f"{k}={row[k]}" for k in label_keys if row[k] is not None]
+        label = ", ".join(parts) + f" ({row['seeds']} seeds)"
         (line,) = ax.plot(its, means, label=label)
         half = [statistics.stdev(curves[i]) if len(curves[i]) > 1 else 0.0 for i in its]
         ax.fill_between(
