@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from metacli.config import flatten
 from metacli.errors import MetacliError
 
 # Two-sided 95% Student t quantiles by degrees of freedom (beyond 30: the normal 1.96).
@@ -49,15 +50,6 @@ def mean_ci(values: list[float]) -> tuple[float, float | None]:
     if len(values) < 2:
         return mean, None
     return mean, t95(len(values)) * statistics.stdev(values) / math.sqrt(len(values))
-
-
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: json.dumps(node) if isinstance(node, list) else node}
 
 
 @dataclass

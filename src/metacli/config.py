@@ -10,6 +10,7 @@ class the registry finds for them, so a new algorithm brings its own schema.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,3 +224,13 @@ def check_run_config(cfg: DictConfig) -> RunConfig:
 
 def dataclass_keys(schema: type) -> list[str]:
     return [f.name for f in dataclasses.fields(schema)]
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as ``a.b.c`` -> value (lists as JSON text): comparing runs, hparams."""
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: json.dumps(node) if isinstance(node, list) else node}

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
+from metacli.config import flatten
 from metacli.errors import ConfigError
 from metacli.extras import require_extra
 
@@ -38,20 +39,8 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
 
 def flat_params(cfg: DictConfig) -> dict[str, str | int | float | bool]:
     """The config as flat ``a.b.c`` -> value pairs (hparams, MLflow params)."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    out: dict[str, str | int | float | bool] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), value)
-        elif isinstance(node, (int, float, bool, str)):
-            out[prefix] = node
-        else:
-            out[prefix] = str(node)
-
-    walk("", container)
-    return out
+    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
+    return {k: v if isinstance(v, (int, float, bool, str)) else str(v) for k, v in flat.items()}
 
 
 class TensorBoardSink:

@@ -8,7 +8,6 @@ A sweep with a failed job exits with status 1 after the table.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -18,14 +17,7 @@ from omegaconf import DictConfig
 from rich.table import Table
 
 from metacli.console import CONSOLE
-
-
-def read_summary(folder: Path) -> dict[str, Any] | None:
-    try:
-        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return summary if isinstance(summary, dict) else None
+from metacli.run import read_json
 
 
 def job_folders(sweep_dir: Path) -> list[Path]:
@@ -65,7 +57,7 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         rows, failed = [], 0
         folders = job_folders(sweep_dir)
-        summaries = [read_summary(folder) or {} for folder in folders]
+        summaries = [read_json(folder / "summary.json") or {} for folder in folders]
         every = [set(s.get("overrides") or []) for s in summaries]
         common = set.intersection(*every) if every else set()
         for folder, summary in zip(folders, summaries, strict=True):

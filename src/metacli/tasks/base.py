@@ -12,6 +12,8 @@ from torch import Tensor
 from metacli.config import require
 from metacli.registry import Registered
 
+SPLITS = ("train", "val", "test")  # the task splits of every distribution
+
 
 @dataclass
 class TaskConfig:

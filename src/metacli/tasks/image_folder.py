@@ -18,7 +18,7 @@ import torch
 from metacli.config import require
 from metacli.console import track
 from metacli.errors import MetacliError
-from metacli.tasks.base import ClassificationConfig
+from metacli.tasks.base import SPLITS, ClassificationConfig
 from metacli.tasks.images import (
     ClassSet,
     ImageClassTask,
@@ -28,8 +28,6 @@ from metacli.tasks.images import (
     decode_image,
     stack_classes,
 )
-
-SPLITS = ("train", "val", "test")
 
 
 @dataclass

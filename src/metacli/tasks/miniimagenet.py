@@ -25,7 +25,7 @@ import torch
 
 from metacli.console import track
 from metacli.errors import MetacliError
-from metacli.tasks.base import ClassificationConfig
+from metacli.tasks.base import SPLITS, ClassificationConfig
 from metacli.tasks.images import (
     ClassSet,
     ImageClassTask,
@@ -36,7 +36,6 @@ from metacli.tasks.images import (
     stack_classes,
 )
 
-SPLITS = ("train", "val", "test")
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 SAFE_GLOBALS = {

@@ -27,6 +27,7 @@ import torch
 from metacli.config import require
 from metacli.console import track
 from metacli.errors import MetacliError
+from metacli.tasks.base import SPLITS as TASK_SPLITS
 from metacli.tasks.base import ClassificationConfig
 from metacli.tasks.images import ClassSet, ImageClassTask, cache_dir, cached, decode_image
 
@@ -231,7 +232,7 @@ class Omniglot(ImageClassTask, key="omniglot"):
             )
         known = set(self.characters)
         splits = {}
-        for split in ("train", "val", "test"):
+        for split in TASK_SPLITS:
             names = []
             for line in (folder / f"{split}.txt").read_text().split():
                 character, _, rotation = line.rpartition("/")

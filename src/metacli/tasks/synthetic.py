@@ -15,14 +15,13 @@ import torch.nn.functional as F
 
 from metacli.config import require
 from metacli.tasks.base import (
+    SPLITS,
     ClassificationConfig,
     ClassificationTask,
     TaskBatch,
     episodes,
     split_generator,
 )
-
-SPLITS = ("train", "val", "test")
 
 
 @dataclass
