@@ -288,18 +288,21 @@ def test_t_quantiles_and_mean_ci() -> None:
 
 
 def test_sweeping_a_key_that_only_some_algorithms_have(tmp_path: Path) -> None:
+    """The issue's example: algo=maml,anil,protonet with algo.inner_lr=0.1,0.4."""
     small = ("task=synthetic", "model=conv4", "model.filters=4", "algo=maml,protonet")
-    refused = run_cli(
-        "train", "-m", "debug=tiny", *small, "algo.inner_lr=0.1", cwd=tmp_path, check=False
-    )
-    assert refused.returncode == 2
-    assert "algo.inner_lr is not a setting of algo=protonet" in refused.stderr
-    assert "++algo.inner_lr=0.1" in refused.stderr and "Traceback" not in refused.stderr
-    sweep, result = run_sweep(tmp_path, *small, "++algo.inner_lr=0.1")
-    assert "sweep: 2 jobs, 0 not finished" in result.stdout
-    maml, protonet = (read_summary(sweep / str(i)) for i in (0, 1))
-    assert maml["config"]["algo"]["inner_lr"] == 0.1 and protonet["status"] == "finished"
-    log = (sweep / "1" / "metacli.log").read_text()
+    sweep, result = run_sweep(tmp_path, *small, "algo.inner_lr=0.1,0.4")
+    assert "algo.inner_lr is not a setting of algo=protonet" in result.stderr
+    assert "applying it as ++algo.inner_lr=0.1,0.4" in result.stderr
+    assert "sweep: 4 jobs, 0 not finished" in result.stdout
+    jobs = [read_summary(sweep / str(i)) for i in range(4)]
+    combos = {(j["groups"]["algo"], j["config"]["algo"]["inner_lr"]) for j in jobs}
+    assert combos == {("maml", 0.1), ("maml", 0.4), ("protonet", 0.1), ("protonet", 0.4)}
+    protonet = next(i for i, j in enumerate(jobs) if j["groups"]["algo"] == "protonet")
+    log = (sweep / str(protonet) / "metacli.log").read_text()
     assert "algo.inner_lr does not apply to algo=protonet; ignored" in log
     typo = run_cli("train", "debug=tiny", "++algo.inner_lrr=0.1", cwd=tmp_path, check=False)
     assert typo.returncode == 2 and "algo.inner_lrr" in typo.stdout + typo.stderr  # unknown: error
+    typo = run_cli(
+        "train", "-m", "debug=tiny", *small, "algo.inner_lrr=0.1", cwd=tmp_path, check=False
+    )
+    assert typo.returncode != 0 and "inner_lrr" in typo.stdout + typo.stderr

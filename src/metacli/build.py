@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metacli.algorithms.base import MetaAlgorithm
+from metacli.cli import option_keys
 from metacli.config import DeviceConfig, OptimConfig, RunConfig, check_run_config, to_typed
 from metacli.errors import ConfigError
 from metacli.models.base import Model
@@ -44,7 +45,9 @@ def typed_group(cfg: DictConfig, group: str, base: type[Registered]) -> tuple[An
         )
     cls: Any = lookup(group, str(node.name), base)
     own = {f.name for f in dataclasses.fields(cls.Config)}
-    foreign = [k for k in node if k not in own and k in keys_of_other_options(group)]
+    extra = [k for k in node if k not in own]
+    known = set().union(*option_keys(group).values()) if extra else set()
+    foreign = [k for k in extra if k in known]
     if foreign:  # e.g. ++algo.inner_lr=0.1,0.4 in a sweep that includes algo=protonet
         log.warning(
             "%s does not apply to %s=%s; ignored",
@@ -54,18 +57,6 @@ def typed_group(cfg: DictConfig, group: str, base: type[Registered]) -> tuple[An
         )
         node = OmegaConf.masked_copy(node, [k for k in node if k not in foreign])
     return cls, to_typed(cls.Config, node, group)
-
-
-def keys_of_other_options(group: str) -> set[str]:
-    """Every key that some shipped option of ``group`` has (conf/<group>/*.yaml)."""
-    from metacli.cli import config_dir
-
-    keys: set[str] = set()
-    for path in (config_dir() / group).glob("*.yaml"):
-        node = OmegaConf.load(path)
-        if isinstance(node, DictConfig):
-            keys.update(str(k) for k in node)
-    return keys
 
 
 def check(cfg: DictConfig) -> None:

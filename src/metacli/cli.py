@@ -79,38 +79,48 @@ def value_of(args: list[str], key: str) -> str | None:
     return values[-1] if values and values[-1] not in ("", "null") else None
 
 
-def check_swept_keys(args: list[str]) -> None:
-    """A sweep over ``algo=a,b`` with ``algo.key=...`` that only some options have.
+def option_keys(group: str) -> dict[str, set[str]]:
+    """The top-level keys of each shipped option of a config group (conf/<group>/*.yaml)."""
+    import yaml
 
-    Hydra would stop the whole sweep at the first job lacking the key; say instead how to
-    set it where it applies (``++``: force-add; options without it ignore it, logged).
+    keys: dict[str, set[str]] = {}
+    for path in sorted((config_dir() / group).glob("*.yaml")):
+        node = yaml.safe_load(path.read_text(encoding="utf-8"))
+        keys[path.stem] = {str(k) for k in node} if isinstance(node, dict) else set()
+    return keys
+
+
+def force_swept_keys(args: list[str]) -> list[str]:
+    """``algo.key=...`` in a sweep over ``algo=a,b`` where only some options have the key.
+
+    Hydra would stop the whole sweep at the first job lacking it, so the override becomes
+    ``++algo.key=...`` (force-add): the options without the key ignore it, with a warning
+    in their log. A key that no swept option has is left to fail as a misspelling.
     """
     if not any(a in ("-m", "--multirun") for a in args):
-        return
+        return args
     swept = {
         key: value.split(",")
         for key, value in (a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
         if key in ("algo", "task", "model") and "," in value
     }
+    out = []
     for arg in args:
         key, _, value = arg.partition("=")
         group, _, sub = key.partition(".")
-        if not value or key.startswith(("+", "~")) or group not in swept or not sub:
-            continue
-        import yaml
-
-        lacking = []
-        for option in swept[group]:
-            path = config_dir() / group / f"{option}.yaml"
-            node = yaml.safe_load(path.read_text()) if path.is_file() else None
-            if isinstance(node, dict) and sub.split(".")[0] not in node:
-                lacking.append(option)
-        if lacking:
-            raise MetacliError(
-                f"{key} is not a setting of {group}={','.join(lacking)}, so Hydra would stop "
-                f"the sweep at its first job. To set it where it applies, write "
-                f"++{key}={value} (the other options ignore it, with a warning in their log)."
-            )
+        if value and not key.startswith(("+", "~")) and group in swept and sub:
+            known = option_keys(group)
+            options = [o for o in swept[group] if o in known]
+            lacking = [o for o in options if sub.split(".")[0] not in known[o]]
+            if lacking and len(lacking) < len(options):
+                print(
+                    f"metacli: {key} is not a setting of {group}={','.join(lacking)}; "
+                    f"applying it as ++{key}={value}, which those options ignore.",
+                    file=sys.stderr,
+                )
+                arg = f"++{arg}"
+        out.append(arg)
+    return out
 
 
 def prepare(command: str, args: list[str]) -> list[str]:
@@ -234,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         check_overrides(args)
-        check_swept_keys(args)
+        args = force_swept_keys(args)
         args = prepare(command, args)
     except MetacliError as err:
         print(f"metacli {command}: {err}", file=sys.stderr)
