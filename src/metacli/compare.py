@@ -209,14 +209,12 @@ def sort_rows(rows: list[dict[str, Any]], key: str | None, reverse: bool) -> lis
         names = ", ".join(k for k in rows[0] if k != "runs")
         raise MetacliError(f"--sort {key}: no such column; choose one of {names}.")
 
-    def order(row: dict[str, Any]) -> tuple[int, Any]:
-        value = row.get(key)
-        if value is None:
-            return (1, 0)
-        return (0, value if isinstance(value, (int, float)) else str(value))
+    def order(row: dict[str, Any]) -> Any:
+        value = row[key]
+        return value if isinstance(value, (int, float)) else str(value)
 
     present = [r for r in rows if r.get(key) is not None]
-    missing = [r for r in rows if r.get(key) is None]
+    missing = [r for r in rows if r.get(key) is None]  # always last
     return sorted(present, key=order, reverse=reverse) + missing
 
 
@@ -227,12 +225,9 @@ def cell(row: dict[str, Any], column: str) -> str:
             return "-"
         ci = row.get("ci95")
         return f"{value:.4f}" + ("" if ci is None else f" ± {ci:.4f}")
-    if column in ("best_val",) and isinstance(value, float):
-        return f"{value:.4f}"
-    if column == "wall_time_s" and isinstance(value, float):
-        return f"{value:.1f}"
-    if column == "it_per_s" and isinstance(value, float):
-        return f"{value:.1f}"
+    digits = {"best_val": 4, "wall_time_s": 1, "it_per_s": 1}
+    if column in digits and isinstance(value, float):
+        return f"{value:.{digits[column]}f}"
     return text(value)
 
 
