@@ -7,10 +7,11 @@ loop over the tasks, ``torch.autograd.grad(create_graph=True)`` for the inner st
 Every measurement runs in a fresh subprocess (so its peak memory is its own): the
 median seconds per meta-iteration after warm-up, and the peak resident memory growth
 of the process during the timed steps. The speed-up is measured apart: the reference
-and metacli's default strategy alternate step by step in one process, so both meet the
-same machine conditions (separate processes on a shared machine differ by up to 10-20%);
-it is the geometric mean of the per-round ratios with a 95% interval. Random tensors of
-the right shapes stand in for data.
+(for the other algorithms metacli's own per-task ``loop``) and metacli's default
+strategy alternate step by step in one process, so both meet the same machine
+conditions (separate processes on a shared machine differ by up to 10-20%); it is the
+geometric mean of the per-round ratios with a 95% interval. Random tensors of the right
+shapes stand in for data.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 ALGOS = ["maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "protonet", "pretrain"]
+REFERENCE_ALGOS = ("maml", "fomaml")  # what reference_step implements
 WORKLOADS: dict[str, dict[str, Any]] = {
     "sinusoid": {
         "title": "sinusoid MLP 1-40-40-1, meta-batch 25, K=10, 1 step",
@@ -43,7 +45,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
         ],
         "algos": [a for a in ALGOS if a != "protonet"],  # a regression task
         "repeats": (20, 15, 10),  # warm-up steps, timed repeats, steps per repeat
-        "rounds": 200,  # alternating reference / metacli steps for the speed-up
+        "rounds": 200,  # alternating baseline / metacli steps for the speed-up
     },
     "omniglot_1step": {
         "title": "Omniglot-shaped 5-way 1-shot, Conv4-64, meta-batch 32, 15 queries, 1 step",
@@ -178,16 +180,27 @@ def torch_generator() -> Any:
     return torch.Generator().manual_seed(0)
 
 
+def baseline(algo: str) -> str:
+    """What the default strategy's speed-up is measured against.
+
+    The loop reference of this file for MAML and first-order MAML; for the other
+    algorithms metacli's own ``algo.batching=loop``, the same per-task functions called
+    in a plain Python loop (tests check it against independent per-task loops).
+    """
+    return "reference" if algo in REFERENCE_ALGOS else "loop"
+
+
 def interleaved(workload: str, algo: str, rounds: int) -> dict[str, Any]:
-    """Reference and metacli's default strategy timed alternately in ONE process.
+    """The baseline and metacli's default strategy timed alternately in ONE process.
 
     Separate processes (as in the table) add a few percent of process-to-process noise;
     alternating in one process compares the two under the same conditions. Reports the
-    median ms of each and the speed-up (reference / metacli) with a 95% interval from the
+    median ms of each and the speed-up (baseline / metacli) with a 95% interval from the
     per-round log ratios.
     """
     components, ours = make_step(workload, algo, "auto")
-    steps = {"reference": make_step(workload, algo, "reference")[1], "metacli": ours}
+    base = baseline(algo)
+    steps = {base: make_step(workload, algo, base)[1], "metacli": ours}
     times: dict[str, list[float]] = {name: [] for name in steps}
     for step in steps.values():
         step()
@@ -196,12 +209,13 @@ def interleaved(workload: str, algo: str, rounds: int) -> dict[str, Any]:
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
-    logs = [math.log(r / o) for r, o in zip(times["reference"], times["metacli"], strict=True)]
+    logs = [math.log(r / o) for r, o in zip(times[base], times["metacli"], strict=True)]
     mean = statistics.fmean(logs)
     half = 1.96 * statistics.stdev(logs) / math.sqrt(len(logs)) if len(logs) > 1 else 0.0
     return {
         "strategy": components.algorithm.batching,
-        "reference_ms": 1e3 * statistics.median(times["reference"]),
+        "baseline": base,
+        "baseline_ms": 1e3 * statistics.median(times[base]),
         "metacli_ms": 1e3 * statistics.median(times["metacli"]),
         "rounds": rounds,
         "speedup": math.exp(mean),
@@ -237,8 +251,11 @@ def reference_step(
     optimizer.step()
 
 
-def speedup(workload: str, algo: str) -> dict[str, Any]:
-    """The interleaved comparison of one row, in a process of its own."""
+def speedup(workload: str, algo: str, auto: str) -> dict[str, Any] | None:
+    """The interleaved comparison of one row, in a process of its own (None: auto is the
+    baseline itself)."""
+    if auto == baseline(algo):
+        return None
     rounds = str(WORKLOADS[workload]["rounds"])
     return run_child("--interleaved", workload, algo, "--rounds", rounds)
 
@@ -266,7 +283,7 @@ def main() -> None:
         "--interleaved",
         nargs=2,
         metavar=("WORKLOAD", "ALGO"),
-        help="time the reference and the default strategy alternately in one process",
+        help="time the baseline and the default strategy alternately in one process",
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
@@ -288,8 +305,8 @@ def main() -> None:
         if args.sampling:
             report["sampling"] = sampling_cost()
         for row in report["rows"] if args.speedups else []:
-            if "reference" in row and row["workload"] in args.workloads:
-                row["speedup"] = speedup(row["workload"], row["algo"])
+            if row["workload"] in args.workloads and row["algo"] in args.algos:
+                row["speedup"] = speedup(row["workload"], row["algo"], row["auto_strategy"])
                 print(json.dumps(row["speedup"]), flush=True)
         args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
         args.out.with_suffix(".md").write_text(
@@ -322,9 +339,9 @@ def main() -> None:
             for strategy in STRATEGIES:
                 row[strategy] = run_one(workload, algo, strategy)
             row["auto_strategy"] = run_one(workload, algo, "auto")["strategy"]
-            if algo in ("maml", "fomaml"):
+            if algo in REFERENCE_ALGOS:
                 row["reference"] = run_one(workload, algo, "reference")
-                row["speedup"] = speedup(workload, algo)
+            row["speedup"] = speedup(workload, algo, row["auto_strategy"])
             print(json.dumps(row), flush=True)
             rows.append(row)
     rows.sort(key=lambda r: list(WORKLOADS).index(r["workload"]))
@@ -352,24 +369,29 @@ def markdown(
         f"Produced by `make bench` (torch {meta['torch']}, {meta['threads']} CPU threads, "
         f"{meta['machine']}). Median milliseconds per meta-iteration after warm-up, each "
         "measured in its own process; the reference is the plain per-task loop MAML of "
-        "`benchmarks/run.py`. `speed-up of auto` = reference time / time of the strategy "
-        "that `algo.batching=auto` picks, the two alternating step by step in one process "
-        "(geometric mean over rounds, 95% interval in brackets; `python benchmarks/run.py "
-        "--speedups` re-measures only these). `peak MB` is the process's peak resident "
-        "memory.",
+        "`benchmarks/run.py` (MAML and first-order MAML only). `speed-up of auto` = "
+        "baseline time / time of the strategy that `algo.batching=auto` picks, the two "
+        "alternating step by step in one process (geometric mean over rounds, 95% interval "
+        "in brackets; `python benchmarks/run.py --speedups` re-measures only these); the "
+        "baseline is the reference for maml and fomaml and metacli's own per-task `loop` "
+        "for the other algorithms. `peak MB` is the process's peak resident memory.",
         "",
         "| workload | algo | reference ms | vmap ms | loop ms | threads ms | auto picks | "
-        "speed-up of auto [95%] | peak MB ref / vmap / loop / threads |",
+        "speed-up of auto [95%] over | peak MB ref / vmap / loop / threads |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ref = r.get("reference")
         ref_ms = "-" if ref is None else f"{1e3 * ref['seconds']:.1f}"
         fast = r.get("speedup")
+        base = baseline(r["algo"])
         speedup = (
             "-"
+            if "speedup" not in r  # not measured
+            else f"1x (auto is {base})"
             if fast is None
-            else f"{fast['speedup']:.2f}x [{fast['speedup_low']:.2f}-{fast['speedup_high']:.2f}]"
+            else f"{fast['speedup']:.2f}x [{fast['speedup_low']:.2f}-{fast['speedup_high']:.2f}] "
+            f"{base}"
         )
         ref_mb = "-" if ref is None else f"{ref['peak_mb']:.0f}"
         times = " | ".join(f"{1e3 * r[s]['seconds']:.1f}" for s in STRATEGIES)
