@@ -435,8 +435,25 @@ def test_mamlpp_switches_on_per_step_norm_and_cosine_schedule() -> None:
 def test_auto_batching_follows_the_measured_preference() -> None:
     torch.set_default_dtype(torch.float32)
     assert build(compose_config("device=cpu")).algorithm.batching == "vmap"
-    conv = build(compose_config("task=synthetic", "model=conv4", "device=cpu", "model.filters=4"))
-    assert conv.algorithm.batching == "threads"
+    conv = ("task=synthetic", "model=conv4", "device=cpu", "model.filters=4")
+    assert build(compose_config(*conv)).algorithm.batching == "threads"
+    # No inner loop: each task is one large batch, so the plain loop is taken instead.
+    for algo in ("protonet", "pretrain"):
+        assert build(compose_config(*conv, f"algo={algo}")).algorithm.batching == "loop"
+    chosen = build(compose_config(*conv, "algo=protonet", "algo.batching=threads"))
+    assert chosen.algorithm.batching == "threads"  # an explicit choice is kept
+
+
+def test_threads_leave_a_single_task_in_the_calling_thread() -> None:
+    """One single-threaded worker would use one core; the calling thread may use all."""
+    torch.set_default_dtype(torch.float32)
+    task, model, batch = classification(norm="transductive", head=True)
+    maml = MAML(MAMLConfig(inner_lr=LR, inner_steps=STEPS, batching="threads"), model, task)
+    one = batch[:1]
+    maml.meta_loss(one)[0].backward()
+    assert "_workers" not in maml.__dict__  # no pool was started
+    maml.meta_loss(batch)[0].backward()
+    assert maml.__dict__["_workers"].replicas
 
 
 def test_threads_compute_each_task_in_its_own_replica_and_restore_nothing_global() -> None:

@@ -53,6 +53,11 @@ class MetaAlgorithm(nn.Module, Registered):
     registry: ClassVar[dict[str, type]] = {}
     Config: ClassVar[type[AlgoConfig]] = AlgoConfig
     uses_head: ClassVar[bool] = True  # False: the model is built without its linear head
+    # False: meta_loss computes each task as one forward/backward over all its examples
+    # (ProtoNet, pretraining). Each operation then has enough work for all cores, so on
+    # a CPU `auto` takes the plain loop where the model prefers threads (measured:
+    # docs/benchmarks.md).
+    inner_loop: ClassVar[bool] = True
     outer_steps: Tensor
 
     def __init__(self, cfg: AlgoConfig, model: Model, task: TaskDistribution) -> None:
@@ -79,7 +84,8 @@ class MetaAlgorithm(nn.Module, Registered):
             return self.cfg.batching
         parameter = next(self.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
-        return self.model.batching_for(device)
+        preferred = self.model.batching_for(device)
+        return "loop" if preferred == "threads" and not self.inner_loop else preferred
 
     def observe(self, batch: TaskBatch) -> None:
         """After each outer step: count it; let ``running`` batch norm see the inputs."""
@@ -107,12 +113,13 @@ class MetaAlgorithm(nn.Module, Registered):
         """Mean over tasks of the loss ``fn`` returns (with ``map_tasks``'s arguments), and
         each task's metric [B].
 
-        With ``threads`` each worker also backpropagates its own task's loss, so the
-        backward pass (most of a second-order meta-iteration) runs in parallel too; the
-        returned scalar then carries the summed gradient, added in task order so runs stay
-        reproducible.
+        Without ``vmap`` each task's loss is backpropagated as soon as it is computed
+        (by its worker, with ``threads``, so the backward pass, most of a second-order
+        meta-iteration, runs in parallel too): only one task's graph per worker is held,
+        not the whole meta-batch's. The returned scalar then carries the summed gradient,
+        added in task order so runs stay reproducible.
         """
-        if self.batching != "threads" or not torch.is_grad_enabled():
+        if self.batching == "vmap" or not torch.is_grad_enabled():
             losses, metrics = self.map_tasks(fn, params, batch)
             return losses.mean(), metrics.detach()
         leaves = [p for p in self.parameters() if p.requires_grad]
@@ -126,7 +133,7 @@ class MetaAlgorithm(nn.Module, Registered):
             return loss.detach(), metric.detach(), grads
 
         losses, metrics, total = [], [], None
-        for loss, metric, grads in self._threaded(one, TASK_DIMS, (params, *batch.tensors())):
+        for loss, metric, grads in self._each(one, TASK_DIMS, (params, *batch.tensors())):
             losses.append(loss)
             metrics.append(metric)
             total = grads if total is None else [a + b for a, b in zip(total, grads, strict=True)]
@@ -145,10 +152,7 @@ class MetaAlgorithm(nn.Module, Registered):
         """
         if self.batching == "vmap":
             return torch.func.vmap(fn, in_dims=tuple(in_dims))(*args)
-        if self.batching == "threads":
-            outputs = list(self._threaded(fn, in_dims, args))
-        else:
-            outputs = [fn(*task_args) for task_args in slices(in_dims, args)]
+        outputs = list(self._each(fn, in_dims, args))
         flat = [tree_flatten(output) for output in outputs]
         leaves = [torch.stack(parts) for parts in zip(*(f[0] for f in flat), strict=True)]
         return tree_unflatten(leaves, flat[0][1])  # same structure as vmap returns
@@ -166,10 +170,14 @@ class MetaAlgorithm(nn.Module, Registered):
             return self.model
         return workers.replicas[threading.current_thread()]
 
-    def _threaded(
+    def _each(
         self, fn: Callable[..., Any], in_dims: Sequence[int | None], args: Sequence[Any]
     ) -> Iterator[Any]:
-        """``fn`` on each task in the worker threads; results in task order."""
+        """``fn`` on each task, in task order: in the worker threads with ``threads``
+        (a single task stays in this thread, where it can use every core), else here."""
+        tasks = list(slices(in_dims, args))
+        if self.batching != "threads" or len(tasks) == 1:
+            return (fn(*task_args) for task_args in tasks)
         workers = self.__dict__.get("_workers")
         if workers is None:
             workers = self.__dict__["_workers"] = TaskThreads(self.model)
@@ -180,7 +188,7 @@ class MetaAlgorithm(nn.Module, Registered):
             with torch.set_grad_enabled(grad_enabled):  # grad mode is per thread
                 return fn(*task_args)
 
-        return workers.pool.map(call, slices(in_dims, args))
+        return workers.pool.map(call, tasks)
 
 
 TASK_DIMS = (None, 0, 0, 0, 0)  # map_tasks: params shared, batch tensors split by task

@@ -24,6 +24,7 @@ class PretrainConfig(GradientConfig):
 
 
 class Pretrain(MAML, key="pretrain"):
+    inner_loop = False  # training fits all examples jointly; only testing fine-tunes
     Config: ClassVar[type[AlgoConfig]] = PretrainConfig
 
     def joint_loss(

@@ -35,6 +35,7 @@ def prototype_logits(support: Tensor, support_y: Tensor, query: Tensor, ways: in
 
 
 class ProtoNet(MetaAlgorithm, key="protonet"):
+    inner_loop = False  # an episode is one forward pass; nothing is adapted
     Config: ClassVar[type[AlgoConfig]] = ProtoNetConfig
     uses_head = False
 
