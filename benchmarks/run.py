@@ -7,7 +7,7 @@ loop over the tasks, ``torch.autograd.grad(create_graph=True)`` for the inner st
 Every measurement runs in a fresh subprocess (so its peak memory is its own): the
 median seconds per meta-iteration after warm-up, and the peak resident memory growth
 of the process during the timed steps. The speed-up is measured apart: the reference
-(for the other algorithms metacli's own per-task ``loop``) and metacli's default
+(for the other algorithms the plain loop, see ``plain_loop``) and metacli's default
 strategy alternate step by step in one process, so both meet the same machine
 conditions (separate processes on a shared machine differ by up to 10-20%); it is the
 geometric mean of the per-round ratios with a 95% interval. Random tensors of the right
@@ -101,6 +101,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 
 
 STRATEGIES = ("vmap", "loop", "threads")  # algo.batching, besides auto
+COLUMNS = (*STRATEGIES, "reference")  # what a row measures in processes of its own
 
 
 def rss_mb() -> float:
@@ -119,7 +120,7 @@ def make_step(workload: str, algo: str, strategy: str) -> tuple[Any, Any]:
     if algo == "protonet":
         overrides = [o for o in overrides if not o.startswith("algo.inner_steps")]
     if strategy not in ("reference", "auto"):
-        overrides.append(f"algo.batching={strategy}")
+        overrides.append(f"algo.batching={'loop' if strategy == 'plain' else strategy}")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         c = build(compose("train", overrides=overrides))
     if strategy == "reference":
@@ -131,7 +132,25 @@ def make_step(workload: str, algo: str, strategy: str) -> tuple[Any, Any]:
             reference_step(c.model, c.optimizer, c.task.loss, batch, steps, lr, first_order)
 
         return c, step
+    if strategy == "plain":
+        plain_loop(c.algorithm)
     return c, lambda: meta_step(c, None)
+
+
+def plain_loop(algorithm: Any) -> None:
+    """Make ``algorithm`` (built with ``algo.batching=loop``) the plain per-task loop.
+
+    Each task's loss computed in a Python loop and the mean backpropagated once, so the
+    whole meta-batch's graph is held until then: how a per-task loop is usually written,
+    and the baseline of the algorithms the reference does not implement. metacli's own
+    ``loop`` backpropagates each task as it goes instead (same numbers, less memory).
+    """
+
+    def mean_loss(fn: Any, params: Any, batch: Any) -> Any:
+        losses, metrics = algorithm.map_tasks(fn, params, batch)
+        return losses.mean(), metrics.detach()
+
+    algorithm.mean_loss = mean_loss
 
 
 def measure(workload: str, algo: str, strategy: str) -> dict[str, Any]:
@@ -184,10 +203,10 @@ def baseline(algo: str) -> str:
     """What the default strategy's speed-up is measured against.
 
     The loop reference of this file for MAML and first-order MAML; for the other
-    algorithms metacli's own ``algo.batching=loop``, the same per-task functions called
-    in a plain Python loop (tests check it against independent per-task loops).
+    algorithms ``plain_loop``: metacli's per-task functions (which tests check against
+    independent per-task loops) called in a plain Python loop.
     """
-    return "reference" if algo in REFERENCE_ALGOS else "loop"
+    return "reference" if algo in REFERENCE_ALGOS else "plain"
 
 
 def interleaved(workload: str, algo: str, rounds: int) -> dict[str, Any]:
@@ -290,6 +309,13 @@ def main() -> None:
         "--algos", nargs="+", choices=ALGOS, default=ALGOS, help="measure only these rows"
     )
     parser.add_argument(
+        "--strategies",
+        nargs="+",
+        choices=COLUMNS,
+        default=list(COLUMNS),
+        help="re-measure only these columns of the existing rows (not the speed-ups)",
+    )
+    parser.add_argument(
         "--sampling",
         action="store_true",
         help="only measure episode sampling; update the existing report",
@@ -322,26 +348,28 @@ def main() -> None:
         return
     import torch
 
-    rows = []
+    rows, old = [], {}
     previous = args.out.with_suffix(".json")
+    whole_rows = set(args.strategies) == set(COLUMNS)
     partial = set(args.workloads) != set(WORKLOADS) or set(args.algos) != set(ALGOS)
-    if partial and previous.exists():  # keep the rows not measured now
-        rows = [
-            r
-            for r in json.loads(previous.read_text())["rows"]
-            if r["workload"] not in args.workloads or r["algo"] not in args.algos
-        ]
+    if (partial or not whole_rows) and previous.exists():  # keep what is not measured now
+        for r in json.loads(previous.read_text())["rows"]:
+            if r["workload"] not in args.workloads or r["algo"] not in args.algos:
+                rows.append(r)
+            elif not whole_rows:
+                old[r["workload"], r["algo"]] = r
     for workload, spec in WORKLOADS.items():
         if workload not in args.workloads:
             continue
         for algo in (a for a in spec["algos"] if a in args.algos):
             row: dict[str, Any] = {"workload": workload, "title": spec["title"], "algo": algo}
-            for strategy in STRATEGIES:
-                row[strategy] = run_one(workload, algo, strategy)
+            row = old.get((workload, algo), {}) | row
+            for strategy in args.strategies:
+                if strategy != "reference" or algo in REFERENCE_ALGOS:
+                    row[strategy] = run_one(workload, algo, strategy)
             row["auto_strategy"] = run_one(workload, algo, "auto")["strategy"]
-            if algo in REFERENCE_ALGOS:
-                row["reference"] = run_one(workload, algo, "reference")
-            row["speedup"] = speedup(workload, algo, row["auto_strategy"])
+            if whole_rows:
+                row["speedup"] = speedup(workload, algo, row["auto_strategy"])
             print(json.dumps(row), flush=True)
             rows.append(row)
     rows.sort(key=lambda r: list(WORKLOADS).index(r["workload"]))
@@ -373,8 +401,10 @@ def markdown(
         "baseline time / time of the strategy that `algo.batching=auto` picks, the two "
         "alternating step by step in one process (geometric mean over rounds, 95% interval "
         "in brackets; `python benchmarks/run.py --speedups` re-measures only these); the "
-        "baseline is the reference for maml and fomaml and metacli's own per-task `loop` "
-        "for the other algorithms. `peak MB` is the process's peak resident memory.",
+        "baseline is the reference for maml and fomaml and, for the other algorithms, "
+        "`plain`: metacli's per-task functions in a plain Python loop that keeps the whole "
+        "meta-batch's graph for one backward pass (`algo.batching=loop` backpropagates "
+        "each task as it goes). `peak MB` is the process's peak resident memory.",
         "",
         "| workload | algo | reference ms | vmap ms | loop ms | threads ms | auto picks | "
         "speed-up of auto [95%] over | peak MB ref / vmap / loop / threads |",
