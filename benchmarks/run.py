@@ -146,11 +146,14 @@ def plain_loop(algorithm: Any) -> None:
     ``loop`` backpropagates each task as it goes instead (same numbers, less memory).
     """
 
-    def mean_loss(fn: Any, params: Any, batch: Any) -> Any:
-        losses, metrics = algorithm.map_tasks(fn, params, batch)
-        return losses.mean(), metrics.detach()
+    from metacli.algorithms.base import MetaLoss
 
-    algorithm.mean_loss = mean_loss
+    def mean_over_tasks(fn: Any, batch: Any, *shared: Any) -> Any:
+        losses, metrics, terms = algorithm.executor.map(fn, batch.keys, shared, batch.tensors())
+        means = {k: v.detach().mean() for k, v in terms.items()}
+        return MetaLoss(losses.mean(), metrics.detach(), means)
+
+    algorithm.mean_over_tasks = mean_over_tasks
 
 
 def measure(workload: str, algo: str, strategy: str) -> dict[str, Any]:

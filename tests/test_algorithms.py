@@ -21,6 +21,8 @@ from metacli.algorithms.pretrain import Pretrain, PretrainConfig
 from metacli.algorithms.protonet import ProtoNet, ProtoNetConfig
 from metacli.algorithms.reptile import Reptile, ReptileConfig
 from metacli.build import build
+from metacli.engine.inner import last
+from metacli.engine.random import TaskRandom
 from metacli.loop import evaluate, meta_step
 from metacli.models.conv4 import Conv4, Conv4Config
 from metacli.models.mlp import MLP, MLPConfig
@@ -121,13 +123,15 @@ def reference_maml(
 def test_anil_meta_gradient_and_frozen_body(batching: str) -> None:
     task, model, batch = regression()
     anil = ANIL(ANILConfig(inner_lr=LR, inner_steps=STEPS, batching=batching), model, task)
-    ours = grads_of(model, anil.meta_loss(batch)[0])
+    ours = grads_of(model, anil.meta_loss(batch).loss)
     head = ["head.weight", "head.bias"]
     ref = grads_of(model, reference_maml(model, batch, F.mse_loss, head, lambda n, s: LR))
     assert_close_dicts(ours, ref, 1e-8)
     assert ours["body.1.weight"].abs().sum() > 0  # the body learns in the outer loop
     params = dict(model.named_parameters())
-    adapted = anil.adapt(params, batch.support_x[0], batch.support_y[0], STEPS, LR, False)
+    rng = TaskRandom(torch.tensor(0))
+    steps = anil.adapt(params, batch.support_x[0], batch.support_y[0], STEPS, LR, False, rng)
+    adapted = last(steps).params
     for name, value in params.items():
         changed = not torch.equal(adapted[name], value)
         assert changed == (name in head), name
@@ -138,15 +142,15 @@ def test_metasgd_meta_gradient_reaches_the_learned_rates(batching: str) -> None:
     task, model, batch = regression()
     metasgd = MetaSGD(MetaSGDConfig(inner_lr=LR, inner_steps=STEPS, batching=batching), model, task)
     with torch.no_grad():  # distinct rates per element, so a mix-up would show
-        for rates in metasgd.learning_rates.values():
+        for rates in metasgd.learned_rates().values():
             rates.uniform_(0.05, 0.15)
-    ours = grads_of(metasgd, metasgd.meta_loss(batch)[0])
+    ours = grads_of(metasgd, metasgd.meta_loss(batch).loss)
     names = [n for n, _ in model.named_parameters()]
-    rates = {n: metasgd.learning_rates[n.replace(".", "__")] for n in names}
+    rates = metasgd.learned_rates()
     loss = reference_maml(model, batch, F.mse_loss, names, lambda n, s: rates[n])
     ref = grads_of(metasgd, loss)
     assert_close_dicts(ours, ref, 1e-8)
-    assert all(ours[f"learning_rates.{n.replace('.', '__')}"].abs().sum() > 0 for n in names)
+    assert all(ours[f"rule.learning_rates.{n.replace('.', '__')}"].abs().sum() > 0 for n in names)
 
 
 def test_mamlpp_with_every_trick_off_equals_maml() -> None:
@@ -154,7 +158,7 @@ def test_mamlpp_with_every_trick_off_equals_maml() -> None:
     off = MAMLPPConfig(
         inner_lr=LR,
         inner_steps=STEPS,
-        learn_inner_lr=False,
+        update="sgd",
         multi_step_loss=False,
         first_order_iterations=0,
         per_step_bn=False,
@@ -163,8 +167,8 @@ def test_mamlpp_with_every_trick_off_equals_maml() -> None:
     mamlpp = MAMLPP(off, model, task)
     maml = MAML(MAMLConfig(inner_lr=LR, inner_steps=STEPS), model, task)
     assert_close_dicts(
-        grads_of(model, mamlpp.meta_loss(batch)[0]),
-        grads_of(model, maml.meta_loss(batch)[0]),
+        grads_of(model, mamlpp.meta_loss(batch).loss),
+        grads_of(model, maml.meta_loss(batch).loss),
         1e-12,
     )
 
@@ -176,13 +180,13 @@ def test_mamlpp_tricks_match_reference(batching: str) -> None:
     mamlpp = MAMLPP(cfg, model, task)
     mamlpp.outer_steps.fill_(30)
     with torch.no_grad():
-        for rates in mamlpp.step_lrs.values():
+        for rates in mamlpp.learned_rates().values():
             rates.uniform_(0.05, 0.15)
-    ours = grads_of(mamlpp, mamlpp.meta_loss(batch)[0])
+    ours = grads_of(mamlpp, mamlpp.meta_loss(batch).loss)
     weights = msl_weights(STEPS, 30, 100)
     assert 0 < weights[0] < weights[-1] and abs(sum(weights) - 1) < 1e-12
     names = [n for n, _ in model.named_parameters()]
-    lrs = {n: mamlpp.step_lrs[n.replace(".", "__")] for n in names}
+    lrs = mamlpp.learned_rates()
     loss = reference_maml(
         model,
         batch,
@@ -204,16 +208,16 @@ def test_mamlpp_derivative_order_annealing_and_schedule() -> None:
         inner_steps=STEPS,
         first_order_iterations=10,
         multi_step_loss=False,
-        learn_inner_lr=False,
+        update="sgd",
     )
     mamlpp = MAMLPP(cfg, model, task)
-    first = grads_of(model, mamlpp.meta_loss(batch)[0])
+    first = grads_of(model, mamlpp.meta_loss(batch).loss)
     mamlpp.outer_steps.fill_(10)
-    second = grads_of(model, mamlpp.meta_loss(batch)[0])
+    second = grads_of(model, mamlpp.meta_loss(batch).loss)
     maml = MAML(MAMLConfig(inner_lr=LR, inner_steps=STEPS), model, task)
     fomaml = MAML(MAMLConfig(inner_lr=LR, inner_steps=STEPS, first_order=True), model, task)
-    assert_close_dicts(first, grads_of(model, fomaml.meta_loss(batch)[0]), 1e-12)
-    assert_close_dicts(second, grads_of(model, maml.meta_loss(batch)[0]), 1e-12)
+    assert_close_dicts(first, grads_of(model, fomaml.meta_loss(batch).loss), 1e-12)
+    assert_close_dicts(second, grads_of(model, maml.meta_loss(batch).loss), 1e-12)
     assert msl_weights(4, 0, 100) == [0.25] * 4
     assert msl_weights(4, 100, 100) == [0.0, 0.0, 0.0, 1.0]
 
@@ -222,7 +226,7 @@ def test_mamlpp_derivative_order_annealing_and_schedule() -> None:
 def test_protonet_logits_are_minus_squared_distances_to_class_means(batching: str) -> None:
     task, model, batch = classification(head=False)
     protonet = ProtoNet(ProtoNetConfig(batching=batching), model, task)
-    ours = grads_of(protonet, protonet.meta_loss(batch)[0])
+    ours = grads_of(protonet, protonet.meta_loss(batch).loss)
     total = torch.zeros(())
     for i in range(len(batch)):
         embedded = model(torch.cat([batch.support_x[i], batch.query_x[i]]))
@@ -254,7 +258,7 @@ def test_reptile_step_is_interpolation_toward_adapted_weights(batching: str) -> 
     eps = 0.3
     optimizer = torch.optim.SGD(reptile.parameters(), lr=eps)
     optimizer.zero_grad()
-    reptile.meta_loss(batch)[0].backward()
+    reptile.meta_loss(batch).loss.backward()
     optimizer.step()
     for name, p in model.named_parameters():
         phi = torch.stack([f[name] for f in phis]).mean(0)
@@ -265,7 +269,7 @@ def test_reptile_step_is_interpolation_toward_adapted_weights(batching: str) -> 
 def test_pretrain_fits_all_examples_jointly(batching: str) -> None:
     task, model, batch = regression()
     pretrain = Pretrain(PretrainConfig(inner_lr=LR, batching=batching), model, task)
-    ours = grads_of(model, pretrain.meta_loss(batch)[0])
+    ours = grads_of(model, pretrain.meta_loss(batch).loss)
     total = sum(
         F.mse_loss(
             model(torch.cat([batch.support_x[i], batch.query_x[i]])),
@@ -293,9 +297,9 @@ def test_batched_equals_loop_on_conv4_with_batchnorm(algo: str, norm: str) -> No
     results, values = {}, {}
     for batching in ("vmap", "loop", "threads"):
         algorithm = cls(config(batching=batching, **kwargs), model, task)
-        loss, metrics = algorithm.meta_loss(batch)
-        values[batching] = torch.cat([loss.reshape(1), metrics])
-        results[batching] = grads_of(algorithm, loss)
+        out = algorithm.meta_loss(batch)
+        values[batching] = torch.cat([out.loss.reshape(1), out.metric])
+        results[batching] = grads_of(algorithm, out.loss)
     for batching in ("vmap", "threads"):
         assert_close_dicts(results[batching], results["loop"], 1e-10)
         torch.testing.assert_close(values[batching], values["loop"], rtol=1e-10, atol=0)
@@ -395,8 +399,7 @@ def test_protonet_trains_with_more_ways_than_it_tests() -> None:
             "train.meta_batch_size=2",
         )
     )
-    loss, _ = meta_step(c, None)
-    assert torch.isfinite(loss)
+    assert torch.isfinite(meta_step(c, None).loss)
     result = evaluate(c, "test", 4, 4)
     assert result.num_tasks == 4 and len(result.metric_mean) == 1
 
@@ -450,10 +453,10 @@ def test_threads_leave_a_single_task_in_the_calling_thread() -> None:
     task, model, batch = classification(norm="transductive", head=True)
     maml = MAML(MAMLConfig(inner_lr=LR, inner_steps=STEPS, batching="threads"), model, task)
     one = batch[:1]
-    maml.meta_loss(one)[0].backward()
-    assert "_workers" not in maml.__dict__  # no pool was started
-    maml.meta_loss(batch)[0].backward()
-    assert maml.__dict__["_workers"].replicas
+    maml.meta_loss(one).loss.backward()
+    assert maml.executor.workers is None  # no pool was started
+    maml.meta_loss(batch).loss.backward()
+    assert maml.executor.workers is not None and maml.executor.workers.replicas
 
 
 def test_threads_compute_each_task_in_its_own_replica_and_restore_nothing_global() -> None:
@@ -462,10 +465,14 @@ def test_threads_compute_each_task_in_its_own_replica_and_restore_nothing_global
     threads = torch.get_num_threads()
     task, model, batch = classification(norm="per_step", head=True)
     maml = MAML(MAMLConfig(inner_lr=LR, inner_steps=STEPS, batching="threads"), model, task)
-    maml.meta_loss(batch)[0].backward()
+    maml.meta_loss(batch).loss.backward()
     assert torch.get_num_threads() == threads
-    workers = maml.__dict__["_workers"]
-    assert workers.replicas and all(r is not model for r in workers.replicas.values())
+    workers = maml.executor.workers
+    assert (
+        workers is not None
+        and workers.replicas
+        and all(r is not model for r in workers.replicas.values())
+    )
     maml.eval()
     maml.evaluate(batch)  # replicas follow train/eval mode
     assert all(not r.training for r in workers.replicas.values())

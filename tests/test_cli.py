@@ -50,6 +50,7 @@ def test_summary_holds_what_a_run_is_compared_by(trained: Path) -> None:
     assert summary["status"] == "finished" and summary["command"] == "train"
     assert summary["groups"] == {
         "algo": "maml",
+        "update": None,
         "task": "sinusoid",
         "model": "mlp",
         "device": "auto",

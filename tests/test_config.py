@@ -26,11 +26,13 @@ def options(group: str) -> list[str]:
 
 
 def test_every_group_has_options() -> None:
-    for group in ("algo", "task", "model", "device", "optim", "experiment", "debug"):
+    for group in ("algo", "update", "task", "model", "device", "optim", "experiment", "debug"):
         assert options(group), f"conf/{group}/ has no options"
 
 
-@pytest.mark.parametrize("group", ["algo", "task", "model", "optim", "experiment", "debug"])
+@pytest.mark.parametrize(
+    "group", ["algo", "update", "task", "model", "optim", "experiment", "debug"]
+)
 def test_every_option_composes_and_builds(group: str) -> None:
     for option in options(group):
         companions = IMAGE_TASK if group == "model" and option in IMAGE_MODELS else ()
@@ -49,8 +51,8 @@ def test_every_option_composes_and_builds(group: str) -> None:
         check(cfg)
         components = build(cfg)
         batch = components.task.sample(2, "train", torch.Generator().manual_seed(0))
-        loss, metric = components.algorithm.meta_loss(batch)
-        assert torch.isfinite(loss) and metric.shape == (2,), (group, option)
+        out = components.algorithm.meta_loss(batch)
+        assert torch.isfinite(out.loss) and out.metric.shape == (2,), (group, option)
 
 
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "mps"])

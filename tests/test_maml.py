@@ -9,6 +9,8 @@ from torch import nn
 from metacli.algorithms.fomaml import FOMAML, FOMAMLConfig
 from metacli.algorithms.maml import MAML, MAMLConfig
 from metacli.build import build
+from metacli.engine.inner import last
+from metacli.engine.random import TaskRandom
 from metacli.loop import evaluate, meta_step
 from metacli.models.mlp import MLP, MLPConfig
 from metacli.tasks.base import TaskBatch
@@ -42,8 +44,7 @@ def setup(hidden: list[int], activation: str, tasks: int = 4) -> tuple[Sinusoid,
 
 def flat_grad(algorithm: MAML, batch: TaskBatch) -> torch.Tensor:
     algorithm.zero_grad()
-    loss, _ = algorithm.meta_loss(batch)
-    loss.backward()
+    algorithm.meta_loss(batch).loss.backward()
     return torch.cat([p.grad.flatten() for p in algorithm.model.parameters()])
 
 
@@ -98,9 +99,9 @@ def test_second_order_meta_gradient_matches_central_finite_differences(float64) 
             for j in range(flat.numel()):
                 original = flat[j].item()
                 flat[j] = original + eps
-                plus = algorithm.meta_loss(batch)[0].item()
+                plus = algorithm.meta_loss(batch).loss.item()
                 flat[j] = original - eps
-                minus = algorithm.meta_loss(batch)[0].item()
+                minus = algorithm.meta_loss(batch).loss.item()
                 flat[j] = original
                 numeric[index] = (plus - minus) / (2 * eps)
                 index += 1
@@ -116,16 +117,12 @@ def test_one_step_first_order_gradient_is_query_gradient_at_adapted_params(float
     task, model, batch = setup([8], "tanh", tasks=1)
     algorithm = FOMAML(FOMAMLConfig(inner_lr=LR, inner_steps=1), model, task)
     ours = flat_grad(algorithm, batch)
-    adapted = algorithm.adapt(
-        dict(model.named_parameters()),
-        batch.support_x[0],
-        batch.support_y[0],
-        1,
-        LR,
-        first_order=True,
+    rng = TaskRandom(torch.tensor(0))
+    steps = algorithm.adapt(
+        dict(model.named_parameters()), batch.support_x[0], batch.support_y[0], 1, LR, True, rng
     )
-    adapted = {k: v.detach().requires_grad_() for k, v in adapted.items()}
-    loss = algorithm.support_loss(adapted, batch.query_x[0], batch.query_y[0])
+    adapted = {k: v.detach().requires_grad_() for k, v in last(steps).params.items()}
+    loss = algorithm.support_loss(adapted, batch.query_x[0], batch.query_y[0], 1, rng)
     expected = torch.autograd.grad(loss, list(adapted.values()))
     assert relative_error(ours, torch.cat([g.flatten() for g in expected])) < 1e-10
 

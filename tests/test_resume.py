@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from metacli.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from metacli.checkpoint import load_checkpoint, save_checkpoint
 from metacli.errors import MetacliError
+from metacli.files import atomic_write
 from tests.conftest import TINY, read_metrics, read_summary, run_cli
 
 
@@ -44,30 +45,19 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
     assert summary["test"] == read_summary(full)["test"]
 
 
-def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path: Path) -> None:
-    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        run_cli("train", *TINY, f"seed={seed}", f"hydra.run.dir={name}", cwd=tmp_path)
-    a, b, c = (read_metrics(tmp_path / n) for n in "abc")
-    assert a == b
-    assert a != c
-    assert_same_params(params(tmp_path / "a"), params(tmp_path / "b"))
-
-
-def test_validation_and_test_tasks_do_not_depend_on_the_algorithm(tmp_path: Path) -> None:
+def test_validation_and_test_tasks_do_not_depend_on_the_algorithm() -> None:
     """Paired comparisons: with the same seed, MAML and FOMAML meet the same tasks."""
+    from metacli.build import build
+    from metacli.loop import evaluate
+    from tests.conftest import compose_config
+
+    before = {}
     for algo in ("maml", "fomaml"):
-        run_cli(
-            "train",
-            *TINY,
-            f"algo={algo}",
-            "train.iterations=0",
-            f"hydra.run.dir={algo}",
-            cwd=tmp_path,
-        )
-    # With no training both start from the same seeded initialisation, so the
-    # before-adaptation numbers (which do not depend on the algorithm) must agree.
-    a, b = (read_summary(tmp_path / n)["test"] for n in ("maml", "fomaml"))
-    assert a["before_adaptation"] == b["before_adaptation"]
+        c = build(compose_config(*TINY, f"algo={algo}", "device=cpu"))
+        # Untrained, both start from the same seeded initialisation, so the
+        # before-adaptation numbers (which do not depend on the algorithm) must agree.
+        before[algo] = evaluate(c, "test", 16, 8).as_dict()["before_adaptation"]
+    assert before["maml"] == before["fomaml"]
 
 
 def test_interrupt_writes_last_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
@@ -140,3 +130,53 @@ def test_corrupt_or_foreign_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 def test_resume_of_a_folder_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     result = run_cli("train", f"resume={tmp_path / 'nothing'}", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "checkpoints/last.pt" in result.stderr
+
+
+def test_a_run_written_before_the_engine_is_meta_tested_by_the_command(tmp_path: Path) -> None:
+    """tests/data/v1_runs/metasgd: a 10-iteration Meta-SGD run written by metacli at
+    bbc4d5d (checkpoint format 1: learned rates on the algorithm, one optimizer group)."""
+    import shutil
+
+    run = tmp_path / "metasgd"
+    shutil.copytree(Path(__file__).parent / "data" / "v1_runs" / "metasgd", run)
+    before = read_summary(run)["test"]
+    tested = run_cli(
+        "test", f"ckpt_path={run}/checkpoints/best.pt", "hydra.run.dir=t", cwd=tmp_path
+    )
+    assert "Traceback" not in tested.stderr
+    assert read_summary(tmp_path / "t")["test"]["mean"] == pytest.approx(before["mean"], rel=1e-6)
+
+
+@pytest.mark.parametrize("algo", ["metasgd", "mamlpp"])
+def test_runs_written_before_the_engine_resume_as_they_did(algo: str) -> None:
+    """tests/data/v1_runs: a 10-iteration run (checkpoint format 1, `debug=tiny algo=<algo>
+    device=cpu train.iterations=10 train.val_every=5`) and the parameters and meta-test of
+    that run resumed to 20 iterations, both written by metacli at bbc4d5d. Resumed here by
+    the same functions as `metacli train resume=...` (the command itself: the test above)."""
+    from omegaconf import OmegaConf
+
+    from metacli.build import build
+    from metacli.checkpoint import restore
+    from metacli.loop import evaluate, meta_train
+    from tests.conftest import compose_config
+    from tests.test_engine import Recorder
+
+    data = Path(__file__).parent / "data" / "v1_runs"
+    expected = torch.load(data / f"{algo}_resumed.pt", weights_only=True)
+    overrides = [str(o) for o in OmegaConf.load(data / algo / ".hydra" / "overrides.yaml")]
+    c = build(compose_config(*overrides, "train.iterations=20"))
+    last = data / algo / "checkpoints" / "last.pt"
+    state = restore(c, load_checkpoint(last), str(last))
+    assert state.iteration == 10
+    meta_train(c, Recorder(), state)
+    ours = c.algorithm.state_dict()
+    assert len(ours) == len(expected["algorithm"])
+    for key, value in expected["algorithm"].items():
+        key = key.replace("learning_rates.", "rule.learning_rates.").replace(
+            "step_lrs.", "rule.learning_rates."
+        )
+        torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-7)
+    assert [g["name"] for g in c.optimizer.param_groups] == ["model", "update"]
+    assert expected["test"]["checkpoint_iteration"] == 20  # its best weights were the last
+    result = evaluate(c, "test", c.run.test.num_tasks, c.run.test.batch_size)
+    assert result.final == pytest.approx(expected["test"]["mean"], rel=1e-4)

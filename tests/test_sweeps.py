@@ -295,8 +295,11 @@ def test_sweeping_a_key_that_only_some_algorithms_have(tmp_path: Path) -> None:
     assert "applying it as ++algo.inner_lr=0.1,0.4" in result.stderr
     assert "sweep: 4 jobs, 0 not finished" in result.stdout
     jobs = [read_summary(sweep / str(i)) for i in range(4)]
-    combos = {(j["groups"]["algo"], j["config"]["algo"]["inner_lr"]) for j in jobs}
-    assert combos == {("maml", 0.1), ("maml", 0.4), ("protonet", 0.1), ("protonet", 0.4)}
+    # summary.json records what ran: ProtoNet's config has no inner_lr, the overrides do.
+    combos = {(j["groups"]["algo"], j["config"]["algo"].get("inner_lr")) for j in jobs}
+    assert combos == {("maml", 0.1), ("maml", 0.4), ("protonet", None)}
+    swept = {o for j in jobs if j["groups"]["algo"] == "protonet" for o in j["overrides"]}
+    assert {"++algo.inner_lr=0.1", "++algo.inner_lr=0.4"} <= swept
     protonet = next(i for i, j in enumerate(jobs) if j["groups"]["algo"] == "protonet")
     log = (sweep / str(protonet) / "metacli.log").read_text()
     assert "algo.inner_lr does not apply to algo=protonet; ignored" in log

@@ -69,7 +69,12 @@ def test_wheel_install_runs_from_anywhere(tmp_path: Path) -> None:
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     located = subprocess.run(
-        [str(python), "-c", "import metacli.cli as c; print(c.__file__); print(c.config_dir())"],
+        [
+            str(python),
+            "-c",
+            "import metacli.cli as c, metacli.config as k; "
+            "print(c.__file__); print(k.config_dir())",
+        ],
         cwd=elsewhere,
         env=env,
         capture_output=True,

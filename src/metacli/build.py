@@ -1,31 +1,51 @@
-"""The one place components are built from a composed config."""
+"""The one place components are built from a composed config.
+
+``resolve`` checks every section against its schema and lets the algorithm adjust the
+settings it needs (``configure``), without building anything: its ``effective`` config
+is what runs, and what summary.json and the checkpoints record. ``build`` then creates
+the task, model, algorithm, outer optimizer and scheduler from it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from metacli.algorithms.base import MetaAlgorithm
-from metacli.cli import option_keys
-from metacli.config import DeviceConfig, OptimConfig, RunConfig, check_run_config, to_typed
+from metacli.algorithms.base import Adaptive, MetaAlgorithm
+from metacli.config import (
+    DeviceConfig,
+    GroupConfig,
+    OptimConfig,
+    RunConfig,
+    check_run_config,
+    option_keys,
+    to_typed,
+)
 from metacli.errors import ConfigError
 from metacli.models.base import Model
 from metacli.registry import Registered, lookup
 from metacli.tasks.base import TaskDistribution, split_generator
+from metacli.updates.base import UpdateRule
 
 log = logging.getLogger(__name__)
+GROUP_BASES: dict[str, type[Registered]] = {
+    "task": TaskDistribution,
+    "model": Model,
+    "algo": MetaAlgorithm,
+}
 
 
 @dataclass
 class Components:
-    cfg: DictConfig  # the composed config, saved in every checkpoint
+    cfg: DictConfig  # the effective config: saved in summary.json and every checkpoint
     run: RunConfig  # its typed top-level sections
     task: TaskDistribution
     model: Model
@@ -34,6 +54,47 @@ class Components:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     device: torch.device
     train_generator: torch.Generator  # the training task stream (checkpointed)
+    overrides: list[str] = field(default_factory=list)  # the command line's, for checkpoints
+
+
+@dataclass
+class Resolved:
+    """A config checked section by section, with the algorithm's adjustments applied."""
+
+    run: RunConfig
+    classes: dict[str, Any]  # group -> registered class
+    typed: dict[str, Any]  # group -> its config dataclass
+    notes: list[str]  # what `configure` changed
+    effective: DictConfig
+
+
+@functools.cache
+def with_rule(schema: type, rule_schema: type) -> type:
+    """The ``algo`` schema of an adaptive algorithm plus its update rule's settings."""
+    if not dataclasses.fields(rule_schema):
+        return schema
+
+    def post_init(self: Any) -> None:
+        for part in (schema, rule_schema):
+            check = getattr(part, "__post_init__", None)
+            if check is not None:
+                check(self)
+
+    return dataclasses.make_dataclass(
+        f"{schema.__name__}With{rule_schema.__name__}",
+        [],
+        bases=(rule_schema, schema),
+        namespace={"__post_init__": post_init},
+    )
+
+
+def schema_of(group: str, cls: Any, node: Any) -> type:
+    schema: type = cls.Config
+    if group == "algo" and issubclass(cls, Adaptive):
+        default = {f.name: f.default for f in dataclasses.fields(schema)}["update"]
+        rule = lookup("update", str(node.get("update", default)), UpdateRule)
+        schema = with_rule(schema, rule.Config)
+    return schema
 
 
 def typed_group(cfg: DictConfig, group: str, base: type[Registered]) -> tuple[Any, Any]:
@@ -44,7 +105,8 @@ def typed_group(cfg: DictConfig, group: str, base: type[Registered]) -> tuple[An
             f"The config has no {group}.name. Select a {group} with {group}=<option>."
         )
     cls: Any = lookup(group, str(node.name), base)
-    own = {f.name for f in dataclasses.fields(cls.Config)}
+    schema = schema_of(group, cls, node)
+    own = {f.name for f in dataclasses.fields(schema)}
     extra = [k for k in node if k not in own]
     known = set().union(*option_keys(group).values()) if extra else set()
     foreign = [k for k in extra if k in known]
@@ -56,15 +118,34 @@ def typed_group(cfg: DictConfig, group: str, base: type[Registered]) -> tuple[An
             node.name,
         )
         node = OmegaConf.masked_copy(node, [k for k in node if k not in foreign])
-    return cls, to_typed(cls.Config, node, group)
+    return cls, to_typed(schema, node, group)
+
+
+def resolve(cfg: DictConfig) -> Resolved:
+    """Check the whole config and apply ``configure``; builds nothing."""
+    run = check_run_config(cfg)
+    classes, typed = {}, {}
+    for group, base in GROUP_BASES.items():
+        classes[group], typed[group] = typed_group(cfg, group, base)
+    task_cfg, algo_cls, algo_cfg = typed["task"], classes["algo"], typed["algo"]
+    test_ways = getattr(task_cfg, "test_ways", None)
+    if algo_cls.uses_head and test_ways not in (None, getattr(task_cfg, "ways", None)):
+        raise ConfigError(
+            f"task.test_ways={test_ways} differs from task.ways, but algo={algo_cfg.name} "
+            f"adapts a {task_cfg.ways}-way linear head. Set task.test_ways=null, or use an "
+            f"algorithm without a head (algo=protonet)."
+        )
+    notes = algo_cls.configure(algo_cfg, typed["model"], run)
+    sections = {**dataclasses.asdict(run), **{g: dataclasses.asdict(t) for g, t in typed.items()}}
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    effective = OmegaConf.create({k: sections.get(str(k), v) for k, v in container.items()})
+    return Resolved(run, classes, typed, notes, effective)
 
 
 def check(cfg: DictConfig) -> None:
     """Validate the whole config without building anything."""
-    check_run_config(cfg)
-    typed_group(cfg, "task", TaskDistribution)
-    typed_group(cfg, "model", Model)
-    typed_group(cfg, "algo", MetaAlgorithm)
+    resolve(cfg)
 
 
 def resolve_device(cfg: DeviceConfig) -> torch.device:
@@ -92,17 +173,42 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def make_optimizer(cfg: OptimConfig, params: Any) -> torch.optim.Optimizer:
-    if cfg.name == "adam":
-        return torch.optim.Adam(
-            params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay
+def optimizer_groups(cfg: OptimConfig, groups: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """torch parameter groups: each of the algorithm's groups with its lr and weight decay.
+
+    Only the initialisation (``model``) takes ``optim.weight_decay`` by default: decaying
+    learned rates or architecture weights toward zero is rarely meant.
+    """
+    unused = [name for name, g in cfg.groups.items() if name not in groups and g != GroupConfig()]
+    if unused:
+        log.warning("optim.groups.%s: this algorithm has no such parameters; ignored", unused[0])
+    out = []
+    for name, params in groups.items():
+        own = cfg.groups.get(name, GroupConfig())
+        decay = cfg.weight_decay if name == "model" else 0.0
+        out.append(
+            {
+                "name": name,
+                "params": params,
+                "lr": cfg.lr if own.lr is None else own.lr,
+                "weight_decay": decay if own.weight_decay is None else own.weight_decay,
+            }
         )
+    return out
+
+
+def make_optimizer(cfg: OptimConfig, groups: dict[str, list[Any]]) -> torch.optim.Optimizer:
+    params = optimizer_groups(cfg, groups)
+    # On a CPU torch defaults to a Python loop over the tensors; its multi-tensor
+    # (foreach) implementation gives the same numbers bit for bit and saves about 0.2 ms
+    # per step (2% of a sinusoid MAML iteration). Elsewhere torch's default stands.
+    on_cpu = all(p.device.type == "cpu" for g in params for p in g["params"])
+    foreach = True if on_cpu else None
+    if cfg.name == "adam":
+        betas = (cfg.betas[0], cfg.betas[1])
+        return torch.optim.Adam(params, lr=cfg.lr, betas=betas, foreach=foreach)
     return torch.optim.SGD(
-        params,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov,
-        weight_decay=cfg.weight_decay,
+        params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=foreach
     )
 
 
@@ -125,33 +231,24 @@ def make_scheduler(
     return None
 
 
-def build(cfg: DictConfig) -> Components:
-    run = check_run_config(cfg)
-    task_cls, task_cfg = typed_group(cfg, "task", TaskDistribution)
-    model_cls, model_cfg = typed_group(cfg, "model", Model)
-    algo_cls, algo_cfg = typed_group(cfg, "algo", MetaAlgorithm)
-    test_ways = getattr(task_cfg, "test_ways", None)
-    if algo_cls.uses_head and test_ways not in (None, getattr(task_cfg, "ways", None)):
-        raise ConfigError(
-            f"task.test_ways={test_ways} differs from task.ways, but algo={algo_cfg.name} "
-            f"adapts a {task_cfg.ways}-way linear head. Set task.test_ways=null, or use an "
-            f"algorithm without a head (algo=protonet)."
-        )
-    for note in algo_cls.configure(algo_cfg, model_cfg, run):
+def build(cfg: DictConfig, overrides: list[str] | None = None) -> Components:
+    resolved = resolve(cfg)
+    run, classes, typed = resolved.run, resolved.classes, resolved.typed
+    for note in resolved.notes:
         log.info("%s", note)
     device = resolve_device(run.device)
     if run.device.threads is not None:
         torch.set_num_threads(run.device.threads)
     seed_everything(run.seed)
     data_root = run.data.root or os.environ.get("METACLI_DATA")
-    task = task_cls(task_cfg, data_root, run.data.cache_dir)
-    output_dim = task.output_dim if algo_cls.uses_head else None
-    model = model_cls(model_cfg, task.input_shape, output_dim)
-    algorithm = algo_cls(algo_cfg, model, task).to(device)
-    optimizer = make_optimizer(run.optim, algorithm.parameters())
+    task = classes["task"](typed["task"], data_root, run.data.cache_dir)
+    output_dim = task.output_dim if classes["algo"].uses_head else None
+    model = classes["model"](typed["model"], task.input_shape, output_dim)
+    algorithm = classes["algo"](typed["algo"], model, task).to(device)
+    optimizer = make_optimizer(run.optim, algorithm.param_groups())
     scheduler = make_scheduler(run.optim, optimizer, run.train.iterations)
     return Components(
-        cfg=cfg,
+        cfg=resolved.effective,
         run=run,
         task=task,
         model=model,
@@ -160,4 +257,5 @@ def build(cfg: DictConfig) -> Components:
         scheduler=scheduler,
         device=device,
         train_generator=split_generator(run.seed, "train"),
+        overrides=list(overrides or []),
     )

@@ -1,51 +1,63 @@
-"""Atomic files and the checkpoint dict.
+"""The checkpoint: one dict holding everything needed to continue a run bit for bit.
 
-Every file a run depends on is written to a temporary file in the same folder, flushed,
-fsynced and renamed over the old one, so a kill at any instant leaves either the old
-or the new file, never a torn one.
+This module alone decides what a checkpoint contains (``make``), how it is read
+(``load_checkpoint``, with the migration of older formats) and how it is put back
+(``restore``, ``load_weights``). It is written atomically (``metacli.files``).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import random
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from omegaconf import OmegaConf
 
+from metacli import __version__
 from metacli.errors import MetacliError
+from metacli.files import save_tensors
 
-FORMAT_VERSION = 1
+if TYPE_CHECKING:
+    from metacli.build import Components
 
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+# 2: learned inner rates moved into the update rule (`rule.learning_rates.*`) and the
+# outer optimizer got one parameter group per group of meta-parameters.
+FORMAT_VERSION = 2
 
 
-def write_json(path: Path, data: Any) -> None:
-    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
-    atomic_write(path, lambda handle: handle.write(text.encode()))
+@dataclass
+class LoopState:
+    """The training loop's own progress, saved with the weights."""
+
+    iteration: int = 0  # outer updates done
+    best_metric: float | None = None
+    best_iteration: int | None = None
+    wall_time: float = 0.0  # seconds spent training, summed over resumed sessions
+
+
+def make(c: Components, state: LoopState) -> dict[str, Any]:
+    return {
+        "format": "metacli",
+        "format_version": FORMAT_VERSION,
+        "metacli_version": __version__,
+        "torch_version": str(torch.__version__),
+        "iteration": state.iteration,
+        "best_metric": state.best_metric,
+        "best_iteration": state.best_iteration,
+        "wall_time": state.wall_time,
+        "algorithm": c.algorithm.state_dict(),
+        "optimizer": c.optimizer.state_dict(),
+        "scheduler": c.scheduler.state_dict() if c.scheduler is not None else None,
+        "rng": capture_rng(c.train_generator),
+        "config": OmegaConf.to_container(c.cfg, resolve=True),  # the effective config
+        "overrides": list(c.overrides),
+    }
 
 
 def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
-    atomic_write(path, lambda handle: torch.save(checkpoint, handle))
+    save_tensors(path, checkpoint)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -62,7 +74,80 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise MetacliError(f"Cannot read checkpoint {path}: {err}".splitlines()[0]) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != "metacli":
         raise MetacliError(f"{path} is not a metacli checkpoint (no 'format': 'metacli' entry).")
+    version = checkpoint.get("format_version", 1)
+    if version > FORMAT_VERSION:
+        raise MetacliError(
+            f"{path} was written by a newer metacli (checkpoint format {version}; this one "
+            f"reads up to {FORMAT_VERSION}). Upgrade metacli to use it."
+        )
+    if version == 1:
+        migrate_v1(checkpoint)
     return checkpoint
+
+
+def migrate_v1(checkpoint: dict[str, Any]) -> None:
+    """Format 1 -> 2: Meta-SGD's ``learning_rates.*`` and MAML++'s ``step_lrs.*`` are now the
+    update rule's ``rule.learning_rates.*``; MAML++'s ``learn_inner_lr`` is ``update``."""
+    algo = (checkpoint.get("config") or {}).get("algo") or {}
+    if "learn_inner_lr" in algo:
+        algo["update"] = "lslr" if algo.pop("learn_inner_lr") else "sgd"
+    renamed = {}
+    for key, value in (checkpoint.get("algorithm") or {}).items():
+        for old in ("learning_rates.", "step_lrs."):
+            if key.startswith(old):
+                key = "rule.learning_rates." + key[len(old) :]
+        renamed[key] = value
+    if "algorithm" in checkpoint:
+        checkpoint["algorithm"] = renamed
+
+
+def load_weights(c: Components, checkpoint: dict[str, Any], source: str) -> None:
+    try:
+        c.algorithm.load_state_dict(checkpoint["algorithm"])
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise MetacliError(
+            f"The checkpoint {source} does not fit the configured algo/model "
+            f"({first}). Use the same algo and model settings as the run that "
+            f"wrote it."
+        ) from None
+
+
+def restore(c: Components, checkpoint: dict[str, Any], source: str) -> LoopState:
+    load_weights(c, checkpoint, source)
+    optimizer, scheduler = checkpoint["optimizer"], checkpoint["scheduler"]
+    if checkpoint.get("format_version", 1) == 1:
+        optimizer, scheduler = split_groups(c.optimizer, optimizer, scheduler)
+    c.optimizer.load_state_dict(optimizer)
+    if c.scheduler is not None and scheduler is not None:
+        c.scheduler.load_state_dict(scheduler)
+    restore_rng(checkpoint["rng"], c.train_generator)
+    return LoopState(
+        iteration=checkpoint["iteration"],
+        best_metric=checkpoint["best_metric"],
+        best_iteration=checkpoint["best_iteration"],
+        wall_time=checkpoint["wall_time"],
+    )
+
+
+def split_groups(
+    current: torch.optim.Optimizer, optimizer: dict[str, Any], scheduler: dict[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Format 1 had one parameter group, in the order of today's groups one after the
+    other, with one learning rate and weight decay for all: give each group its share."""
+    (old,) = optimizer["param_groups"]
+    groups, start = [], 0
+    for group in current.param_groups:
+        size = len(group["params"])
+        groups.append({**old, "name": group["name"], "params": old["params"][start : start + size]})
+        start += size
+    optimizer = {**optimizer, "param_groups": groups}
+    if scheduler is not None:
+        scheduler = {
+            k: [v[0]] * len(groups) if isinstance(v, list) and len(v) == 1 else v
+            for k, v in scheduler.items()
+        }
+    return optimizer, scheduler
 
 
 def capture_rng(train_generator: torch.Generator) -> dict[str, Any]:
@@ -99,3 +184,16 @@ def restore_rng(state: dict[str, Any], train_generator: torch.Generator) -> None
             np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
         except ImportError:
             pass
+
+
+def components_from(path: Path, device: str = "cpu") -> tuple[Components, dict[str, Any]]:
+    """The components of the run that wrote a checkpoint, from its recorded config, with
+    its weights loaded (figures, inspection)."""
+    from metacli.build import build
+
+    checkpoint = load_checkpoint(path)
+    config = OmegaConf.create(checkpoint["config"])
+    config.device = {**config.get("device", {}), "name": device}
+    c = build(config, checkpoint.get("overrides", []))
+    load_weights(c, checkpoint, str(path))
+    return c, checkpoint

@@ -44,18 +44,6 @@ DATA_ACTIONS = ("check", "prepare")
 RUN_KEYS = ("resume", "ckpt_path")
 
 
-def config_dir() -> Path:
-    """conf/ shipped inside the wheel, else the repository's top-level conf/ (editable install)."""
-    package = Path(__file__).resolve().parent
-    for candidate in (package / "conf", package.parents[1] / "conf"):
-        if (candidate / "train.yaml").is_file():
-            return candidate
-    raise MetacliError(
-        f"metacli cannot find its configs: neither {package / 'conf'} nor "
-        f"{package.parents[1] / 'conf'} holds train.yaml. Reinstall metacli."
-    )
-
-
 def override_key(arg: str) -> str | None:
     """The key an override sets (``+a.b=1`` -> ``a.b``); None for flags and their values."""
     if arg.startswith("-") or "=" not in arg:
@@ -79,17 +67,6 @@ def value_of(args: list[str], key: str) -> str | None:
     return values[-1] if values and values[-1] not in ("", "null") else None
 
 
-def option_keys(group: str) -> dict[str, set[str]]:
-    """The top-level keys of each shipped option of a config group (conf/<group>/*.yaml)."""
-    import yaml
-
-    keys: dict[str, set[str]] = {}
-    for path in sorted((config_dir() / group).glob("*.yaml")):
-        node = yaml.safe_load(path.read_text(encoding="utf-8"))
-        keys[path.stem] = {str(k) for k in node} if isinstance(node, dict) else set()
-    return keys
-
-
 def force_swept_keys(args: list[str]) -> list[str]:
     """``algo.key=...`` in a sweep over ``algo=a,b`` where only some options have the key.
 
@@ -99,6 +76,8 @@ def force_swept_keys(args: list[str]) -> list[str]:
     """
     if not any(a in ("-m", "--multirun") for a in args):
         return args
+    from metacli.config import option_keys
+
     swept = {
         key: value.split(",")
         for key, value in (a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
@@ -175,6 +154,8 @@ warnings.filterwarnings("ignore", message=r"(?s).*validated against ConfigStore 
 def run_hydra(command: str, args: list[str]) -> None:
     import hydra
 
+    from metacli.config import config_dir
+
     sys.argv = [f"metacli {command}", *args]
     main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=command)
     main(TASKS[command])()
@@ -192,6 +173,7 @@ def run_data(args: list[str]) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     from metacli import data
+    from metacli.config import config_dir
 
     try:
         action = data.check if args[0] == "check" else data.prepare

@@ -353,7 +353,7 @@ def main(argv: list[str]) -> int:
     if args.plot is not None:
         from metacli.plots import validation_curves
 
-        validation_curves(rows, args.plot)
+        validation_curves(rows, config_columns(rows), args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
     if not runs:
         print(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -46,6 +47,19 @@ class DeviceConfig:
         )
 
 
+# The outer optimizer's parameter groups an algorithm may have: the initialisation, and
+# an update rule's learned parameters (rates, a learned optimizer's weights).
+PARAM_GROUPS = ("model", "update")
+
+
+@dataclass
+class GroupConfig:
+    """One parameter group of the outer optimizer (``optim.groups.<name>``); null = default."""
+
+    lr: float | None = None  # null: optim.lr
+    weight_decay: float | None = None  # null: optim.weight_decay for `model`, else 0
+
+
 @dataclass
 class OptimConfig:
     name: str = "adam"
@@ -58,6 +72,9 @@ class OptimConfig:
     min_lr: float = 0.0
     step_size: int = 1000
     gamma: float = 0.5
+    # Per-group settings, by the algorithm's group names: `model` (the initialisation),
+    # `update` (an update rule's learned rates), ...
+    groups: dict[str, GroupConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         require(self.name in ("adam", "sgd"), "optim", self.name, "choose adam or sgd")
@@ -80,6 +97,18 @@ class OptimConfig:
         )
         require(self.step_size >= 1, "optim.step_size", self.step_size, "it must be >= 1")
         require(0 < self.gamma <= 1, "optim.gamma", self.gamma, "it must be in (0, 1]")
+        for name, group in self.groups.items():
+            key = f"optim.groups.{name}"
+            require(name in PARAM_GROUPS, key, name, f"the groups are {', '.join(PARAM_GROUPS)}")
+            require(
+                group.lr is None or group.lr > 0, f"{key}.lr", group.lr, "it must be > 0 or null"
+            )
+            require(
+                group.weight_decay is None or group.weight_decay >= 0,
+                f"{key}.weight_decay",
+                group.weight_decay,
+                "it must be >= 0 or null",
+            )
 
 
 @dataclass
@@ -234,3 +263,26 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
             out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
         return out
     return {prefix: json.dumps(node) if isinstance(node, list) else node}
+
+
+def config_dir() -> Path:
+    """conf/ shipped inside the wheel, else the repository's top-level conf/ (editable install)."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "conf", package.parents[1] / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise ConfigError(
+        f"metacli cannot find its configs: neither {package / 'conf'} nor "
+        f"{package.parents[1] / 'conf'} holds train.yaml. Reinstall metacli."
+    )
+
+
+def option_keys(group: str) -> dict[str, set[str]]:
+    """The top-level keys of each shipped option of a config group (conf/<group>/*.yaml)."""
+    import yaml
+
+    keys: dict[str, set[str]] = {}
+    for path in sorted((config_dir() / group).glob("*.yaml")):
+        node = yaml.safe_load(path.read_text(encoding="utf-8"))
+        keys[path.stem] = {str(k) for k in node} if isinstance(node, dict) else set()
+    return keys

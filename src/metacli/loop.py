@@ -3,7 +3,8 @@
 Per iteration: sample a meta-batch of tasks, compute the meta-loss, step the outer
 optimizer. Every ``train.val_every`` iterations: evaluate on the fixed validation tasks,
 keep ``best.pt``; every ``train.ckpt_every``: write ``last.pt``. Meta-test runs the same
-``evaluate`` on the fixed test tasks.
+``evaluate`` on the fixed test tasks. The loop writes only through a ``Recorder`` (the
+run folder implements it), so it never knows where files go.
 """
 
 from __future__ import annotations
@@ -15,21 +16,19 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor
 
-from metacli import __version__
-from metacli.checkpoint import FORMAT_VERSION, capture_rng, restore_rng
+from metacli.algorithms.base import MetaLoss
+from metacli.build import Components
+from metacli.checkpoint import LoopState, make
 from metacli.console import PROGRESS_LOGGER, progress_bar
+from metacli.engine.random import task_keys
 from metacli.errors import MetacliError
-from metacli.tasks.base import split_generator
-
-if TYPE_CHECKING:
-    from metacli.build import Components
-    from metacli.run import RunFolder
+from metacli.tasks.base import TaskBatch, split_generator
 
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger(PROGRESS_LOGGER)
@@ -65,12 +64,16 @@ def stop_requests() -> Iterator[list[int]]:
             signal.signal(signum, old)
 
 
-@dataclass
-class LoopState:
-    iteration: int = 0  # outer updates done
-    best_metric: float | None = None
-    best_iteration: int | None = None
-    wall_time: float = 0.0  # seconds spent training, summed over resumed sessions
+class Recorder(Protocol):
+    """Where the loop's output goes (``metacli.run.RunFolder``)."""
+
+    root: Path
+
+    def log_metrics(self, record: dict[str, Any]) -> None: ...
+
+    def save_checkpoint(self, name: str, checkpoint: dict[str, Any]) -> None: ...
+
+    def write_text(self, name: str, text: str) -> None: ...
 
 
 @dataclass
@@ -142,6 +145,7 @@ class EvalSummary:
 def evaluate(c: Components, split: str, num_tasks: int, batch_size: int) -> EvalSummary:
     """Adapt to ``num_tasks`` fixed tasks of ``split`` (seeded by seed and split alone)."""
     tasks = c.task.sample(num_tasks, split, split_generator(c.run.seed, split))
+    tasks = tasks.with_keys(task_keys(c.run.seed, split, 0, 0, num_tasks))
     was_training = c.algorithm.training
     c.algorithm.eval()
     losses, metrics = [], []
@@ -160,103 +164,78 @@ def is_better(c: Components, value: float, best: float | None) -> bool:
 
 
 def learning_rates(c: Components) -> dict[str, float]:
-    return {"lr": c.optimizer.param_groups[0]["lr"], **c.algorithm.inner_learning_rates()}
-
-
-def make_checkpoint(c: Components, state: LoopState, overrides: list[str]) -> dict[str, Any]:
-    """Everything needed to continue bit for bit, in one dict."""
-    return {
-        "format": "metacli",
-        "format_version": FORMAT_VERSION,
-        "metacli_version": __version__,
-        "torch_version": str(torch.__version__),
-        "iteration": state.iteration,
-        "best_metric": state.best_metric,
-        "best_iteration": state.best_iteration,
-        "wall_time": state.wall_time,
-        "algorithm": c.algorithm.state_dict(),
-        "optimizer": c.optimizer.state_dict(),
-        "scheduler": c.scheduler.state_dict() if c.scheduler is not None else None,
-        "rng": capture_rng(c.train_generator),
-        "config": OmegaConf.to_container(c.cfg, resolve=True),
-        "overrides": list(overrides),
+    """The outer learning rate of each parameter group (``lr``: the initialisation's) and
+    the algorithm's own scalars (inner learning rates, ...)."""
+    rates = {
+        "lr" if i == 0 else f"lr_{g.get('name', i)}": float(g["lr"])
+        for i, g in enumerate(c.optimizer.param_groups)
     }
+    return {**rates, **c.algorithm.scalars()}
 
 
-def load_weights(c: Components, checkpoint: dict[str, Any], source: str) -> None:
-    try:
-        c.algorithm.load_state_dict(checkpoint["algorithm"])
-    except RuntimeError as err:
-        first = str(err).splitlines()[0]
-        raise MetacliError(
-            f"The checkpoint {source} does not fit the configured algo/model "
-            f"({first}). Use the same algo and model settings as the run that "
-            f"wrote it."
-        ) from None
+def sample(c: Components) -> TaskBatch:
+    """The next training meta-batch; task i of iteration t draws from the random stream
+    (seed, train, t, i), so its draws survive a resume and do not depend on the batching."""
+    size = c.run.train.meta_batch_size
+    batch = c.task.sample(size, "train", c.train_generator).to(c.device)
+    if not c.algorithm.executor.stochastic:  # nothing draws: no keys needed
+        return batch
+    keys = task_keys(c.run.seed, "train", int(c.algorithm.outer_steps), 0, size, c.device)
+    return batch.with_keys(keys)
 
 
-def restore(c: Components, checkpoint: dict[str, Any], source: str) -> LoopState:
-    load_weights(c, checkpoint, source)
-    c.optimizer.load_state_dict(checkpoint["optimizer"])
-    if c.scheduler is not None and checkpoint["scheduler"] is not None:
-        c.scheduler.load_state_dict(checkpoint["scheduler"])
-    restore_rng(checkpoint["rng"], c.train_generator)
-    return LoopState(
-        iteration=checkpoint["iteration"],
-        best_metric=checkpoint["best_metric"],
-        best_iteration=checkpoint["best_iteration"],
-        wall_time=checkpoint["wall_time"],
-    )
-
-
-def meta_step(c: Components, grad_clip: float | None) -> tuple[Tensor, Tensor]:
-    batch = c.task.sample(c.run.train.meta_batch_size, "train", c.train_generator).to(c.device)
+def meta_step(c: Components, grad_clip: float | None) -> MetaLoss:
+    """One outer update; returns the meta-loss (detached), the mean metric and the terms."""
+    batch = sample(c)
     c.optimizer.zero_grad(set_to_none=True)
-    loss, metric = c.algorithm.meta_loss(batch)
-    loss.backward()
+    out = c.algorithm.meta_loss(batch)
+    out.loss.backward()
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(c.algorithm.parameters(), grad_clip)
     c.optimizer.step()
     if c.scheduler is not None:
         c.scheduler.step()
     c.algorithm.observe(batch)
-    return loss.detach(), metric.detach().mean()
+    return MetaLoss(out.loss.detach(), out.metric.detach().mean(), out.terms)
 
 
-def meta_train(c: Components, folder: RunFolder, state: LoopState) -> LoopState:
+def write_artifacts(c: Components, recorder: Recorder) -> None:
+    for name, text in c.algorithm.artifacts().items():
+        recorder.write_text(name, text)
+
+
+def meta_train(c: Components, recorder: Recorder, state: LoopState) -> LoopState:
     cfg = c.run.train
     total, ckpt_every = cfg.iterations, cfg.ckpt_every or cfg.val_every
     name = c.task.metric_name
-    window_loss = torch.zeros((), device=c.device)
-    window_metric = torch.zeros((), device=c.device)
-    window_n, window_start = 0, time.perf_counter()
+    window = Window()
     session_start, wall_before = time.perf_counter(), state.wall_time
     val_metric: float | None = None
+
+    def save(which: str) -> None:
+        recorder.save_checkpoint(which, make(c, state))
+
     c.algorithm.train()
     with stop_requests() as stop, progress_bar(total, state.iteration) as bar:
         while state.iteration < total:
-            loss, metric = meta_step(c, cfg.grad_clip)
+            window.add(meta_step(c, cfg.grad_clip))
             state.iteration += 1
-            window_loss += loss
-            window_metric += metric
-            window_n += 1
             it = state.iteration
             state.wall_time = wall_before + time.perf_counter() - session_start
             if it % cfg.log_every == 0 or it == total:
-                mean_loss = (window_loss / window_n).item()
-                if not math.isfinite(mean_loss):
+                record = window.record(it)
+                if not math.isfinite(record["loss"]):
                     raise MetacliError(
-                        f"The meta-loss became {mean_loss} by iteration {it}. "
+                        f"The meta-loss became {record['loss']} by iteration {it}. "
                         f"Lower optim.lr or algo.inner_lr; checkpoints/last.pt "
                         f"still holds the last good state."
                     )
-                speed = window_n / (time.perf_counter() - window_start)
-                folder.log_metrics(
+                speed = record.pop("it_per_s")
+                recorder.log_metrics(
                     {
                         "iteration": it,
                         "split": "train",
-                        "loss": mean_loss,
-                        "metric": (window_metric / window_n).item(),
+                        **record,
                         "metric_name": name,
                         **learning_rates(c),
                         "it_per_s": speed,
@@ -267,27 +246,34 @@ def meta_train(c: Components, folder: RunFolder, state: LoopState) -> LoopState:
                     "iter %d/%d  loss %.4f  val %s %s  %.1f it/s  eta %s",
                     it,
                     total,
-                    mean_loss,
+                    record["loss"],
                     name,
                     "-" if val_metric is None else f"{val_metric:.4f}",
                     speed,
                     _eta((total - it) / speed),
                 )
                 bar.update(
-                    it, loss=mean_loss, **{f"val_{name}": val_metric}, **{"it/s": round(speed, 1)}
+                    it,
+                    loss=record["loss"],
+                    **{f"val_{name}": val_metric},
+                    **{"it/s": round(speed, 1)},
                 )
-                window_loss.zero_()
-                window_metric.zero_()
-                window_n, window_start = 0, time.perf_counter()
             if it % cfg.val_every == 0 or it == total:
                 val = evaluate(c, "val", c.run.val.num_tasks, c.run.val.batch_size)
                 val_metric = val.final
                 improved = is_better(c, val.final, state.best_metric)
                 if improved:
                     state.best_metric, state.best_iteration = val.final, it
-                folder.log_metrics(
-                    {**val.record(it, "val"), **learning_rates(c), "wall_time": state.wall_time}
+                hooked = c.algorithm.on_validation(it, val.final)
+                recorder.log_metrics(
+                    {
+                        **val.record(it, "val"),
+                        **learning_rates(c),
+                        **hooked,
+                        "wall_time": state.wall_time,
+                    }
                 )
+                write_artifacts(c, recorder)
                 log.info(
                     "iter %d: val %s %.4f ± %.4f (before adaptation %.4f)%s",
                     it,
@@ -298,18 +284,49 @@ def meta_train(c: Components, folder: RunFolder, state: LoopState) -> LoopState:
                     "  [best]" if improved else "",
                 )
                 if improved:
-                    folder.save_checkpoint("best", c, state)
+                    save("best")
+            if it == total:
+                ended = c.algorithm.on_train_end(it)
+                if ended:
+                    recorder.log_metrics({"iteration": it, "split": "train_end", **ended})
+                write_artifacts(c, recorder)
             if it % ckpt_every == 0 or it == total:
-                folder.save_checkpoint("last", c, state)
+                save("last")
             bar.update(it)
             if stop:
-                folder.save_checkpoint("last", c, state)
+                save("last")
                 raise Interrupted(
                     f"Stopped by {signal.Signals(stop[0]).name} at iteration {it} "
                     f"of {total}; checkpoints/last.pt holds it. Continue with: "
-                    f"metacli train resume={folder.root}"
+                    f"metacli train resume={recorder.root}"
                 )
     return state
+
+
+class Window:
+    """Train-line statistics over the iterations since the last log line (kept on the
+    device until logged, so logging does not synchronise every step)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.count, self.start = 0, time.perf_counter()
+
+    def add(self, step: MetaLoss) -> None:
+        values = {"loss": step.loss, "metric": step.metric, **step.terms}
+        for key, value in values.items():
+            total = self.sums.get(key)
+            self.sums[key] = value.detach() if total is None else total + value.detach()
+        self.count += 1
+
+    def record(self, iteration: int) -> dict[str, float]:
+        """Window means (loss, metric, every named term) and it/s; starts a new window."""
+        speed = self.count / (time.perf_counter() - self.start)
+        means = {key: (value / self.count).item() for key, value in self.sums.items()}
+        self.reset()
+        return {**means, "it_per_s": speed}
 
 
 def _eta(seconds: float) -> str:

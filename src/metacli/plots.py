@@ -54,15 +54,12 @@ def series(records: list[dict[str, Any]], split: str, key: str) -> tuple[list[in
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def validation_curves(rows: list[dict[str, Any]], path: Path) -> None:
-    """Validation metric against iteration: one line per configuration, the mean over its
-    seeds with a band of one standard deviation (a 95% interval from 2-3 seeds would
-    dwarf every difference)."""
+def validation_curves(rows: list[dict[str, Any]], label_keys: list[str], path: Path) -> None:
+    """Validation metric against iteration: one line per configuration (``metacli
+    compare``'s rows, labelled by ``label_keys``), the mean over its seeds with a band of
+    one standard deviation (a 95% interval from 2-3 seeds would dwarf every difference)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    from metacli.compare import config_columns
-
-    label_keys = config_columns(rows)
     metric_name = "validation metric"
     for row in rows:
         curves: dict[int, list[float]] = {}
@@ -165,52 +162,45 @@ def save(plt: Any, fig: Any, path: Path) -> Path:
 def adaptation_figure(
     folder: Path, summary: dict[str, Any], plt: Any, tasks: int = 6
 ) -> Path | None:
-    """1-D regression only: true function, support set, model before/after adaptation."""
-    config = summary.get("config")
+    """1-D regression only: true function, support set, model before/after adaptation.
+
+    The model is the run's own (rebuilt from the config its checkpoint recorded), adapted
+    by its own evaluation on test tasks with a dense, noise-free query set.
+    """
     checkpoints = [folder / "checkpoints" / n for n in ("best.pt", "last.pt")]
     checkpoint_path = next((p for p in checkpoints if p.exists()), None)
-    if not isinstance(config, dict) or checkpoint_path is None:
+    if checkpoint_path is None:
         return None
     import torch
-    from omegaconf import DictConfig, OmegaConf
 
-    from metacli.algorithms.maml import MAML
-    from metacli.build import build
-    from metacli.checkpoint import load_checkpoint
-    from metacli.loop import load_weights
+    from metacli.checkpoint import components_from
+    from metacli.engine.random import task_keys
     from metacli.tasks.base import ClassificationTask, split_generator
 
-    cfg = OmegaConf.merge(
-        OmegaConf.create(
-            {
-                "resume": None,
-                "ckpt_path": None,
-                "skip_finished": False,
-                "threads": None,
-                "logger": {"name": "none"},
-            }
-        ),
-        OmegaConf.create(config),
-    )
-    cfg.device = {"name": "cpu"}
-    if "queries" in cfg.task:
-        cfg.task.queries = 200  # a dense set of query points draws the true function
-    if "noise" in cfg.task:
-        cfg.task.noise = 0.0
-    assert isinstance(cfg, DictConfig)
-    c = build(cfg)
-    if (
-        isinstance(c.task, ClassificationTask)
-        or tuple(c.task.input_shape) != (1,)
-        or not isinstance(c.algorithm, MAML)
-    ):
+    c, _ = components_from(checkpoint_path)
+    regression = not isinstance(c.task, ClassificationTask) and tuple(c.task.input_shape) == (1,)
+    if not regression or not hasattr(c.task.cfg, "queries"):
         return None
-    load_weights(c, load_checkpoint(checkpoint_path), str(checkpoint_path))
-    algorithm = c.algorithm
-    algorithm.eval()
-    batch = c.task.sample(tasks, "test", split_generator(int(cfg.seed), "test"))
-    params = {n: p.detach() for n, p in algorithm.initial_params().items()}
-    steps, lr = algorithm.test_steps, algorithm.test_lr
+    c.task.cfg.queries = 200  # a dense set of query points draws the true function
+    if hasattr(c.task.cfg, "noise"):
+        c.task.cfg.noise = 0.0
+    batch = c.task.sample(tasks, "test", split_generator(c.run.seed, "test"))
+    order = batch.query_x[..., 0].argsort(dim=1)  # [B, Q]: queries left to right
+    sort = order.unsqueeze(-1)
+    batch = type(batch)(
+        batch.support_x,
+        batch.support_y,
+        batch.query_x.gather(1, sort),
+        batch.query_y.gather(1, sort),
+        task_keys(c.run.seed, "test", 0, 0, tasks),
+    )
+    c.algorithm.eval()
+    evaluation = c.algorithm.evaluate(batch, predictions=True)
+    if evaluation.predictions is None:
+        return None
+    with torch.no_grad():
+        predictions = evaluation.predictions  # [B, k+1, Q, 1]
+    steps = predictions.shape[1] - 1
     columns = 3
     fig, axes = plt.subplots(
         math.ceil(tasks / columns),
@@ -218,24 +208,18 @@ def adaptation_figure(
         figsize=(columns * 4.0, math.ceil(tasks / columns) * 3.0),
     )
     for i, ax in enumerate(axes.flat):
-        sx, sy, qx, qy = (t[i] for t in batch.tensors())
-        order = qx[:, 0].argsort()
-        grid = qx[order]
-        with torch.no_grad():
-            before = algorithm.forward_with(params, grid, 0)
-        adapted = algorithm.adapt(params, sx, sy, steps, lr, True)
-        with torch.no_grad():
-            after = algorithm.forward_with(adapted, grid, steps)
-        x = grid[:, 0].numpy()
-        ax.plot(x, qy[order][:, 0].numpy(), color="black", label="true function")
-        ax.plot(x, before[:, 0].numpy(), "--", color="tab:blue", label="before adaptation")
-        ax.plot(x, after[:, 0].numpy(), color="tab:red", label=f"after {steps} steps")
+        x = batch.query_x[i, :, 0].numpy()
+        ax.plot(x, batch.query_y[i, :, 0].numpy(), color="black", label="true function")
+        ax.plot(
+            x, predictions[i, 0, :, 0].numpy(), "--", color="tab:blue", label="before adaptation"
+        )
+        ax.plot(x, predictions[i, -1, :, 0].numpy(), color="tab:red", label=f"after {steps} steps")
         ax.scatter(
-            sx[:, 0].numpy(),
-            sy[:, 0].numpy(),
+            batch.support_x[i, :, 0].numpy(),
+            batch.support_y[i, :, 0].numpy(),
             color="tab:purple",
             zorder=3,
-            label=f"{len(sx)} support points",
+            label=f"{batch.support_x.shape[1]} support points",
         )
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=7)

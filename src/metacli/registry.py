@@ -1,9 +1,11 @@
 """Name -> class registries for the component groups.
 
 A component registers itself by subclassing its group's base class with a key equal
-to its module name: ``class MAML(GradientBasedAlgorithm, key="maml")`` in
+to its module name: ``class MAML(Adaptive, key="maml")`` in
 ``metacli/algorithms/maml.py``, selected by ``conf/algo/maml.yaml``. Lookup imports
-that one module, so adding an algorithm is one Python file plus one YAML file.
+that one module, so adding an algorithm is one Python file plus one YAML file. The
+options of a group are exactly the modules that register a class under their own name;
+helper modules (``base.py``, ``tasks/images.py``) are never options.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ from typing import Any, ClassVar
 
 from metacli.errors import ConfigError
 
-PACKAGES = {"algo": "metacli.algorithms", "task": "metacli.tasks", "model": "metacli.models"}
+PACKAGES = {
+    "algo": "metacli.algorithms",
+    "task": "metacli.tasks",
+    "model": "metacli.models",
+    "update": "metacli.updates",
+}
+SETTINGS = {"algo": "algo", "task": "task", "model": "model", "update": "algo.update"}
 
 
 class Registered:
@@ -30,25 +38,39 @@ class Registered:
             cls.registry[key] = cls
 
 
-def available(group: str) -> list[str]:
-    """Options of a group: the public modules of its package."""
-    package = importlib.import_module(PACKAGES[group])
-    return sorted(
-        m.name
-        for m in pkgutil.iter_modules(package.__path__)
-        if not m.name.startswith("_") and m.name != "base"
+def _registers_itself(package: str, name: str) -> bool:
+    module = importlib.import_module(f"{package}.{name}")
+    return any(
+        isinstance(value, type)
+        and issubclass(value, Registered)
+        and value.__dict__.get("key") == name
+        for value in vars(module).values()
     )
 
 
-def lookup(group: str, name: str, base: type[Registered]) -> type:
-    """The class registered as ``name`` in ``group``; a ConfigError naming the options if none."""
-    options = available(group)
-    if name not in options:
+def available(group: str) -> list[str]:
+    """Options of a group: the modules of its package that register a class as themselves."""
+    package = importlib.import_module(PACKAGES[group])
+    names = [m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_")]
+    return sorted(name for name in names if _registers_itself(PACKAGES[group], name))
+
+
+def lookup(group: str, name: str, base: type[Registered]) -> Any:
+    """The class registered as ``name`` in ``group``; a ConfigError naming the options if none.
+
+    A class registered in-process (a test's, a script's) is found without a module.
+    """
+    if name not in base.registry and name.isidentifier():
+        try:
+            importlib.import_module(f"{PACKAGES[group]}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{PACKAGES[group]}.{name}":
+                raise
+    found: Any = base.registry.get(name)
+    if found is None or found.key != name:
+        setting = SETTINGS[group]
         raise ConfigError(
-            f"{group}.name={name!r} matches no module in {PACKAGES[group]} "
-            f"(options: {', '.join(options)}). Pick one with {group}=<option>."
+            f"{setting}={name!r} is not an option (options: {', '.join(available(group))}). "
+            f"Choose one with {setting}=<option>."
         )
-    importlib.import_module(f"{PACKAGES[group]}.{name}")
-    if name not in base.registry:
-        raise ConfigError(f"Module {PACKAGES[group]}.{name} registers no class with key {name!r}.")
-    return base.registry[name]
+    return found

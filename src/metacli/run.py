@@ -22,16 +22,24 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from metacli import __version__
-from metacli.checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
+from metacli.checkpoint import (
+    LoopState,
+    load_checkpoint,
+    load_weights,
+    make,
+    restore,
+    save_checkpoint,
+)
 from metacli.console import print_summary
 from metacli.errors import ConfigError, MetacliError
+from metacli.files import atomic_write, read_json, write_json, write_text
 
 if TYPE_CHECKING:
     from metacli.build import Components
-    from metacli.loop import EvalSummary, LoopState
+    from metacli.loop import EvalSummary
 
 log = logging.getLogger("metacli")
-GROUPS = ("algo", "task", "model", "device", "optim", "logger", "experiment", "debug")
+GROUPS = ("algo", "update", "task", "model", "device", "optim", "logger", "experiment", "debug")
 # Keys that say where or how a run executes, not what it computes.
 RUN_ONLY_KEYS = ("resume", "ckpt_path", "skip_finished", "threads", "logger")
 RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoints")
@@ -96,7 +104,7 @@ class RunFolder:
         old = read_json(self.summary_path)
         if old is None and not self.metrics_path.exists():
             return None
-        if cfg.get("skip_finished") and old is not None and old.get("config") == config_of(cfg):
+        if cfg.get("skip_finished") and old is not None and old.get("config") == effective_of(cfg):
             if old.get("status") == "finished":
                 return "finished"
             if (self.checkpoints / "last.pt").exists():
@@ -126,10 +134,11 @@ class RunFolder:
         text = "".join(kept)
         atomic_write(self.metrics_path, lambda handle: handle.write(text.encode()))
 
-    def save_checkpoint(self, name: str, c: Components, state: LoopState) -> None:
-        from metacli.loop import make_checkpoint
+    def save_checkpoint(self, name: str, checkpoint: dict[str, Any]) -> None:
+        save_checkpoint(self.checkpoints / f"{name}.pt", checkpoint)
 
-        save_checkpoint(self.checkpoints / f"{name}.pt", make_checkpoint(c, state, self.overrides))
+    def write_text(self, name: str, text: str) -> None:
+        write_text(self.root / name, text)
 
     def update_summary(self, **fields: Any) -> None:
         self.summary.update(fields)
@@ -194,19 +203,21 @@ class RunFolder:
         self.update_summary(status=status, finished_at=now, **fields)
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def config_of(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config of a run without the keys that only say where or how it runs."""
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
     return {str(k): v for k, v in container.items() if k not in RUN_ONLY_KEYS}
+
+
+def effective_of(cfg: DictConfig) -> dict[str, Any] | None:
+    """``config_of`` the effective config (after ``configure``); None if it is invalid."""
+    from metacli.build import resolve
+
+    try:
+        return config_of(resolve(cfg).effective)
+    except MetacliError:
+        return None
 
 
 def objective(summary: dict[str, Any], which: str) -> float:
@@ -281,7 +292,7 @@ def train(cfg: DictConfig) -> float:
     """Meta-train, then meta-test; returns ``optimized_metric`` (for sweepers; NaN if failed)."""
     from metacli.build import build
     from metacli.loggers import make_sinks
-    from metacli.loop import LoopState, load_weights, meta_train, restore
+    from metacli.loop import meta_train
 
     start = time.perf_counter()
     folder = RunFolder.current()
@@ -293,9 +304,9 @@ def train(cfg: DictConfig) -> float:
     folder.start("train", cfg)
     with folder.guard():
         folder.update_summary(threads=set_threads(cfg))
-        c = build(cfg)
-        folder.update_summary(device=str(c.device))
-        folder.sinks = make_sinks(cfg, folder.root)
+        c = build(cfg, folder.overrides)
+        folder.update_summary(device=str(c.device), config=config_of(c.cfg))
+        folder.sinks = make_sinks(c.cfg, folder.root)
         state = LoopState()
         if cfg.resume or previous == "resumable":
             last = folder.checkpoints / "last.pt"
@@ -314,7 +325,7 @@ def train(cfg: DictConfig) -> float:
         )
         state = meta_train(c, folder, state)
         if not (folder.checkpoints / "last.pt").exists():
-            folder.save_checkpoint("last", c, state)
+            folder.save_checkpoint("last", make(c, state))
         source = c.run.test.checkpoint
         best = folder.checkpoints / "best.pt"
         if source == "best" and best.exists():
@@ -350,7 +361,6 @@ def train(cfg: DictConfig) -> float:
 def test(cfg: DictConfig) -> float:
     """Meta-test a checkpoint on the fixed test tasks, in a run folder of its own."""
     from metacli.build import build
-    from metacli.loop import load_weights
 
     start = time.perf_counter()
     folder = RunFolder.current()
@@ -363,8 +373,10 @@ def test(cfg: DictConfig) -> float:
                 "metacli test needs a checkpoint: add ckpt_path=<run folder>/"
                 "checkpoints/best.pt (or last.pt)."
             )
-        c = build(cfg)
-        folder.update_summary(device=str(c.device), checkpoint=str(cfg.ckpt_path))
+        c = build(cfg, folder.overrides)
+        folder.update_summary(
+            device=str(c.device), checkpoint=str(cfg.ckpt_path), config=config_of(c.cfg)
+        )
         checkpoint = load_checkpoint(cfg.ckpt_path)
         load_weights(c, checkpoint, str(cfg.ckpt_path))
         result = meta_test(c, folder, checkpoint["iteration"])

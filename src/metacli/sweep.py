@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from rich.table import Table
 
 from metacli.console import CONSOLE
-from metacli.run import read_json
+from metacli.files import read_json
 
 
 def job_folders(sweep_dir: Path) -> list[Path]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from metacli.algorithms.base import AlgoConfig
-from metacli.algorithms.maml import MAML, MAMLConfig, Params
+from metacli.algorithms.maml import MAML, MAMLConfig
 from metacli.errors import ConfigError
 from metacli.models.base import Model
 from metacli.tasks.base import TaskDistribution
@@ -26,13 +26,12 @@ class ANIL(MAML, key="anil"):
     Config: ClassVar[type[AlgoConfig]] = ANILConfig
 
     def __init__(self, cfg: ANILConfig, model: Model, task: TaskDistribution) -> None:
-        super().__init__(cfg, model, task)
-        self.head_names = [n for n, _ in model.named_parameters() if n.startswith("head.")]
-        if not self.head_names:
+        if not any(n.startswith("head.") for n, _ in model.named_parameters()):
             raise ConfigError(
                 f"algo=anil adapts the model's linear head, but model="
                 f"{model.cfg.name} has none. Use a model with a head."
             )
+        super().__init__(cfg, model, task)
 
-    def adapted(self, params: Params) -> Params:
-        return {name: params[name] for name in self.head_names}
+    def adapted_names(self) -> list[str]:
+        return [n for n, _ in self.model.named_parameters() if n.startswith("head.")]

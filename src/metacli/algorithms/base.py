@@ -1,30 +1,33 @@
-"""The small contract every algorithm meets, and the per-task map it is computed with.
+"""The small contract every algorithm meets, and the base of those with an inner loop.
 
 An algorithm is an ``nn.Module`` whose parameters are the meta-parameters (the model's
-initialisation, plus whatever else it meta-learns). The one training loop only calls
-``meta_loss`` (backpropagated, then an outer optimizer step) and ``evaluate`` (adapt on
-the support set, report the query metric after each inner step).
+initialisation, plus whatever else it meta-learns: an update rule's rates, ...). The one
+training loop calls ``meta_loss`` (backpropagated, then an outer optimizer step),
+``evaluate`` (adapt on the support set, report the query set after each inner step)
+and the hooks below; it never looks inside.
 """
 
 from __future__ import annotations
 
-import copy
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from metacli.config import require
+from metacli.engine.executor import STRATEGIES, TaskExecutor
+from metacli.engine.inner import InnerLoop, Step
+from metacli.engine.random import TaskRandom
+from metacli.errors import ConfigError
 from metacli.models.base import Model
-from metacli.registry import Registered
+from metacli.registry import Registered, lookup
 from metacli.tasks.base import TaskBatch, TaskDistribution
+from metacli.updates.base import Params, UpdateRule
 
-BATCHING = ("auto", "vmap", "loop", "threads")
+# Keys of a train line in metrics.jsonl that named terms must not shadow.
+RESERVED = ("iteration", "split", "loss", "metric", "metric_name", "lr", "it_per_s", "wall_time")
 
 
 @dataclass
@@ -34,11 +37,20 @@ class AlgoConfig:
 
     def __post_init__(self) -> None:
         require(
-            self.batching in BATCHING,
+            self.batching in STRATEGIES,
             "algo.batching",
             self.batching,
-            f"choose one of {', '.join(BATCHING)}",
+            f"choose one of {', '.join(STRATEGIES)}",
         )
+
+
+@dataclass
+class MetaLoss:
+    """What ``meta_loss`` returns: the scalar to backpropagate and what to log."""
+
+    loss: Tensor  # scalar; its gradient is the meta-gradient
+    metric: Tensor  # [B] each task's query metric
+    terms: dict[str, Tensor] = field(default_factory=dict)  # named scalars, each logged
 
 
 @dataclass
@@ -47,17 +59,18 @@ class Evaluation:
 
     loss: Tensor  # [B, k+1]
     metric: Tensor  # [B, k+1]
+    predictions: Tensor | None = None  # [B, k+1, Q, ...] when asked for (figures)
 
 
 class MetaAlgorithm(nn.Module, Registered):
     registry: ClassVar[dict[str, type]] = {}
     Config: ClassVar[type[AlgoConfig]] = AlgoConfig
     uses_head: ClassVar[bool] = True  # False: the model is built without its linear head
-    # False: meta_loss computes each task as one forward/backward over all its examples
-    # (ProtoNet, pretraining). Each operation then has enough work for all cores, so on
-    # a CPU `auto` takes the plain loop where the model prefers threads (measured:
-    # docs/benchmarks.md).
+    # False: training computes each task as one forward/backward over all its examples
+    # (ProtoNet, pretraining); see TaskExecutor for what `auto` makes of it.
     inner_loop: ClassVar[bool] = True
+    # True: a task draws from its random stream (``rng``); see TaskExecutor's contract.
+    stochastic: ClassVar[bool] = False
     outer_steps: Tensor
 
     def __init__(self, cfg: AlgoConfig, model: Model, task: TaskDistribution) -> None:
@@ -65,27 +78,48 @@ class MetaAlgorithm(nn.Module, Registered):
         self.cfg = cfg
         self.model = model
         self.task = task
+        self.executor = TaskExecutor(cfg.batching, model, self.inner_loop)
+        self.executor.stochastic = self.stochastic or model.stochastic
         # Outer steps taken; a buffer, so schedules inside algorithms survive a resume.
         self.register_buffer("outer_steps", torch.zeros((), dtype=torch.long))
 
+    # --- before building ----------------------------------------------------------------
     @classmethod
     def configure(cls, cfg: AlgoConfig, model_cfg: Any, run_cfg: Any) -> list[str]:
-        """Adjust the model or outer-optimizer settings an algorithm needs, before building.
+        """Adjust the model or outer-optimizer settings the algorithm needs, before building.
 
-        Returns one line per change, for the log. MAML++ uses it for per-step batch
-        norm and cosine annealing of the outer learning rate.
+        Returns one line per change, for the log. What it decides is part of the
+        effective config that summary.json and the checkpoints record.
         """
         return []
 
+    # --- what the loop calls --------------------------------------------------------------
+    def meta_loss(self, batch: TaskBatch) -> MetaLoss:
+        raise NotImplementedError
+
+    def evaluate(self, batch: TaskBatch, predictions: bool = False) -> Evaluation:
+        """Adapt to each task's support set; measure the query set after every inner step."""
+        raise NotImplementedError
+
     @property
-    def batching(self) -> str:
-        """The per-task strategy in use; ``auto`` asks the model, for the current device."""
-        if self.cfg.batching != "auto":
-            return self.cfg.batching
-        parameter = next(self.parameters(), None)
-        device = parameter.device if parameter is not None else torch.device("cpu")
-        preferred = self.model.batching_for(device)
-        return "loop" if preferred == "threads" and not self.inner_loop else preferred
+    def exact_gradient(self) -> bool:
+        """Whether the meta-gradient is the true gradient of the returned loss (second order,
+        or no inner loop), so finite differences of ``meta_loss`` must match it."""
+        return True
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The outer optimizer's parameter groups: ``model`` (the initialisation, which alone
+        gets ``optim.weight_decay`` by default), then each submodule's ``param_group``."""
+        groups: dict[str, list[nn.Parameter]] = {"model": list(self.model.parameters())}
+        for name, child in self.named_children():
+            if child is not self.model:
+                group = getattr(child, "param_group", name)
+                groups.setdefault(group, []).extend(child.parameters())
+        return {name: params for name, params in groups.items() if params}
+
+    def scalars(self) -> dict[str, float]:
+        """Quantities worth logging with every train and validation line (learned rates)."""
+        return {}
 
     def observe(self, batch: TaskBatch) -> None:
         """After each outer step: count it; let ``running`` batch norm see the inputs."""
@@ -93,136 +127,151 @@ class MetaAlgorithm(nn.Module, Registered):
         if self.model.tracks_running_stats:
             self.model.update_running_stats(batch.support_x)
 
-    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
-        """Scalar loss whose gradient is the meta-gradient, and the per-task query metric [B]."""
-        raise NotImplementedError
-
-    def evaluate(self, batch: TaskBatch) -> Evaluation:
-        """Adapt to each task's support set; measure the query set after every inner step."""
-        raise NotImplementedError
-
-    def inner_learning_rates(self) -> dict[str, float]:
-        """Learning rates worth logging besides the outer optimizer's."""
+    def on_validation(self, iteration: int, metric: float) -> dict[str, float]:
+        """After each validation (pruning, annealing, discretising); returns named scalars
+        for the validation line. State it changes must live in buffers (checkpointed)."""
         return {}
 
-    def map_tasks(self, fn: Callable[..., Any], params: Any, batch: TaskBatch) -> Any:
-        """``fn(params, support_x, support_y, query_x, query_y)`` for every task, stacked."""
-        return self.per_task(fn, TASK_DIMS, params, *batch.tensors())
+    def on_train_end(self, iteration: int) -> dict[str, float]:
+        """Once training has reached ``train.iterations``, before the meta-test."""
+        return {}
 
-    def mean_loss(self, fn: Callable[..., Any], params: Any, batch: TaskBatch) -> Any:
-        """Mean over tasks of the loss ``fn`` returns (with ``map_tasks``'s arguments), and
-        each task's metric [B].
+    def artifacts(self) -> dict[str, str]:
+        """Text files for the run folder (file name -> content), written at each validation
+        and at the end of training."""
+        return {}
 
-        Without ``vmap`` each task's loss is backpropagated as soon as it is computed
-        (by its worker, with ``threads``, so the backward pass, most of a second-order
-        meta-iteration, runs in parallel too): only one task's graph per worker is held,
-        not the whole meta-batch's. The returned scalar then carries the summed gradient,
-        added in task order so runs stay reproducible.
-        """
-        if self.batching == "vmap" or not torch.is_grad_enabled():
-            losses, metrics = self.map_tasks(fn, params, batch)
-            return losses.mean(), metrics.detach()
-        leaves = [p for p in self.parameters() if p.requires_grad]
-        size = len(batch)
+    # --- helpers ----------------------------------------------------------------------------
+    @property
+    def batching(self) -> str:
+        return self.executor.strategy
 
-        def one(*args: Any) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-            loss, metric = fn(*args)
-            grads = torch.autograd.grad(
-                loss / size, leaves, allow_unused=True, materialize_grads=True
-            )
-            return loss.detach(), metric.detach(), grads
+    def forward_with(self, params: Params, x: Tensor, step: int = 0) -> Tensor:
+        """The model with weights ``params`` on ``x``, as seen at inner step ``step``."""
+        model = self.executor.module()
+        model.set_step(step)
+        return torch.func.functional_call(model, (params, self.model.named_tensors()[1]), (x,))
 
-        losses, metrics, total = [], [], None
-        for loss, metric, grads in self._each(one, TASK_DIMS, (params, *batch.tensors())):
-            losses.append(loss)
-            metrics.append(metric)
-            total = grads if total is None else [a + b for a, b in zip(total, grads, strict=True)]
-        assert total is not None
-        # (p - p.detach()) is exactly zero, so the value is the mean loss; its gradient is total.
-        carrier = sum(((p - p.detach()) * g).sum() for p, g in zip(leaves, total, strict=True))
-        return torch.stack(losses).mean() + carrier, torch.stack(metrics)
-
-    def per_task(self, fn: Callable[..., Any], in_dims: Sequence[int | None], *args: Any) -> Any:
-        """Apply ``fn`` to each task (args with in_dim 0 are sliced on axis 0) and stack.
-
-        ``vmap`` runs every task in one batched computation; ``loop`` is the plain Python
-        loop over tasks; ``threads`` is that loop spread over one worker thread per CPU
-        core, each task computed whole by one single-threaded worker. All give the same
-        numbers; which is fastest depends on model and device (``Model.preferred_batching``).
-        """
-        if self.batching == "vmap":
-            return torch.func.vmap(fn, in_dims=tuple(in_dims))(*args)
-        outputs = list(self._each(fn, in_dims, args))
-        flat = [tree_flatten(output) for output in outputs]
-        leaves = [torch.stack(parts) for parts in zip(*(f[0] for f in flat), strict=True)]
-        return tree_unflatten(leaves, flat[0][1])  # same structure as vmap returns
-
-    def replica(self) -> Model:
-        """The model to call ``functional_call`` on from the current thread.
-
-        ``functional_call`` swaps a module's tensors while it runs, and per-step batch
-        norm is told its step by an attribute, so concurrent tasks must not share one
-        module: each worker thread gets its own copy of the structure (its own weights are
-        never used; the caller passes every parameter and buffer).
-        """
-        workers = self.__dict__.get("_workers")
-        if workers is None or threading.current_thread() not in workers.replicas:
-            return self.model
-        return workers.replicas[threading.current_thread()]
-
-    def _each(
-        self, fn: Callable[..., Any], in_dims: Sequence[int | None], args: Sequence[Any]
-    ) -> Iterator[Any]:
-        """``fn`` on each task, in task order: in the worker threads with ``threads``
-        (a single task stays in this thread, where it can use every core), else here."""
-        tasks = list(slices(in_dims, args))
-        if self.batching != "threads" or len(tasks) == 1:
-            return (fn(*task_args) for task_args in tasks)
-        workers = self.__dict__.get("_workers")
-        if workers is None:
-            workers = self.__dict__["_workers"] = TaskThreads(self.model)
-        workers.sync(self.model)
-        grad_enabled = torch.is_grad_enabled()
-
-        def call(task_args: tuple[Any, ...]) -> Any:
-            with torch.set_grad_enabled(grad_enabled):  # grad mode is per thread
-                return fn(*task_args)
-
-        return workers.pool.map(call, tasks)
+    def mean_over_tasks(self, fn: Any, batch: TaskBatch, *shared: Any) -> MetaLoss:
+        """``fn(rng, *shared, support_x, support_y, query_x, query_y) -> (loss, metric,
+        terms)`` over the tasks, as a MetaLoss."""
+        per_task_backward = not self.executor.functional and torch.is_grad_enabled()
+        leaves: list[Tensor] = []
+        if per_task_backward:
+            leaves = [p for p in self.parameters() if p.requires_grad]
+        loss, metric, terms = self.executor.mean(fn, batch.keys, shared, batch.tensors(), leaves)
+        bad = [name for name in terms if name in RESERVED]
+        if bad:
+            raise ConfigError(f"{type(self).__name__} names a loss term {bad[0]!r}; rename it.")
+        return MetaLoss(loss, metric, terms)
 
 
-TASK_DIMS = (None, 0, 0, 0, 0)  # map_tasks: params shared, batch tensors split by task
+@dataclass
+class AdaptiveConfig(AlgoConfig):
+    inner_lr: float = 0.01
+    inner_steps: int = 1
+    test_inner_steps: int | None = None  # null = inner_steps
+    test_inner_lr: float | None = None  # null = inner_lr
+    update: str = "sgd"  # the inner-loop update rule (metacli/updates/<name>.py)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.inner_lr > 0, "algo.inner_lr", self.inner_lr, "the learning rate must be > 0")
+        require(self.inner_steps >= 1, "algo.inner_steps", self.inner_steps, "it must be >= 1")
+        require(
+            self.test_inner_steps is None or self.test_inner_steps >= 0,
+            "algo.test_inner_steps",
+            self.test_inner_steps,
+            "it must be >= 0 or null",
+        )
+        require(
+            self.test_inner_lr is None or self.test_inner_lr > 0,
+            "algo.test_inner_lr",
+            self.test_inner_lr,
+            "the learning rate must be > 0 or null",
+        )
 
 
-def slices(in_dims: Sequence[int | None], args: Sequence[Any]) -> Iterator[tuple[Any, ...]]:
-    """The arguments of each task: those with in_dim 0 indexed by task, the rest shared."""
-    size = next(a.shape[0] for a, d in zip(args, in_dims, strict=True) if d == 0)
-    for i in range(size):
-        yield tuple(a[i] if d == 0 else a for a, d in zip(args, in_dims, strict=True))
+class Adaptive(MetaAlgorithm):
+    """An algorithm that adapts the model to each task with an inner loop.
 
-
-class TaskThreads:
-    """A pool of single-threaded workers, one per CPU thread torch may use.
-
-    On a CPU, small convolutions parallelise poorly inside one operator (measured: 2
-    threads make one task 1.5x faster, not 2x), so computing two tasks at a time, one
-    core each, beats one task at a time on two cores.
+    The update rule (``algo.update``) and the inner-loop driver are shared by every
+    such algorithm; evaluation (fine-tune on the support set, measure the query set after
+    each step) is the same for all of them.
     """
 
-    def __init__(self, model: Model) -> None:
-        size = max(1, torch.get_num_threads())
-        self.replicas: dict[threading.Thread, Model] = {}
-        self.template = model
-        self.lock = threading.Lock()
-        self.pool = ThreadPoolExecutor(size, "metacli-task", initializer=self._start)
+    cfg: AdaptiveConfig
 
-    def _start(self) -> None:
-        torch.set_num_threads(1)  # per thread: leaves the main thread's setting alone
-        replica = copy.deepcopy(self.template)
-        with self.lock:
-            self.replicas[threading.current_thread()] = replica
+    def __init__(self, cfg: AdaptiveConfig, model: Model, task: TaskDistribution) -> None:
+        super().__init__(cfg, model, task)
+        self.train_steps, self.train_lr = cfg.inner_steps, cfg.inner_lr
+        self.test_steps = cfg.inner_steps if cfg.test_inner_steps is None else cfg.test_inner_steps
+        self.test_lr = cfg.inner_lr if cfg.test_inner_lr is None else cfg.test_inner_lr
+        adapted: Params = {n: p for n, p in model.named_parameters() if n in self.adapted_names()}
+        rule: type[UpdateRule] = lookup("update", cfg.update, UpdateRule)
+        self.rule = rule(cfg, adapted, cfg.inner_lr, cfg.inner_steps)
+        self.executor.stochastic |= self.rule.stochastic
+        self.inner = InnerLoop(self.rule, self.adapted, lambda: self.executor.functional)
 
-    def sync(self, model: Model) -> None:
-        """Train/eval mode is read from the module, so the replicas must follow it."""
-        for replica in list(self.replicas.values()):
-            replica.train(model.training)
+    def adapted_names(self) -> list[str]:
+        """The parameters the inner loop updates (all; ANIL: the head)."""
+        return [n for n, _ in self.model.named_parameters()]
+
+    def adapted(self, params: Params) -> Params:
+        names = self.__dict__.get("_adapted")
+        if names is None:  # the structure is fixed once built
+            names = self.__dict__["_adapted"] = set(self.adapted_names())
+        return {n: p for n, p in params.items() if n in names}
+
+    def initial_params(self) -> Params:
+        """The meta-learned initialisation the inner loop starts from."""
+        return self.model.named_tensors()[0]
+
+    def support_loss(
+        self, params: Params, x: Tensor, y: Tensor, step: int, rng: TaskRandom
+    ) -> Tensor:
+        return self.task.loss(self.forward_with(params, x, step), y)
+
+    def adapt(
+        self,
+        params: Params,
+        x: Tensor,
+        y: Tensor,
+        steps: int,
+        lr: float,
+        first_order: bool,
+        rng: TaskRandom,
+        keep_loss: bool = False,
+    ) -> Iterator[Step]:
+        """The inner loop on one task's support set ``x`` [S, ...], ``y`` [S, ...]."""
+
+        def loss(p: Params, step: int) -> Tensor:
+            return self.support_loss(p, x, y, step, rng)
+
+        return self.inner.run(params, loss, steps, lr, first_order, rng, keep_loss)
+
+    def trace(
+        self, rng: TaskRandom, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Query loss, metric [k+1] and predictions [k+1, Q, ...] after 0..k inner steps."""
+        losses, metrics, predictions = [], [], []
+        for step in self.adapt(params, sx, sy, self.test_steps, self.test_lr, True, rng):
+            prediction = self.forward_with(step.params, qx, step.index)
+            losses.append(self.task.loss(prediction, qy))
+            metrics.append(self.task.metric(prediction, qy))
+            predictions.append(prediction)
+        return torch.stack(losses), torch.stack(metrics), torch.stack(predictions)
+
+    def evaluate(self, batch: TaskBatch, predictions: bool = False) -> Evaluation:
+        params = {name: p.detach() for name, p in self.initial_params().items()}
+        with torch.no_grad():
+            loss, metric, outputs = self.executor.map(
+                self.trace, batch.keys, (params,), batch.tensors()
+            )
+        return Evaluation(loss, metric, outputs if predictions else None)  # [B, k+1] ...
+
+    def scalars(self) -> dict[str, float]:
+        return self.rule.scalars() or {"inner_lr": self.train_lr}
+
+    def learned_rates(self) -> dict[str, Tensor]:
+        return self.rule.rates()

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from metacli.algorithms.maml import MAML, GradientConfig
-from metacli.models.base import Model
-from metacli.tasks.base import TaskDistribution
+from metacli.algorithms.base import AdaptiveConfig
+from metacli.algorithms.maml import MAML
 
 
 @dataclass
-class FOMAMLConfig(GradientConfig):
+class FOMAMLConfig(AdaptiveConfig):
     name: str = "fomaml"
 
 
 class FOMAML(MAML, key="fomaml"):
     Config = FOMAMLConfig
 
-    def __init__(self, cfg: GradientConfig, model: Model, task: TaskDistribution) -> None:
-        super().__init__(cfg, model, task)
-        self.first_order = True
+    def use_first_order(self) -> bool:
+        return True

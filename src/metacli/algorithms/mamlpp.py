@@ -1,8 +1,8 @@
 """MAML++ (Antoniou et al. 2019, "How to train your MAML").
 
 The tricks, each with a switch (all off = MAML):
-- ``learn_inner_lr`` (LSLR): a learned inner learning rate per layer (parameter tensor)
-  and per inner step, initialised to ``inner_lr``.
+- LSLR: learned per-layer, per-step inner learning rates, the update rule ``lslr``
+  (``algo.update=lslr``, the default here; ``algo.update=sgd`` switches it off).
 - ``multi_step_loss`` (MSL): the meta-loss is a weighted sum of the query losses after
   every inner step; the weights of the non-final steps decay linearly to 0.03/N over
   ``msl_iterations``, after which only the final step counts.
@@ -12,6 +12,8 @@ The tricks, each with a switch (all off = MAML):
   each inner step (``model.norm=per_step``).
 - ``cosine_outer_lr`` (CA): cosine annealing of the outer learning rate
   (``optim.scheduler=cosine``).
+BNWB and CA change the model and optimizer settings before building (``configure``);
+the run's summary.json and checkpoints record the settings that ran.
 """
 
 from __future__ import annotations
@@ -20,21 +22,21 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from metacli.algorithms.base import AlgoConfig
-from metacli.algorithms.maml import MAML, MAMLConfig, Params
-from metacli.algorithms.metasgd import slot
+from metacli.algorithms.base import AlgoConfig, MetaLoss
+from metacli.algorithms.maml import MAML, MAMLConfig, TaskLoss
 from metacli.config import require
-from metacli.models.base import Model
-from metacli.tasks.base import TaskBatch, TaskDistribution
+from metacli.engine.random import TaskRandom
+from metacli.tasks.base import TaskBatch
+from metacli.updates.base import Params
 
 
 @dataclass
 class MAMLPPConfig(MAMLConfig):
     name: str = "mamlpp"
     inner_steps: int = 5
-    learn_inner_lr: bool = True
+    update: str = "lslr"
     multi_step_loss: bool = True
     msl_iterations: int = 5000
     first_order_iterations: int = 0
@@ -68,20 +70,7 @@ def msl_weights(steps: int, iteration: int, anneal_iterations: int) -> list[floa
 class MAMLPP(MAML, key="mamlpp"):
     Config: ClassVar[type[AlgoConfig]] = MAMLPPConfig
     cfg: MAMLPPConfig
-
-    def __init__(self, cfg: MAMLPPConfig, model: Model, task: TaskDistribution) -> None:
-        super().__init__(cfg, model, task)
-        self.step_lrs = (
-            nn.ParameterDict(
-                {
-                    slot(n): nn.Parameter(torch.full((cfg.inner_steps,), cfg.inner_lr))
-                    for n, _ in model.named_parameters()
-                }
-            )
-            if cfg.learn_inner_lr
-            else None
-        )
-        self.weights: list[float] | None = None
+    weights: list[float] | None = None  # this meta-batch's MSL weights (None: final step only)
 
     @classmethod
     def configure(cls, cfg: AlgoConfig, model_cfg: Any, run_cfg: Any) -> list[str]:
@@ -93,41 +82,32 @@ class MAMLPP(MAML, key="mamlpp"):
             notes.append(f"mamlpp: per-step batch norm (model.norm=per_step, {steps} steps)")
         if cfg.cosine_outer_lr and run_cfg.optim.scheduler != "cosine":
             run_cfg.optim.scheduler = "cosine"
-            notes.append("mamlpp: cosine annealing of the outer learning rate")
+            notes.append("mamlpp: cosine annealing of the outer learning rate (optim.scheduler)")
         return notes
 
-    def inner_update(self, params: Params, grads: Params, step: int, lr: float) -> Params:
-        if self.step_lrs is None:
-            return super().inner_update(params, grads, step, lr)
-        index = min(step, self.cfg.inner_steps - 1)  # extra test steps reuse the last rate
-        return {n: p - self.step_lrs[slot(n)][index] * grads[n] for n, p in params.items()}
-
     def use_first_order(self) -> bool:
-        return self.first_order or int(self.outer_steps) < self.cfg.first_order_iterations
+        return self.cfg.first_order or int(self.outer_steps) < self.cfg.first_order_iterations
 
-    def task_query_loss(
-        self, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def task_loss(
+        self, rng: TaskRandom, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
+    ) -> TaskLoss:
         if self.weights is None:
-            return super().task_query_loss(params, support_x, support_y, query_x, query_y)
-        first_order, total = self.use_first_order(), torch.zeros(())
-        for step, weight in enumerate(self.weights):
-            params = self.inner_step(params, support_x, support_y, step, self.train_lr, first_order)
+            return super().task_loss(rng, params, sx, sy, qx, qy)
+        steps = self.adapt(
+            params, sx, sy, self.train_steps, self.train_lr, self.use_first_order(), rng
+        )
+        total = torch.zeros(())
+        for step in steps:
+            weight = self.weights[step.index - 1] if step.index else 0.0
             if weight > 0:
-                prediction = self.forward_with(params, query_x, step + 1)
-                total = total + weight * self.task.loss(prediction, query_y)
-        return total, self.task.metric(prediction, query_y).detach()
+                prediction = self.forward_with(step.params, qx, step.index)
+                total = total + weight * self.task.loss(prediction, qy)
+        return total, self.task.metric(prediction, qy).detach(), {}
 
-    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
+    def meta_loss(self, batch: TaskBatch) -> MetaLoss:
         iteration = int(self.outer_steps)
         use_msl = self.cfg.multi_step_loss and iteration < self.cfg.msl_iterations
         self.weights = (
             msl_weights(self.train_steps, iteration, self.cfg.msl_iterations) if use_msl else None
         )
         return super().meta_loss(batch)
-
-    def inner_learning_rates(self) -> dict[str, float]:
-        if self.step_lrs is None:
-            return super().inner_learning_rates()
-        rates = torch.cat([r.detach() for r in self.step_lrs.values()])
-        return {"inner_lr_mean": rates.mean().item()}

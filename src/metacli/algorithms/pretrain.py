@@ -2,8 +2,9 @@
 
 Meta-training fits one model to all examples of the training tasks jointly, with no
 inner loop; at validation and meta-test the model is fine-tuned on each task's support
-set with the same inner optimizer as MAML (``test_inner_steps`` steps of SGD with
-``test_inner_lr``, else ``inner_lr``): the "pretrained" row of MAML's sinusoid results.
+set with the inner loop of every adaptive algorithm (``test_inner_steps`` steps of the
+update rule with ``test_inner_lr``, else ``inner_lr``): the "pretrained" row of MAML's
+sinusoid results.
 """
 
 from __future__ import annotations
@@ -13,29 +14,40 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from metacli.algorithms.base import AlgoConfig
-from metacli.algorithms.maml import MAML, GradientConfig, Params
-from metacli.tasks.base import TaskBatch
+from metacli.algorithms.base import Adaptive, AdaptiveConfig, AlgoConfig, MetaLoss
+from metacli.engine.random import TaskRandom
+from metacli.errors import ConfigError
+from metacli.models.base import Model
+from metacli.tasks.base import TaskBatch, TaskDistribution
+from metacli.updates.base import Params
 
 
 @dataclass
-class PretrainConfig(GradientConfig):
+class PretrainConfig(AdaptiveConfig):
     name: str = "pretrain"
 
 
-class Pretrain(MAML, key="pretrain"):
+class Pretrain(Adaptive, key="pretrain"):
     inner_loop = False  # training fits all examples jointly; only testing fine-tunes
     Config: ClassVar[type[AlgoConfig]] = PretrainConfig
 
+    def __init__(self, cfg: PretrainConfig, model: Model, task: TaskDistribution) -> None:
+        super().__init__(cfg, model, task)
+        if any(True for _ in self.rule.parameters()):
+            raise ConfigError(
+                f"algo=pretrain never trains the parameters of algo.update={cfg.update} "
+                f"(training has no inner loop). Use algo.update=sgd or a rule without parameters."
+            )
+
     def joint_loss(
-        self, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        x, y = TaskBatch.joined(support_x, query_x), TaskBatch.joined(support_y, query_y)
+        self, rng: TaskRandom, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        x, y = TaskBatch.joined(sx, qx), TaskBatch.joined(sy, qy)
         prediction = self.forward_with(params, x)
-        return self.task.loss(prediction, y), self.task.metric(prediction, y).detach()
+        return self.task.loss(prediction, y), self.task.metric(prediction, y).detach(), {}
 
-    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
-        return self.mean_loss(self.joint_loss, self.initial_params(), batch)
+    def meta_loss(self, batch: TaskBatch) -> MetaLoss:
+        return self.mean_over_tasks(self.joint_loss, batch, self.initial_params())
 
-    def inner_learning_rates(self) -> dict[str, float]:
-        return {"inner_lr": self.test_lr}
+    def scalars(self) -> dict[str, float]:
+        return {"inner_lr": self.test_lr}  # the fine-tuning step size

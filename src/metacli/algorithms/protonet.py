@@ -16,10 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metacli.algorithms.base import AlgoConfig, Evaluation, MetaAlgorithm
+from metacli.algorithms.base import AlgoConfig, Evaluation, MetaAlgorithm, MetaLoss
+from metacli.engine.random import TaskRandom
 from metacli.errors import ConfigError
 from metacli.models.base import Model
 from metacli.tasks.base import ClassificationTask, TaskBatch, TaskDistribution
+
+Episode = Callable[..., tuple[Tensor, Tensor, dict[str, Tensor]]]
 
 
 @dataclass
@@ -48,27 +51,38 @@ class ProtoNet(MetaAlgorithm, key="protonet"):
             )
         self.classes = task
 
-    def task_loss(
-        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, ways: int
-    ) -> tuple[Tensor, Tensor]:
+    def logits(self, sx: Tensor, sy: Tensor, qx: Tensor, ways: int) -> Tensor:
         # One forward pass over support and query together, as in Snell et al.'s code.
-        embeddings = self.model(torch.cat([support_x, query_x]))
-        support, query = embeddings[: len(support_x)], embeddings[len(support_x) :]
-        logits = prototype_logits(support, support_y, query, ways)
-        return self.task.loss(logits, query_y), self.task.metric(logits, query_y)
+        # The shared module itself (its weights are the meta-parameters; nothing is swapped).
+        embeddings = self.model(torch.cat([sx, qx]))
+        support, query = embeddings[: len(sx)], embeddings[len(sx) :]
+        return prototype_logits(support, sy, query, ways)
 
-    def episodes(self, ways: int) -> Callable[..., tuple[Tensor, Tensor]]:
-        """``task_loss`` with ``map_tasks``'s signature (ProtoNet has no adapted params)."""
+    def episodes(self, ways: int) -> Episode:
+        """One episode's loss, metric and (no) terms, with the executor's signature."""
 
-        def one(_: None, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
-            return self.task_loss(sx, sy, qx, qy, ways)
+        def one(
+            rng: TaskRandom, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
+        ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+            logits = self.logits(sx, sy, qx, ways)
+            return self.task.loss(logits, qy), self.task.metric(logits, qy), {}
 
         return one
 
-    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
-        return self.mean_loss(self.episodes(self.classes.ways("train")), None, batch)
+    def meta_loss(self, batch: TaskBatch) -> MetaLoss:
+        return self.mean_over_tasks(self.episodes(self.classes.ways("train")), batch)
 
-    def evaluate(self, batch: TaskBatch) -> Evaluation:
+    def evaluate(self, batch: TaskBatch, predictions: bool = False) -> Evaluation:
+        ways = self.classes.ways("test")
+
+        def one(
+            rng: TaskRandom, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
+        ) -> tuple[Tensor, ...]:
+            logits = self.logits(sx, sy, qx, ways)
+            return self.task.loss(logits, qy), self.task.metric(logits, qy), logits
+
         with torch.no_grad():
-            losses, metrics = self.map_tasks(self.episodes(self.classes.ways("test")), None, batch)
-        return Evaluation(loss=losses.unsqueeze(1), metric=metrics.unsqueeze(1))  # [B, 1]
+            loss, metric, logits = self.executor.map(one, batch.keys, (), batch.tensors())
+        return Evaluation(
+            loss.unsqueeze(1), metric.unsqueeze(1), logits.unsqueeze(1) if predictions else None
+        )  # [B, 1] ...

@@ -1,12 +1,13 @@
 """Reptile (Nichol et al. 2018): move the initialisation toward the adapted weights.
 
-Each task is adapted with ``inner_steps`` steps of plain SGD (no second-order term) to
-weights phi; the outer update is ``theta + eps * (mean_tasks(phi) - theta)``. It is
-expressed as the gradient ``theta - mean(phi)`` of a surrogate loss, so the configured
-outer optimizer applies it: with ``optim=sgd optim.momentum=0 optim.lr=eps`` this is
-exactly the Reptile step, and ``optim.scheduler=linear`` anneals eps to ``optim.min_lr``
-as in the paper (``experiment=reptile_sinusoid``); with Adam it is the Adam variant the
-paper also discusses.
+Each task is adapted with ``inner_steps`` steps of the update rule (plain SGD: the
+paper's) on all its examples, to weights phi, with no second-order term; the outer
+update is ``theta + eps * (mean_tasks(phi) - theta)``. It is expressed as the gradient
+``theta - mean(phi)`` of a surrogate loss, so the configured outer optimizer applies it:
+with ``optim=sgd optim.momentum=0 optim.lr=eps`` this is exactly the Reptile step, and
+``optim.scheduler=linear`` anneals eps to ``optim.min_lr`` as in the paper
+(``experiment=reptile_sinusoid``); with Adam it is the Adam variant the paper also
+discusses.
 """
 
 from __future__ import annotations
@@ -17,35 +18,52 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from metacli.algorithms.base import AlgoConfig
-from metacli.algorithms.maml import MAML, GradientConfig, Params
-from metacli.tasks.base import TaskBatch
+from metacli.algorithms.base import Adaptive, AdaptiveConfig, AlgoConfig, MetaLoss
+from metacli.engine.inner import last
+from metacli.engine.random import TaskRandom
+from metacli.errors import ConfigError
+from metacli.models.base import Model
+from metacli.tasks.base import TaskBatch, TaskDistribution
+from metacli.updates.base import Params
 
 
 @dataclass
-class ReptileConfig(GradientConfig):
+class ReptileConfig(AdaptiveConfig):
     name: str = "reptile"
     inner_steps: int = 5
 
 
-class Reptile(MAML, key="reptile"):
+class Reptile(Adaptive, key="reptile"):
     Config: ClassVar[type[AlgoConfig]] = ReptileConfig
 
-    def adapted_weights(
-        self, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
-    ) -> tuple[Params, Tensor]:
-        """phi of one task: SGD on all its examples (Reptile does not split them)."""
-        x, y = TaskBatch.joined(support_x, query_x), TaskBatch.joined(support_y, query_y)
-        phi = self.adapt(params, x, y, self.train_steps, self.train_lr, first_order=True)
-        prediction = self.forward_with(phi, query_x, self.train_steps)
-        return phi, self.task.metric(prediction, query_y)
+    def __init__(self, cfg: ReptileConfig, model: Model, task: TaskDistribution) -> None:
+        super().__init__(cfg, model, task)
+        if any(True for _ in self.rule.parameters()):
+            raise ConfigError(
+                f"algo=reptile cannot learn the parameters of algo.update={cfg.update}: its "
+                f"meta-gradient theta - phi reaches the initialisation only. Use algo.update="
+                f"sgd (or a rule without parameters), or a MAML-family algorithm."
+            )
 
-    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
+    @property
+    def exact_gradient(self) -> bool:
+        return False  # theta - mean(phi) is not the gradient of a loss of theta
+
+    def adapted_weights(
+        self, rng: TaskRandom, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
+    ) -> tuple[Params, Tensor]:
+        """phi of one task: the inner loop on all its examples (Reptile does not split them)."""
+        x, y = TaskBatch.joined(sx, qx), TaskBatch.joined(sy, qy)
+        phi = last(self.adapt(params, x, y, self.train_steps, self.train_lr, True, rng))
+        prediction = self.forward_with(phi.params, qx, phi.index)
+        return phi.params, self.task.metric(prediction, qy)
+
+    def meta_loss(self, batch: TaskBatch) -> MetaLoss:
         theta = self.initial_params()
         detached = {n: p.detach() for n, p in theta.items()}
-        phi, metrics = self.map_tasks(
-            self.adapted_weights, detached, batch
+        phi, metrics = self.executor.map(
+            self.adapted_weights, batch.keys, (detached,), batch.tensors()
         )  # phi: {name: [B, *shape]}
         # d/dtheta of 0.5 * ||theta - mean(phi)||^2 is theta - mean(phi).
         loss = sum(0.5 * (theta[n] - phi[n].mean(0).detach()).pow(2).sum() for n in theta)
-        return torch.as_tensor(loss), metrics.detach()
+        return MetaLoss(torch.as_tensor(loss), metrics.detach())

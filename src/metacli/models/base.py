@@ -3,6 +3,7 @@ written so that it stays exact under ``torch.func`` transforms."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -32,6 +33,7 @@ class Model(nn.Module, Registered):
     # by `make bench` (docs/benchmarks.md): vmap wins big for small MLPs on a CPU, while
     # batched (grouped) convolutions lose to a loop there.
     preferred_batching: ClassVar[dict[str, str]] = {"cpu": "vmap", "cuda": "vmap"}
+    stochastic: ClassVar[bool] = False  # True: the forward pass draws from the task's rng
 
     def __init__(self, cfg: ModelConfig, input_shape: tuple[int, ...], output_dim: int | None):
         super().__init__()
@@ -46,6 +48,23 @@ class Model(nn.Module, Registered):
                 m for m in self.modules() if isinstance(m, MetaBatchNorm)
             ]
         return self.__dict__["_norm_layers"]
+
+    def named_tensors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Copies of the name -> parameter and name -> buffer dicts.
+
+        Kept between calls: walking the modules costs more than a small model's forward
+        pass, and a meta-iteration asks several times. Moving the model (``.to``,
+        ``.double``: ``_apply``) forgets them.
+        """
+        cached = self.__dict__.get("_named_tensors")
+        if cached is None:
+            cached = (dict(self.named_parameters()), dict(self.named_buffers()))
+            self.__dict__["_named_tensors"] = cached
+        return dict(cached[0]), dict(cached[1])
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Model:
+        self.__dict__.pop("_named_tensors", None)
+        return super()._apply(fn, recurse)
 
     def set_step(self, step: int) -> None:
         """Tell per-step batch norm which inner step the next forward pass belongs to."""

@@ -35,20 +35,34 @@ class TaskConfig:
 
 @dataclass
 class TaskBatch:
-    """A meta-batch of episodes; axis 0 is the task."""
+    """A meta-batch of episodes; axis 0 is the task.
+
+    ``keys`` name each task's random stream (``metacli.engine.random``): the loop sets
+    them from the seed, the split, the iteration and the task's index; a batch without
+    keys gets fixed ones from the executor.
+    """
 
     support_x: Tensor  # [B, S, *input_shape]
     support_y: Tensor  # [B, S, *target_shape]
     query_x: Tensor  # [B, Q, *input_shape]
     query_y: Tensor  # [B, Q, *target_shape]
+    keys: Tensor | None = None  # [B] int64
 
     def __len__(self) -> int:
         return self.support_x.shape[0]
 
     def __getitem__(self, index: slice) -> TaskBatch:
         return TaskBatch(
-            self.support_x[index], self.support_y[index], self.query_x[index], self.query_y[index]
+            self.support_x[index],
+            self.support_y[index],
+            self.query_x[index],
+            self.query_y[index],
+            None if self.keys is None else self.keys[index],
         )
+
+    def with_keys(self, keys: Tensor) -> TaskBatch:
+        sx, sy, qx, qy = self.tensors()
+        return TaskBatch(sx, sy, qx, qy, keys.to(sx.device))
 
     def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.support_x, self.support_y, self.query_x, self.query_y
@@ -59,12 +73,8 @@ class TaskBatch:
         return torch.cat([support, query])
 
     def to(self, device: torch.device) -> TaskBatch:
-        return TaskBatch(
-            self.support_x.to(device),
-            self.support_y.to(device),
-            self.query_x.to(device),
-            self.query_y.to(device),
-        )
+        sx, sy, qx, qy = (t.to(device) for t in self.tensors())
+        return TaskBatch(sx, sy, qx, qy, None if self.keys is None else self.keys.to(device))
 
 
 class TaskDistribution(Registered):

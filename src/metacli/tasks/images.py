@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metacli.checkpoint import save_checkpoint
 from metacli.errors import MetacliError
+from metacli.files import save_tensors
 from metacli.tasks.base import ClassificationTask, TaskBatch, episodes
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def cached(
     log.info("Building the %s cache in %s (once)", name, path)
     data = build()
     try:
-        save_checkpoint(path, data)
+        save_tensors(path, data)
     except OSError as err:
         raise MetacliError(
             f"Cannot write the dataset cache {path}: {err}. Set data.cache_dir "

@@ -1,0 +1,1 @@
+"""Inner-loop update rules (``algo.update``): one module per rule, registered by its name."""
