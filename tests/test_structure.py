@@ -1,0 +1,123 @@
+"""The shape of the code: no import cycle among metacli's modules, and group options that
+are exactly the registered components."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from metacli.build import build
+from metacli.errors import ConfigError
+from metacli.registry import available
+from tests.conftest import CONF, compose_config
+
+SOURCE = Path(__file__).resolve().parents[1] / "src" / "metacli"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SOURCE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every metacli module -> the metacli modules it imports anywhere in its file
+    (top level, inside functions, or only for type checking)."""
+    modules = {module_name(p): p for p in SOURCE.rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for target in targets:
+                if target in modules and target != name and target != "metacli":
+                    graph[name].add(target)
+    return graph
+
+
+def cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle, if there is any (depth-first search)."""
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_import_cycle_among_metacli_modules() -> None:
+    graph = import_graph()
+    assert len(graph) > 30 and graph["metacli.run"]  # the walk found the package
+    assert cycle(graph) is None, " -> ".join(cycle(graph) or [])
+    assert cycle({**graph, "metacli.loop": graph["metacli.loop"] | {"metacli.run"}})  # it can fail
+
+
+def test_the_import_graph_check_runs_as_a_command() -> None:
+    code = (
+        "import sys; sys.path.insert(0, '.'); from tests.test_structure import cycle, "
+        "import_graph; c = cycle(import_graph()); print(c or 'no cycle'); sys.exit(bool(c))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0 and "no cycle" in result.stdout, result.stdout + result.stderr
+
+
+def test_the_loop_never_imports_the_run_folder_and_figures_never_import_compare() -> None:
+    graph = import_graph()
+    assert "metacli.run" not in graph["metacli.loop"]
+    assert "metacli.compare" not in graph["metacli.plots"]
+    importers = {name for name, targets in graph.items() if "metacli.cli" in targets}
+    assert importers == {"metacli.__main__"}  # the command is imported by nothing else
+
+
+@pytest.mark.parametrize("group", ["algo", "task", "model", "update"])
+def test_group_options_are_the_registered_components_and_their_configs(group: str) -> None:
+    options = available(group)
+    assert "base" not in options and "images" not in options
+    assert options == sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_a_helper_module_is_not_an_option() -> None:
+    with pytest.raises(
+        ConfigError, match=r"task='images' is not an option \(options: image_folder"
+    ):
+        build(compose_config("device=cpu", "task.name=images"))
+
+
+def test_the_readme_worked_examples_are_the_shipped_code() -> None:
+    """The code blocks of README's "Adding an algorithm" appear verbatim in the files."""
+    root = SOURCE.parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Adding an algorithm", 1)[1].split("\n## ", 1)[0]
+    blocks = section.split("```python\n")[1:]
+    shipped = {
+        "Momentum": SOURCE / "updates" / "momentum.py",
+        "Hybrid": SOURCE / "algorithms" / "hybrid.py",
+    }
+    assert len(blocks) == len(shipped)
+    for block in blocks:
+        code = block.split("```", 1)[0]
+        name = next(n for n in shipped if f"class {n}(" in code)
+        assert code in shipped[name].read_text(encoding="utf-8"), name
+    yaml_block = section.split("```yaml\n")[1].split("```", 1)[0]
+    for line in yaml_block.splitlines():
+        assert line in (root / "conf" / "update" / "momentum.yaml").read_text().splitlines()
