@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -68,3 +69,12 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
 
 
 TINY = ("debug=tiny",)
+
+
+@pytest.fixture
+def float64() -> Any:
+    """Default dtype float64 for the test (reference comparisons at 1e-10)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

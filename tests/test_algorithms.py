@@ -34,12 +34,7 @@ from tests.conftest import compose_config
 LR, STEPS = 0.1, 2
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # the float64 of tests/conftest.py
 
 
 def double(batch: TaskBatch) -> TaskBatch:

@@ -90,14 +90,6 @@ def config(algo: str, *overrides: str, workload: tuple[str, ...] = CONV4) -> lis
     return [*name, *inner, *msl, "device=cpu", "train.meta_batch_size=3", *workload, *overrides]
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def distinct_rates(c: Components) -> None:
     """Learned rates all equal would hide a mix-up of tensors or steps."""
     rates = getattr(c.algorithm, "learned_rates", dict)()

@@ -27,14 +27,6 @@ from tests.conftest import TINY, compose_config, read_metrics, run_cli
 SINUSOID = ("device=cpu", "model.hidden=[12,12]", "model.activation=tanh")
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def flat_grads(c: Any, batch: Any) -> Tensor:
     c.algorithm.zero_grad()
     c.algorithm.meta_loss(batch).loss.backward()

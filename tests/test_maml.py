@@ -20,14 +20,6 @@ from tests.conftest import compose_config
 STEPS, LR = 2, 0.1
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def setup(hidden: list[int], activation: str, tasks: int = 4) -> tuple[Sinusoid, MLP, TaskBatch]:
     task = Sinusoid(SinusoidConfig(shots=5, queries=7))
     torch.manual_seed(0)

@@ -201,6 +201,9 @@ class Adaptive(MetaAlgorithm):
     """
 
     cfg: AdaptiveConfig
+    # False: the meta-gradient never reaches an update rule's parameters (Reptile's
+    # theta - phi, pretraining's joint loss), so only rules without parameters fit.
+    trains_rule: ClassVar[bool] = True
 
     def __init__(self, cfg: AdaptiveConfig, model: Model, task: TaskDistribution) -> None:
         super().__init__(cfg, model, task)
@@ -211,6 +214,12 @@ class Adaptive(MetaAlgorithm):
         rule: type[UpdateRule] = lookup("update", cfg.update, UpdateRule)
         self.rule = rule(cfg, adapted, cfg.inner_lr, cfg.inner_steps)
         self.executor.stochastic |= self.rule.stochastic
+        if not self.trains_rule and any(True for _ in self.rule.parameters()):
+            raise ConfigError(
+                f"algo={cfg.name} cannot learn the parameters of algo.update={cfg.update}: "
+                f"its meta-gradient never reaches them. Use algo.update=sgd (or another "
+                f"rule without parameters), or an algorithm of the MAML family."
+            )
         self.inner = InnerLoop(self.rule, self.adapted, lambda: self.executor.functional)
 
     def adapted_names(self) -> list[str]:

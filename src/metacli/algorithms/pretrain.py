@@ -16,9 +16,7 @@ from torch import Tensor
 
 from metacli.algorithms.base import Adaptive, AdaptiveConfig, AlgoConfig, MetaLoss
 from metacli.engine.random import TaskRandom
-from metacli.errors import ConfigError
-from metacli.models.base import Model
-from metacli.tasks.base import TaskBatch, TaskDistribution
+from metacli.tasks.base import TaskBatch
 from metacli.updates.base import Params
 
 
@@ -29,15 +27,8 @@ class PretrainConfig(AdaptiveConfig):
 
 class Pretrain(Adaptive, key="pretrain"):
     inner_loop = False  # training fits all examples jointly; only testing fine-tunes
+    trains_rule = False
     Config: ClassVar[type[AlgoConfig]] = PretrainConfig
-
-    def __init__(self, cfg: PretrainConfig, model: Model, task: TaskDistribution) -> None:
-        super().__init__(cfg, model, task)
-        if any(True for _ in self.rule.parameters()):
-            raise ConfigError(
-                f"algo=pretrain never trains the parameters of algo.update={cfg.update} "
-                f"(training has no inner loop). Use algo.update=sgd or a rule without parameters."
-            )
 
     def joint_loss(
         self, rng: TaskRandom, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor

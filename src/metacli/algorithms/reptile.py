@@ -21,9 +21,7 @@ from torch import Tensor
 from metacli.algorithms.base import Adaptive, AdaptiveConfig, AlgoConfig, MetaLoss
 from metacli.engine.inner import last
 from metacli.engine.random import TaskRandom
-from metacli.errors import ConfigError
-from metacli.models.base import Model
-from metacli.tasks.base import TaskBatch, TaskDistribution
+from metacli.tasks.base import TaskBatch
 from metacli.updates.base import Params
 
 
@@ -35,15 +33,7 @@ class ReptileConfig(AdaptiveConfig):
 
 class Reptile(Adaptive, key="reptile"):
     Config: ClassVar[type[AlgoConfig]] = ReptileConfig
-
-    def __init__(self, cfg: ReptileConfig, model: Model, task: TaskDistribution) -> None:
-        super().__init__(cfg, model, task)
-        if any(True for _ in self.rule.parameters()):
-            raise ConfigError(
-                f"algo=reptile cannot learn the parameters of algo.update={cfg.update}: its "
-                f"meta-gradient theta - phi reaches the initialisation only. Use algo.update="
-                f"sgd (or a rule without parameters), or a MAML-family algorithm."
-            )
+    trains_rule = False  # theta - phi reaches the initialisation only
 
     @property
     def exact_gradient(self) -> bool:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from metacli.engine.random import TaskRandom, task_keys
 from metacli.errors import MetacliError
@@ -230,8 +230,3 @@ class TaskThreads:
         """Train/eval mode is read from the module, so the replicas must follow it."""
         for replica in list(self.replicas.values()):
             replica.train(model.training)
-
-
-def detach(tree: Any) -> Any:
-    """Every tensor of a nested structure, detached."""
-    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
