@@ -162,7 +162,7 @@ def test_multirun_jobs_get_their_own_numbered_folders(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("algo=nosuch", "Could not find 'algo/nosuch'"),
+        ("algo=nosuch", "algo=nosuch is not an option"),
         ("train.nosuch=1", "train.nosuch"),
         ("+train.nosuch=1", "train.nosuch"),
         ("task.shots=0", "task.shots"),
@@ -184,9 +184,7 @@ def test_device_cuda_without_cuda_is_a_clear_error(tmp_path: Path) -> None:
     result = run_cli("train", *TINY, "device=cuda", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "device=cuda" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
-    (run_dir,) = (tmp_path / "outputs" / "train").glob("*/*")
-    summary = read_summary(run_dir)
-    assert summary["status"] == "failed" and "device=cuda" in summary["error"]
+    assert not list(tmp_path.glob("outputs/train/*/*"))  # a config error makes no run folder
 
 
 def test_help_lists_subcommands_quickly(tmp_path: Path) -> None:

@@ -111,16 +111,15 @@ def prepare(command: str, args: list[str]) -> list[str]:
                 "resume continues one run; it cannot be combined with -m/--multirun."
             )
         folder = Path(resume)
-        saved_overrides = folder / ".hydra" / "overrides.yaml"
-        if not (folder / "checkpoints" / "last.pt").is_file() or not saved_overrides.is_file():
+        last = folder / "checkpoints" / "last.pt"
+        if not last.is_file():
             raise MetacliError(
                 f"resume={resume}: {folder} is not a run folder with a checkpoint "
-                f"(expected .hydra/overrides.yaml and checkpoints/last.pt). Set "
-                f"resume to a folder under outputs/train/."
+                f"(expected {last}). Set resume to a folder under outputs/train/."
             )
-        from omegaconf import OmegaConf
+        from metacli.checkpoint import load_checkpoint
 
-        saved = [str(o) for o in OmegaConf.load(saved_overrides)]
+        saved = [str(o) for o in load_checkpoint(last).get("overrides", [])]
         return [*replay(saved, args), f"hydra.run.dir={quote(str(folder))}"]
     ckpt_path = value_of(args, "ckpt_path") if command == "test" else None
     if ckpt_path is not None:
@@ -228,6 +227,13 @@ def main(argv: list[str] | None = None) -> None:
         check_overrides(args)
         args = force_swept_keys(args)
         args = prepare(command, args)
+        from metacli.compose import NothingToDo, precheck
+
+        try:
+            precheck(command, args)
+        except NothingToDo as done:
+            print(f"metacli {command}: {done}")
+            raise SystemExit(0) from None
     except MetacliError as err:
         print(f"metacli {command}: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from metacli.errors import ConfigError
 
@@ -119,8 +119,12 @@ class TrainLoopConfig:
     log_every: int = 100
     ckpt_every: int | None = None
     grad_clip: float | None = None
+    on_nan: str = "stop"  # a NaN/Inf meta-loss or meta-gradient: stop, or skip the update
+    nan_skips: int = 10  # with on_nan=skip: stop after more than this many in a row
 
     def __post_init__(self) -> None:
+        require(self.on_nan in ("stop", "skip"), "train.on_nan", self.on_nan, "choose stop or skip")
+        require(self.nan_skips >= 0, "train.nan_skips", self.nan_skips, "it must be >= 0")
         require(self.iterations >= 0, "train.iterations", self.iterations, "it must be >= 0")
         require(
             self.meta_batch_size >= 1,
@@ -234,6 +238,18 @@ def to_typed(schema: type, node: Any, key: str) -> Any:
     except OmegaConfBaseException as err:
         where = f"{key}.{err.full_key}" if key and err.full_key else (key or err.full_key or "")
         reason = str(err).splitlines()[0]
+        if isinstance(err, ConfigKeyError):
+            import difflib
+
+            prefix = f"{key}." if key else ""
+            known = [
+                prefix + k for k in flatten(OmegaConf.to_container(OmegaConf.structured(schema)))
+            ]
+            near = difflib.get_close_matches(where, known, 1, 0.6)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise ConfigError(
+                f"{where} is not a setting{hint}. `metacli train --cfg job` prints every key."
+            ) from None
         raise ConfigError(
             f"Invalid setting {where!r}: {reason}. Fix {where} in your overrides "
             f"or config files (see `metacli train --help`)."

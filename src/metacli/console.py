@@ -43,6 +43,57 @@ def make_log_handler() -> logging.Handler:
     return handler
 
 
+class RunLogHandler(logging.Handler):
+    """``metacli.log`` in the run folder, opened only once the run owns its folder.
+
+    Until :func:`open_run_logs` is called the records wait in memory: a command that stops
+    before (a config error, a folder in use, a resume that is refused) writes nothing into
+    the folder, and the console has shown the records already.
+    """
+
+    live: list[RunLogHandler] = []  # this process's handlers (one per job)
+
+    def __init__(self, filename: str) -> None:
+        super().__init__()
+        self.filename = filename
+        self.pending: list[logging.LogRecord] = []
+        self.stream: Any = None
+        RunLogHandler.live.append(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is None:
+            if len(self.pending) < 10_000:
+                self.pending.append(record)
+            return
+        try:
+            self.stream.write(self.format(record) + "\n")
+            self.stream.flush()
+        except OSError:  # a full disk must not turn each log call into a traceback
+            pass
+
+    def start(self) -> None:
+        if self.stream is None:
+            self.stream = open(self.filename, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
+            for record in self.pending:
+                self.emit(record)
+            self.pending = []
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+        if self in RunLogHandler.live:
+            RunLogHandler.live.remove(self)
+        super().close()
+
+
+def open_run_logs(folder: str) -> None:
+    """Start writing the log file(s) of the run in ``folder``."""
+    for handler in list(RunLogHandler.live):
+        if str(handler.filename).startswith(str(folder)):
+            handler.start()
+
+
 class Bar:
     """Updates a rich progress bar when there is one; silent otherwise."""
 

@@ -13,8 +13,6 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +26,7 @@ from metacli.checkpoint import LoopState, make
 from metacli.console import PROGRESS_LOGGER, progress_bar
 from metacli.engine.random import task_keys
 from metacli.errors import MetacliError
+from metacli.signals import STOPPER
 from metacli.tasks.base import TaskBatch, split_generator
 
 log = logging.getLogger(__name__)
@@ -37,31 +36,13 @@ progress_log = logging.getLogger(PROGRESS_LOGGER)
 class Interrupted(MetacliError):
     """The user (Ctrl-C) or the scheduler (SIGTERM) stopped the run between two iterations."""
 
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
-@contextmanager
-def stop_requests() -> Iterator[list[int]]:
-    """Turn SIGINT/SIGTERM into a request the loop honours at the end of an iteration.
 
-    Stopping between iterations lets the loop write a consistent last.pt first; a second
-    Ctrl-C stops at once (the previous checkpoint stays intact).
-    """
-    requested: list[int] = []
-
-    def handler(signum: int, frame: Any) -> None:
-        if requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        requested.append(signum)
-
-    try:
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread: leave signals alone
-        yield requested
-        return
-    try:
-        yield requested
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
+class NonFinite(MetacliError):
+    """The meta-loss or the meta-gradient is NaN or infinite (``train.on_nan``)."""
 
 
 class Recorder(Protocol):
@@ -184,12 +165,35 @@ def sample(c: Components) -> TaskBatch:
     return batch.with_keys(keys)
 
 
-def meta_step(c: Components, grad_clip: float | None) -> MetaLoss:
-    """One outer update; returns the meta-loss (detached), the mean metric and the terms."""
+def nonfinite(c: Components, loss: Tensor) -> str | None:
+    """What is NaN or infinite after the backward pass: None when everything is finite.
+
+    One synchronisation per iteration: the largest absolute gradient of every tensor and
+    the loss are checked together; names are looked up only when something is wrong.
+    """
+    grads = [p.grad for p in c.algorithm.parameters() if p.grad is not None]
+    peaks = torch._foreach_norm(grads, math.inf) if grads else []
+    if bool(torch.isfinite(torch.stack([loss.detach().reshape(()), *peaks])).all()):
+        return None
+    if not bool(torch.isfinite(loss).all()):
+        return f"the meta-loss ({loss.item()})"
+    for name, p in c.algorithm.named_parameters():
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return f"the meta-gradient of {name}"
+    return "the meta-gradient"
+
+
+def meta_step(c: Components, grad_clip: float | None) -> MetaLoss | str:
+    """One outer update; returns the meta-loss (detached), the mean metric and the terms,
+    or, when the loss or the gradient is not finite, what is not (and updates nothing)."""
     batch = sample(c)
     c.optimizer.zero_grad(set_to_none=True)
     out = c.algorithm.meta_loss(batch)
     out.loss.backward()
+    bad = nonfinite(c, out.loss)
+    if bad is not None:
+        c.optimizer.zero_grad(set_to_none=True)
+        return bad
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(c.algorithm.parameters(), grad_clip)
     c.optimizer.step()
@@ -204,33 +208,102 @@ def write_artifacts(c: Components, recorder: Recorder) -> None:
         recorder.write_text(name, text)
 
 
+class Progress:
+    """Progress lines: every ``log_every`` iterations and at least every ``refresh``
+    seconds (the first after ``first`` seconds, so a slow run shows life at once); the
+    ETA comes from a smoothed rate; a projection beyond an hour is said once."""
+
+    def __init__(self, total: int, done: int, first: float = 2.0, refresh: float = 30.0) -> None:
+        self.total, self.first, self.refresh = total, first, refresh
+        self.start = self.last = time.perf_counter()
+        self.start_it = self.last_it = done
+        self.rate: float | None = None  # iterations per second, smoothed
+        self.lines, self.warned = 0, False
+
+    def due(self, it: int) -> bool:
+        wait = self.first if self.lines == 0 else self.refresh
+        return time.perf_counter() - self.last >= wait
+
+    def update(self, it: int) -> float | None:
+        """Fold the iterations since the last line into the rate; returns it."""
+        now = time.perf_counter()
+        if it > self.last_it and now > self.last:
+            rate = (it - self.last_it) / (now - self.last)
+            self.rate = rate if self.rate is None else 0.7 * self.rate + 0.3 * rate
+        self.last, self.last_it, self.lines = now, it, self.lines + 1
+        return self.rate
+
+    def eta(self, it: int) -> float | None:
+        return None if not self.rate else (self.total - it) / self.rate
+
+    def long_run_note(self, it: int) -> str | None:
+        """Once, after 30 s or 50 iterations: the projected time if it exceeds an hour."""
+        eta = self.eta(it)
+        if self.warned or eta is None or eta < 3600:
+            return None
+        if time.perf_counter() - self.start < 30 and it - self.start_it < 50:
+            return None
+        self.warned = True
+        return (
+            f"At {self.rate:.2f} it/s the remaining {self.total - it} iterations take about "
+            f"{_eta(eta)} (h:mm:ss); lower train.iterations for a shorter run."
+        )
+
+
 def meta_train(c: Components, recorder: Recorder, state: LoopState) -> LoopState:
     cfg = c.run.train
     total, ckpt_every = cfg.iterations, cfg.ckpt_every or cfg.val_every
     name = c.task.metric_name
     window = Window()
+    progress = Progress(total, state.iteration)
     session_start, wall_before = time.perf_counter(), state.wall_time
     val_metric: float | None = None
+    loss: float | None = None  # of the last train line
+    saved_at = state.iteration if state.iteration > 0 else None  # what last.pt holds
+    skipped, in_a_row = 0, 0
 
     def save(which: str) -> None:
+        nonlocal saved_at
         recorder.save_checkpoint(which, make(c, state))
+        if which == "last":
+            saved_at = state.iteration
+
+    def kept() -> str:
+        if saved_at is None:
+            return "no checkpoint was written yet"
+        return f"checkpoints/last.pt holds iteration {saved_at}, the last good state"
 
     c.algorithm.train()
-    with stop_requests() as stop, progress_bar(total, state.iteration) as bar:
+    with progress_bar(total, state.iteration) as bar:
         while state.iteration < total:
-            window.add(meta_step(c, cfg.grad_clip))
+            with STOPPER.during("meta-training", graceful=True):
+                step = meta_step(c, cfg.grad_clip)
             state.iteration += 1
             it = state.iteration
-            state.wall_time = wall_before + time.perf_counter() - session_start
-            if it % cfg.log_every == 0 or it == total:
-                record = window.record(it)
-                if not math.isfinite(record["loss"]):
-                    raise MetacliError(
-                        f"The meta-loss became {record['loss']} by iteration {it}. "
-                        f"Lower optim.lr or algo.inner_lr; checkpoints/last.pt "
-                        f"still holds the last good state."
+            if isinstance(step, str):
+                skipped, in_a_row = skipped + 1, in_a_row + 1
+                if cfg.on_nan == "stop" or in_a_row > cfg.nan_skips:
+                    why = (
+                        "train.on_nan=stop"
+                        if cfg.on_nan == "stop"
+                        else f"{in_a_row} iterations in a row, more than train.nan_skips="
+                        f"{cfg.nan_skips}"
                     )
+                    raise NonFinite(
+                        f"{step[0].upper()}{step[1:]} is not finite at iteration {it} ({why}); "
+                        f"{kept()}. Lower optim.lr or algo.inner_lr, set train.grad_clip, or "
+                        f"set train.on_nan=skip to skip such updates."
+                    )
+                log.warning("iteration %d: %s is not finite; update skipped", it, step)
+            else:
+                in_a_row = 0
+                window.add(step)
+            state.wall_time = wall_before + time.perf_counter() - session_start
+            logged = it % cfg.log_every == 0 or it == total
+            if logged and window.count:
+                record = window.record(it)
                 speed = record.pop("it_per_s")
+                loss = record["loss"]
                 recorder.log_metrics(
                     {
                         "iteration": it,
@@ -238,28 +311,32 @@ def meta_train(c: Components, recorder: Recorder, state: LoopState) -> LoopState
                         **record,
                         "metric_name": name,
                         **learning_rates(c),
+                        **({"nan_skipped": skipped} if skipped else {}),
                         "it_per_s": speed,
                         "wall_time": state.wall_time,
                     }
                 )
+                bar.update(it, loss=record["loss"], **{f"val_{name}": val_metric})
+            if logged or progress.due(it):
+                rate = progress.update(it)
+                eta = progress.eta(it)
                 progress_log.info(
-                    "iter %d/%d  loss %.4f  val %s %s  %.1f it/s  eta %s",
+                    "iter %d/%d  loss %s  val %s %s  %.2f it/s  eta %s",
                     it,
                     total,
-                    record["loss"],
+                    "-" if loss is None else f"{loss:.4f}",
                     name,
                     "-" if val_metric is None else f"{val_metric:.4f}",
-                    speed,
-                    _eta((total - it) / speed),
+                    rate or 0.0,
+                    "-" if eta is None else _eta(eta),
                 )
-                bar.update(
-                    it,
-                    loss=record["loss"],
-                    **{f"val_{name}": val_metric},
-                    **{"it/s": round(speed, 1)},
-                )
+                note = progress.long_run_note(it)
+                if note:
+                    log.warning(note)
+                bar.update(it, **{"it/s": round(rate or 0.0, 2)})
             if it % cfg.val_every == 0 or it == total:
-                val = evaluate(c, "val", c.run.val.num_tasks, c.run.val.batch_size)
+                with STOPPER.during("validation", graceful=True):
+                    val = evaluate(c, "val", c.run.val.num_tasks, c.run.val.batch_size)
                 val_metric = val.final
                 improved = is_better(c, val.final, state.best_metric)
                 if improved:
@@ -293,12 +370,15 @@ def meta_train(c: Components, recorder: Recorder, state: LoopState) -> LoopState
             if it % ckpt_every == 0 or it == total:
                 save("last")
             bar.update(it)
-            if stop:
-                save("last")
+            if STOPPER.requested is not None:
+                if saved_at != it:
+                    save("last")
+                signum = STOPPER.requested
                 raise Interrupted(
-                    f"Stopped by {signal.Signals(stop[0]).name} at iteration {it} "
+                    f"Stopped by {signal.Signals(signum).name} at iteration {it} "
                     f"of {total}; checkpoints/last.pt holds it. Continue with: "
-                    f"metacli train resume={recorder.root}"
+                    f"metacli train resume={recorder.root}",
+                    signum,
                 )
     return state
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,9 +32,11 @@ from metacli.checkpoint import (
     restore,
     save_checkpoint,
 )
-from metacli.console import print_summary
+from metacli.console import open_run_logs, print_summary
 from metacli.errors import ConfigError, MetacliError
-from metacli.files import atomic_write, read_json, write_json, write_text
+from metacli.files import read_json, write_json, write_text
+from metacli.lock import FolderLock
+from metacli.signals import STOPPER, exit_code
 
 if TYPE_CHECKING:
     from metacli.build import Components
@@ -68,38 +72,87 @@ def git_commit() -> dict[str, Any]:
         return {"git_commit": None, "git_dirty": None}
 
 
-class RunFolder:
-    """A run's folder: metrics.jsonl, summary.json and checkpoints/, each written safely."""
+class WriteError(MetacliError):
+    """A run file could not be written (full disk, permissions); the old one is intact."""
 
-    def __init__(self, root: Path, overrides: list[str], multirun: bool = False) -> None:
+
+class RunFolder:
+    """A run's folder: metrics.jsonl, summary.json and checkpoints/, each written safely.
+
+    One process writes a folder at a time (``claim``). Nothing is written before
+    ``start``: a command that stops earlier (a config error, a refused resume, a folder in
+    use) leaves an existing folder as it was and removes a folder it created.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        overrides: list[str],
+        multirun: bool = False,
+        command: str = "train",
+        cfg: DictConfig | None = None,
+    ) -> None:
         self.root = root
+        self.cfg = cfg  # as Hydra composed it (.hydra/config.yaml)
         self.overrides = overrides
         self.multirun = multirun  # a failed job is recorded, not raised: the sweep goes on
+        self.command = command
         self.sinks: list[Any] = []  # extra logging backends (metacli.loggers)
         self.checkpoints = root / "checkpoints"
         self.metrics_path = root / "metrics.jsonl"
         self.summary_path = root / "summary.json"
         self.summary: dict[str, Any] = {}
+        self.started = False
+        self.existed = root.exists() and any(
+            p.name != ".lock" for p in root.iterdir()
+        )  # before this command: never removed
+        self.lock = FolderLock(root / ".lock", f"metacli {command} {' '.join(overrides)}")
 
     @classmethod
-    def current(cls) -> RunFolder:
+    def current(cls, command: str, cfg: DictConfig) -> RunFolder:
         hydra = HydraConfig.get()
         multirun = hydra.mode == RunMode.MULTIRUN
-        return cls(Path(hydra.runtime.output_dir), list(hydra.overrides.task), multirun)
+        root = Path(hydra.runtime.output_dir)
+        return cls(root, list(hydra.overrides.task), multirun, command, cfg)
+
+    # --- writing, each write either complete or not at all ---------------------------
+    def write(self, path: Path, action: Callable[[], object]) -> None:
+        try:
+            action()
+        except OSError as err:
+            raise WriteError(
+                f"Cannot write {path}: {err.strerror or err}. Its previous content is "
+                f"intact. Free disk space or fix the permissions of {path.parent}, then "
+                f"continue with: metacli train resume={self.root}"
+            ) from None
 
     def log_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
+        self.write(self.metrics_path, lambda: append_line(self.metrics_path, json.dumps(record)))
         for sink in self.sinks:
             sink.log(record)
+
+    def save_checkpoint(self, name: str, checkpoint: dict[str, Any]) -> None:
+        path = self.checkpoints / f"{name}.pt"
+        self.write(path, lambda: save_checkpoint(path, checkpoint))
+
+    def write_text(self, name: str, text: str) -> None:
+        self.write(self.root / name, lambda: write_text(self.root / name, text))
+
+    def update_summary(self, **fields: Any) -> None:
+        self.summary.update(fields)
+        self.write(self.summary_path, lambda: write_json(self.summary_path, self.summary))
+
+    # --- the folder's life ------------------------------------------------------------
+    def claim(self) -> None:
+        """Become the folder's one writer, or stop naming the live one."""
+        self.lock.acquire()
 
     def previous_run(self, cfg: DictConfig) -> str | None:
         """What an earlier run in this folder means for this one (re-run sweeps).
 
-        Returns ``finished`` (same config, finished: skip it) or ``resumable`` (same
-        config, unfinished, with a checkpoint) when ``skip_finished`` is on; otherwise an
-        earlier run's files are moved to ``.replaced/<time>/``, never overwritten.
+        ``finished`` (same config, finished: skip it) or ``resumable`` (same config,
+        unfinished, with a checkpoint) when ``skip_finished`` is on; ``replace`` when the
+        earlier run's files are to be moved aside (``archive``); None for a new folder.
         """
         old = read_json(self.summary_path)
         if old is None and not self.metrics_path.exists():
@@ -109,6 +162,10 @@ class RunFolder:
                 return "finished"
             if (self.checkpoints / "last.pt").exists():
                 return "resumable"
+        return "replace"
+
+    def archive(self) -> None:
+        """Move an earlier run's files to ``.replaced/<time>/``, never overwrite them."""
         stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
         archive = self.root / ".replaced" / stamp
         archive.mkdir(parents=True)
@@ -116,7 +173,6 @@ class RunFolder:
             if (self.root / name).exists():
                 shutil.move(str(self.root / name), str(archive / name))
         log.info("An earlier run in %s was moved to %s", self.root, archive)
-        return None
 
     def rewind_metrics(self, iteration: int) -> None:
         """On resume: drop lines written after the checkpoint, and the old meta-test line."""
@@ -132,32 +188,38 @@ class RunFolder:
             if record.get("iteration", 0) <= iteration and record.get("split") != "test":
                 kept.append(line + "\n")
         text = "".join(kept)
-        atomic_write(self.metrics_path, lambda handle: handle.write(text.encode()))
+        self.write(self.metrics_path, lambda: write_text(self.metrics_path, text))
 
-    def save_checkpoint(self, name: str, checkpoint: dict[str, Any]) -> None:
-        save_checkpoint(self.checkpoints / f"{name}.pt", checkpoint)
+    def write_config_files(self) -> None:
+        """``.hydra/``: the composed config, the overrides and Hydra's own settings."""
+        hydra = HydraConfig.get() if HydraConfig.initialized() else None
+        files = {"overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(list(self.overrides)))}
+        if self.cfg is not None:
+            files["config.yaml"] = OmegaConf.to_yaml(self.cfg)
+        if hydra is not None:
+            files["hydra.yaml"] = OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra}))
+        for name, text in files.items():
+            path = self.root / ".hydra" / name
+            self.write(path, functools.partial(write_text, path, text))
 
-    def write_text(self, name: str, text: str) -> None:
-        write_text(self.root / name, text)
-
-    def update_summary(self, **fields: Any) -> None:
-        self.summary.update(fields)
-        write_json(self.summary_path, self.summary)
-
-    def start(self, command: str, cfg: DictConfig) -> None:
+    def start(self, effective: DictConfig, **fields: Any) -> None:
+        """The checks have passed: write the config files and summary, open the log."""
         import torch
 
-        choices = HydraConfig.get().runtime.choices
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.started = True
+        hydra = HydraConfig.get() if HydraConfig.initialized() else None
+        choices = hydra.runtime.choices if hydra is not None else {}
+        self.write(self.checkpoints, lambda: self.checkpoints.mkdir(parents=True, exist_ok=True))
+        self.write_config_files()
+        open_run_logs(str(self.root))
         self.summary = {
             "status": "running",
-            "command": command,
+            "command": self.command,
             "run_dir": str(self.root),
             "groups": {g: choices.get(g) for g in GROUPS},
             "overrides": self.overrides,
-            "config": config_of(cfg),
-            "seed": cfg.get("seed"),
-            "device": None,
+            "config": config_of(effective),
+            "seed": effective.get("seed"),
             "torch_version": str(torch.__version__),
             "metacli_version": __version__,
             "python_version": platform.python_version(),
@@ -165,42 +227,123 @@ class RunFolder:
             "host": platform.node(),
             "pid": os.getpid(),
             "started_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            **fields,
         }
         self.update_summary()
+        log.info("Run folder: %s", self.root)
+        log.info("Overrides: %s", " ".join(self.overrides) or "(none: the defaults)")
+
+    def discard(self) -> None:
+        """Stopped before ``start``: remove the folder if this command created it."""
+        created_lock = not self.existed
+        self.lock.release()
+        if self.existed or self.multirun:
+            return
+        if created_lock:
+            (self.root / ".lock").unlink(missing_ok=True)
+        for folder in (self.root, self.root.parent):
+            try:
+                folder.rmdir()  # only if empty: nothing else is ever removed
+            except OSError:
+                break
 
     @contextmanager
     def guard(self) -> Iterator[None]:
-        """Record how the run ended in summary.json; a user error is one paragraph, exit 2.
+        """Record how the run ended; a user error is one paragraph and exit 2, a signal
+        exit 130 (SIGINT) or 143 (SIGTERM).
 
         In a sweep a failed job is recorded and swallowed (the sweep goes on and its
-        summary lists it); Ctrl-C still stops the whole sweep.
+        summary lists it); a signal still stops the whole sweep.
         """
         from metacli.loop import Interrupted
 
         try:
             yield
-        except Interrupted as err:
-            log.warning(str(err))
-            self.finish("interrupted", error=str(err))
-            raise SystemExit(130) from None
+        except (Interrupted, KeyboardInterrupt) as err:
+            signum = int(getattr(err, "signum", signal.SIGINT))
+            message = str(err) if isinstance(err, Interrupted) else self.stopped_now(signum)
+            log.warning(message)
+            self.end("interrupted", error=message)
+            raise SystemExit(exit_code(signum)) from None
         except MetacliError as err:
             log.error(str(err))
-            self.finish("failed", error=str(err))
+            self.end("failed", error=str(err))
             if not self.multirun:
                 raise SystemExit(2) from None
         except Exception as err:
             message = f"{type(err).__name__}: {err}"
-            self.finish("failed", error=message, traceback=traceback.format_exc())
+            self.end("failed", error=message, traceback=traceback.format_exc())
             if not self.multirun:
                 raise
             log.error("%s (the traceback is in %s)", message, self.summary_path)
+        finally:
+            self.lock.release()
+
+    def stopped_now(self, signum: int) -> str:
+        last = self.checkpoints / "last.pt"
+        kept = read_checkpoint_iteration(last)
+        where = STOPPER.phase
+        if kept is None:
+            saved = "no checkpoint was written; start the run again"
+        else:
+            saved = (
+                f"checkpoints/last.pt holds iteration {kept}. Continue with: "
+                f"metacli train resume={self.root}"
+            )
+        return f"Stopped by {signal.Signals(signum).name} during {where}; {saved}."
+
+    def end(self, status: str, **fields: Any) -> None:
+        """Record the end of a started run; forget one that never started."""
+        if self.started:
+            self.finish(status, **fields)
+        elif self.multirun and status == "failed":  # a sweep's summary lists failed jobs
+            self.started = True
+            self.summary = {"status": status, "command": self.command, "run_dir": str(self.root)}
+            try:
+                self.write_config_files()
+            except WriteError as err:
+                log.error("%s", err)
+            open_run_logs(str(self.root))
+            self.finish(status, overrides=self.overrides, **fields)
+        else:
+            self.discard()
 
     def finish(self, status: str, **fields: Any) -> None:
         now = dt.datetime.now().astimezone().isoformat(timespec="seconds")
         for sink in self.sinks:
             sink.close(status)
         self.sinks = []
-        self.update_summary(status=status, finished_at=now, **fields)
+        try:
+            self.update_summary(status=status, finished_at=now, **fields)
+        except WriteError as err:  # the run stops anyway; say that its status is stale
+            log.error("Could not record status %s: %s", status, err)
+
+
+def append_line(path: Path, line: str) -> None:
+    """One line appended whole, or the file left as it was (a failed write is cut off)."""
+    data = (line + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint_iteration(path: Path) -> int | None:
+    """The iteration a checkpoint holds (None if there is none)."""
+    if not path.is_file():
+        return None
+    try:
+        return int(load_checkpoint(path)["iteration"])
+    except (MetacliError, KeyError, TypeError, ValueError):
+        return None
 
 
 def config_of(cfg: DictConfig) -> dict[str, Any]:
@@ -274,7 +417,8 @@ def report(
 def meta_test(c: Components, folder: RunFolder, iteration: int) -> EvalSummary:
     from metacli.loop import evaluate
 
-    result = evaluate(c, "test", c.run.test.num_tasks, c.run.test.batch_size)
+    with STOPPER.during("the meta-test"):
+        result = evaluate(c, "test", c.run.test.num_tasks, c.run.test.batch_size)
     folder.log_metrics(result.record(iteration, "test"))
     log.info(
         "meta-test on %d tasks: %s %.4f ± %.4f after %d steps (%.4f before adaptation)",
@@ -295,25 +439,30 @@ def train(cfg: DictConfig) -> float:
     from metacli.loop import meta_train
 
     start = time.perf_counter()
-    folder = RunFolder.current()
-    previous = None if cfg.resume else folder.previous_run(cfg)
-    if previous == "finished":
-        summary = read_json(folder.summary_path) or {}
-        log.info("skip_finished: %s already holds a finished run of this config", folder.root)
-        return objective(summary, cfg.optimized_metric)
-    folder.start("train", cfg)
-    with folder.guard():
-        folder.update_summary(threads=set_threads(cfg))
+    folder = RunFolder.current("train", cfg)
+    with STOPPER.installed(), folder.guard():
+        folder.claim()
+        previous = None if cfg.resume else folder.previous_run(cfg)
+        if previous == "finished":
+            summary = read_json(folder.summary_path) or {}
+            log.info("skip_finished: %s already holds a finished run of this config", folder.root)
+            folder.discard()
+            return objective(summary, cfg.optimized_metric)
+        threads = set_threads(cfg)
         c = build(cfg, folder.overrides)
-        folder.update_summary(device=str(c.device), config=config_of(c.cfg))
-        folder.sinks = make_sinks(c.cfg, folder.root)
         state = LoopState()
-        if cfg.resume or previous == "resumable":
+        resuming = bool(cfg.resume) or previous == "resumable"
+        if resuming:
             last = folder.checkpoints / "last.pt"
             state = restore(c, load_checkpoint(last), str(last))
+        elif previous == "replace":
+            folder.archive()
+        folder.start(c.cfg, device=str(c.device), threads=threads)
+        if resuming:
             folder.rewind_metrics(state.iteration)
             folder.update_summary(resumed_from_iteration=state.iteration)
             log.info("Resuming %s from iteration %d", folder.root, state.iteration)
+        folder.sinks = make_sinks(c.cfg, folder.root)
         log.info(
             "Meta-training %s on %s with %s (%d meta-parameters) on %s for %d iterations",
             cfg.algo.name,
@@ -363,22 +512,22 @@ def test(cfg: DictConfig) -> float:
     from metacli.build import build
 
     start = time.perf_counter()
-    folder = RunFolder.current()
-    folder.previous_run(cfg)
-    folder.start("test", cfg)
-    with folder.guard():
-        folder.update_summary(threads=set_threads(cfg))
+    folder = RunFolder.current("test", cfg)
+    with STOPPER.installed(), folder.guard():
+        folder.claim()
+        previous = folder.previous_run(cfg)
         if not cfg.ckpt_path:
             raise ConfigError(
                 "metacli test needs a checkpoint: add ckpt_path=<run folder>/"
                 "checkpoints/best.pt (or last.pt)."
             )
+        threads = set_threads(cfg)
         c = build(cfg, folder.overrides)
-        folder.update_summary(
-            device=str(c.device), checkpoint=str(cfg.ckpt_path), config=config_of(c.cfg)
-        )
         checkpoint = load_checkpoint(cfg.ckpt_path)
         load_weights(c, checkpoint, str(cfg.ckpt_path))
+        if previous is not None:
+            folder.archive()
+        folder.start(c.cfg, device=str(c.device), threads=threads, checkpoint=str(cfg.ckpt_path))
         result = meta_test(c, folder, checkpoint["iteration"])
         seconds = time.perf_counter() - start
         folder.finish(

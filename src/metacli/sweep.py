@@ -21,8 +21,9 @@ from metacli.files import read_json
 
 
 def job_folders(sweep_dir: Path) -> list[Path]:
-    """Job folders of a sweep (those Hydra gave a .hydra/ folder), in job order."""
+    """Job folders of a sweep (each holds a summary.json, or .hydra/), in job order."""
     folders = [p.parent.parent for p in sweep_dir.glob("**/.hydra/overrides.yaml")]
+    folders += [p.parent for p in sweep_dir.glob("**/summary.json")]
     folders = [
         f
         for f in folders

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from metacli.errors import MetacliError
 from metacli.files import save_tensors
+from metacli.lock import FolderLock
 from metacli.tasks.base import ClassificationTask, TaskBatch, episodes
 
 log = logging.getLogger(__name__)
@@ -42,28 +43,40 @@ def cached(
 ) -> dict[str, Any]:
     """Load the cache entry for ``key`` or build it, written atomically.
 
-    Two processes building the same entry at once both end with a correct file: each
-    writes its own temporary file and renames it into place.
+    One process builds an entry; another that needs it meanwhile waits for the builder's
+    lock and then reads the finished file (a kill leaves no lock and no torn file).
     """
     digest = hashlib.sha256(
         json.dumps({**key, "version": CACHE_VERSION}, sort_keys=True).encode()
     ).hexdigest()[:16]
     path = folder / f"{name}-{digest}.pt"
-    if path.is_file():
-        try:
-            return dict(torch.load(path, map_location="cpu", weights_only=True))
-        except Exception:  # a cache file from a crashed writer or another version
-            log.warning("Rebuilding the unreadable cache file %s", path)
-    log.info("Building the %s cache in %s (once)", name, path)
-    data = build()
+    data = read_cache(path)
+    if data is not None:
+        return data
     try:
-        save_tensors(path, data)
+        with FolderLock(folder / f".{path.name}.lock", f"building {path.name}", wait=True):
+            data = read_cache(path)  # built by the process we waited for
+            if data is not None:
+                return data
+            log.info("Building the %s cache in %s (once)", name, path)
+            data = build()
+            save_tensors(path, data)
     except OSError as err:
         raise MetacliError(
-            f"Cannot write the dataset cache {path}: {err}. Set data.cache_dir "
-            f"(or METACLI_CACHE) to a writable folder."
+            f"Cannot write the dataset cache in {folder}: {err.strerror or err}. Set "
+            f"data.cache_dir (or METACLI_CACHE) to a writable folder."
         ) from None
     return data
+
+
+def read_cache(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception:  # a cache file of another version, or damaged on disk
+        log.warning("Rebuilding the unreadable cache file %s", path)
+        return None
 
 
 @dataclass
