@@ -72,6 +72,25 @@ def test_layouts_read_the_same_images(tmp_path: Path, layout: str) -> None:
     assert torch.equal(task.images, reference.images)
 
 
+@pytest.mark.parametrize("layout", ["flat", "pickle"])
+def test_each_split_draws_the_images_of_its_own_classes(tmp_path: Path, layout: str) -> None:
+    """Validation and test episodes once drew training images (indices restarted at 0)."""
+    task = MiniImageNet(config(), str(make(tmp_path / layout, layout)), str(tmp_path / "c"))
+    value = {
+        int(wnid[1:]) * 30 + i: wnid
+        for c in SPLIT_CLASSES.values()
+        for wnid in c
+        for i in range(PER_CLASS)
+    }
+    for split, classes in SPLIT_CLASSES.items():
+        seen = {
+            value[int(task.images[i, 0, 0, 0])]
+            for i in task.splits[split].indices.flatten().tolist()
+        }
+        assert seen == set(classes), split
+    assert [task.splits[s].names for s in SPLIT_CLASSES] == list(SPLIT_CLASSES.values())
+
+
 def test_unsafe_pickle_is_refused_not_executed(tmp_path: Path) -> None:
     root = make(tmp_path / "p", "pickle")
     marker = tmp_path / "executed"

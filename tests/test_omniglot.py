@@ -76,7 +76,7 @@ def config(**kwargs: object) -> OmniglotConfig:
 def test_every_layout_reads_the_same_images(tmp_path: Path, layout: str) -> None:
     task = Omniglot(config(), str(make(tmp_path / layout, layout)), str(tmp_path / "cache"))
     assert task.layout == layout
-    assert len(task.characters) == 9 and task.image_indices.shape == (9, DRAWERS)
+    assert len(task.characters) == 9 and [len(i) for i in task.class_images] == [DRAWERS] * 9
     assert task.images.shape == (36, 1, 28, 28) and task.images.dtype == torch.uint8
     assert task.images.max() == 255 and task.images.min() == 0
     assert task.images.float().mean() < 60  # mostly background: ink is the bright value
@@ -106,7 +106,7 @@ def test_random_and_lake_splits_with_rotations(tmp_path: Path) -> None:
     test_sets = {
         lake.character_set[lake.characters.index(c)]
         for c in lake.characters
-        if lake.image_indices[lake.characters.index(c), 0].item()
+        if lake.class_images[lake.characters.index(c)][0]
         in set(lake.splits["test"].indices[:, 0].tolist())
     }
     assert test_sets == {"images_evaluation"} and len(lake.splits["test"]) == 3 * 2
@@ -145,7 +145,10 @@ def test_episodes_are_seeded_and_rotations_rotate(tmp_path: Path) -> None:
     train = task.splits["train"]
     row = int((train.turns == 1).nonzero()[0])
     task.splits["train"] = type(train)(
-        train.indices[row : row + 1].repeat(2, 1), train.turns[row : row + 1].repeat(2)
+        train.indices[row : row + 1].repeat(2, 1),
+        train.turns[row : row + 1].repeat(2),
+        train.counts[row : row + 1].repeat(2),
+        [train.names[row]] * 2,
     )
     episode = task.sample(1, "train", torch.Generator().manual_seed(0))
     base = task.images[train.indices[row]].float() / 255
@@ -178,7 +181,7 @@ def test_real_omniglot_counts_and_vinyals_split(real: Omniglot) -> None:
     background = real.character_set.count("images_background")
     evaluation = real.character_set.count("images_evaluation")
     assert (background, evaluation) == (964, 659)
-    assert real.image_indices.shape == (1623, 20)
+    assert [len(i) for i in real.class_images] == [20] * 1623
     assert {s: len(c) for s, c in real.splits.items()} == {"train": 4112, "val": 688, "test": 1692}
     episode = real.sample(2, "test", torch.Generator().manual_seed(0))
     assert episode.support_x.shape == (2, 5, 1, 28, 28)
@@ -251,7 +254,15 @@ def test_data_check_lists_a_character_with_missing_drawers(tmp_path: Path) -> No
     root = make(tmp_path / "d", "folders")
     next(root.glob("images_evaluation/Gamma/character02/*_04.png")).unlink()
     task = Omniglot(config(), str(root), str(tmp_path / "c"))
-    assert task.problems == ["Gamma/character02 has 3 images, not 4; every class uses 3"]
-    assert task.image_indices.shape == (9, 3)
+    assert task.problems == [
+        "Gamma/character02 has 3 images, not 4 like most classes (it uses its 3)"
+    ]
+    # that class keeps its 3 images, every other class all 4 of its own
+    assert sorted(len(i) for i in task.class_images) == [3] + [4] * 8
+    counts = {
+        n: int(k) for c in task.splits.values() for n, k in zip(c.names, c.counts, strict=True)
+    }
+    assert counts["Gamma/character02/rot000"] == 3
+    assert {k for n, k in counts.items() if not n.startswith("Gamma/character02")} == {4}
     result = run_cli("data", "check", *fixture_args(root), cwd=tmp_path, check=False)
     assert result.returncode == 1 and "Gamma/character02 has 3 images" in result.stdout

@@ -116,14 +116,14 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> N
 def test_corrupt_or_foreign_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(MetacliError, match="Cannot read checkpoint"):
+    with pytest.raises(MetacliError, match="Cannot read the checkpoint"):
         load_checkpoint(bad)
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(MetacliError, match="not a metacli checkpoint"):
         load_checkpoint(foreign)
     result = run_cli("test", f"ckpt_path={bad}", cwd=tmp_path, check=False)
-    assert result.returncode == 2 and "Cannot read checkpoint" in result.stderr
+    assert result.returncode == 2 and "Cannot read the checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -71,7 +71,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or foreign files
-        raise MetacliError(f"Cannot read checkpoint {path}: {err}".splitlines()[0]) from None
+        if "Weights only load failed" in str(err):  # torch's advice to unpickle it: never
+            raise MetacliError(
+                f"{path} holds Python objects besides tensors, which metacli never loads: a "
+                f"checkpoint is read with weights_only=True so that no file can run code. "
+                f"Use a checkpoint written by metacli (checkpoints/best.pt or last.pt)."
+            ) from None
+        raise MetacliError(
+            f"Cannot read the checkpoint {path}: it is truncated or not a PyTorch file "
+            f"({type(err).__name__}). Use another checkpoint (checkpoints/best.pt or last.pt)."
+        ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != "metacli":
         raise MetacliError(f"{path} is not a metacli checkpoint (no 'format': 'metacli' entry).")
     version = checkpoint.get("format_version", 1)

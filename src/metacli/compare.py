@@ -353,7 +353,13 @@ def main(argv: list[str]) -> int:
     if args.plot is not None:
         from metacli.plots import validation_curves
 
-        validation_curves(rows, config_columns(rows), args.plot)
+        try:
+            validation_curves(rows, config_columns(rows), args.plot)
+        except OSError as err:
+            raise MetacliError(
+                f"Cannot write the figure {args.plot}: {err.strerror or err}. Give --plot a "
+                f"file in a folder you can write."
+            ) from None
         print(f"wrote {args.plot}", file=sys.stderr)
     if not runs:
         print(

@@ -9,6 +9,7 @@ is, stops here with one paragraph, before any run folder exists. Hydra's own mes
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 
@@ -131,11 +132,46 @@ def explain(command: str, overrides: list[str], message: str) -> str:
     return message.strip().splitlines()[0] + " Check that override (see `metacli train --help`)."
 
 
+def check_output_folder(command: str, args: list[str]) -> None:
+    """The run (or sweep) folder can be made: else Hydra would stop with a traceback."""
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    values = [a.split("=", 1)[1] for a in args if key_of(a) == key]
+    value = values[-1].strip("'\"") if values else f"outputs/{'multirun' if multirun else command}"
+    fixed = value.split("$", 1)[0]  # up to the first interpolation (${now:...})
+    path = Path(fixed or ".")
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(
+                f"{key}={value}: {path} is a file, not a folder. Set {key} to a folder."
+            )
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"{key}={value}: {path} is not writable. Set {key} to a folder you can write."
+            )
+        return
+    made: list[Path] = []
+    try:
+        for folder in reversed([path, *path.parents]):
+            if not folder.exists():
+                folder.mkdir()
+                made.append(folder)
+    except OSError as err:
+        raise ConfigError(
+            f"{key}={value}: cannot create {folder}: {err.strerror or err}. Set {key} to a "
+            f"folder you can write."
+        ) from None
+    finally:
+        for folder in reversed(made):  # a check only: leave nothing behind
+            folder.rmdir()
+
+
 def precheck(command: str, args: list[str]) -> None:
     """Compose and check the first job's config; a resume must not change the run."""
     overrides = job_overrides(args)
     if overrides is None:
         return
+    check_output_folder(command, args)
     cfg = compose(command, overrides)
     if any(a in ("-m", "--multirun") for a in args):
         return  # each job's values are checked in its job (a failed job is recorded)

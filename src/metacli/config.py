@@ -86,6 +86,7 @@ class OptimConfig:
             "two numbers in [0, 1)",
         )
         require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "it must be >= 0")
+        require(0 <= self.momentum < 1, "optim.momentum", self.momentum, "it must be in [0, 1)")
         require(
             self.scheduler in ("none", "cosine", "linear", "step"),
             "optim.scheduler",

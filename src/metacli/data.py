@@ -31,7 +31,7 @@ def load_task(config_dir: str, overrides: list[str]) -> TaskDistribution:
 
 def check(config_dir: str, overrides: list[str]) -> int:
     """Print what the dataset holds per split, and every problem found; 1 if any."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     problems: list[str] = []
     try:
         task = load_task(config_dir, overrides)
@@ -50,12 +50,9 @@ def check(config_dir: str, overrides: list[str]) -> int:
         table.add_column(column, justify="right")
     size = "x".join(str(s) for s in task.images.shape[1:])
     for split, classes in task.splits.items():
-        table.add_row(split, str(len(classes)), str(classes.indices.shape[1]), size)
-        need = task.shots(split) + task.cfg.queries
-        if classes.indices.shape[1] < need:
-            problems.append(
-                f"{split}: {classes.indices.shape[1]} images per class < shots + queries = {need}"
-            )
+        fewest, most = int(classes.counts.min()), int(classes.counts.max())
+        per_class = str(most) if fewest == most else f"{fewest}-{most}"
+        table.add_row(split, str(len(classes)), per_class, size)
         if len(classes) < task.ways(split):
             problems.append(f"{split}: {len(classes)} classes < ways = {task.ways(split)}")
     problems += getattr(task, "problems", [])
@@ -74,7 +71,7 @@ def check(config_dir: str, overrides: list[str]) -> int:
 
 def prepare(config_dir: str, overrides: list[str]) -> int:
     """Build (or find) the dataset cache, so that runs and sweeps start at once."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     start = time.perf_counter()
     try:
         task = load_task(config_dir, overrides)

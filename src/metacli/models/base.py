@@ -10,6 +10,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from metacli.errors import ConfigError
 from metacli.registry import Registered
 
 NORMS = ("transductive", "per_step", "running", "none")
@@ -34,10 +35,18 @@ class Model(nn.Module, Registered):
     # batched (grouped) convolutions lose to a loop there.
     preferred_batching: ClassVar[dict[str, str]] = {"cpu": "vmap", "cuda": "vmap"}
     stochastic: ClassVar[bool] = False  # True: the forward pass draws from the task's rng
+    # The inputs it takes: "images" [C, H, W] (convolutions) or "any" shape (flattened).
+    inputs: ClassVar[str] = "any"
 
     def __init__(self, cfg: ModelConfig, input_shape: tuple[int, ...], output_dim: int | None):
         super().__init__()
         self.cfg = cfg
+        if self.inputs == "images" and len(input_shape) != 3:
+            raise ConfigError(
+                f"model={cfg.name} takes images [channels, height, width], but the task's "
+                f"inputs have shape {tuple(input_shape)}. Choose model=mlp for this task, or "
+                f"an image task (task=omniglot, miniimagenet, image_folder, synthetic)."
+            )
 
     def batching_for(self, device: torch.device) -> str:
         return self.preferred_batching.get(device.type, "vmap")

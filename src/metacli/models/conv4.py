@@ -48,6 +48,7 @@ class ConvBlock(nn.Module):
 
 
 class Conv4(Model, key="conv4"):
+    inputs = "images"
     Config = Conv4Config
     # Measured (docs/benchmarks.md): on a CPU, batched convolutions with per-task
     # weights are slower than a loop over tasks.

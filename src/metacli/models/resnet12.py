@@ -62,6 +62,7 @@ class ResidualBlock(nn.Module):
 
 
 class ResNet12(Model, key="resnet12"):
+    inputs = "images"
     Config = ResNet12Config
     preferred_batching = {"cpu": "loop", "cuda": "vmap"}
 

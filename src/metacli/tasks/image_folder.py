@@ -26,7 +26,8 @@ from metacli.tasks.images import (
     cached,
     class_folders,
     decode_image,
-    stack_classes,
+    uneven,
+    warn_problems,
 )
 
 
@@ -99,12 +100,16 @@ class ImageFolder(ImageClassTask, key="image_folder"):
         data = cached(cache_dir(cache_folder), "image_folder", key, build)
         self.images = data["images"]
         self.input_shape = (cfg.channels, cfg.image_size, cfg.image_size)
-        table, names = stack_classes(data["classes"])
-        rows = {name: i for i, name in enumerate(names)}
+        rows, start = {}, 0  # each class's images, in the order they were decoded
+        for name, paths in data["classes"].items():
+            rows[name] = list(range(start, start + len(paths)))
+            start += len(paths)
+        names = list(rows)
+        self.problems = uneven(names, [len(rows[n]) for n in names])
+        warn_problems(self.problems)
         self.splits = {}
         for split, members in self.split_classes(names).items():
-            index = table[[rows[m] for m in members]]
-            self.splits[split] = ClassSet(index, torch.zeros(len(members), dtype=torch.long))
+            self.splits[split] = ClassSet.of([rows[m] for m in members], members)
         self.check_sizes()
 
     def split_classes(self, names: list[str]) -> dict[str, list[str]]:

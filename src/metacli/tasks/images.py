@@ -81,13 +81,31 @@ def read_cache(path: Path) -> dict[str, Any] | None:
 
 @dataclass
 class ClassSet:
-    """The classes of one split: image indices [n_classes, per_class], quarter turns."""
+    """The classes of one split; each keeps all of its own images (counts may differ)."""
 
-    indices: Tensor  # [n_classes, per_class] into the images tensor
+    indices: Tensor  # [n_classes, most images of a class] into images; -1 past a count
     turns: Tensor  # [n_classes] rotation in multiples of 90 degrees
+    counts: Tensor  # [n_classes] images of each class
+    names: list[str]  # [n_classes], for messages
+
+    @classmethod
+    def of(cls, rows: list[list[int]], names: list[str], turns: Tensor | None = None) -> ClassSet:
+        width = max((len(r) for r in rows), default=0)
+        table = torch.full((len(rows), width), -1, dtype=torch.long)
+        for i, row in enumerate(rows):
+            table[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        counts = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        if turns is None:
+            turns = torch.zeros(len(rows), dtype=torch.long)
+        return cls(table, turns, counts, names)
 
     def __len__(self) -> int:
         return self.indices.shape[0]
+
+    def smallest(self) -> tuple[int, str]:
+        """The fewest images of a class, and that class."""
+        i = int(self.counts.argmin())
+        return int(self.counts[i]), self.names[i]
 
 
 class ImageClassTask(ClassificationTask):
@@ -107,10 +125,13 @@ class ImageClassTask(ClassificationTask):
                     f"ways={ways}. Lower task.ways (or task.test_ways)."
                 )
             need = self.shots(split) + self.cfg.queries
-            if classes.indices.shape[1] < need:
+            fewest, name = classes.smallest()
+            if fewest < need:
+                short = int((classes.counts < need).sum())
                 raise MetacliError(
-                    f"Classes of the {split} split have {classes.indices.shape[1]} images, fewer "
-                    f"than shots + queries = {need}. Lower task.shots or task.queries."
+                    f"The class {name} of the {split} split has {fewest} images, fewer than "
+                    f"shots + queries = {need} ({short} of its {len(classes)} "
+                    f"classes are that short). Lower task.shots or task.queries, or add images."
                 )
 
     def sample(self, num_tasks: int, split: str, generator: torch.Generator) -> TaskBatch:
@@ -120,12 +141,9 @@ class ImageClassTask(ClassificationTask):
         chosen = torch.stack(
             [torch.randperm(len(classes), generator=generator)[:ways] for _ in range(num_tasks)]
         )  # [B, ways]
-        available = classes.indices.shape[1]
+        counts = classes.counts[chosen].flatten().tolist()  # each class draws from its own
         picks = torch.stack(
-            [
-                torch.randperm(available, generator=generator)[:per_class]
-                for _ in range(num_tasks * ways)
-            ]
+            [torch.randperm(n, generator=generator)[:per_class] for n in counts]
         ).view(num_tasks, ways, per_class)
         index = classes.indices[chosen.unsqueeze(-1), picks]  # [B, ways, S+Q]
         images = self.images[index].float().div_(255)  # [B, ways, S+Q, C, H, W]
@@ -168,17 +186,23 @@ def class_folders(root: Path) -> dict[str, list[Path]]:
     return classes
 
 
-def stack_classes(
-    classes: dict[str, list[Any]],
-    per_class: int | None = None,
-) -> tuple[Tensor, list[str]]:
-    """Image-index table [n_classes, per_class] for classes listed in image order."""
-    names, rows, start = [], [], 0
-    for name, items in classes.items():
-        count = len(items)
-        names.append(name)
-        rows.append(list(range(start, start + count)))
-        start += count
-    smallest = min(len(r) for r in rows)
-    width = smallest if per_class is None else min(per_class, smallest)
-    return torch.tensor([r[:width] for r in rows], dtype=torch.long), names
+def uneven(names: list[str], counts: list[int]) -> list[str]:
+    """Problems worth a warning: classes with fewer images than most classes have."""
+    if not counts:
+        return []
+    usual = max(set(counts), key=counts.count)
+    return [
+        f"{name} has {n} images, not {usual} like most classes (it uses its {n})"
+        for name, n in zip(names, counts, strict=True)
+        if n < usual
+    ]
+
+
+def warn_problems(problems: list[str]) -> None:
+    """Say what is uneven in a dataset (``metacli data check`` lists all of it)."""
+    for problem in problems[:5]:
+        log.warning("dataset: %s", problem)
+    if len(problems) > 5:
+        log.warning(
+            "dataset: %d more such problems (metacli data check lists them)", len(problems) - 5
+        )

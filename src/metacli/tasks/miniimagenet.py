@@ -33,7 +33,8 @@ from metacli.tasks.images import (
     cached,
     class_folders,
     decode_image,
-    stack_classes,
+    uneven,
+    warn_problems,
 )
 
 MEAN = (0.485, 0.456, 0.406)
@@ -99,6 +100,11 @@ def find_layout(root: Path, split_dir: str | None) -> tuple[str, dict[str, Any]]
         return "folders", {s: root / s for s in SPLITS}
     csv_places = [Path(split_dir)] if split_dir else []
     csv_places += [root, root / "splits" / "ravi"]
+    if split_dir and not all((Path(split_dir) / f"{s}.csv").is_file() for s in SPLITS):
+        raise MetacliError(
+            f"task.split_dir={split_dir} does not hold the Ravi split files train.csv, "
+            f"val.csv and test.csv. Set task.split_dir to their folder, or leave it null."
+        )
     if (root / "images").is_dir():
         for place in csv_places:
             if all((place / f"{s}.csv").is_file() for s in SPLITS):
@@ -194,7 +200,11 @@ class MiniImageNet(ImageClassTask, key="miniimagenet"):
         self.mean = torch.tensor(MEAN).view(3, 1, 1)
         self.std = torch.tensor(STD).view(3, 1, 1)
         self.splits = {}
+        self.problems: list[str] = []
         for split in SPLITS:
-            indices, _ = stack_classes(data["classes"][split])
-            self.splits[split] = ClassSet(indices, torch.zeros(len(indices), dtype=torch.long))
+            classes = data["classes"][split]  # wnid -> indices into the images of all splits
+            names = list(classes)
+            self.splits[split] = ClassSet.of([list(classes[n]) for n in names], names)
+            self.problems += uneven(names, [len(classes[n]) for n in names])
+        warn_problems(self.problems)
         self.check_sizes()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,15 @@ from metacli.console import track
 from metacli.errors import MetacliError
 from metacli.tasks.base import SPLITS as TASK_SPLITS
 from metacli.tasks.base import ClassificationConfig
-from metacli.tasks.images import ClassSet, ImageClassTask, cache_dir, cached, decode_image
+from metacli.tasks.images import (
+    ClassSet,
+    ImageClassTask,
+    cache_dir,
+    cached,
+    decode_image,
+    uneven,
+    warn_problems,
+)
 
 SETS = ("images_background", "images_evaluation")
 NAME = re.compile(
@@ -89,25 +98,52 @@ def list_images(layout: str, places: dict[str, Path]) -> Iterator[tuple[str, str
     """(image set, "Alphabet/characterNN", reader) for every image, in a stable order."""
     for image_set, place in places.items():
         if layout == "zip":
-            archive = zipfile.ZipFile(place)
+            archive = open_zip(place)
             for name in sorted(archive.namelist()):
                 match = NAME.search(name)
                 if match:
-                    yield image_set, f"{match[2]}/{match[3]}", reader(archive, name)
+                    yield image_set, f"{place}:{name}", reader(archive, name, place)
         else:
             for path in sorted(place.glob("*/character*/*.png")):
                 match = NAME.search(path.as_posix())
                 if match:
-                    yield image_set, f"{match[2]}/{match[3]}", path.read_bytes
+                    yield image_set, str(path), path.read_bytes
 
 
-def reader(archive: zipfile.ZipFile, name: str) -> Reader:
-    return lambda: archive.read(name)
+def damaged(path: Path, err: Exception) -> MetacliError:
+    return MetacliError(
+        f"{path} is not a readable zip archive ({type(err).__name__}: {err}); it is truncated "
+        f"or damaged. Replace it with a complete copy (data.root={path.parent})."
+    )
+
+
+def open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise damaged(path, err) from None
+
+
+def reader(archive: zipfile.ZipFile, name: str, path: Path) -> Reader:
+    def read() -> bytes:
+        try:
+            return archive.read(name)
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
+            raise damaged(path, err) from None
+
+    return read
+
+
+def character_of(place: str) -> str:
+    """ "Alphabet/characterNN" of an image's path (or "archive.zip:member")."""
+    match = NAME.search(place.rsplit(":", 1)[-1])
+    assert match is not None  # list_images yields matching names only
+    return f"{match[2]}/{match[3]}"
 
 
 def decode(data: bytes, size: int, name: str) -> torch.Tensor:
     """PNG bytes -> uint8 [1, size, size] with ink = 255 (background 0)."""
-    return 255 - decode_image(data, size, 1, f"Omniglot image {name}")
+    return 255 - decode_image(data, size, 1, name)
 
 
 def load(root: Path, size: int, cache: Path) -> dict[str, object]:
@@ -119,12 +155,11 @@ def load(root: Path, size: int, cache: Path) -> dict[str, object]:
         characters: dict[str, list[int]] = {}
         sets: dict[str, str] = {}
         images: list[torch.Tensor] = []
-        for image_set, character, read in track(
-            list(list_images(layout, places)), "decoding Omniglot"
-        ):
+        for image_set, place, read in track(list(list_images(layout, places)), "decoding Omniglot"):
+            character = character_of(place)
             characters.setdefault(character, []).append(len(images))
             sets[character] = image_set
-            images.append(decode(read(), size, f"{image_set}/{character}"))
+            images.append(decode(read(), size, place))
         if not images:
             raise MetacliError(
                 f"The Omniglot {layout} layout in {root} holds no images named "
@@ -162,21 +197,17 @@ class Omniglot(ImageClassTask, key="omniglot"):
         self.input_shape = (1, cfg.image_size, cfg.image_size)
         self.characters: list[str] = list(data["characters"])  # type: ignore[call-overload]
         self.character_set: list[str] = list(data["sets"])  # type: ignore[call-overload]
-        counts = [len(i) for i in data["indices"]]  # type: ignore[attr-defined]
-        drawers = min(counts)
-        self.problems = [
-            f"{c} has {n} images, not {max(counts)}; every class uses {drawers}"
-            for c, n in zip(self.characters, counts, strict=True)
-            if n != max(counts)
-        ]
-        self.image_indices = torch.tensor([i[:drawers] for i in data["indices"]])  # type: ignore[attr-defined]
+        self.class_images: list[list[int]] = [list(i) for i in data["indices"]]  # type: ignore[attr-defined]
+        self.problems = uneven(self.characters, [len(i) for i in self.class_images])
+        warn_problems(self.problems)
         self.splits = {split: self.class_set(names) for split, names in self.split_names().items()}
         self.check_sizes()
 
     def class_set(self, names: list[tuple[str, int]]) -> ClassSet:
         position = {c: i for i, c in enumerate(self.characters)}
-        rows = [position[c] for c, _ in names]
-        return ClassSet(self.image_indices[rows], torch.tensor([a // 90 for _, a in names]))
+        rows = [self.class_images[position[c]] for c, _ in names]
+        turns = torch.tensor([a // 90 for _, a in names], dtype=torch.long)
+        return ClassSet.of(rows, [f"{c}/rot{a:03d}" for c, a in names], turns)
 
     def split_names(self) -> dict[str, list[tuple[str, int]]]:
         """Each split's classes as ("Alphabet/characterNN", rotation degrees)."""
@@ -220,6 +251,15 @@ class Omniglot(ImageClassTask, key="omniglot"):
         }
 
     def vinyals(self) -> dict[str, list[tuple[str, int]]]:
+        if self.cfg.split_dir:
+            given = Path(self.cfg.split_dir).expanduser()
+            missing = [f"{s}.txt" for s in TASK_SPLITS if not (given / f"{s}.txt").is_file()]
+            if missing:
+                raise MetacliError(
+                    f"task.split_dir={self.cfg.split_dir}: {given} lacks {', '.join(missing)}. "
+                    f"Set task.split_dir to the folder of the split files train.txt, val.txt "
+                    f"and test.txt, or leave it null for the files beside the data."
+                )
         places = [Path(self.cfg.split_dir)] if self.cfg.split_dir else []
         places += [self.root / "splits" / "vinyals", self.root / "vinyals"]
         folder = next((p for p in places if (p / "train.txt").is_file()), None)

@@ -1,0 +1,538 @@
+"""The catalogue of bad inputs: each one exits non-zero with one short message naming the
+setting or file to fix, prints no traceback, creates no run folder and changes nothing
+that was already written. docs/errors.md is this catalogue (regenerate it with
+`.venv/bin/python -m tests.test_errors`).
+
+The commands run in this process (``metacli.cli.main``), so the catalogue costs seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from metacli import cli
+from metacli.lock import FolderLock
+from tests.conftest import TINY, run_cli
+from tests.test_omniglot import make as make_omniglot
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+OMNIGLOT = (
+    "task=omniglot",
+    "data.root={omniglot}",
+    "data.cache_dir={cache}",
+    "task.split=random",
+    "task.random_sizes=[4,2]",
+    "task.ways=2",
+    "task.queries=2",
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    argv: tuple[str, ...]
+    message: str  # in the output, after the placeholders are filled in
+    code: int = 2
+    hold_lock: str | None = None  # a folder whose lock another writer holds meanwhile
+
+
+def case(name: str, command: str, *args: str, message: str, **kw: object) -> Case:
+    return Case(name, (command, *args), message, **kw)  # type: ignore[arg-type]
+
+
+def t(name: str, *args: str, message: str, **kw: object) -> Case:
+    """A `metacli train` case on the tiny sinusoid settings."""
+    return case(name, "train", *TINY, *args, message=message, **kw)
+
+
+def numeric(key: str, value: str, rule: str) -> Case:
+    return t(
+        f"{key} out of range", f"{key}={value}", message=f"{key}={value} is not allowed: {rule}"
+    )
+
+
+CASES = [
+    # --- misspelt keys and options: the closest valid one -------------------------------
+    t(
+        "unknown algorithm",
+        "algo=mamll",
+        message="algo=mamll is not an option (did you mean maml?)",
+    ),
+    t(
+        "unknown task",
+        "task=omniglott",
+        message="task=omniglott is not an option (did you mean omniglot?)",
+    ),
+    t("unknown model", "model=conv5", message="model=conv5 is not an option (did you mean conv4?)"),
+    t("unknown update rule", "algo.update=adamw", message="algo.update='adamw' is not an option"),
+    t(
+        "unknown experiment",
+        "experiment=maml_sinus",
+        message="experiment=maml_sinus is not an option",
+    ),
+    t(
+        "misspelt key",
+        "algo.inner_l=0.1",
+        message="algo.inner_l is not a setting (did you mean algo.inner_lr?)",
+    ),
+    t(
+        "misspelt key in a section",
+        "train.iteration=5",
+        message="train.iteration is not a setting (did you mean train.iterations?)",
+    ),
+    t(
+        "misspelt key added with +",
+        "+train.iteration=5",
+        message="train.iteration is not a setting (did you mean train.iterations?)",
+    ),
+    t(
+        "misspelt key forced with ++",
+        "++algo.inner_lrr=0.1",
+        message="algo.inner_lrr is not a setting (did you mean algo.inner_lr?)",
+    ),
+    t("unknown top-level key", "nosuch=1", message="nosuch is not a setting"),
+    t(
+        "existing key added with +",
+        "+train.iterations=3",
+        message="train.iterations already exists",
+    ),
+    t("wrong type", "algo.inner_lr=fast", message="algo.inner_lr"),
+    t(
+        "unknown choice",
+        "train.on_nan=maybe",
+        message="train.on_nan='maybe' is not allowed: choose stop or skip",
+    ),
+    t(
+        "unknown optimizer",
+        "optim=adamw",
+        message="optim=adamw is not an option (did you mean adam?)",
+    ),
+    t("unknown scheduler", "optim.scheduler=exp", message="optim.scheduler='exp' is not allowed"),
+    t("unknown device", "device.name=tpu", message="device='tpu' is not allowed"),
+    t(
+        "unknown objective",
+        "optimized_metric=loss",
+        message="optimized_metric='loss' is not allowed",
+    ),
+    t(
+        "unknown parameter group",
+        "+optim.groups.head.lr=0.1",
+        message="optim.groups.head='head' is not allowed: the groups are model, update",
+    ),
+    # --- out-of-range values of every numeric key ---------------------------------------
+    numeric("seed", "-1", "it must be >= 0"),
+    numeric("threads", "0", "it must be >= 1"),
+    numeric("train.iterations", "-1", "it must be >= 0"),
+    numeric("train.meta_batch_size", "0", "it must be >= 1"),
+    numeric("train.val_every", "0", "it must be >= 1"),
+    numeric("train.log_every", "0", "it must be >= 1"),
+    numeric("train.ckpt_every", "0", "it must be >= 1 or null"),
+    numeric("train.grad_clip", "0.0", "it must be > 0 or null"),
+    numeric("train.nan_skips", "-1", "it must be >= 0"),
+    numeric("val.num_tasks", "0", "it must be >= 1"),
+    numeric("val.batch_size", "0", "it must be >= 1"),
+    numeric("test.num_tasks", "0", "it must be >= 1"),
+    numeric("test.batch_size", "0", "it must be >= 1"),
+    numeric("optim.lr", "-1.0", "the learning rate must be > 0"),
+    numeric("optim.weight_decay", "-0.1", "it must be >= 0"),
+    t(
+        "optim.momentum out of range",
+        "optim=sgd",
+        "optim.momentum=1.5",
+        message="optim.momentum=1.5 is not allowed: it must be in [0, 1)",
+    ),
+    numeric("optim.min_lr", "1.0", "it must be in [0, optim.lr]"),
+    numeric("optim.step_size", "0", "it must be >= 1"),
+    numeric("optim.gamma", "0.0", "it must be in (0, 1]"),
+    t(
+        "optim.betas out of range",
+        "optim.betas=[0.9,1.0]",
+        message="optim.betas=[0.9, 1.0] is not allowed",
+    ),
+    numeric("device.threads", "0", "it must be >= 1 or null"),
+    numeric("algo.inner_lr", "-0.1", "the learning rate must be > 0"),
+    numeric("algo.inner_steps", "0", "it must be >= 1"),
+    numeric("algo.test_inner_steps", "-1", "it must be >= 0"),
+    numeric("task.shots", "0", "it must be >= 1"),
+    numeric("task.queries", "0", "it must be >= 1"),
+    numeric("task.noise", "-1.0", "it must be >= 0"),
+    t(
+        "task.amplitude reversed",
+        "task.amplitude=[5,1]",
+        message="task.amplitude=[5.0, 1.0] is not allowed",
+    ),
+    t("model.hidden empty width", "model.hidden=[0]", message="model.hidden=[0] is not allowed"),
+    # --- combinations that cannot work --------------------------------------------------
+    t(
+        "image model on a vector task",
+        "model=resnet12",
+        message="model=resnet12 takes images [channels, height, width], but the task's inputs",
+    ),
+    t("conv4 on a vector task", "model=conv4", message="model=conv4 takes images"),
+    t(
+        "learned rates with Reptile",
+        "algo=reptile",
+        "algo.update=metasgd",
+        message="algo=reptile cannot learn the parameters of algo.update=metasgd",
+    ),
+    t(
+        "device not on this machine",
+        "device=cuda",
+        message="device=cuda was requested, but this PyTorch",
+    ),
+    case(
+        "ways above the classes of a split",
+        "train",
+        *OMNIGLOT,
+        "task.ways=7",
+        message="The val split has 2 classes, fewer than ways=7",
+    ),
+    case(
+        "shots + queries above the images of a class",
+        "train",
+        *OMNIGLOT,
+        "task.queries=4",
+        message="has 4 images, fewer than shots + queries = 5",
+    ),
+    # --- data files -----------------------------------------------------------------------
+    t(
+        "image task without data.root",
+        "task=omniglot",
+        message="task=omniglot needs its files: set data.root",
+    ),
+    case(
+        "data.root without the dataset",
+        "train",
+        *OMNIGLOT,
+        "data.root={empty}",
+        message="No Omniglot found in data.root={empty}",
+    ),
+    case(
+        "truncated zip archive",
+        "train",
+        *OMNIGLOT,
+        "data.root={truncated}",
+        message="{truncated}/images_evaluation.zip is not a readable zip archive",
+    ),
+    case(
+        "truncated zip in data check",
+        "data",
+        "check",
+        *OMNIGLOT,
+        "data.root={truncated}",
+        message="{truncated}/images_evaluation.zip is not a readable zip archive",
+        code=1,
+    ),
+    case(
+        "corrupt image names the file",
+        "train",
+        *OMNIGLOT,
+        "data.root={corrupt}",
+        message="Cannot read the image {corrupt}/images_background/Alpha/character01/0001_01.png",
+    ),
+    case(
+        "split_dir pointing nowhere",
+        "train",
+        *OMNIGLOT,
+        "task.split=vinyals",
+        "task.split_dir={empty}",
+        message="task.split_dir={empty}: {empty} lacks train.txt, val.txt, test.txt",
+    ),
+    t(
+        "mini-ImageNet without its files",
+        "task=miniimagenet",
+        "model=conv4",
+        "data.root={empty}",
+        message="No mini-ImageNet found in data.root={empty}",
+    ),
+    t(
+        "image folder that is not a folder",
+        "task=image_folder",
+        "model=conv4",
+        "data.root={file}",
+        message="data.root='{file}' is not a folder",
+    ),
+    # --- checkpoints and resumes ------------------------------------------------------------
+    case(
+        "test without a checkpoint",
+        "test",
+        *TINY,
+        message="metacli test needs a checkpoint: add ckpt_path=",
+    ),
+    case(
+        "checkpoint that does not exist",
+        "test",
+        "ckpt_path={empty}/best.pt",
+        message="No checkpoint at {empty}/best.pt",
+    ),
+    case(
+        "truncated checkpoint",
+        "test",
+        "ckpt_path={truncated_ckpt}",
+        message="Cannot read the checkpoint {truncated_ckpt}: it is truncated or not a PyTorch",
+    ),
+    case(
+        "untrusted checkpoint (pickled objects)",
+        "test",
+        "ckpt_path={evil_ckpt}",
+        message="holds Python objects besides tensors, which metacli never loads",
+    ),
+    case(
+        "another program's checkpoint",
+        "test",
+        "ckpt_path={foreign_ckpt}",
+        message="is not a metacli checkpoint",
+    ),
+    case(
+        "resume of a folder without a checkpoint",
+        "train",
+        "resume={empty}",
+        message="resume={empty}: {empty} is not a run folder with a checkpoint",
+    ),
+    case(
+        "resume that changes the algorithm",
+        "train",
+        "resume={run}",
+        "algo=fomaml",
+        message="resume={run} would change what the run is (algo.name: 'maml' -> 'fomaml')",
+    ),
+    case(
+        "resume that changes the model",
+        "train",
+        "resume={run}",
+        "model.hidden=[80,80]",
+        message="(model.hidden: '[40, 40]' -> '[80, 80]')",
+    ),
+    case(
+        "resume that changes the task",
+        "train",
+        "resume={run}",
+        "task.shots=5",
+        message="(task.shots: 10 -> 5)",
+    ),
+    case(
+        "resume that shortens the run",
+        "train",
+        "resume={run}",
+        "train.iterations=5",
+        message="train.iterations=5 is below the 20 iterations that {run} has done",
+    ),
+    case(
+        "resume in a sweep",
+        "train",
+        "-m",
+        "resume={run}",
+        message="resume continues one run; it cannot be combined with -m/--multirun",
+    ),
+    case(
+        "resume of a folder in use",
+        "train",
+        "resume={run}",
+        "train.iterations=30",
+        message="{run} is in use by pid",
+        hold_lock="{run}",
+    ),
+    case(
+        "a second run in a folder in use",
+        "train",
+        *TINY,
+        "hydra.run.dir={run}",
+        message="{run} is in use by pid",
+        hold_lock="{run}",
+    ),
+    # --- output folders -------------------------------------------------------------------
+    t(
+        "run folder that cannot be created",
+        "hydra.run.dir=/proc/metacli/run",
+        message="hydra.run.dir=/proc/metacli/run: cannot create /proc/metacli",
+    ),
+    t(
+        "run folder that is a file",
+        "hydra.run.dir={file}",
+        message="hydra.run.dir={file}: {file} is a file, not a folder",
+    ),
+    t(
+        "sweep folder that is a file",
+        "-m",
+        "seed=0,1",
+        "hydra.sweep.dir={file}",
+        message="hydra.sweep.dir={file}: {file} is a file, not a folder",
+    ),
+    case(
+        "compare of a path that does not exist",
+        "compare",
+        "{empty}/nothing",
+        message="{empty}/nothing does not exist",
+    ),
+    case(
+        "compare --plot to a folder that cannot be made",
+        "compare",
+        "{run}",
+        "--plot",
+        "/proc/metacli/val.png",
+        message="Cannot write the figure /proc/metacli/val.png",
+    ),
+    case(
+        "compare --filter without a value",
+        "compare",
+        "{run}",
+        "--filter",
+        "algo",
+        message="--filter 'algo': write it as KEY=VALUE",
+    ),
+    case(
+        "compare --sort by an unknown column",
+        "compare",
+        "{run}",
+        "--sort",
+        "nosuch",
+        message="--sort nosuch: no such column",
+    ),
+    case(
+        "plot of a folder that is not a run",
+        "plot",
+        "{empty}",
+        message="{empty} is not a run folder (no summary.json)",
+    ),
+    # --- commands -------------------------------------------------------------------------
+    case(
+        "unknown command",
+        "fit",
+        message="unknown command 'fit'; choose one of: train, test, data, compare, plot",
+    ),
+    case("data without an action", "data", message="metacli data: choose one of: check, prepare"),
+]
+
+
+def fill(text: str, places: dict[str, Path]) -> str:
+    return text.format(**{k: str(v) for k, v in places.items()})
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("errors")
+    run = base / "run"
+    run_cli("train", *TINY, f"hydra.run.dir={run}", cwd=base)
+    omniglot = make_omniglot(base / "omniglot", "zip")
+    truncated = base / "truncated"
+    shutil.copytree(omniglot, truncated)
+    archive = truncated / "images_evaluation.zip"
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    corrupt = make_omniglot(base / "corrupt", "folders")
+    (corrupt / "images_background/Alpha/character01/0001_01.png").write_bytes(b"not a png")
+    checkpoint = run / "checkpoints" / "last.pt"
+    (base / "truncated.pt").write_bytes(checkpoint.read_bytes()[:100])
+    torch.save({"state_dict": {}}, base / "foreign.pt")
+    with open(base / "evil.pt", "wb") as handle:
+        pickle.dump({"format": "metacli", "payload": Case("x", (), "")}, handle)
+    (base / "empty").mkdir()
+    (base / "file.txt").write_text("not a folder\n")
+    (base / "cwd").mkdir()
+    return {
+        "run": run,
+        "omniglot": omniglot,
+        "truncated": truncated,
+        "corrupt": corrupt,
+        "cache": base / "cache",
+        "empty": base / "empty",
+        "file": base / "file.txt",
+        "truncated_ckpt": base / "truncated.pt",
+        "foreign_ckpt": base / "foreign.pt",
+        "evil_ckpt": base / "evil.pt",
+        "cwd": base / "cwd",
+    }
+
+
+def snapshot(places: dict[str, Path]) -> dict[str, str]:
+    """Every file the cases may not touch (the dataset cache may be built), by content."""
+    roots = [p for k, p in places.items() if k not in ("cache", "cwd")]
+    files = [f for r in roots for f in ([r] if r.is_file() else r.rglob("*")) if f.is_file()]
+    return {  # a lock file records the last owner, not run data
+        str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.name != ".lock"
+    }
+
+
+def run_here(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    argv_before = list(sys.argv)
+    try:
+        cli.main(argv)
+        code = 0
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+    finally:
+        sys.argv = argv_before
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("bad", CASES, ids=[c.name for c in CASES])
+def test_bad_input(
+    bad: Case,
+    places: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setenv("METACLI_CACHE", str(places["cache"]))
+    monkeypatch.chdir(places["cwd"])
+    if "cuda" in bad.argv[-1] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    before = snapshot(places)
+    argv = [fill(a, places) for a in bad.argv]
+    if bad.hold_lock:
+        with FolderLock(Path(fill(bad.hold_lock, places)) / ".lock", "a live run"):
+            code, out, err = run_here(argv, capsys)
+    else:
+        code, out, err = run_here(argv, capsys)
+    output = out + err
+    message = fill(bad.message, places)
+    assert code == bad.code, output
+    assert message in output, output
+    assert "Traceback" not in output
+    last = [(text.strip().splitlines() or [""])[-1] for text in (out, err)]
+    assert any(message in line for line in last), output  # one paragraph, the last line
+    assert snapshot(places) == before  # nothing already written changed
+    assert not [p for p in places["cwd"].rglob("*") if p.is_file()]  # and no run folder
+
+
+def test_the_catalogue_has_fifty_cases_and_docs_list_it() -> None:
+    assert len(CASES) >= 50 and len({c.name for c in CASES}) == len(CASES)
+    assert DOC.read_text(encoding="utf-8") == render(), (
+        "docs/errors.md is out of date: run .venv/bin/python -m tests.test_errors"
+    )
+
+
+def render() -> str:
+    lines = [
+        "# Bad inputs and what metacli says",
+        "",
+        "Every row is a test (`tests/test_errors.py`): the command exits with the code shown,",
+        "prints one short message containing the text shown (placeholders in braces: a run",
+        "folder, a dataset folder, a file), no traceback (`HYDRA_FULL_ERROR=1` shows one),",
+        "creates no run folder and changes nothing already written. Regenerate this page with",
+        "`.venv/bin/python -m tests.test_errors`.",
+        "",
+        "| # | input | command | exit | message contains |",
+        "|---|---|---|---|---|",
+    ]
+    for i, c in enumerate(CASES, 1):
+        command = " ".join(["metacli", *c.argv]).replace("|", r"\|")
+        message = c.message.replace("|", r"\|")
+        lines.append(f"| {i} | {c.name} | `{command}` | {c.code} | {message} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    DOC.write_text(render(), encoding="utf-8")
+    print(f"wrote {DOC} ({len(CASES)} cases)")
