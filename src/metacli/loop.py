@@ -274,10 +274,10 @@ def meta_train(c: Components, recorder: Recorder, state: LoopState) -> LoopState
         return f"checkpoints/last.pt holds iteration {saved_at}, the last good state"
 
     c.algorithm.train()
-    with progress_bar(total, state.iteration) as bar:
+    training = STOPPER.during("meta-training", graceful=True)  # a first signal: a request
+    with progress_bar(total, state.iteration) as bar, training:
         while state.iteration < total:
-            with STOPPER.during("meta-training", graceful=True):
-                step = meta_step(c, cfg.grad_clip)
+            step = meta_step(c, cfg.grad_clip)
             state.iteration += 1
             it = state.iteration
             if isinstance(step, str):
@@ -373,6 +373,7 @@ def meta_train(c: Components, recorder: Recorder, state: LoopState) -> LoopState
             if STOPPER.requested is not None:
                 if saved_at != it:
                     save("last")
+                STOPPER.stopping = True  # recording the stop: further signals are ignored
                 signum = STOPPER.requested
                 raise Interrupted(
                     f"Stopped by {signal.Signals(signum).name} at iteration {it} "

@@ -260,17 +260,21 @@ class RunFolder:
         try:
             yield
         except (Interrupted, KeyboardInterrupt) as err:
+            STOPPER.stopping = True  # further signals wait until the outcome is recorded
             signum = int(getattr(err, "signum", signal.SIGINT))
-            message = str(err) if isinstance(err, Interrupted) else self.stopped_now(signum)
+            phase = str(getattr(err, "phase", STOPPER.phase))
+            message = str(err) if isinstance(err, Interrupted) else self.stopped_now(signum, phase)
             log.warning(message)
             self.end("interrupted", error=message)
             raise SystemExit(exit_code(signum)) from None
         except MetacliError as err:
+            STOPPER.stopping = True
             log.error(str(err))
             self.end("failed", error=str(err))
             if not self.multirun:
                 raise SystemExit(2) from None
         except Exception as err:
+            STOPPER.stopping = True
             message = f"{type(err).__name__}: {err}"
             self.end("failed", error=message, traceback=traceback.format_exc())
             if not self.multirun:
@@ -279,10 +283,9 @@ class RunFolder:
         finally:
             self.lock.release()
 
-    def stopped_now(self, signum: int) -> str:
+    def stopped_now(self, signum: int, where: str) -> str:
         last = self.checkpoints / "last.pt"
         kept = read_checkpoint_iteration(last)
-        where = STOPPER.phase
         if kept is None:
             saved = "no checkpoint was written; start the run again"
         else:

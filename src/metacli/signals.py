@@ -25,9 +25,10 @@ def exit_code(signum: int) -> int:
 class StopNow(KeyboardInterrupt):
     """A signal that stops the command at once (a BaseException: nothing swallows it)."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, phase: str = "setup") -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.phase = phase  # what it interrupted
 
 
 class Stopper:
@@ -54,7 +55,7 @@ class Stopper:
             )
             return
         self.stopping = True
-        raise StopNow(signum)
+        raise StopNow(signum, self.phase)
 
     @contextmanager
     def installed(self) -> Iterator[Stopper]:
