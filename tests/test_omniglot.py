@@ -266,3 +266,20 @@ def test_data_check_lists_a_character_with_missing_drawers(tmp_path: Path) -> No
     assert {k for n, k in counts.items() if not n.startswith("Gamma/character02")} == {4}
     result = run_cli("data", "check", *fixture_args(root), cwd=tmp_path, check=False)
     assert result.returncode == 1 and "Gamma/character02 has 3 images" in result.stdout
+
+
+def test_plot_works_for_an_omniglot_run_and_titles_say_what_ran(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    root = make(tmp_path / "d", "zip")
+    small = ("model=conv4", "model.filters=4", "train.iterations=4", "train.val_every=2")
+    sizes = ("train.meta_batch_size=2", "val.num_tasks=4", "test.num_tasks=4", "seed=3")
+    cache = f"data.cache_dir={tmp_path / 'c'}"
+    run_cli("train", *fixture_args(root), cache, *small, *sizes, "hydra.run.dir=run", cwd=tmp_path)
+    result = run_cli("plot", "run", cwd=tmp_path)
+    written = {Path(line.removeprefix("wrote ")).name for line in result.stdout.splitlines()}
+    assert written == {"learning_curves.png", "inner_steps.png"}  # no regression figure
+    for name in written:
+        title = Image.open(tmp_path / "run" / name).text["Title"]
+        assert title == "maml on omniglot (conv4), seed 3"

@@ -104,11 +104,15 @@ def test_compare_formats_print_the_same_numbers(sweep: Path) -> None:
 def test_compare_group_by_filter_sort_and_metric(sweep: Path) -> None:
     cwd = sweep.parent
     everything = compare_json(str(sweep), "--group-by", "task", cwd=cwd)["rows"]
-    assert len(everything) == 1 and everything[0]["seeds"] == 4
-    summaries = [read_summary(sweep / str(i)) for i in range(4)]
-    assert everything[0]["metric"] == pytest.approx(
-        statistics.fmean(s["test"]["mean"] for s in summaries)
-    )
+    # maml and fomaml pooled by task: seeds 0 and 1 twice each count as 2 distinct seeds;
+    # the latest run of each is used and the others are reported, not pooled
+    [row] = everything
+    assert row["seeds"] == 2 and len(row["duplicate_seed_runs"]) == 2
+    used = [read_summary(Path(r)) for r in row["runs"]]
+    assert sorted(s["seed"] for s in used) == [0, 1]
+    assert row["metric"] == pytest.approx(statistics.fmean(s["test"]["mean"] for s in used))
+    table = run_cli("compare", str(sweep), "--group-by", "task", cwd=cwd).stdout
+    assert "seeds run more than once (task=sinusoid)" in table
     only = compare_json(str(sweep), "--filter", "algo=fomaml", cwd=cwd)["rows"]
     assert [r["algo"] for r in only] == ["fomaml"]
     seed0 = compare_json(str(sweep), "--filter", "algo=maml", "--filter", "seed=0", cwd=cwd)
@@ -152,7 +156,10 @@ def test_one_seed_uses_the_runs_own_interval_and_broken_runs_are_listed(
     statuses = {Path(u["folder"]).name: u["status"] for u in report["unfinished"]}
     assert statuses == {"crashed": "crashed", "torn": "unreadable", "failed": "failed"}
     table = run_cli("compare", str(tree), cwd=tmp_path).stdout
-    assert "3 run(s) not finished" in table and "failed: " in table and "(boom)" in table
+    assert "3 run(s) not finished (1 crashed, 1 failed, 1 unreadable); --all lists them" in table
+    assert "(boom)" not in table  # failed runs are hidden by default
+    listed = run_cli("compare", str(tree), "--all", cwd=tmp_path).stdout
+    assert "failed: " in listed and "(boom)" in listed
 
 
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path) -> None:

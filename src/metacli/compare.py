@@ -1,11 +1,15 @@
 """`metacli compare`: every run below some folders, one row per configuration.
 
 A run is a folder with a summary.json (single runs and multirun jobs alike). Finished
-runs are grouped by their configuration without the seed (or by ``--group-by`` keys)
-and aggregated over seeds: the meta-test metric's mean with a 95% confidence interval
-across seeds (Student t), or the run's own interval over test tasks when there is one
-seed. Runs that failed, were interrupted, crashed or are still running are listed
-below the table; a damaged summary never stops the command.
+training runs (``--command test`` for meta-test runs) are grouped by their configuration
+without the seed (or by ``--group-by`` keys) and aggregated over distinct seeds: the
+meta-test metric's mean, its standard deviation and a 95% confidence interval across
+seeds (Student t), or the run's own over test tasks when there is one seed. A seed run
+twice counts once (the latest run; the others are reported, not pooled); runs of
+different lengths are never pooled; paths (``data.root``, ...) never split rows. Each
+metric gets its own table, ranked in its own direction (lower MSE, higher accuracy).
+Runs that failed, were interrupted, crashed or are still running are counted below the
+table (``--all`` lists them); a damaged summary never stops the command.
 """
 
 from __future__ import annotations
@@ -73,6 +77,17 @@ class Run:
     def metric_name(self) -> str:
         return str((self.summary.get("test") or {}).get("metric_name") or "metric")
 
+    def higher_is_better(self) -> bool:
+        """The task's direction, recorded with the meta-test (older runs: by its name)."""
+        recorded = (self.summary.get("test") or {}).get("higher_is_better")
+        if isinstance(recorded, bool):
+            return recorded
+        return not any(w in self.metric_name().lower() for w in LOWER_IS_BETTER)
+
+    @property
+    def finished_at(self) -> str:
+        return str(self.summary.get("finished_at") or "")
+
 
 def process_alive(summary: dict[str, Any]) -> bool | None:
     """Whether a 'running' run's process still exists (None: it ran on another host)."""
@@ -85,6 +100,12 @@ def process_alive(summary: dict[str, Any]) -> bool | None:
     except PermissionError:
         return True
     return True
+
+
+def is_path(key: str) -> bool:
+    """Where files are, not what ran: never a reason to split rows."""
+    last = key.rsplit(".", 1)[-1]
+    return last in ("root", "resume", "ckpt_path") or last.endswith(("_dir", "_path"))
 
 
 def load_run(path: Path) -> Run:
@@ -100,14 +121,19 @@ def load_run(path: Path) -> Run:
         status = "crashed"  # killed without a chance to record it
     config = summary.get("config")
     if isinstance(config, dict):
-        params = {k: v for k, v in flatten(config).items() if k.split(".")[0] not in IGNORED}
+        params = {
+            k: v
+            for k, v in flatten(config).items()
+            if k.split(".")[0] not in IGNORED and not is_path(k)
+        }
     else:  # an older summary: the chosen groups and the overrides are all there is
         params = {f"{g}.name": v for g, v in (summary.get("groups") or {}).items() if v}
         for override in summary.get("overrides") or []:
             key, _, value = str(override).partition("=")
-            if key.lstrip("+~") not in IGNORED and "/" not in key:
+            if key.lstrip("+~") not in IGNORED and "/" not in key and not is_path(key):
                 params[key.lstrip("+~")] = value
     params["command"] = summary.get("command", "train")
+    params["iterations"] = summary.get("iterations")  # done: runs of other lengths never pool
     return Run(folder, status, summary, params)
 
 
@@ -153,6 +179,8 @@ def group(runs: list[Run], keys: list[str] | None) -> dict[tuple[Any, ...], list
             identity = tuple(sorted((k, text(v)) for k, v in run.params.items()))
         else:
             identity = tuple((k, text(run.params.get(NAMES.get(k, k)))) for k in keys)
+            identity += (("iterations", text(run.params.get("iterations"))),)
+        identity += (("metric", run.metric_name()),)
         groups.setdefault(identity, []).append(run)
     return groups
 
@@ -168,16 +196,30 @@ def varying(groups: list[list[Run]]) -> list[str]:
     ]
 
 
+def distinct_seeds(members: list[Run]) -> tuple[list[Run], list[Run]]:
+    """One run per seed (the latest finished); the others, reported and not pooled."""
+    latest: dict[Any, Run] = {}
+    for run in sorted(members, key=lambda r: (r.finished_at, str(r.folder))):
+        latest[text(run.seed)] = run
+    kept = list(latest.values())
+    return kept, [r for r in members if r not in kept]
+
+
 def aggregate(runs: list[Run], keys: list[str] | None, metric: str) -> list[dict[str, Any]]:
     groups = list(group(runs, keys).values())
     columns = keys if keys is not None else ["algo", "task", "model", *varying(groups)]
+    columns = [c for c in columns if c != "iterations"]
     rows = []
-    for members in groups:
+    for everyone in groups:
+        members, duplicates = distinct_seeds(everyone)
         first = members[0]
         values = [v for v in (r.value(metric) for r in members) if v is not None]
         mean, ci = mean_ci(values) if values else (None, None)
-        if ci is None and len(members) == 1 and metric == "test":
-            ci = (first.summary.get("test") or {}).get("ci95")  # over test tasks
+        std = statistics.stdev(values) if len(values) > 1 else None
+        if len(members) == 1 and metric == "test":  # over test tasks
+            own = first.summary.get("test") or {}
+            ci = own.get("ci95") if ci is None else ci
+            std = own.get("std")
         row: dict[str, Any] = {c: first.params.get(NAMES.get(c, c)) for c in columns}
         best_val = [v for v in (r.value("val") for r in members) if v is not None]
         walls = [float(r.summary["wall_time_s"]) for r in members if r.summary.get("wall_time_s")]
@@ -187,14 +229,17 @@ def aggregate(runs: list[Run], keys: list[str] | None, metric: str) -> list[dict
             {
                 "seeds": len(members),
                 "metric_name": first.metric_name(),
+                "higher_is_better": first.higher_is_better(),
                 "metric_source": metric,
                 "metric": mean,
                 "ci95": ci,
+                "std": std,
                 "best_val": statistics.fmean(best_val) if best_val else None,
                 "iterations": max(iterations) if iterations else None,
                 "wall_time_s": statistics.fmean(walls) if walls else None,
                 "it_per_s": statistics.fmean(speeds) if speeds else None,
                 "runs": [str(r.folder) for r in members],
+                "duplicate_seed_runs": [str(r.folder) for r in duplicates],
             }
         )
         rows.append(row)
@@ -202,20 +247,26 @@ def aggregate(runs: list[Run], keys: list[str] | None, metric: str) -> list[dict
 
 
 def sort_rows(rows: list[dict[str, Any]], key: str | None, reverse: bool) -> list[dict[str, Any]]:
-    if key is None:  # best first
-        name = str(rows[0]["metric_name"]).lower() if rows else ""
-        key, reverse = "metric", not any(w in name for w in LOWER_IS_BETTER) ^ reverse
-    if rows and key not in rows[0]:
-        names = ", ".join(k for k in rows[0] if k != "runs")
+    """Rows of each metric together (in order of first appearance), each metric's rows
+    best first by default: a metric's direction never ranks another's rows."""
+    if rows and key is not None and key not in rows[0]:
+        names = ", ".join(k for k in rows[0] if k not in ("runs", "duplicate_seed_runs"))
         raise MetacliError(f"--sort {key}: no such column; choose one of {names}.")
+    out: list[dict[str, Any]] = []
+    for name in dict.fromkeys(r["metric_name"] for r in rows):
+        same = [r for r in rows if r["metric_name"] == name]
+        column, descending = key or "metric", reverse
+        if key is None:  # best first
+            descending = same[0]["higher_is_better"] ^ reverse
 
-    def order(row: dict[str, Any]) -> Any:
-        value = row[key]
-        return value if isinstance(value, (int, float)) else str(value)
+        def order(row: dict[str, Any], column: str = column) -> Any:
+            value = row[column]
+            return value if isinstance(value, (int, float)) else str(value)
 
-    present = [r for r in rows if r.get(key) is not None]
-    missing = [r for r in rows if r.get(key) is None]  # always last
-    return sorted(present, key=order, reverse=reverse) + missing
+        present = [r for r in same if r.get(column) is not None]
+        missing = [r for r in same if r.get(column) is None]  # always last
+        out += sorted(present, key=order, reverse=descending) + missing
+    return out
 
 
 def cell(row: dict[str, Any], column: str) -> str:
@@ -225,14 +276,14 @@ def cell(row: dict[str, Any], column: str) -> str:
             return "-"
         ci = row.get("ci95")
         return f"{value:.4f}" + ("" if ci is None else f" ± {ci:.4f}")
-    digits = {"best_val": 4, "wall_time_s": 1, "it_per_s": 1}
+    digits = {"best_val": 4, "std": 4, "wall_time_s": 1, "it_per_s": 1}
     if column in digits and isinstance(value, float):
         return f"{value:.{digits[column]}f}"
     return text(value)
 
 
-RESULTS = ["seeds", "metric", "best_val", "iterations", "wall_time_s", "it_per_s"]
-HIDDEN = ["metric_name", "metric_source", "ci95", "runs"]
+RESULTS = ["seeds", "metric", "std", "best_val", "iterations", "wall_time_s", "it_per_s"]
+HIDDEN = ["metric_name", "higher_is_better", "metric_source", "ci95", "runs", "duplicate_seed_runs"]
 
 
 def config_columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -250,11 +301,16 @@ def display_columns(rows: list[dict[str, Any]]) -> list[str]:
 def header(column: str, rows: list[dict[str, Any]]) -> str:
     if column == "metric":
         source = "meta-test" if rows[0]["metric_source"] == "test" else "best val"
-        return f"{source} {rows[0]['metric_name']} (mean ± 95% CI)"
+        better = "higher" if rows[0]["higher_is_better"] else "lower"
+        return f"{source} {rows[0]['metric_name']} (mean ± 95% CI, {better} is better)"
+    if column == "std":
+        return "std across seeds" if rows[0]["seeds"] > 1 else "std"
     return {"wall_time_s": "wall s", "it_per_s": "it/s", "best_val": "best val"}.get(column, column)
 
 
-def render(rows: list[dict[str, Any]], unfinished: list[Run], fmt: str) -> str:
+def render(
+    rows: list[dict[str, Any]], unfinished: list[Run], fmt: str, show_all: bool = False
+) -> str:
     """The comparison as table (rich), markdown, csv or json text."""
     if fmt == "json":
         return json.dumps(
@@ -270,28 +326,45 @@ def render(rows: list[dict[str, Any]], unfinished: list[Run], fmt: str) -> str:
     if fmt == "csv":
         buffer = io.StringIO()
         if rows:
-            columns = [k for k in rows[0] if k != "runs"]
+            columns = [k for k in rows[0] if k not in ("runs", "duplicate_seed_runs")]
             writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
         return buffer.getvalue()
     lines: list[str] = []
-    if rows:
-        columns = display_columns(rows)
+    for name in dict.fromkeys(r["metric_name"] for r in rows):  # one table per metric
+        same = [r for r in rows if r["metric_name"] == name]
+        columns = display_columns(same)
+        if lines:
+            lines.append("")
         if fmt == "markdown":
-            lines.append("| " + " | ".join(header(c, rows) for c in columns) + " |")
+            lines.append("| " + " | ".join(header(c, same) for c in columns) + " |")
             lines.append("|" + "---|" * len(columns))
-            lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
+            lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in same]
         else:
-            lines.append(rich_table(rows, columns))
-    else:
+            lines.append(rich_table(same, columns))
+    if not rows:
         lines.append("No finished runs.")
+    for row in rows:
+        if row["duplicate_seed_runs"]:
+            which = ", ".join(f"{k}={row[k]}" for k in config_columns([row]))
+            lines.append(
+                f"seeds run more than once ({which}): the latest run of each seed is used; "
+                f"not pooled: " + ", ".join(row["duplicate_seed_runs"])
+            )
     if unfinished:
         lines.append("")
-        lines.append(f"{len(unfinished)} run(s) not finished:")
+        counts: dict[str, int] = {}
         for run in unfinished:
-            error = str(run.summary.get("error") or "").splitlines()[:1]
-            lines.append(f"- {run.status}: {run.folder}" + (f" ({error[0]})" if error else ""))
+            counts[run.status] = counts.get(run.status, 0) + 1
+        kinds = ", ".join(f"{n} {status}" for status, n in counts.items())
+        if not show_all:
+            lines.append(f"{len(unfinished)} run(s) not finished ({kinds}); --all lists them.")
+        else:
+            lines.append(f"{len(unfinished)} run(s) not finished ({kinds}):")
+            for run in unfinished:
+                error = str(run.summary.get("error") or "").splitlines()[:1]
+                lines.append(f"- {run.status}: {run.folder}" + (f" ({error[0]})" if error else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -301,7 +374,7 @@ def rich_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
     table = Table()
     for column in columns:
-        numeric = column in ("seeds", "metric", "best_val", "iterations", "wall_time_s", "it_per_s")
+        numeric = column in RESULTS
         table.add_column(header(column, rows), justify="right" if numeric else "left")
     for row in rows:
         table.add_row(*(cell(row, c) for c in columns))
@@ -332,6 +405,13 @@ def parser() -> argparse.ArgumentParser:
         default="test",
         help="test: final meta-test metric; val: best validation metric",
     )
+    p.add_argument(
+        "--command",
+        choices=("train", "test"),
+        default="train",
+        help="which runs: meta-training runs (default) or `metacli test` runs",
+    )
+    p.add_argument("--all", action="store_true", help="list runs that did not finish")
     p.add_argument("--format", choices=FORMATS, default="table")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="validation curves to a PNG")
     return p
@@ -345,11 +425,12 @@ def main(argv: list[str]) -> int:
         if not sep:
             raise MetacliError(f"--filter {condition!r}: write it as KEY=VALUE, e.g. algo=maml.")
         runs = [r for r in runs if matches(r, key, wanted)]
+    runs = [r for r in runs if r.params.get("command", "train") == args.command]
     finished = [r for r in runs if r.status == "finished"]
     unfinished = [r for r in runs if r.status != "finished"]
     keys = [k.strip() for k in args.group_by.split(",") if k.strip()] if args.group_by else None
     rows = sort_rows(aggregate(finished, keys, args.metric), args.sort, args.reverse)
-    sys.stdout.write(render(rows, unfinished, args.format))
+    sys.stdout.write(render(rows, unfinished, args.format, args.all))
     if args.plot is not None:
         from metacli.plots import validation_curves
 

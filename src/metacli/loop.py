@@ -68,6 +68,7 @@ class EvalSummary:
     metric_ci95: list[float]  # 1.96 * std / sqrt(n)
     loss_mean: list[float]
     per_task: list[float] = field(repr=False, default_factory=list)  # final metric of each task
+    higher_is_better: bool = True  # the task's direction (accuracy: higher; MSE: lower)
 
     @classmethod
     def from_tensors(cls, metric_name: str, loss: Tensor, metric: Tensor) -> EvalSummary:
@@ -104,6 +105,7 @@ class EvalSummary:
     def as_dict(self) -> dict[str, Any]:
         return {
             "metric_name": self.metric_name,
+            "higher_is_better": self.higher_is_better,
             "num_tasks": self.num_tasks,
             "inner_steps": len(self.metric_mean) - 1,
             "mean": self.metric_mean[-1],
@@ -135,7 +137,9 @@ def evaluate(c: Components, split: str, num_tasks: int, batch_size: int) -> Eval
         losses.append(result.loss.detach().double().cpu())
         metrics.append(result.metric.detach().double().cpu())
     c.algorithm.train(was_training)
-    return EvalSummary.from_tensors(c.task.metric_name, torch.cat(losses), torch.cat(metrics))
+    summary = EvalSummary.from_tensors(c.task.metric_name, torch.cat(losses), torch.cat(metrics))
+    summary.higher_is_better = c.task.higher_is_better
+    return summary
 
 
 def is_better(c: Components, value: float, best: float | None) -> bool:

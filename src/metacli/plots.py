@@ -55,47 +55,64 @@ def series(records: list[dict[str, Any]], split: str, key: str) -> tuple[list[in
 
 
 def validation_curves(rows: list[dict[str, Any]], label_keys: list[str], path: Path) -> None:
-    """Validation metric against iteration: one line per configuration (``metacli
-    compare``'s rows, labelled by ``label_keys``), the mean over its seeds with a band of
-    one standard deviation (a 95% interval from 2-3 seeds would dwarf every difference)."""
+    """Validation metric against iteration, one panel per metric (MSE and accuracy never
+    share an axis): one line per configuration (``metacli compare``'s rows, labelled by
+    ``label_keys``), the mean over its seeds with a band of one standard deviation (a
+    95% interval from 2-3 seeds would dwarf every difference)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    metric_name = "validation metric"
-    for row in rows:
-        curves: dict[int, list[float]] = {}
-        for folder in row["runs"]:
-            records = read_records(Path(folder))
-            metric_name = next(
-                (f"validation {r['metric_name']}" for r in records if r.get("split") == "val"),
-                metric_name,
-            )
-            for it, value in zip(*series(records, "val", "metric"), strict=True):
-                curves.setdefault(it, []).append(value)
-        if not curves:
-            continue
-        its = sorted(curves)
-        means = [statistics.fmean(curves[i]) for i in its]
-        parts = [f"{k}={row[k]}" for k in label_keys if row[k] is not None]
-        label = ", ".join(parts) + f" ({row['seeds']} seeds)"
-        (line,) = ax.plot(its, means, label=label)
-        half = [statistics.stdev(curves[i]) if len(curves[i]) > 1 else 0.0 for i in its]
-        ax.fill_between(
-            its,
-            [m - h for m, h in zip(means, half, strict=True)],
-            [m + h for m, h in zip(means, half, strict=True)],
-            color=line.get_color(),
-            alpha=0.2,
+    metrics = list(dict.fromkeys(str(r["metric_name"]) for r in rows)) or ["metric"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(7.5 * len(metrics), 4.5), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for row in (r for r in rows if str(r["metric_name"]) == metric):
+            curve(ax, row, label_keys)
+        better = (
+            "higher"
+            if next((r["higher_is_better"] for r in rows if str(r["metric_name"]) == metric), True)
+            else "lower"
         )
-    ax.set_xlabel("iteration")
-    ax.set_ylabel(metric_name)
-    ax.set_title("mean over seeds, band: ± 1 standard deviation", fontsize=9)
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=7)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(f"validation {metric} ({better} is better)")
+        ax.set_title("mean over seeds, band: ± 1 standard deviation", fontsize=9)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7, loc="best")  # inside the axes, never cut off
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Title": ", ".join(f"validation {m}" for m in metrics)})
     plt.close(fig)
+
+
+def curve(ax: Any, row: dict[str, Any], label_keys: list[str]) -> None:
+    curves: dict[int, list[float]] = {}
+    for folder in row["runs"]:
+        for it, value in zip(*series(read_records(Path(folder)), "val", "metric"), strict=True):
+            curves.setdefault(it, []).append(value)
+    if not curves:
+        return
+    its = sorted(curves)
+    means = [statistics.fmean(curves[i]) for i in its]
+    parts = [f"{k}={row[k]}" for k in label_keys if row.get(k) is not None]
+    label = ", ".join(parts) + f" ({row['seeds']} seeds)"
+    (line,) = ax.plot(its, means, label=label)
+    half = [statistics.stdev(curves[i]) if len(curves[i]) > 1 else 0.0 for i in its]
+    ax.fill_between(
+        its,
+        [m - h for m, h in zip(means, half, strict=True)],
+        [m + h for m, h in zip(means, half, strict=True)],
+        color=line.get_color(),
+        alpha=0.2,
+    )
+
+
+def run_title(summary: dict[str, Any]) -> str:
+    """What a run is, for every figure of it: algorithm, task, model, seed."""
+    groups = summary.get("groups") or {}
+    config = summary.get("config") or {}
+
+    def name(group: str) -> str:
+        return str(groups.get(group) or (config.get(group) or {}).get("name") or "?")
+
+    return f"{name('algo')} on {name('task')} ({name('model')}), seed {summary.get('seed', '?')}"
 
 
 def plot_run(folder: Path) -> list[Path]:
@@ -107,6 +124,7 @@ def plot_run(folder: Path) -> list[Path]:
             f"under outputs/train/ or a multirun job folder."
         )
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    title = run_title(summary)
     records = read_records(folder)
     plt = pyplot()
     written = []
@@ -121,7 +139,7 @@ def plot_run(folder: Path) -> list[Path]:
         axes[1].set(xlabel="iteration", ylabel=f"validation {name}", title="validation")
         for ax in axes:
             ax.grid(alpha=0.3)
-        written.append(save(plt, fig, folder / "learning_curves.png"))
+        written.append(save(plt, fig, folder / "learning_curves.png", title))
     test = next((r for r in reversed(records) if r.get("split") == "test"), None)
     if test is not None and test.get("metric_per_step"):
         per_step = test["metric_per_step"]
@@ -141,7 +159,7 @@ def plot_run(folder: Path) -> list[Path]:
         )
         ax.set_xticks(range(len(per_step)))
         ax.grid(alpha=0.3)
-        written.append(save(plt, fig, folder / "inner_steps.png"))
+        written.append(save(plt, fig, folder / "inner_steps.png", title))
     figure = adaptation_figure(folder, summary, plt)
     if figure is not None:
         written.append(figure)
@@ -152,9 +170,11 @@ def plot_run(folder: Path) -> list[Path]:
     return written
 
 
-def save(plt: Any, fig: Any, path: Path) -> Path:
+def save(plt: Any, fig: Any, path: Path, title: str) -> Path:
+    """The figure with the run's title on top (and in the PNG's Title field)."""
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Title": title})
     plt.close(fig)
     return path
 
@@ -223,5 +243,4 @@ def adaptation_figure(
         )
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"{summary.get('groups', {}).get('algo', '')}: {tasks} meta-test tasks")
-    return save(plt, fig, folder / "adaptation.png")
+    return save(plt, fig, folder / "adaptation.png", f"{run_title(summary)}: {tasks} test tasks")

@@ -1,0 +1,128 @@
+"""`metacli compare` on summaries written by hand: seeds, lengths, commands, directions,
+paths and the figure, each checked against the numbers in the files."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from metacli import compare
+
+
+def write(
+    root: Path,
+    name: str,
+    *,
+    seed: int,
+    metric: float,
+    task: str = "sinusoid",
+    iterations: int = 100,
+    command: str = "train",
+    data_root: str = "/data/a",
+    finished_at: str = "2026-11-28T10:00:00",
+) -> Path:
+    accuracy = task != "sinusoid"
+    summary: dict[str, Any] = {
+        "status": "finished",
+        "command": command,
+        "seed": seed,
+        "finished_at": finished_at,
+        "iterations": iterations,
+        "groups": {"algo": "maml", "task": task, "model": "mlp"},
+        "config": {
+            "seed": seed,
+            "algo": {"name": "maml", "inner_lr": 0.1},
+            "task": {"name": task},
+            "model": {"name": "mlp"},
+            "train": {"iterations": iterations},
+            "data": {"root": data_root, "cache_dir": f"{data_root}/cache"},
+        },
+        "test": {
+            "metric_name": "accuracy" if accuracy else "mse",
+            "higher_is_better": accuracy,
+            "mean": metric,
+            "std": 0.5,
+            "ci95": 0.1,
+        },
+        "best_val": {"metric": metric},
+    }
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def rows_of(*argv: str, capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
+    assert compare.main([*argv, "--format", "json"]) == 0
+    return list(json.loads(capsys.readouterr().out)["rows"])
+
+
+def test_a_seed_run_twice_counts_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for i, (seed, value, when) in enumerate([(0, 1.0, "09"), (0, 2.0, "11"), (0, 3.0, "10")]):
+        write(tmp_path, f"r{i}", seed=seed, metric=value, finished_at=f"2026-11-28T{when}:00:00")
+    write(tmp_path, "r3", seed=1, metric=4.0)
+    [row] = rows_of(str(tmp_path), capsys=capsys)
+    assert row["seeds"] == 2  # seeds 0 and 1, not four runs
+    assert row["metric"] == pytest.approx((2.0 + 4.0) / 2)  # the latest run of seed 0
+    assert row["std"] == pytest.approx(statistics.stdev([2.0, 4.0]))
+    assert sorted(Path(r).name for r in row["duplicate_seed_runs"]) == ["r0", "r2"]
+    compare.main([str(tmp_path)])
+    assert "seeds run more than once" in capsys.readouterr().out
+
+
+def test_lengths_commands_and_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write(tmp_path, "short", seed=0, metric=1.0, iterations=20)
+    write(tmp_path, "long", seed=1, metric=2.0, iterations=5000)
+    write(tmp_path, "moved", seed=2, metric=3.0, iterations=5000, data_root="/elsewhere")
+    write(tmp_path, "tested", seed=0, metric=9.0, command="test")
+    rows = rows_of(str(tmp_path), capsys=capsys)
+    by_length = {r["iterations"]: r for r in rows}
+    assert set(by_length) == {20, 5000}  # never pooled as seeds of one row
+    assert by_length[5000]["seeds"] == 2  # a different data.root does not split a row
+    assert all("data.root" not in r and "data.cache_dir" not in r for r in rows)
+    assert all(r["metric"] != 9.0 for r in rows)  # `metacli test` runs: not by default
+    [tested] = rows_of(str(tmp_path), "--command", "test", capsys=capsys)
+    assert tested["metric"] == 9.0
+    grouped = rows_of(str(tmp_path), "--group-by", "algo", capsys=capsys)
+    assert len(grouped) == 2  # --group-by keeps lengths apart too
+
+
+def test_each_metric_ranks_in_its_own_direction(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for i, value in enumerate([0.3, 0.1, 0.2]):
+        write(tmp_path, f"mse{i}", seed=0, metric=value, iterations=100 + i)
+    for i, value in enumerate([0.6, 0.9, 0.7]):
+        write(tmp_path, f"acc{i}", seed=0, metric=value, task="omniglot", iterations=100 + i)
+    rows = rows_of(str(tmp_path), capsys=capsys)
+    mse = [r["metric"] for r in rows if r["metric_name"] == "mse"]
+    accuracy = [r["metric"] for r in rows if r["metric_name"] == "accuracy"]
+    assert mse == [0.1, 0.2, 0.3] and accuracy == [0.9, 0.7, 0.6]  # best first, each
+    names = [r["metric_name"] for r in rows]
+    assert names == sorted(names, key=names.index)  # a metric's rows stay together
+    compare.main([str(tmp_path), "--format", "markdown"])
+    out = capsys.readouterr().out
+    assert "mse (mean ± 95% CI, lower is better)" in out
+    assert "accuracy (mean ± 95% CI, higher is better)" in out
+    assert sum(line.startswith("|---|") for line in out.splitlines()) == 2  # one per metric
+
+
+def test_the_figure_has_one_panel_per_metric(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    for task in ("sinusoid", "omniglot"):
+        folder = write(tmp_path, task, seed=0, metric=0.5, task=task)
+        lines = [{"iteration": i, "split": "val", "metric": 0.5 + i / 100} for i in (10, 20)]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    figure = tmp_path / "val.png"
+    assert compare.main([str(tmp_path), "--plot", str(figure)]) == 0
+    image = Image.open(figure)
+    assert set(image.text["Title"].split(", ")) == {"validation mse", "validation accuracy"}
+    assert image.size[0] > 1.8 * image.size[1]  # two panels side by side
