@@ -159,25 +159,8 @@ def test_multirun_jobs_get_their_own_numbered_folders(tmp_path: Path) -> None:
     assert all(read_summary(sweep / j)["status"] == "finished" for j in jobs)
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("algo=nosuch", "algo=nosuch is not an option"),
-        ("train.nosuch=1", "train.nosuch"),
-        ("+train.nosuch=1", "train.nosuch"),
-        ("task.shots=0", "task.shots"),
-        ("optim.lr=-1", "optim.lr"),
-        ("algo.inner_lr=fast", "algo.inner_lr"),
-    ],
-)
-def test_bad_overrides_fail_cleanly(tmp_path: Path, override: str, message: str) -> None:
-    result = run_cli("train", *TINY, override, cwd=tmp_path, check=False)
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert message in output
-    assert "Traceback" not in output
-
-
+# Bad overrides: tests/test_errors.py (the catalogue, in-process); this one as a user runs it,
+# a failure inside the job (after Hydra made the folder, which is then removed).
 def test_device_cuda_without_cuda_is_a_clear_error(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

@@ -515,7 +515,7 @@ def places(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (base / "truncated.pt").write_bytes(checkpoint.read_bytes()[:100])
     torch.save({"state_dict": {}}, base / "foreign.pt")
     with open(base / "evil.pt", "wb") as handle:
-        pickle.dump({"format": "metacli", "payload": Case("x", (), "")}, handle)
+        pickle.dump({"format": "metacli", "payload": Case("x", (), "")}, handle, protocol=2)
     (base / "empty").mkdir()
     (base / "file.txt").write_text("not a folder\n")
     (base / "cwd").mkdir()

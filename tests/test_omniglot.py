@@ -268,6 +268,7 @@ def test_data_check_lists_a_character_with_missing_drawers(tmp_path: Path) -> No
     assert result.returncode == 1 and "Gamma/character02 has 3 images" in result.stdout
 
 
+@pytest.mark.slow
 def test_plot_works_for_an_omniglot_run_and_titles_say_what_ran(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from PIL import Image

@@ -71,7 +71,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or foreign files
-        if "Weights only load failed" in str(err):  # torch's advice to unpickle it: never
+        if "Unsupported global" in str(err):  # torch's advice to unpickle it: never
             raise MetacliError(
                 f"{path} holds Python objects besides tensors, which metacli never loads: a "
                 f"checkpoint is read with weights_only=True so that no file can run code. "
