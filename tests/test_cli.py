@@ -141,6 +141,7 @@ def test_metacli_test_meta_tests_a_checkpoint_with_the_runs_config(
     assert test["num_tasks"] == 5 and test["inner_steps"] == 1
 
 
+@pytest.mark.slow  # the same as tests/test_sweeps.py's sweep, in the default folder
 def test_multirun_jobs_get_their_own_numbered_folders(tmp_path: Path) -> None:
     run_cli(
         "train",

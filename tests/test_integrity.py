@@ -23,6 +23,7 @@ from metacli.checkpoint import LoopState, load_checkpoint
 from metacli.errors import MetacliError
 from metacli.lock import FolderLock
 from metacli.loop import NonFinite, Progress, meta_train, nonfinite
+from metacli.signals import StopNow, Stopper
 from metacli.tasks.images import cached
 from tests.conftest import TINY, compose_config, read_summary, run_cli
 
@@ -58,6 +59,7 @@ def wait_for(process: subprocess.Popen[str], text: str, timeout: float = 120) ->
 
 
 # --- signals ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_first_ctrl_c_is_acknowledged_and_a_second_stops_at_once(tmp_path: Path) -> None:
     process = start(
         *TINY, *SLOW_ITERATIONS, "train.ckpt_every=1", "hydra.run.dir=run", cwd=tmp_path
@@ -78,6 +80,27 @@ def test_first_ctrl_c_is_acknowledged_and_a_second_stops_at_once(tmp_path: Path)
     assert summary["status"] == "interrupted" and "during meta-training" in summary["error"]
     held = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["iteration"]
     assert f"checkpoints/last.pt holds iteration {held}" in summary["error"]
+
+
+def test_a_second_signal_stops_at_once_and_the_folder_records_it(tmp_path: Path) -> None:
+    """The policy in-process (the slow test above sends real signals to a real run)."""
+    stopper = Stopper()
+    with stopper.installed():
+        with stopper.during("meta-training", graceful=True):
+            stopper.handler(signal.SIGTERM, None)  # a request, honoured after the iteration
+            assert stopper.requested == signal.SIGTERM
+            with pytest.raises(StopNow) as now:
+                stopper.handler(signal.SIGINT, None)
+        assert now.value.signum == signal.SIGINT and now.value.phase == "meta-training"
+        stopper.handler(signal.SIGINT, None)  # while the stop is recorded: ignored
+    folder = folder_with_files(tmp_path)
+    with pytest.raises(SystemExit) as exit, folder.guard():
+        raise StopNow(signal.SIGTERM, "the meta-test")
+    assert exit.value.code == 143
+    summary = read_summary(folder.root)
+    assert summary["status"] == "interrupted"
+    assert summary["error"].startswith("Stopped by SIGTERM during the meta-test; checkpoints/")
+    assert "holds iteration 1" in summary["error"]
 
 
 @pytest.mark.slow

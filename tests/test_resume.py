@@ -89,6 +89,9 @@ def test_interrupt_writes_last_checkpoint_and_resume_finishes(tmp_path: Path) ->
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 130, output
     assert "resume=" in output and "Traceback" not in output
+    assert "SIGINT received: stopping after this iteration" in output  # acknowledged at once
+    lines = output.splitlines()
+    assert f"Run folder: {tmp_path / 'run'}" in lines[0] and "Overrides: debug=tiny" in lines[1]
     summary = read_summary(tmp_path / "run")
     assert summary["status"] == "interrupted"
     stopped_at = load_checkpoint(last)["iteration"]

@@ -194,6 +194,7 @@ def test_skip_finished_skips_resumes_and_never_overwrites(tmp_path: Path) -> Non
     assert read_summary(archived)["iterations"] == 20
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not extras.installed("joblib"), reason="hydra-joblib-launcher not installed")
 def test_joblib_launcher_runs_two_jobs_in_parallel_without_oversubscribing(
     tmp_path: Path,
