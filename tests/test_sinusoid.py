@@ -79,23 +79,39 @@ def test_frequency_and_noise_variants() -> None:
     assert abs((noisy.support_y - clean.support_y).std().item() - 0.3) < 0.05
 
 
-def test_non_mutually_exclusive_sinusoid() -> None:
+def test_non_mutually_exclusive_sinusoid_follows_the_authors_notebook() -> None:
     from metacli.tasks.sinusoid_nonexclusive import (
         NonExclusiveSinusoid,
         NonExclusiveSinusoidConfig,
     )
 
     task = NonExclusiveSinusoid(NonExclusiveSinusoidConfig(noise=0.0))
-    batch = task.sample(300, "train", torch.Generator().manual_seed(0))
-    assert task.input_shape == (21,) and batch.support_x.shape == (300, 10, 21)
+    batch = task.sample(400, "train", torch.Generator().manual_seed(0))
+    assert task.input_shape == (21,) and batch.support_x.shape == (400, 10, 21)
+    assert batch.query_x.shape == (400, 10, 21)
     one_hot = batch.support_x[..., 1:]
-    assert torch.equal(one_hot.sum(-1), torch.ones(300, 10))
+    assert torch.equal(one_hot.sum(-1), torch.ones(400, 10))
     assert torch.equal(one_hot, batch.query_x[..., 1:])  # one task, one index
     index = one_hot[:, 0].argmax(-1)
-    amplitude, residual = fit_amplitude_phase(batch.support_x[..., 0], batch.support_y.squeeze(-1))
-    assert residual.max() < 1e-4
-    expected = torch.linspace(0.1, 4.0, 20).double()[index]
-    assert torch.allclose(amplitude, expected, atol=1e-4)
-    assert len(set(index.tolist())) == 20
+    assert set(index.tolist()) == set(range(16))  # training: the first 16 of 20 amplitudes
+    x = batch.support_x[..., 0]
+    expected = torch.linspace(0.1, 4.0, 20)[index].view(-1, 1) * torch.sin(x)  # phase 0
+    assert torch.allclose(batch.support_y.squeeze(-1), expected, atol=1e-6)
+    assert x.min() >= -5 and x.max() <= 5
+    # test tasks: a continuous amplitude the one-hot says nothing about; K=5; a 200-point grid
+    test = task.sample(2000, "test", torch.Generator().manual_seed(1))
+    assert test.support_x.shape == (2000, 5, 21) and test.query_x.shape == (2000, 200, 21)
+    assert torch.equal(test.query_x[0, :, 0], torch.linspace(-4.5, 4.5, 200))
+    amplitude, residual = fit_amplitude_phase(test.query_x[..., 0], test.query_y.squeeze(-1))
+    assert residual.max() < 1e-4 and amplitude.min() >= 0.1 and amplitude.max() <= 4.0
+    on_the_grid = torch.linspace(0.1, 4.0, 20).double()
+    assert (amplitude.unsqueeze(1) - on_the_grid).abs().min(1).values.max() > 0.05
+    test_index = test.support_x[:, 0, 1:].argmax(-1)
+    assert set(test_index.tolist()) == set(range(16))
+    assert abs(torch.corrcoef(torch.stack([test_index.double(), amplitude]))[0, 1]) < 0.1
+    # noise: 0.1 on training y and test queries; the test support set gets it twice
     noisy = NonExclusiveSinusoid(NonExclusiveSinusoidConfig())
-    assert noisy.cfg.noise == 0.1
+    clean = task.sample(3000, "test", torch.Generator().manual_seed(2))
+    dirty = noisy.sample(3000, "test", torch.Generator().manual_seed(2))
+    assert abs((dirty.query_y - clean.query_y).std().item() - 0.1) < 0.005
+    assert abs((dirty.support_y - clean.support_y).std().item() - 0.1 * 2**0.5) < 0.007

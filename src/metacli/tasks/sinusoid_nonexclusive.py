@@ -1,14 +1,25 @@
 """The non-mutually-exclusive sinusoid of Yin et al. 2020 ("Meta-learning without memorization").
 
-Amplitudes come from a fixed set of 20 (linspace(0.1, 4)); the task's one-hot amplitude
-index is appended to every input x, and y gets Gaussian noise (0.1). A learner can then
-memorise the amplitude from the input and ignore the support set: the memorisation
-problem that meta-regularisation addresses. Phases are drawn as in Finn et al.
+Faithful to the authors' notebook (google-research, meta_learning_without_memorization/
+sinusoid/MR_MAML.ipynb):
+
+- training tasks: y = A sin(x - phase) with phase 0, A one of the first 16 of 20 fixed
+  amplitudes linspace(0.1, 4.0) (the notebook draws ``randint(0, K_amp - 5)``, inclusive),
+  the amplitude's 20-d one-hot appended to x (inputs 21 wide), x ~ U[-5, 5], Gaussian
+  noise of std 0.1 on y; 10 support and 10 query points;
+- validation and test tasks: A ~ U[0.1, 4.0] with a random one-hot among the trained
+  indices, which says nothing about A (memorising the index misleads); 5 support points
+  x ~ U[-5, 5] whose y gets the noise twice, as the notebook's ``eval_sinewave_for_test``
+  adds it once more to an already noisy batch; 200 query points on the grid
+  linspace(-4.5, 4.5) with noise 0.1.
+
+The training set is fixed by the one-hot: a learner can read the amplitude from the
+input and ignore the support set, and then fails on the test tasks. That is the
+memorisation problem meta-regularisation addresses.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -24,16 +35,42 @@ class NonExclusiveSinusoidConfig(TaskConfig):
     name: str = "sinusoid_nonexclusive"
     shots: int = 10
     queries: int = 10
-    amplitudes: int = 20  # fixed amplitudes linspace(low, high, amplitudes)
+    test_shots: int | None = 5  # the notebook's n_context at meta-test
+    test_queries: int = 200  # validation and test: a grid over test_grid
+    amplitudes: int = 20  # the fixed amplitudes linspace(amplitude[0], amplitude[1], amplitudes)
+    train_amplitudes: int = 16  # training draws the first 16 of them
     amplitude: list[float] = field(default_factory=lambda: [0.1, 4.0])
-    phase: list[float] = field(default_factory=lambda: [0.0, math.pi])
+    phase: float = 0.0
     x_range: list[float] = field(default_factory=lambda: [-5.0, 5.0])
+    test_grid: list[float] = field(default_factory=lambda: [-4.5, 4.5])
     noise: float = 0.1
+    test_support_noise_draws: int = 2  # the notebook's test support y is noised twice
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.amplitudes >= 1, "task.amplitudes", self.amplitudes, "it must be >= 1")
+        require(
+            1 <= self.train_amplitudes <= self.amplitudes,
+            "task.train_amplitudes",
+            self.train_amplitudes,
+            f"it must be in [1, task.amplitudes={self.amplitudes}]",
+        )
+        require(self.test_queries >= 1, "task.test_queries", self.test_queries, "it must be >= 1")
         require(self.noise >= 0, "task.noise", self.noise, "it must be >= 0")
+        require(
+            self.test_support_noise_draws >= 0,
+            "task.test_support_noise_draws",
+            self.test_support_noise_draws,
+            "it must be >= 0",
+        )
+        for key in ("amplitude", "x_range", "test_grid"):
+            low_high = getattr(self, key)
+            require(
+                len(low_high) == 2 and low_high[0] <= low_high[1],
+                f"task.{key}",
+                low_high,
+                "give [low, high] with low <= high",
+            )
 
 
 class NonExclusiveSinusoid(TaskDistribution, key="sinusoid_nonexclusive"):
@@ -56,17 +93,33 @@ class NonExclusiveSinusoid(TaskDistribution, key="sinusoid_nonexclusive"):
 
     def sample(self, num_tasks: int, split: str, generator: torch.Generator) -> TaskBatch:
         cfg, shots = self.cfg, self.shots(split)
-        points = shots + cfg.queries
-        index = torch.randint(cfg.amplitudes, (num_tasks,), generator=generator)
-        low, high = cfg.phase
-        phase = low + (high - low) * torch.rand(num_tasks, 1, 1, generator=generator)
+        index = torch.randint(cfg.train_amplitudes, (num_tasks,), generator=generator)
         low, high = cfg.x_range
-        x = low + (high - low) * torch.rand(num_tasks, points, 1, generator=generator)
-        y = self.amplitude_values[index].view(-1, 1, 1) * torch.sin(x - phase)
-        y = y + cfg.noise * torch.randn(y.shape, generator=generator)
-        one_hot = F.one_hot(index, cfg.amplitudes).to(x.dtype)  # [B, amplitudes]
-        inputs = torch.cat([x, one_hot.unsqueeze(1).expand(-1, points, -1)], dim=-1)
-        return TaskBatch(inputs[:, :shots], y[:, :shots], inputs[:, shots:], y[:, shots:])
+        if split == "train":
+            points = shots + cfg.queries
+            amplitude = self.amplitude_values[index].view(-1, 1, 1)
+            x = low + (high - low) * torch.rand(num_tasks, points, 1, generator=generator)
+            y = amplitude * torch.sin(x - cfg.phase)
+            y = y + cfg.noise * torch.randn(y.shape, generator=generator)
+            sx, sy, qx, qy = x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:]
+        else:  # a continuous amplitude; the one-hot is a trained index, uninformative
+            a_low, a_high = cfg.amplitude
+            amplitude = a_low + (a_high - a_low) * torch.rand(num_tasks, 1, 1, generator=generator)
+            sx = low + (high - low) * torch.rand(num_tasks, shots, 1, generator=generator)
+            sy = amplitude * torch.sin(sx - cfg.phase)
+            for _ in range(cfg.test_support_noise_draws):
+                sy = sy + cfg.noise * torch.randn(sy.shape, generator=generator)
+            grid = torch.linspace(cfg.test_grid[0], cfg.test_grid[1], cfg.test_queries)
+            qx = grid.view(1, -1, 1).expand(num_tasks, -1, -1).clone()
+            qy = amplitude * torch.sin(qx - cfg.phase)
+            qy = qy + cfg.noise * torch.randn(qy.shape, generator=generator)
+        one_hot = F.one_hot(index, cfg.amplitudes).to(sx.dtype).unsqueeze(1)  # [B, 1, 20]
+        return TaskBatch(
+            torch.cat([sx, one_hot.expand(-1, sx.shape[1], -1)], dim=-1),
+            sy,
+            torch.cat([qx, one_hot.expand(-1, qx.shape[1], -1)], dim=-1),
+            qy,
+        )
 
     def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
         return F.mse_loss(prediction, target)
