@@ -253,6 +253,13 @@ CASES = [
         "task.test_shots=0",
         message="task.test_shots=0 is not allowed: it must be >= 1 or null",
     ),
+    t(
+        "unknown label scheme",
+        "task=synthetic",
+        "model=conv4",
+        "task.labels=maybe",
+        message="task.labels='maybe' is not allowed: choose shuffled or fixed",
+    ),
     # --- combinations that cannot work --------------------------------------------------
     t(
         "image model on a vector task",

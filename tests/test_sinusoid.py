@@ -115,3 +115,23 @@ def test_non_mutually_exclusive_sinusoid_follows_the_authors_notebook() -> None:
     dirty = noisy.sample(3000, "test", torch.Generator().manual_seed(2))
     assert abs((dirty.query_y - clean.query_y).std().item() - 0.1) < 0.005
     assert abs((dirty.support_y - clean.support_y).std().item() - 0.1 * 2**0.5) < 0.007
+
+
+def test_fixed_labels_give_every_class_one_label_across_tasks() -> None:
+    """task.labels=fixed: the non-mutually-exclusive classification tasks of Yin et al."""
+    from metacli.tasks.base import choose_classes
+    from metacli.tasks.synthetic import Synthetic, SyntheticConfig
+
+    chosen = choose_classes(23, 5, 4000, "fixed", torch.Generator().manual_seed(0))
+    assert torch.equal(chosen % 5, torch.arange(5).expand(4000, 5))  # label k: c mod 5 == k
+    assert set(chosen.flatten().tolist()) == set(range(23))  # and every class is used
+    shuffled = choose_classes(23, 5, 4000, "shuffled", torch.Generator().manual_seed(0))
+    assert not torch.equal(shuffled % 5, torch.arange(5).expand(4000, 5))
+    assert all(len(set(row)) == 5 for row in shuffled.tolist())
+    # through a task: one template (class) always carries the same label
+    task = Synthetic(SyntheticConfig(ways=3, shots=1, queries=1, noise=0.0, labels="fixed"))
+    batch = task.sample(300, "train", torch.Generator().manual_seed(1))
+    label_of: dict[bytes, set[int]] = {}
+    for x, y in zip(batch.support_x.flatten(0, 1), batch.support_y.flatten(), strict=True):
+        label_of.setdefault(x.numpy().tobytes(), set()).add(int(y))
+    assert len(label_of) > 3 and all(len(labels) == 1 for labels in label_of.values())

@@ -126,9 +126,19 @@ class ClassificationConfig(TaskConfig):
     shots: int = 1
     queries: int = 15
     test_ways: int | None = None  # null = ways (ProtoNets train with more ways than they test)
+    # shuffled: a task's classes get labels 0..N-1 in random order (mutually exclusive
+    # tasks); fixed: class c always has label c mod N, so one network can memorise every
+    # class (the non-mutually-exclusive tasks of Yin et al. 2020)
+    labels: str = "shuffled"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require(
+            self.labels in ("shuffled", "fixed"),
+            "task.labels",
+            self.labels,
+            "choose shuffled or fixed",
+        )
         require(self.ways >= 1, "task.ways", self.ways, "it must be >= 1")
         require(
             self.test_ways is None or self.test_ways >= 1,
@@ -159,6 +169,24 @@ class ClassificationTask(TaskDistribution):
 
     def metric(self, prediction: Tensor, target: Tensor) -> Tensor:
         return (prediction.argmax(dim=-1) == target).to(prediction.dtype).mean()
+
+
+def choose_classes(
+    n_classes: int, ways: int, num_tasks: int, labels: str, generator: torch.Generator
+) -> Tensor:
+    """The classes of each task, in label order: [B, ways] indices into the split's classes.
+
+    ``shuffled``: ``ways`` distinct classes at random, so a class's label changes from task
+    to task. ``fixed``: label k always comes from the classes c with c mod ways == k, so
+    every class keeps one label across all tasks of the split.
+    """
+    if labels == "fixed":
+        groups = torch.tensor([(n_classes - k + ways - 1) // ways for k in range(ways)])
+        pick = (torch.rand(num_tasks, ways, generator=generator) * groups).long()
+        return torch.arange(ways) + ways * pick.clamp_max(groups - 1)
+    return torch.stack(
+        [torch.randperm(n_classes, generator=generator)[:ways] for _ in range(num_tasks)]
+    )
 
 
 def episodes(images: Tensor, shots: int) -> TaskBatch:

@@ -23,7 +23,7 @@ from torch import Tensor
 from metacli.errors import MetacliError
 from metacli.files import save_tensors
 from metacli.lock import FolderLock
-from metacli.tasks.base import ClassificationTask, TaskBatch, episodes
+from metacli.tasks.base import ClassificationTask, TaskBatch, choose_classes, episodes
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -138,9 +138,7 @@ class ImageClassTask(ClassificationTask):
         classes = self.splits[split]
         ways, shots, queries = self.ways(split), self.shots(split), self.cfg.queries
         per_class = shots + queries
-        chosen = torch.stack(
-            [torch.randperm(len(classes), generator=generator)[:ways] for _ in range(num_tasks)]
-        )  # [B, ways]
+        chosen = choose_classes(len(classes), ways, num_tasks, self.cfg.labels, generator)
         counts = classes.counts[chosen].flatten().tolist()  # each class draws from its own
         picks = torch.stack(
             [torch.randperm(n, generator=generator)[:per_class] for n in counts]

@@ -19,6 +19,7 @@ from metacli.tasks.base import (
     ClassificationConfig,
     ClassificationTask,
     TaskBatch,
+    choose_classes,
     episodes,
     split_generator,
 )
@@ -67,9 +68,7 @@ class Synthetic(ClassificationTask, key="synthetic"):
     def sample(self, num_tasks: int, split: str, generator: torch.Generator) -> TaskBatch:
         ways, shots, queries = self.ways(split), self.shots(split), self.cfg.queries
         pool = self.templates[split]
-        classes = torch.stack(
-            [torch.randperm(len(pool), generator=generator)[:ways] for _ in range(num_tasks)]
-        )  # [B, ways]
+        classes = choose_classes(len(pool), ways, num_tasks, self.cfg.labels, generator)
         templates = pool[classes]  # [B, ways, C, H, W]
         per_class = shots + queries
         noise = torch.randn(num_tasks, ways, per_class, *self.input_shape, generator=generator)
