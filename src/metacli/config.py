@@ -27,6 +27,18 @@ def require(ok: bool, key: str, value: Any, rule: str) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed: {rule}. Set {key} to a valid value.")
 
 
+def require_ranges(section: str, config: Any, *keys: str) -> None:
+    """Each ``[low, high]`` setting of ``config`` has two numbers with low <= high."""
+    for key in keys:
+        low_high = getattr(config, key)
+        require(
+            len(low_high) == 2 and low_high[0] <= low_high[1],
+            f"{section}.{key}",
+            low_high,
+            "give [low, high] with low <= high",
+        )
+
+
 @dataclass
 class DeviceConfig:
     name: str = "auto"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metacli.config import require
+from metacli.config import require, require_ranges
 from metacli.tasks.base import TaskBatch, TaskConfig, TaskDistribution
 
 
@@ -32,14 +32,7 @@ class SinusoidConfig(TaskConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.noise >= 0, "task.noise", self.noise, "it must be >= 0")
-        for key in ("amplitude", "phase", "x_range", "frequency"):
-            low_high = getattr(self, key)
-            require(
-                len(low_high) == 2 and low_high[0] <= low_high[1],
-                f"task.{key}",
-                low_high,
-                "give [low, high] with low <= high",
-            )
+        require_ranges("task", self, "amplitude", "phase", "x_range", "frequency")
 
 
 class Sinusoid(TaskDistribution, key="sinusoid"):

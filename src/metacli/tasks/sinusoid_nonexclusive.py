@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metacli.config import require
+from metacli.config import require, require_ranges
 from metacli.tasks.base import TaskBatch, TaskConfig, TaskDistribution
 
 
@@ -63,14 +63,7 @@ class NonExclusiveSinusoidConfig(TaskConfig):
             self.test_support_noise_draws,
             "it must be >= 0",
         )
-        for key in ("amplitude", "x_range", "test_grid"):
-            low_high = getattr(self, key)
-            require(
-                len(low_high) == 2 and low_high[0] <= low_high[1],
-                f"task.{key}",
-                low_high,
-                "give [low, high] with low <= high",
-            )
+        require_ranges("task", self, "amplitude", "x_range", "test_grid")
 
 
 class NonExclusiveSinusoid(TaskDistribution, key="sinusoid_nonexclusive"):
