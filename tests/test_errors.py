@@ -188,6 +188,31 @@ CASES = [
         message="algo.task_weight=-1.0 is not allowed: it must be >= 0",
     ),
     t(
+        "algo.regularizer unknown",
+        "algo.regularizer=l1",
+        message="algo.regularizer='l1' is not allowed: choose one of none, l2, path",
+    ),
+    t(
+        "algo.regularizer=path on a convolutional model",
+        "task=synthetic",
+        "model=conv4",
+        "algo.regularizer=path",
+        message="algo.regularizer=path is defined for fully connected networks (model=mlp)",
+    ),
+    t(
+        "algo.variant unknown",
+        "algo=mrmaml",
+        "algo.variant=both",
+        message="algo.variant='both' is not allowed: weights or activations",
+    ),
+    t(
+        "algo.beta out of range",
+        "algo=mrmaml",
+        "algo.beta=-1",
+        message="algo.beta=-1.0 is not allowed: it must be >= 0",
+    ),
+    t("optim.eps out of range", "optim.eps=0", message="optim.eps=0.0 is not allowed: it must be > 0"),
+    t(
         "algo.msl_iterations out of range",
         "algo=mamlpp",
         "algo.msl_iterations=0",

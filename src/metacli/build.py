@@ -192,6 +192,7 @@ def optimizer_groups(cfg: OptimConfig, groups: dict[str, list[Any]]) -> list[dic
                 "params": params,
                 "lr": cfg.lr if own.lr is None else own.lr,
                 "weight_decay": decay if own.weight_decay is None else own.weight_decay,
+                "fresh_state": cfg.fresh_state if own.fresh_state is None else own.fresh_state,
             }
         )
     return out
@@ -206,7 +207,7 @@ def make_optimizer(cfg: OptimConfig, groups: dict[str, list[Any]]) -> torch.opti
     foreach = True if on_cpu else None
     if cfg.name == "adam":
         betas = (cfg.betas[0], cfg.betas[1])
-        return torch.optim.Adam(params, lr=cfg.lr, betas=betas, foreach=foreach)
+        return torch.optim.Adam(params, lr=cfg.lr, betas=betas, eps=cfg.eps, foreach=foreach)
     return torch.optim.SGD(
         params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=foreach
     )
@@ -243,7 +244,8 @@ def build(cfg: DictConfig, overrides: list[str] | None = None) -> Components:
     data_root = run.data.root or os.environ.get("METACLI_DATA")
     task = classes["task"](typed["task"], data_root, run.data.cache_dir)
     output_dim = task.output_dim if classes["algo"].uses_head else None
-    model = classes["model"](typed["model"], task.input_shape, output_dim)
+    input_shape = classes["algo"].model_input_shape(typed["algo"], tuple(task.input_shape))
+    model = classes["model"](typed["model"], input_shape, output_dim)
     algorithm = classes["algo"](typed["algo"], model, task).to(device)
     optimizer = make_optimizer(run.optim, algorithm.param_groups())
     scheduler = make_scheduler(run.optim, optimizer, run.train.iterations)

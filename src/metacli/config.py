@@ -60,8 +60,9 @@ class DeviceConfig:
 
 
 # The outer optimizer's parameter groups an algorithm may have: the initialisation, and
-# an update rule's learned parameters (rates, a learned optimizer's weights).
-PARAM_GROUPS = ("model", "update")
+# an update rule's learned parameters (rates, a learned optimizer's weights), and an
+# encoder the algorithm meta-learns besides the model (MR-MAML).
+PARAM_GROUPS = ("model", "update", "encoder")
 
 
 @dataclass
@@ -70,6 +71,7 @@ class GroupConfig:
 
     lr: float | None = None  # null: optim.lr
     weight_decay: float | None = None  # null: optim.weight_decay for `model`, else 0
+    fresh_state: bool | None = None  # null: optim.fresh_state
 
 
 @dataclass
@@ -77,6 +79,10 @@ class OptimConfig:
     name: str = "adam"
     lr: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8  # Adam's epsilon (Keras: 1e-7)
+    # True: the optimizer's state (Adam's moments, SGD's momentum) is dropped before every
+    # step, as when a reference builds a new optimizer each iteration (Yin et al.'s notebook).
+    fresh_state: bool = False
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
@@ -97,6 +103,7 @@ class OptimConfig:
             self.betas,
             "two numbers in [0, 1)",
         )
+        require(self.eps > 0, "optim.eps", self.eps, "it must be > 0")
         require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "it must be >= 0")
         require(0 <= self.momentum < 1, "optim.momentum", self.momentum, "it must be in [0, 1)")
         require(

@@ -192,7 +192,7 @@ def meta_step(c: Components, grad_clip: float | None) -> MetaLoss | str:
     or, when the loss or the gradient is not finite, what is not (and updates nothing)."""
     batch = sample(c)
     c.optimizer.zero_grad(set_to_none=True)
-    out = c.algorithm.meta_loss(batch)
+    out = c.algorithm.objective(batch)
     out.loss.backward()
     bad = nonfinite(c, out.loss)
     if bad is not None:
@@ -200,6 +200,10 @@ def meta_step(c: Components, grad_clip: float | None) -> MetaLoss | str:
         return bad
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(c.algorithm.parameters(), grad_clip)
+    for group in c.optimizer.param_groups:
+        if group.get("fresh_state"):  # as if this group's optimizer were new
+            for p in group["params"]:
+                c.optimizer.state.pop(p, None)
     c.optimizer.step()
     if c.scheduler is not None:
         c.scheduler.step()

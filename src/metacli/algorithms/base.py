@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from metacli import regularizers
 from metacli.config import require
 from metacli.engine.executor import STRATEGIES, TaskExecutor
 from metacli.engine.inner import InnerLoop, Step
@@ -23,6 +24,7 @@ from metacli.engine.random import TaskRandom
 from metacli.errors import ConfigError
 from metacli.models.base import Model
 from metacli.registry import Registered, lookup
+from metacli.regularizers import REGULARIZERS
 from metacli.tasks.base import TaskBatch, TaskDistribution
 from metacli.updates.base import Params, UpdateRule
 
@@ -93,9 +95,29 @@ class MetaAlgorithm(nn.Module, Registered):
         """
         return []
 
+    @classmethod
+    def model_input_shape(cls, cfg: AlgoConfig, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The input shape the model is built for (the task's, unless the algorithm puts
+        something before the model: MR-MAML's encoder)."""
+        return input_shape
+
     # --- what the loop calls --------------------------------------------------------------
     def meta_loss(self, batch: TaskBatch) -> MetaLoss:
         raise NotImplementedError
+
+    def penalty(self) -> Tensor | None:
+        """A weighted penalty on the meta-parameters added to the meta-loss (or None)."""
+        return None
+
+    def objective(self, batch: TaskBatch) -> MetaLoss:
+        """What the outer optimizer minimises: ``meta_loss`` plus ``penalty``, each logged
+        (``meta_loss``, ``regularizer``) when there is a penalty."""
+        out = self.meta_loss(batch)
+        penalty = self.penalty()
+        if penalty is None:
+            return out
+        terms = {**out.terms, "meta_loss": out.loss.detach(), "regularizer": penalty.detach()}
+        return MetaLoss(out.loss + penalty, out.metric, terms)
 
     def evaluate(self, batch: TaskBatch, predictions: bool = False) -> Evaluation:
         """Adapt to each task's support set; measure the query set after every inner step."""
@@ -173,9 +195,23 @@ class AdaptiveConfig(AlgoConfig):
     test_inner_steps: int | None = None  # null = inner_steps
     test_inner_lr: float | None = None  # null = inner_lr
     update: str = "sgd"  # the inner-loop update rule (metacli/updates/<name>.py)
+    regularizer: str = "none"  # none | l2 | path: Omega(initialisation), metacli/regularizers.py
+    regularizer_weight: float = 0.0  # lambda in L_meta + lambda * Omega
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require(
+            self.regularizer in REGULARIZERS,
+            "algo.regularizer",
+            self.regularizer,
+            f"choose one of {', '.join(REGULARIZERS)}",
+        )
+        require(
+            self.regularizer_weight >= 0,
+            "algo.regularizer_weight",
+            self.regularizer_weight,
+            "it must be >= 0",
+        )
         require(self.inner_lr > 0, "algo.inner_lr", self.inner_lr, "the learning rate must be > 0")
         require(self.inner_steps >= 1, "algo.inner_steps", self.inner_steps, "it must be >= 1")
         require(
@@ -221,6 +257,14 @@ class Adaptive(MetaAlgorithm):
                 f"rule without parameters), or an algorithm of the MAML family."
             )
         self.inner = InnerLoop(self.rule, self.adapted, lambda: self.executor.functional)
+        if cfg.regularizer == "path":
+            model.squared_path_norm(self.initial_params())  # a clear error now, not later
+
+    def penalty(self) -> Tensor | None:
+        if self.cfg.regularizer == "none":
+            return None
+        omega = regularizers.penalty(self.cfg.regularizer, self.model, self.initial_params())
+        return self.cfg.regularizer_weight * omega
 
     def adapted_names(self) -> list[str]:
         """The parameters the inner loop updates (all; ANIL: the head)."""

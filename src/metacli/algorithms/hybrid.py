@@ -3,13 +3,15 @@
 L = task_weight * L_task + lam * L_MAML per task, where L_task is the loss of the
 un-adapted meta-parameters on all of the task's examples (support and query: what
 ``pretrain`` fits) and L_MAML the query loss after the inner loop (what ``maml`` fits).
-``lam=0`` gives exactly the pretraining gradient and ``task_weight=0`` exactly MAML's;
+``lam=0`` gives exactly the pretraining gradient and ``task_weight=0`` (or ``lam=inf``,
+the limit rescaled by 1/lam) exactly MAML's;
 in between it blends learning a good model with learning a good initialisation. Both
 terms are logged (``task_loss``, ``maml_loss`` in metrics.jsonl).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,7 +28,7 @@ from metacli.updates.base import Params
 @dataclass
 class HybridConfig(MAMLConfig):
     name: str = "hybrid"
-    lam: float = 1.0  # weight of the MAML (post-adaptation query) loss
+    lam: float = 1.0  # weight of the MAML (post-adaptation query) loss; inf: MAML's alone
     task_weight: float = 1.0  # weight of the multi-task loss of the un-adapted parameters
 
     def __post_init__(self) -> None:
@@ -45,5 +47,8 @@ class Hybrid(MAML, key="hybrid"):
         maml_loss, metric, _ = super().task_loss(rng, params, sx, sy, qx, qy)
         x, y = TaskBatch.joined(sx, qx), TaskBatch.joined(sy, qy)
         task_loss = self.task.loss(self.forward_with(params, x), y)
-        total = self.cfg.task_weight * task_loss + self.cfg.lam * maml_loss
+        if math.isinf(self.cfg.lam):  # the limit of L / lam
+            total = maml_loss
+        else:
+            total = self.cfg.task_weight * task_loss + self.cfg.lam * maml_loss
         return total, metric, {"task_loss": task_loss.detach(), "maml_loss": maml_loss.detach()}

@@ -75,6 +75,14 @@ class Model(nn.Module, Registered):
         self.__dict__.pop("_named_tensors", None)
         return super()._apply(fn, recurse)
 
+    def squared_path_norm(self, params: dict[str, Tensor]) -> Tensor:
+        """Sum over input-output paths of the product of squared weights (``path``
+        regularizer); defined here for chains of linear layers."""
+        raise ConfigError(
+            f"algo.regularizer=path is defined for fully connected networks (model=mlp); "
+            f"model={self.cfg.name} has other layers. Use algo.regularizer=l2 or none."
+        )
+
     def set_step(self, step: int) -> None:
         """Tell per-step batch norm which inner step the next forward pass belongs to."""
         for layer in self.norm_layers():

@@ -12,6 +12,7 @@ from metacli.config import require
 from metacli.models.base import Model, ModelConfig
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+INITS = ("torch", "glorot")
 
 
 @dataclass
@@ -19,6 +20,9 @@ class MLPConfig(ModelConfig):
     name: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [40, 40])
     activation: str = "relu"
+    # torch: nn.Linear's default (Kaiming-uniform weights, uniform biases); glorot:
+    # Glorot-uniform weights and zero biases, Keras' Dense default (Yin et al.'s notebook).
+    init: str = "torch"
 
     def __post_init__(self) -> None:
         require(
@@ -33,6 +37,7 @@ class MLPConfig(ModelConfig):
             self.activation,
             f"choose one of {', '.join(ACTIVATIONS)}",
         )
+        require(self.init in INITS, "model.init", self.init, f"choose one of {', '.join(INITS)}")
 
 
 class MLP(Model, key="mlp"):
@@ -41,12 +46,28 @@ class MLP(Model, key="mlp"):
     def __init__(self, cfg: MLPConfig, input_shape: tuple[int, ...], output_dim: int | None):
         super().__init__(cfg, input_shape, output_dim)
         widths = [math.prod(input_shape), *cfg.hidden]
+        self.in_dim = widths[0]
         layers: list[nn.Module] = [nn.Flatten(start_dim=-len(input_shape))]
         for width_in, width_out in itertools.pairwise(widths):
             layers += [nn.Linear(width_in, width_out), ACTIVATIONS[cfg.activation]()]
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(widths[-1], output_dim) if output_dim else None
         self.feature_dim = widths[-1]
+        if cfg.init == "glorot":
+            for layer in self.modules():
+                if isinstance(layer, nn.Linear):
+                    nn.init.xavier_uniform_(layer.weight)
+                    nn.init.zeros_(layer.bias)
+
+    def squared_path_norm(self, params: dict[str, Tensor]) -> Tensor:
+        # Every weight and bias squared, no activation, on an all-ones input (Path-SGD):
+        # each unit then holds the sum over the paths that reach it.
+        units = next(iter(params.values())).new_ones(self.in_dim)
+        for name, layer in self.named_modules():
+            if isinstance(layer, nn.Linear):
+                weight, bias = params[f"{name}.weight"], params[f"{name}.bias"]
+                units = weight.pow(2) @ units + bias.pow(2)
+        return units.sum()
 
     def forward(self, x: Tensor) -> Tensor:  # [N, *input_shape] -> [N, output_dim]
         features = self.body(x)
