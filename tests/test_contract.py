@@ -99,6 +99,7 @@ def config(algo: str, *overrides: str, workload: tuple[str, ...] = CONV4) -> lis
         if workload is CONV4:
             workload = tuple(w for w in workload if not w.startswith("model"))
     msl = ["algo.msl_iterations=100"] if algo == "mamlpp" else []
+    msl += ["algo.lstm_hidden=2"] if algo == "metalstm" else []  # few weights to perturb
     return [*name, *inner, *msl, "device=cpu", "train.meta_batch_size=3", *workload, *overrides]
 
 
