@@ -135,3 +135,35 @@ def test_fixed_labels_give_every_class_one_label_across_tasks() -> None:
     for x, y in zip(batch.support_x.flatten(0, 1), batch.support_y.flatten(), strict=True):
         label_of.setdefault(x.numpy().tobytes(), set()).add(int(y))
     assert len(label_of) > 3 and all(len(labels) == 1 for labels in label_of.values())
+
+
+def test_the_notebooks_own_test_tasks() -> None:
+    """task.test_tasks=notebook: task i is what the notebook draws after np.random.seed(i)
+    (numpy's legacy generator: its seed-0 uniforms are 0.5488135, 0.71518937, ...), the same
+    for every run; validation keeps sampled tasks."""
+    from metacli.tasks.sinusoid_nonexclusive import (
+        NonExclusiveSinusoid,
+        NonExclusiveSinusoidConfig,
+    )
+
+    task = NonExclusiveSinusoid(NonExclusiveSinusoidConfig(test_tasks="notebook", noise=0.0))
+    first = task.sample(3, "test", torch.Generator().manual_seed(0))
+    again = task.sample(3, "test", torch.Generator().manual_seed(7))
+    assert torch.equal(first.support_x[..., :1], again.support_x[..., :1])
+    assert torch.equal(first.query_y, again.query_y)
+    seed0 = torch.tensor([0.5488135039273248, 0.7151893663724195, 0.6027633760716439])
+    seed0 = torch.cat([seed0, torch.tensor([0.5448831829968969, 0.4236547993389047])])
+    amplitude = 0.1 + 3.9 * seed0[0]  # A = uniform(0.1, 4.0), then x reseeded
+    torch.testing.assert_close(first.support_x[0, :, 0], -5 + 10 * seed0)
+    torch.testing.assert_close(first.support_y[0, :, 0], amplitude * torch.sin(-5 + 10 * seed0))
+    grid = torch.linspace(-4.5, 4.5, 200)
+    torch.testing.assert_close(first.query_y[0, :, 0], amplitude * torch.sin(grid))
+    assert first.support_x.shape == (3, 5, 21) and first.query_x.shape == (3, 200, 21)
+    noisy = NonExclusiveSinusoid(NonExclusiveSinusoidConfig(test_tasks="notebook"))
+    residual = (
+        noisy.sample(100, "test", torch.Generator()).query_y
+        - task.sample(100, "test", torch.Generator()).query_y
+    )
+    assert abs(residual.std().item() - 0.1) < 0.003
+    val = noisy.sample(2, "val", torch.Generator().manual_seed(0))
+    assert not torch.equal(val.support_x[..., :1], first.support_x[:2, :, :1])

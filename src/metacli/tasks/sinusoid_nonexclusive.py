@@ -13,6 +13,9 @@ sinusoid/MR_MAML.ipynb):
   adds it once more to an already noisy batch; 200 query points on the grid
   linspace(-4.5, 4.5) with noise 0.1.
 
+``task.test_tasks=notebook`` meta-tests on the notebook's own test tasks (task i drawn by
+numpy's legacy generator seeded with i, the same in every run) instead of the run's.
+
 The training set is fixed by the one-hot: a learner can read the amplitude from the
 input and ignore the support set, and then fails on the test tasks. That is the
 memorisation problem meta-regularisation addresses.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -45,6 +49,9 @@ class NonExclusiveSinusoidConfig(TaskConfig):
     test_grid: list[float] = field(default_factory=lambda: [-4.5, 4.5])
     noise: float = 0.1
     test_support_noise_draws: int = 2  # the notebook's test support y is noised twice
+    # sampled: test tasks from the run's seed; notebook: the notebook's own test tasks
+    # (task i from numpy's legacy generator seeded with i, the same in every run)
+    test_tasks: str = "sampled"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,6 +71,12 @@ class NonExclusiveSinusoidConfig(TaskConfig):
             "it must be >= 0",
         )
         require_ranges("task", self, "amplitude", "x_range", "test_grid")
+        require(
+            self.test_tasks in ("sampled", "notebook"),
+            "task.test_tasks",
+            self.test_tasks,
+            "sampled or notebook",
+        )
 
 
 class NonExclusiveSinusoid(TaskDistribution, key="sinusoid_nonexclusive"):
@@ -95,6 +108,8 @@ class NonExclusiveSinusoid(TaskDistribution, key="sinusoid_nonexclusive"):
             y = amplitude * torch.sin(x - cfg.phase)
             y = y + cfg.noise * torch.randn(y.shape, generator=generator)
             sx, sy, qx, qy = x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:]
+        elif split == "test" and cfg.test_tasks == "notebook":
+            sx, sy, qx, qy = self.notebook_tasks(num_tasks, shots)
         else:  # a continuous amplitude; the one-hot is a trained index, uninformative
             a_low, a_high = cfg.amplitude
             amplitude = a_low + (a_high - a_low) * torch.rand(num_tasks, 1, 1, generator=generator)
@@ -112,6 +127,34 @@ class NonExclusiveSinusoid(TaskDistribution, key="sinusoid_nonexclusive"):
             sy,
             torch.cat([qx, one_hot.expand(-1, qx.shape[1], -1)], dim=-1),
             qy,
+        )
+
+    def notebook_tasks(self, num_tasks: int, shots: int) -> tuple[Tensor, ...]:
+        """Test tasks 0..num_tasks-1 exactly as the notebook draws them: for task i,
+        ``np.random.seed(i)``, A = uniform(A_low, A_high); the generator is seeded with i
+        again for x = uniform(-5, 5, K), then the support noise (twice), 200 discarded
+        draws (the noise-free grid's ``normal(scale=0)``) and the grid's noise. Its one-hot
+        index comes from Python's unseeded ``random`` there; here from the split's stream."""
+        cfg = self.cfg
+        low, high = cfg.x_range
+        grid = np.linspace(cfg.test_grid[0], cfg.test_grid[1], cfg.test_queries)
+        tasks = []
+        for i in range(num_tasks):
+            amplitude = np.random.RandomState(i).uniform(cfg.amplitude[0], cfg.amplitude[1])
+            draws = np.random.RandomState(i)
+            x = draws.uniform(low, high, shots)
+            y = amplitude * np.sin(x - cfg.phase)
+            for _ in range(cfg.test_support_noise_draws):
+                y = y + draws.normal(scale=cfg.noise, size=shots)
+            draws.normal(scale=0.0, size=len(grid))
+            target = amplitude * np.sin(grid - cfg.phase) + draws.normal(
+                scale=cfg.noise, size=len(grid)
+            )
+            tasks.append((x, y, grid, target))
+        dtype = torch.get_default_dtype()
+        return tuple(
+            torch.tensor(np.stack([t[k] for t in tasks]), dtype=dtype).unsqueeze(-1)
+            for k in range(4)
         )
 
     def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
