@@ -31,7 +31,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-ALGOS = ["maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "protonet", "pretrain"]
+ALGOS = [
+    *("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "protonet", "pretrain"),
+    "metalstm",
+]
 REFERENCE_ALGOS = ("maml", "fomaml")  # what reference_step implements
 WORKLOADS: dict[str, dict[str, Any]] = {
     "sinusoid": {

@@ -12,7 +12,12 @@ from tests.conftest import CONF, OMNIGLOT, compose_config
 
 IMAGE_MODELS = ("conv4", "resnet12")
 CLASSIFIERS = ("protonet",)
-DATA_EXPERIMENTS = ("maml_omniglot",)
+DATA_EXPERIMENTS = ("maml_omniglot", "metalstm_omniglot_1shot")
+# presets of data that is not here: built on synthetic images of the same shape
+STANDIN_EXPERIMENTS = {
+    "metalstm_miniimagenet_1shot": ("task=synthetic", "task.image_size=84", "task.channels=3"),
+    "metalstm_miniimagenet_5shot": ("task=synthetic", "task.image_size=84", "task.channels=3"),
+}
 REAL_DATA = {
     "omniglot": OMNIGLOT / "images_background.zip",
     "miniimagenet": None,
@@ -42,6 +47,8 @@ def test_every_option_composes_and_builds(group: str) -> None:
             if not (OMNIGLOT / "images_background.zip").is_file():
                 continue
             companions = (f"data.root={OMNIGLOT}",)
+        if group == "experiment" and option in STANDIN_EXPERIMENTS:
+            companions = STANDIN_EXPERIMENTS[option]
         if group == "task" and option in REAL_DATA:
             marker = REAL_DATA[option]
             if marker is None or not marker.is_file():

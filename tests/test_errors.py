@@ -211,7 +211,11 @@ CASES = [
         "algo.beta=-1",
         message="algo.beta=-1.0 is not allowed: it must be >= 0",
     ),
-    t("optim.eps out of range", "optim.eps=0", message="optim.eps=0.0 is not allowed: it must be > 0"),
+    t(
+        "optim.eps out of range",
+        "optim.eps=0",
+        message="optim.eps=0.0 is not allowed: it must be > 0",
+    ),
     t(
         "algo.msl_iterations out of range",
         "algo=mamlpp",

@@ -78,7 +78,12 @@ def test_with_fixed_gates_the_update_is_sgd(float64) -> None:
 
 
 def test_meta_gradient_equals_a_plain_loop_with_torchs_lstm_cell(float64) -> None:
-    c = metalstm("algo.inner_steps=3", "algo.lstm_hidden=4", "algo.inner_batch_size=4")
+    c = metalstm(
+        "algo.inner_steps=3",
+        "algo.lstm_hidden=4",
+        "algo.inner_batch_size=4",
+        "algo.gradient_divisor=4",  # the authors' learner: grad / batch size
+    )
     algorithm = c.algorithm
     rule = algorithm.rule
     assert isinstance(rule, MetaLSTM)
@@ -116,6 +121,7 @@ def test_meta_gradient_equals_a_plain_loop_with_torchs_lstm_cell(float64) -> Non
                 at += p.numel()
             loss = ((torch.func.functional_call(model, shaped, (x,)) - y) ** 2).mean()
             (grad,) = torch.autograd.grad(loss, leaf)
+            grad = grad / 4
             inputs = torch.cat([pre(loss.detach()).expand(count, 2), pre(grad)], 1)
             h, cc = torch.func.functional_call(cell, rule_weights, (inputs, (h, cc)))
             f = (

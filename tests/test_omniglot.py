@@ -250,6 +250,28 @@ def test_maml_on_real_omniglot_rises_above_chance(tmp_path: Path, real: Omniglot
     assert vals[-1]["metric"] > vals[-1]["metric_before"] + 0.2
 
 
+@pytest.mark.slow
+def test_the_lstm_meta_learner_on_real_omniglot_learns_to_adapt(
+    tmp_path: Path, real: Omniglot
+) -> None:
+    """The README's short run of experiment=metalstm_omniglot_1shot, shortened again."""
+    run_cli(
+        "train",
+        "experiment=metalstm_omniglot_1shot",
+        f"data.root={REAL}",
+        "train.iterations=100",
+        "train.val_every=100",
+        "val.num_tasks=50",
+        "test.num_tasks=50",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+        timeout=1200,
+    )
+    vals = [r for r in read_metrics(tmp_path / "run") if r["split"] == "val"]
+    assert vals[-1]["metric_before"] < 0.3  # an untrained head: chance, 0.2
+    assert vals[-1]["metric"] > vals[-1]["metric_before"] + 0.3
+
+
 def test_data_check_lists_a_character_with_missing_drawers(tmp_path: Path) -> None:
     root = make(tmp_path / "d", "folders")
     next(root.glob("images_evaluation/Gamma/character02/*_04.png")).unlink()

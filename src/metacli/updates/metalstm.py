@@ -38,10 +38,19 @@ from metacli.updates.base import Params, UpdateConfig, UpdateRule
 class MetaLSTMConfig(UpdateConfig):
     lstm_hidden: int = 20  # units of the first LSTM (the paper: 20)
     preprocess_p: float = 10.0  # p of the gradient/loss preprocessing
+    # The gradient is divided by this before the LSTM sees it: the authors' learner divides
+    # the mean loss's gradient by the mini-batch size once more (feval's gradParameters:div).
+    gradient_divisor: float = 1.0
 
     def __post_init__(self) -> None:
         require(self.lstm_hidden >= 1, "algo.lstm_hidden", self.lstm_hidden, "it must be >= 1")
         require(self.preprocess_p > 0, "algo.preprocess_p", self.preprocess_p, "it must be > 0")
+        require(
+            self.gradient_divisor > 0,
+            "algo.gradient_divisor",
+            self.gradient_divisor,
+            "it must be > 0",
+        )
 
 
 def preprocess(x: Tensor, p: float) -> Tensor:
@@ -89,6 +98,7 @@ class MetaLSTM(UpdateRule, key="metalstm"):
         h, c, f_prev, i_prev = state
         theta = torch.cat([params[n].reshape(-1) for n in self.names])  # [N]
         grad = torch.cat([grads[n].reshape(-1) for n in self.names])  # [N]
+        grad = grad / self.cfg.gradient_divisor
         p = self.cfg.preprocess_p
         x = torch.cat([preprocess(loss, p).expand(len(grad), 2), preprocess(grad, p)], 1)
         gates = F.linear(x, self.lstm_in) + F.linear(h, self.lstm_hh) + self.lstm_bias
