@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 ALGOS = [
     *("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "protonet", "pretrain"),
-    "metalstm",
+    *("metalstm", "alfa"),
 ]
 REFERENCE_ALGOS = ("maml", "fomaml")  # what reference_step implements
 WORKLOADS: dict[str, dict[str, Any]] = {

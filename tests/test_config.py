@@ -12,11 +12,13 @@ from tests.conftest import CONF, OMNIGLOT, compose_config
 
 IMAGE_MODELS = ("conv4", "resnet12")
 CLASSIFIERS = ("protonet",)
-DATA_EXPERIMENTS = ("maml_omniglot", "metalstm_omniglot_1shot")
+DATA_EXPERIMENTS = ("maml_omniglot", "metalstm_omniglot_1shot", "alfa_omniglot_1shot")
 # presets of data that is not here: built on synthetic images of the same shape
 STANDIN_EXPERIMENTS = {
     "metalstm_miniimagenet_1shot": ("task=synthetic", "task.image_size=84", "task.channels=3"),
     "metalstm_miniimagenet_5shot": ("task=synthetic", "task.image_size=84", "task.channels=3"),
+    "alfa_miniimagenet_1shot": ("task=synthetic", "task.image_size=84", "task.channels=3"),
+    "alfa_miniimagenet_5shot": ("task=synthetic", "task.image_size=84", "task.channels=3"),
 }
 REAL_DATA = {
     "omniglot": OMNIGLOT / "images_background.zip",

@@ -1,0 +1,74 @@
+"""ALFA (Baik et al. 2020, "Meta-learning with adaptive hyperparameters"): MAML whose inner
+loop takes its learning rate and weight decay, per task and step, from a generator network
+(the update rule ``alfa``, metacli/updates/alfa.py).
+
+``algo.init=learned`` is ALFA on MAML's meta-learned initialisation; ``algo.init=random``
+keeps the network's random initialisation (never updated: it is left out of the outer
+optimizer) and meta-learns only the inner loop, the paper's surprising result. Batch-norm
+parameters stay out of the inner loop (``algo.adapt_norm=false``), as in the authors' code
+(``enable_inner_loop_optimizable_bn_params: false``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from metacli.algorithms.base import AlgoConfig
+from metacli.algorithms.maml import MAML, MAMLConfig
+from metacli.config import require
+from metacli.errors import ConfigError
+from metacli.models.base import Model
+from metacli.tasks.base import TaskDistribution
+
+
+@dataclass
+class ALFAAlgoConfig(MAMLConfig):
+    name: str = "alfa"
+    update: str = "alfa"
+    init: str = "learned"  # learned (MAML + ALFA) | random (ALFA from a random initialisation)
+    adapt_norm: bool = False  # whether batch-norm parameters adapt in the inner loop
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.init in ("learned", "random"), "algo.init", self.init, "learned or random")
+
+
+class ALFAAlgorithm(MAML, key="alfa"):
+    Config: ClassVar[type[AlgoConfig]] = ALFAAlgoConfig
+    cfg: ALFAAlgoConfig
+
+    def __init__(self, cfg: ALFAAlgoConfig, model: Model, task: TaskDistribution) -> None:
+        if cfg.update != "alfa":
+            raise ConfigError(
+                f"algo=alfa generates its inner-loop hyperparameters with the update rule "
+                f"alfa, but algo.update={cfg.update}. Remove the override, or use algo=maml "
+                f"algo.update={cfg.update}."
+            )
+        super().__init__(cfg, model, task)
+        if cfg.init == "random":  # no meta-gradient is computed for it, none applied
+            model.requires_grad_(False)
+
+    @property
+    def exact_gradient(self) -> bool:
+        return False  # the generator reads detached gradients (as the authors' code)
+
+    def adapted_names(self) -> list[str]:
+        names = [n for n, _ in self.model.named_parameters()]
+        if self.cfg.adapt_norm:
+            return names
+        norm = {
+            f"{module_name}.{param_name}"
+            for module_name, module in self.model.named_modules()
+            if module in self.model.norm_layers()
+            for param_name, _ in module.named_parameters(recurse=False)
+        }
+        return [n for n in names if n not in norm]
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups = super().param_groups()
+        if self.cfg.init == "random":  # the random initialisation is never updated
+            groups.pop("model", None)
+        return groups
