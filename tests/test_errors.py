@@ -206,6 +206,12 @@ CASES = [
         message="algo.variant='both' is not allowed: weights or activations",
     ),
     t(
+        "algo=alfa with another update rule",
+        "algo=alfa",
+        "algo.update=sgd",
+        message="algo=alfa is the update rule alfa, but algo.update=sgd",
+    ),
+    t(
         "algo.beta out of range",
         "algo=mrmaml",
         "algo.beta=-1",

@@ -19,7 +19,6 @@ from torch import nn
 from metacli.algorithms.base import AlgoConfig
 from metacli.algorithms.maml import MAML, MAMLConfig
 from metacli.config import require
-from metacli.errors import ConfigError
 from metacli.models.base import Model
 from metacli.tasks.base import TaskDistribution
 
@@ -39,14 +38,9 @@ class ALFAAlgoConfig(MAMLConfig):
 class ALFAAlgorithm(MAML, key="alfa"):
     Config: ClassVar[type[AlgoConfig]] = ALFAAlgoConfig
     cfg: ALFAAlgoConfig
+    fixed_update = "alfa"
 
     def __init__(self, cfg: ALFAAlgoConfig, model: Model, task: TaskDistribution) -> None:
-        if cfg.update != "alfa":
-            raise ConfigError(
-                f"algo=alfa generates its inner-loop hyperparameters with the update rule "
-                f"alfa, but algo.update={cfg.update}. Remove the override, or use algo=maml "
-                f"algo.update={cfg.update}."
-            )
         super().__init__(cfg, model, task)
         if cfg.init == "random":  # no meta-gradient is computed for it, none applied
             model.requires_grad_(False)

@@ -240,8 +240,16 @@ class Adaptive(MetaAlgorithm):
     # False: the meta-gradient never reaches an update rule's parameters (Reptile's
     # theta - phi, pretraining's joint loss), so only rules without parameters fit.
     trains_rule: ClassVar[bool] = True
+    # The update rule that IS the method (the LSTM meta-learner, ALFA); None: any rule.
+    fixed_update: ClassVar[str | None] = None
 
     def __init__(self, cfg: AdaptiveConfig, model: Model, task: TaskDistribution) -> None:
+        if self.fixed_update is not None and cfg.update != self.fixed_update:
+            raise ConfigError(
+                f"algo={cfg.name} is the update rule {self.fixed_update}, but "
+                f"algo.update={cfg.update}. Remove that override, or use algo=maml "
+                f"algo.update={cfg.update}."
+            )
         super().__init__(cfg, model, task)
         self.train_steps, self.train_lr = cfg.inner_steps, cfg.inner_lr
         self.test_steps = cfg.inner_steps if cfg.test_inner_steps is None else cfg.test_inner_steps
@@ -307,8 +315,15 @@ class Adaptive(MetaAlgorithm):
         self, rng: TaskRandom, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Query loss, metric [k+1] and predictions [k+1, Q, ...] after 0..k inner steps."""
+        steps = self.adapt(params, sx, sy, self.test_steps, self.test_lr, True, rng)
+        return self.measure(steps, qx, qy)
+
+    def measure(
+        self, steps: Iterator[Step], qx: Tensor, qy: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The query set's loss, metric [k+1] and predictions [k+1, Q, ...] at each step."""
         losses, metrics, predictions = [], [], []
-        for step in self.adapt(params, sx, sy, self.test_steps, self.test_lr, True, rng):
+        for step in steps:
             prediction = self.forward_with(step.params, qx, step.index)
             losses.append(self.task.loss(prediction, qy))
             metrics.append(self.task.metric(prediction, qy))

@@ -21,9 +21,6 @@ from metacli.algorithms.base import AlgoConfig
 from metacli.algorithms.maml import MAML, MAMLConfig
 from metacli.config import require
 from metacli.engine.random import TaskRandom
-from metacli.errors import ConfigError
-from metacli.models.base import Model
-from metacli.tasks.base import TaskDistribution
 from metacli.updates.base import Params
 
 
@@ -47,15 +44,7 @@ class MetaLSTMAlgoConfig(MAMLConfig):
 class MetaLSTMAlgorithm(MAML, key="metalstm"):
     Config: ClassVar[type[AlgoConfig]] = MetaLSTMAlgoConfig
     cfg: MetaLSTMAlgoConfig
-
-    def __init__(self, cfg: MetaLSTMAlgoConfig, model: Model, task: TaskDistribution) -> None:
-        if cfg.update != "metalstm":
-            raise ConfigError(
-                f"algo=metalstm is the LSTM meta-learner, whose update rule is metalstm, "
-                f"but algo.update={cfg.update}. Remove the override, or use algo=maml "
-                f"algo.update={cfg.update}."
-            )
-        super().__init__(cfg, model, task)
+    fixed_update = "metalstm"
 
     def use_first_order(self) -> bool:
         return self.cfg.first_order

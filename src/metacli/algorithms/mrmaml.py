@@ -239,13 +239,8 @@ class MRMAML(MAML, key="mrmaml"):
     ) -> tuple[Tensor, Tensor, Tensor]:
         draw = rng if self.cfg.test_encoder == "sample" else None
         zq, _ = self.encoder.encode(enc, qx, draw)
-        losses, metrics, predictions = [], [], []
-        for step in self.steps(rng, head, enc, sx, sy, self.test_steps, self.test_lr, draw, True):
-            prediction = self.forward_with(step.params, zq, step.index)
-            losses.append(self.task.loss(prediction, qy))
-            metrics.append(self.task.metric(prediction, qy))
-            predictions.append(prediction)
-        return torch.stack(losses), torch.stack(metrics), torch.stack(predictions)
+        steps = self.steps(rng, head, enc, sx, sy, self.test_steps, self.test_lr, draw, True)
+        return self.measure(steps, zq, qy)
 
     def evaluate(self, batch: TaskBatch, predictions: bool = False) -> Evaluation:
         head = {name: p.detach() for name, p in self.initial_params().items()}
