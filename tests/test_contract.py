@@ -84,7 +84,10 @@ SMOOTH = (  # tanh MLP on tiny images: smooth, so finite differences are exact
 
 # MR-MAML puts its own (fully connected) encoder before the model, so its model is an MLP
 # head on the bottleneck: no batch norm there.
-ENCODED = {"CONV4": ("model=mlp", "model.hidden=[4]"), "SMOOTH": ("algo.activation=tanh",)}
+ENCODED = {
+    "CONV4": ("model=mlp", "model.hidden=[4]", "algo.encoder=[5]"),
+    "SMOOTH": ("algo.activation=tanh", "algo.encoder=[2]"),  # few weights to perturb
+}
 
 
 def config(algo: str, *overrides: str, workload: tuple[str, ...] = CONV4) -> list[str]:
@@ -94,7 +97,7 @@ def config(algo: str, *overrides: str, workload: tuple[str, ...] = CONV4) -> lis
     if algo.startswith("mrmaml"):
         variant = "activations" if algo.endswith("activations") else "weights"
         # a visible posterior scale, so that the draws change the numbers
-        name = ["algo=mrmaml", f"algo.variant={variant}", "algo.init_scale=-3", "algo.encoder=[5]"]
+        name = ["algo=mrmaml", f"algo.variant={variant}", "algo.init_scale=-3"]
         name += [*ENCODED["CONV4" if workload is CONV4 else "SMOOTH"], "algo.bottleneck=3"]
         if workload is CONV4:
             workload = tuple(w for w in workload if not w.startswith("model"))

@@ -251,21 +251,25 @@ def test_maml_on_real_omniglot_rises_above_chance(tmp_path: Path, real: Omniglot
 
 
 @pytest.mark.slow
-def test_the_lstm_meta_learner_on_real_omniglot_learns_to_adapt(
-    tmp_path: Path, real: Omniglot
+@pytest.mark.parametrize(
+    "experiment", ["metalstm_omniglot_1shot", "alfa_omniglot_1shot"], ids=["metalstm", "alfa"]
+)
+def test_learned_optimizers_on_real_omniglot_learn_to_adapt(
+    tmp_path: Path, real: Omniglot, experiment: str
 ) -> None:
-    """The README's short run of experiment=metalstm_omniglot_1shot, shortened again."""
+    """The README's short runs of the learned-optimizer presets, shortened again."""
     run_cli(
         "train",
-        "experiment=metalstm_omniglot_1shot",
+        f"experiment={experiment}",
         f"data.root={REAL}",
         "train.iterations=100",
+        "train.meta_batch_size=2" if experiment.startswith("alfa") else "train.meta_batch_size=1",
         "train.val_every=100",
         "val.num_tasks=50",
         "test.num_tasks=50",
         "hydra.run.dir=run",
         cwd=tmp_path,
-        timeout=1200,
+        timeout=1800,
     )
     vals = [r for r in read_metrics(tmp_path / "run") if r["split"] == "val"]
     assert vals[-1]["metric_before"] < 0.3  # an untrained head: chance, 0.2
