@@ -44,6 +44,11 @@ def test_with_the_generator_fixed_alfa_is_maml_with_per_layer_per_step_rates(flo
     batch = sample(alfa)
     ours, theirs = alfa.algorithm.meta_loss(batch), lslr.algorithm.meta_loss(batch)
     assert ours.loss.item() == pytest.approx(theirs.loss.item(), rel=1e-13)
+    # the generated multipliers are logged per step: here exactly 1 and 0
+    assert {k: v.item() for k, v in ours.terms.items()} == {
+        **{f"alpha_hat_step{j}": 1.0 for j in range(3)},
+        **{f"beta_hat_step{j}": 0.0 for j in range(3)},
+    }
     init = list(alfa.algorithm.model.parameters())
     alphas = [rule.alpha[slot(n)] for n in rule.names]
     got = torch.autograd.grad(ours.loss, init + alphas)

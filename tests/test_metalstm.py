@@ -71,6 +71,8 @@ def test_with_fixed_gates_the_update_is_sgd(float64) -> None:
     # and the meta-loss and its gradient for the initialisation (first order, as the paper)
     a, b = c.algorithm.meta_loss(batch), sgd.algorithm.meta_loss(batch)
     assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-13)
+    assert a.terms["forget_gate"].item() == 1.0  # the logged mean gates
+    assert a.terms["input_gate"].item() == pytest.approx(0.3, rel=1e-12)
     ga = torch.autograd.grad(a.loss, list(c.algorithm.model.parameters()))
     gb = torch.autograd.grad(b.loss, list(sgd.algorithm.model.parameters()))
     for x, y in zip(ga, gb, strict=True):

@@ -200,6 +200,7 @@ def fixture_args(root: Path) -> tuple[str, ...]:
     )
 
 
+@pytest.mark.slow  # end to end, several CLI runs: make test-full
 def test_data_check_and_prepare_commands(tmp_path: Path) -> None:
     root = make(tmp_path / "d", "zip")
     args = fixture_args(root)

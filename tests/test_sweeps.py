@@ -175,6 +175,7 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
     assert "Traceback" not in result.stdout + result.stderr
 
 
+@pytest.mark.slow  # end to end, several CLI runs: make test-full
 def test_skip_finished_skips_resumes_and_never_overwrites(tmp_path: Path) -> None:
     sweep, _ = run_sweep(tmp_path, "seed=0,1")
     before = {i: (sweep / str(i) / "metrics.jsonl").read_bytes() for i in (0, 1)}
@@ -238,6 +239,7 @@ def test_a_missing_plugin_names_the_install_command(monkeypatch: pytest.MonkeyPa
     extras.check_overrides(["hydra/launcher=basic", "logger=none", "hparams_search=null"])
 
 
+@pytest.mark.slow  # end to end, several CLI runs: make test-full
 def test_plots_are_written(sweep: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     figure = tmp_path / "val.png"
@@ -253,6 +255,7 @@ def test_plots_are_written(sweep: Path, tmp_path: Path) -> None:
     assert bad.returncode == 2 and "is not a run folder" in bad.stderr
 
 
+@pytest.mark.slow  # end to end, several CLI runs: make test-full
 @pytest.mark.skipif(not extras.installed("tensorboard"), reason="tensorboard not installed")
 def test_tensorboard_logger(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -300,6 +303,7 @@ def test_t_quantiles_and_mean_ci() -> None:
     assert compare.mean_ci([5.0]) == (5.0, None)
 
 
+@pytest.mark.slow  # end to end, several CLI runs: make test-full
 def test_sweeping_a_key_that_only_some_algorithms_have(tmp_path: Path) -> None:
     """The issue's example: algo=maml,anil,protonet with algo.inner_lr=0.1,0.4."""
     small = ("task=synthetic", "model=conv4", "model.filters=4", "algo=maml,protonet")

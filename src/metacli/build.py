@@ -92,7 +92,9 @@ def schema_of(group: str, cls: Any, node: Any) -> type:
     schema: type = cls.Config
     if group == "algo" and issubclass(cls, Adaptive):
         default = {f.name: f.default for f in dataclasses.fields(schema)}["update"]
-        rule = lookup("update", str(node.get("update", default)), UpdateRule)
+        chosen = str(node.get("update", default))
+        cls.check_rule(str(node.get("name")), chosen)  # before any other complaint
+        rule = lookup("update", chosen, UpdateRule)
         schema = with_rule(schema, rule.Config)
     return schema
 

@@ -244,12 +244,7 @@ class Adaptive(MetaAlgorithm):
     fixed_update: ClassVar[str | None] = None
 
     def __init__(self, cfg: AdaptiveConfig, model: Model, task: TaskDistribution) -> None:
-        if self.fixed_update is not None and cfg.update != self.fixed_update:
-            raise ConfigError(
-                f"algo={cfg.name} is the update rule {self.fixed_update}, but "
-                f"algo.update={cfg.update}. Remove that override, or use algo=maml "
-                f"algo.update={cfg.update}."
-            )
+        self.check_rule(cfg.name, cfg.update)
         super().__init__(cfg, model, task)
         self.train_steps, self.train_lr = cfg.inner_steps, cfg.inner_lr
         self.test_steps = cfg.inner_steps if cfg.test_inner_steps is None else cfg.test_inner_steps
@@ -273,6 +268,16 @@ class Adaptive(MetaAlgorithm):
             return None
         omega = regularizers.penalty(self.cfg.regularizer, self.model, self.initial_params())
         return self.cfg.regularizer_weight * omega
+
+    @classmethod
+    def check_rule(cls, name: str, update: str) -> None:
+        """An algorithm that is an update rule (``fixed_update``) takes no other."""
+        if cls.fixed_update is not None and update != cls.fixed_update:
+            raise ConfigError(
+                f"algo={name} is the update rule {cls.fixed_update}, but "
+                f"algo.update={update}. Remove that override, or use algo=maml "
+                f"algo.update={update}."
+            )
 
     def adapted_names(self) -> list[str]:
         """The parameters the inner loop updates (all; ANIL: the head)."""

@@ -50,7 +50,8 @@ class MAML(Adaptive, key="maml"):
         )
         adapted = last(steps)
         prediction = self.forward_with(adapted.params, qx, adapted.index)
-        return self.task.loss(prediction, qy), self.task.metric(prediction, qy).detach(), {}
+        terms = {k: v.detach() for k, v in self.rule.terms(adapted.state).items()}
+        return self.task.loss(prediction, qy), self.task.metric(prediction, qy).detach(), terms
 
     def meta_loss(self, batch: TaskBatch) -> MetaLoss:
         return self.mean_over_tasks(self.task_loss, batch, self.initial_params())

@@ -73,7 +73,7 @@ class ALFA(UpdateRule, key="alfa"):
             )
 
     def init(self, params: Params, lr: float, rng: TaskRandom) -> Any:
-        return None
+        return ()  # the generated (mean alpha_hat, mean beta_hat) of each step so far
 
     def generate(self, params: Params, grads: Params) -> tuple[Tensor, Tensor]:
         """alpha_hat [L] and beta_hat [L] for this task and step."""
@@ -92,7 +92,14 @@ class ALFA(UpdateRule, key="alfa"):
                 decay = decay * self.beta_per_param[slot(name)]
             rate = alpha_hat[layer] * self.alpha[slot(name)][j]
             new[name] = (1 - decay) * params[name] - rate * grads[name]
-        return new, state
+        return new, (*state, torch.stack([alpha_hat.mean(), beta_hat.mean()]))
+
+    def terms(self, state: Any) -> dict[str, Tensor]:
+        """The generated multipliers, averaged over the layers, at each inner step."""
+        out = {}
+        for j, (alpha_hat, beta_hat) in enumerate(state):
+            out[f"alpha_hat_step{j}"], out[f"beta_hat_step{j}"] = alpha_hat, beta_hat
+        return out
 
     def rates(self) -> dict[str, Tensor]:
         return {n: self.alpha[slot(n)] for n in self.names}

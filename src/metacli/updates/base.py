@@ -66,6 +66,11 @@ class UpdateRule(nn.Module, Registered):
     ) -> tuple[Params, Any]:
         raise NotImplementedError
 
+    def terms(self, state: Any) -> dict[str, Tensor]:
+        """Per-task quantities of a task's final state worth logging (a learned optimizer's
+        gates, generated rates): scalars, averaged over the meta-batch into metrics.jsonl."""
+        return {}
+
     def rates(self) -> dict[str, Tensor]:
         """Learned inner rates by the name of the parameter they scale (if any)."""
         return {}

@@ -117,6 +117,14 @@ class MetaLSTM(UpdateRule, key="metalstm"):
             start += size
         return new, (h, c, f, i)
 
+    def terms(self, state: Any) -> dict[str, Tensor]:
+        """The mean forget and input gates (after the sigmoid) of the task's last update."""
+        _, _, forget, input_gate = state
+        return {
+            "forget_gate": torch.sigmoid(forget).mean(),
+            "input_gate": torch.sigmoid(input_gate).mean(),
+        }
+
     def scalars(self) -> dict[str, float]:
         """The gates' biases through the sigmoid: where forgetting and the step size start."""
         return {
