@@ -13,7 +13,7 @@ walks the support set in mini-batches of ``inner_batch_size`` examples (the auth
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from torch import Tensor
 
@@ -46,9 +46,6 @@ class MetaLSTMAlgorithm(MAML, key="metalstm"):
     cfg: MetaLSTMAlgoConfig
     fixed_update = "metalstm"
 
-    def use_first_order(self) -> bool:
-        return self.cfg.first_order
-
     def support_loss(
         self, params: Params, x: Tensor, y: Tensor, step: int, rng: TaskRandom
     ) -> Tensor:
@@ -59,6 +56,3 @@ class MetaLSTMAlgorithm(MAML, key="metalstm"):
             start = (step % batches) * size
             x, y = x[start : start + size], y[start : start + size]
         return super().support_loss(params, x, y, step, rng)
-
-    def scalars(self) -> dict[str, Any]:
-        return self.rule.scalars()
