@@ -33,8 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 ALGOS = [
     *("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "protonet", "pretrain"),
-    *("metalstm", "alfa"),
+    *("metalstm", "alfa", "space"),
 ]
+# Rows that are an update rule rather than an algorithm: the overrides that select them.
+RULES = {"space": ["algo=maml", "update=space", "algo.adam_lr=0.01"]}
 REFERENCE_ALGOS = ("maml", "fomaml")  # what reference_step implements
 WORKLOADS: dict[str, dict[str, Any]] = {
     "sinusoid": {
@@ -119,7 +121,7 @@ def make_step(workload: str, algo: str, strategy: str) -> tuple[Any, Any]:
     from metacli.loop import meta_step
 
     spec = WORKLOADS[workload]
-    overrides = [f"algo={algo}", *spec["overrides"], "device=cpu"]
+    overrides = [*RULES.get(algo, [f"algo={algo}"]), *spec["overrides"], "device=cpu"]
     if algo == "protonet":
         overrides = [o for o in overrides if not o.startswith("algo.inner_steps")]
     if strategy not in ("reference", "auto"):

@@ -12,7 +12,12 @@ from tests.conftest import CONF, OMNIGLOT, compose_config
 
 IMAGE_MODELS = ("conv4", "resnet12")
 CLASSIFIERS = ("protonet",)
-DATA_EXPERIMENTS = ("maml_omniglot", "metalstm_omniglot_1shot", "alfa_omniglot_1shot")
+DATA_EXPERIMENTS = (
+    "maml_omniglot",
+    "metalstm_omniglot_1shot",
+    "alfa_omniglot_1shot",
+    "space_omniglot_1shot",
+)
 # presets of data that is not here: built on small synthetic colour images (every setting
 # of the preset is checked and used; only the image size differs)
 STANDIN = ("task=synthetic", "task.image_size=28", "task.channels=3")

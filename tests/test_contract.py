@@ -1,7 +1,8 @@
 """The contract every registered algorithm meets; a new algorithm is covered by registering it.
 
 For each algorithm of ``metacli.algorithms`` (and ``noisy``, a test algorithm that draws
-noise inside every task): the three batching strategies give the same meta-gradients in
+noise inside every task, and MAML with the optimizer space, drawn per task or in
+expectation): the three batching strategies give the same meta-gradients in
 float64 on a Conv-4 with batch norm; a checkpoint round trip restores every state;
 2N iterations equal N, a resume and N more; the same seed gives the same numbers;
 and where the meta-gradient is the true gradient of the meta-loss, it matches central
@@ -58,7 +59,7 @@ class Noisy(MAML, key="noisy"):
         return super().support_loss(params, x + noise, y, step, rng)
 
 
-ALGOS = [*available("algo"), "noisy", "mrmaml-activations"]
+ALGOS = [*available("algo"), "noisy", "mrmaml-activations", "space", "space-expectation"]
 CONV4 = (
     "task=synthetic",
     "model=conv4",
@@ -94,6 +95,10 @@ def config(algo: str, *overrides: str, workload: tuple[str, ...] = CONV4) -> lis
     inner = [] if algo == "protonet" else ["algo.inner_steps=2", "algo.inner_lr=0.1"]
     inner += ["algo.test_inner_steps=2"] if algo not in ("protonet",) else []
     name = ["algo=maml", "algo.name=noisy"] if algo == "noisy" else [f"algo={algo}"]
+    if algo.startswith("space"):  # MAML with the optimizer space, drawn or in expectation
+        sampling = "expectation" if algo.endswith("expectation") else "gumbel"
+        name = ["algo=maml", "update=space", "algo.adam_lr=0.05"]
+        name += [f"algo.space_sampling={sampling}", "algo.space_temperature=0.5"]
     if algo.startswith("mrmaml"):
         variant = "activations" if algo.endswith("activations") else "weights"
         # a visible posterior scale, so that the draws change the numbers

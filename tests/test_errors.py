@@ -212,6 +212,18 @@ CASES = [
         message="algo=alfa is the update rule alfa, but algo.update=sgd",
     ),
     t(
+        "algo.space names an unknown rule",
+        "update=space",
+        "algo.space=[sgd,adamw]",
+        message="algo.space: 'adamw' is not an option",
+    ),
+    t(
+        "algo.adam_betas out of range",
+        "update=adam",
+        "algo.adam_betas=[0.9,1.0]",
+        message="algo.adam_betas=[0.9, 1.0] is not allowed: give [beta1, beta2], each in [0, 1)",
+    ),
+    t(
         "algo.beta out of range",
         "algo=mrmaml",
         "algo.beta=-1",

@@ -251,9 +251,14 @@ def test_maml_on_real_omniglot_rises_above_chance(tmp_path: Path, real: Omniglot
     assert vals[-1]["metric"] > vals[-1]["metric_before"] + 0.2
 
 
+BATCH = {"metalstm": 1, "alfa": 2, "space": 4}  # meta-batch sizes of the short runs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "experiment", ["metalstm_omniglot_1shot", "alfa_omniglot_1shot"], ids=["metalstm", "alfa"]
+    "experiment",
+    ["metalstm_omniglot_1shot", "alfa_omniglot_1shot", "space_omniglot_1shot"],
+    ids=["metalstm", "alfa", "space"],
 )
 def test_learned_optimizers_on_real_omniglot_learn_to_adapt(
     tmp_path: Path, real: Omniglot, experiment: str
@@ -264,7 +269,7 @@ def test_learned_optimizers_on_real_omniglot_learn_to_adapt(
         f"experiment={experiment}",
         f"data.root={REAL}",
         "train.iterations=100",
-        "train.meta_batch_size=2" if experiment.startswith("alfa") else "train.meta_batch_size=1",
+        f"train.meta_batch_size={BATCH[experiment.split('_')[0]]}",
         "train.val_every=100",
         "val.num_tasks=50",
         "test.num_tasks=50",
@@ -275,6 +280,10 @@ def test_learned_optimizers_on_real_omniglot_learn_to_adapt(
     vals = [r for r in read_metrics(tmp_path / "run") if r["split"] == "val"]
     assert vals[-1]["metric_before"] < 0.3  # an untrained head: chance, 0.2
     assert vals[-1]["metric"] > vals[-1]["metric_before"] + 0.3
+    if experiment.startswith("space"):  # which optimizer each task drew, as fractions
+        train = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train"][-1]
+        chosen = [train[f"space_chose_{m}"] for m in ("sgd", "momentum", "adam")]
+        assert sum(chosen) == pytest.approx(1.0) and 0 < train["space_p_adam"] < 1
 
 
 def test_data_check_lists_a_character_with_missing_drawers(tmp_path: Path) -> None:

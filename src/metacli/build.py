@@ -95,7 +95,7 @@ def schema_of(group: str, cls: Any, node: Any) -> type:
         chosen = str(node.get("update", default))
         cls.check_rule(str(node.get("name")), chosen)  # before any other complaint
         rule = lookup("update", chosen, UpdateRule)
-        schema = with_rule(schema, rule.Config)
+        schema = with_rule(schema, rule.schema(node))
     return schema
 
 

@@ -45,10 +45,6 @@ class ALFAAlgorithm(MAML, key="alfa"):
         if cfg.init == "random":  # no meta-gradient is computed for it, none applied
             model.requires_grad_(False)
 
-    @property
-    def exact_gradient(self) -> bool:
-        return False  # the generator reads detached gradients (as the authors' code)
-
     def adapted_names(self) -> list[str]:
         names = [n for n, _ in self.model.named_parameters()]
         if self.cfg.adapt_norm:

@@ -39,7 +39,7 @@ class MAML(Adaptive, key="maml"):
 
     @property
     def exact_gradient(self) -> bool:
-        return not self.use_first_order()
+        return not self.use_first_order() and self.rule.exact
 
     def task_loss(
         self, rng: TaskRandom, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor

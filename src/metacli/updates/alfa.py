@@ -52,10 +52,11 @@ def task_state(params: Params, grads: Params) -> Tensor:
 
 class ALFA(UpdateRule, key="alfa"):
     Config = ALFAConfig
+    exact = False  # the generator reads detached gradients (as the authors' code)
 
     def __init__(self, cfg: Any, params: Params, lr: float, steps: int) -> None:
         super().__init__(cfg, params, lr, steps)
-        self.names, self.steps = list(params), steps
+        self.steps = steps
         self.random_init = getattr(cfg, "init", "learned") == "random"
         decay = cfg.alfa_weight_decay * lr
         size = 2 * len(params)

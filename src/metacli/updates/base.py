@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from metacli.engine.random import TaskRandom
@@ -47,8 +48,12 @@ class UpdateRule(nn.Module, Registered):
     registry: ClassVar[dict[str, type]] = {}
     Config: ClassVar[type] = UpdateConfig
     param_group: ClassVar[str] = "update"  # the outer optimizer's group of its parameters
-    needs_loss: ClassVar[bool] = False  # True: `update` gets the support loss, else None
-    stochastic: ClassVar[bool] = False  # True: `init`/`update` draw from the task's rng
+    # Per rule, but a rule made of others (``space``) sets them per instance.
+    needs_loss: bool = False  # True: `update` gets the support loss, else None
+    stochastic: bool = False  # True: `init`/`update` draw from the task's rng
+    # False: what flows back through the rule is an estimate, not the derivative
+    # (straight-through draws, inputs read detached), so finite differences will differ.
+    exact: bool = True
 
     def __init__(self, cfg: Any, params: Params, lr: float, steps: int) -> None:
         """``cfg``: the algorithm's config (with this rule's keys); ``params``: the adapted
@@ -56,6 +61,30 @@ class UpdateRule(nn.Module, Registered):
         training inner steps."""
         super().__init__()
         self.cfg = cfg
+        self.names = list(params)
+        # A learned step size per adapted tensor, once ``learn_hyperparameters`` made one.
+        self.learned_lr: nn.ParameterDict | None = None
+
+    @classmethod
+    def schema(cls, node: Any) -> type:
+        """The settings this rule adds to ``algo`` for the config ``node`` (its ``Config``;
+        a rule made of others adds theirs)."""
+        return cls.Config
+
+    def learn_hyperparameters(self, lr: float) -> None:
+        """Make the rule's hand-set hyperparameters meta-parameters, starting from their
+        settings (the optimizer space does this for its members). Nothing by default: a
+        rule's hyperparameters are learned already (Meta-SGD, ALFA) or it has none."""
+
+    def learn_step_sizes(self, lr: float) -> None:
+        """A learned step size per adapted tensor, starting at ``lr`` (see ``step_size``)."""
+        self.learned_lr = nn.ParameterDict(
+            {slot(n): nn.Parameter(torch.tensor(float(lr))) for n in self.names}
+        )
+
+    def step_size(self, name: str, lr: Any) -> Any:
+        """The step size of tensor ``name``: its learned one, else the phase's ``lr``."""
+        return lr if self.learned_lr is None else self.learned_lr[slot(name)]
 
     def init(self, params: Params, lr: float, rng: TaskRandom) -> Any:
         """The rule's state for one task before its first step (default: the step size)."""
@@ -73,8 +102,13 @@ class UpdateRule(nn.Module, Registered):
 
     def rates(self) -> dict[str, Tensor]:
         """Learned inner rates by the name of the parameter they scale (if any)."""
-        return {}
+        if self.learned_lr is None:
+            return {}
+        return {n: self.learned_lr[slot(n)] for n in self.names}
 
     def scalars(self) -> dict[str, float]:
         """What is worth logging about the rule (metrics.jsonl, TensorBoard, MLflow)."""
-        return {}
+        if self.learned_lr is None:
+            return {}
+        rates = torch.stack([r.detach() for r in self.learned_lr.values()])
+        return {"inner_lr_mean": rates.mean().item()}

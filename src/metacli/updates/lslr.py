@@ -19,7 +19,7 @@ from metacli.updates.base import Params, UpdateRule, slot
 class LSLR(UpdateRule, key="lslr"):
     def __init__(self, cfg: Any, params: Params, lr: float, steps: int) -> None:
         super().__init__(cfg, params, lr, steps)
-        self.names, self.steps = list(params), steps
+        self.steps = steps
         self.learning_rates = nn.ParameterDict(
             {slot(n): nn.Parameter(torch.full((steps,), lr)) for n in params}
         )

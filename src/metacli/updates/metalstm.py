@@ -67,7 +67,6 @@ class MetaLSTM(UpdateRule, key="metalstm"):
 
     def __init__(self, cfg: Any, params: Params, lr: float, steps: int) -> None:
         super().__init__(cfg, params, lr, steps)
-        self.names = list(params)
         hidden = cfg.lstm_hidden
 
         def uniform(*shape: int, low: float = -0.01, high: float = 0.01) -> nn.Parameter:

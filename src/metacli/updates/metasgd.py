@@ -19,7 +19,6 @@ from metacli.updates.base import Params, UpdateRule, slot
 class MetaSGD(UpdateRule, key="metasgd"):
     def __init__(self, cfg: Any, params: Params, lr: float, steps: int) -> None:
         super().__init__(cfg, params, lr, steps)
-        self.names = list(params)
         self.learning_rates = nn.ParameterDict(
             {slot(n): nn.Parameter(torch.full_like(p.detach(), lr)) for n, p in params.items()}
         )

@@ -1,4 +1,8 @@
-"""Plain gradient descent, MAML's inner step: theta <- theta - lr * grad."""
+"""Plain gradient descent, MAML's inner step: theta <- theta - lr * grad.
+
+In the optimizer space (``algo.update=space``) its step size is learned per adapted tensor
+(``UpdateRule.learn_hyperparameters``).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,11 @@ from metacli.updates.base import Params, UpdateRule
 
 
 class SGD(UpdateRule, key="sgd"):
+    def learn_hyperparameters(self, lr: float) -> None:
+        self.learn_step_sizes(lr)
+
     def update(
         self, params: Params, grads: Params, loss: Tensor | None, state: Any, step: int
     ) -> tuple[Params, Any]:
         lr = state  # the phase's step size, fixed by ``init``
-        return {name: p - lr * grads[name] for name, p in params.items()}, state
+        return {n: p - self.step_size(n, lr) * grads[n] for n, p in params.items()}, state
