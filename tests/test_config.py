@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from tests.conftest import CONF, OMNIGLOT, compose_config
 
 IMAGE_MODELS = ("conv4", "resnet12")
 CLASSIFIERS = ("protonet",)
-DATA_EXPERIMENTS = (
+DATA_EXPERIMENTS = (  # need real Omniglot (skipped where it is absent)
     "maml_omniglot",
     "metalstm_omniglot_1shot",
     "alfa_omniglot_1shot",
@@ -26,6 +28,22 @@ STANDIN_EXPERIMENTS = {
     "metalstm_miniimagenet_5shot": STANDIN,
     "alfa_miniimagenet_1shot": STANDIN,
     "alfa_miniimagenet_5shot": STANDIN,
+    # the architecture searches on small images with one query per class: their networks
+    # are built and run as set, at a size a unit test affords
+    **{
+        f"metanas_{name}": ("task=synthetic", "task.image_size=8", "task.queries=1")
+        for name in ("omniglot", "miniimagenet", "cpu")
+    },
+}
+SMALL_SEARCH = ("model.channels=2", "model.cells=2", "model.nodes=2", "task.image_size=8")
+COMPANIONS = {  # options that need others to build quickly
+    ("algo", "metanas"): ("task=synthetic", "model=darts", *SMALL_SEARCH),
+    ("model", "darts"): ("task=synthetic", *SMALL_SEARCH),
+    ("model", "genotype"): (
+        "task=synthetic",
+        "task.image_size=8",
+        f"model.genotype={Path(__file__).parent / 'data' / 'genotype.json'}",
+    ),
 }
 REAL_DATA = {
     "omniglot": OMNIGLOT / "images_background.zip",
@@ -58,6 +76,7 @@ def test_every_option_composes_and_builds(group: str) -> None:
             companions = (f"data.root={OMNIGLOT}",)
         if group == "experiment" and option in STANDIN_EXPERIMENTS:
             companions = STANDIN_EXPERIMENTS[option]
+        companions = COMPANIONS.get((group, option), companions)
         if group == "task" and option in REAL_DATA:
             marker = REAL_DATA[option]
             if marker is None or not marker.is_file():

@@ -1,12 +1,13 @@
 """The contract every registered algorithm meets; a new algorithm is covered by registering it.
 
 For each algorithm of ``metacli.algorithms`` (and ``noisy``, a test algorithm that draws
-noise inside every task, and MAML with the optimizer space, drawn per task or in
-expectation): the three batching strategies give the same meta-gradients in
-float64 on a Conv-4 with batch norm; a checkpoint round trip restores every state;
-2N iterations equal N, a resume and N more; the same seed gives the same numbers;
-and where the meta-gradient is the true gradient of the meta-loss, it matches central
-finite differences (and, where it is first order, differs from them).
+noise inside every task; MAML with the optimizer space, drawn per task or in expectation;
+MetaNAS with architectures drawn per task): the three batching strategies give the same
+meta-gradients in float64 on a Conv-4 (MetaNAS: a small search network) with batch norm;
+a checkpoint round trip restores every state; 2N iterations equal N, a resume and N more;
+the same seed gives the same numbers; and where the meta-gradient is the true gradient of
+the meta-loss, it matches central finite differences (and, where it is first order,
+differs from them).
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ class Noisy(MAML, key="noisy"):
         return super().support_loss(params, x + noise, y, step, rng)
 
 
-ALGOS = [*available("algo"), "noisy", "mrmaml-activations", "space", "space-expectation"]
+ALGOS = [
+    *available("algo"),
+    *("noisy", "mrmaml-activations", "space", "space-expectation", "metanas-gumbel"),
+]
 CONV4 = (
     "task=synthetic",
     "model=conv4",
@@ -91,6 +95,27 @@ ENCODED = {
 }
 
 
+SEARCH = (  # two cells (the second a reduction), two nodes, four operations, 2 channels
+    "model=darts",
+    "model.channels=2",
+    "model.cells=2",
+    "model.nodes=2",
+    "model.reductions=[1]",
+    "model.stem_multiplier=1",
+    "model.ops=[conv_3x3,max_pool_3x3,skip_connect,zero]",
+)
+
+SEARCH_SMOOTH = (  # one cell of one node: few weights to perturb
+    "model=darts",
+    "model.channels=1",
+    "model.cells=1",
+    "model.nodes=1",
+    "model.reductions=[]",
+    "model.stem_multiplier=1",
+    "model.ops=[conv_3x3,skip_connect]",
+)
+
+
 def config(algo: str, *overrides: str, workload: tuple[str, ...] = CONV4) -> list[str]:
     inner = [] if algo == "protonet" else ["algo.inner_steps=2", "algo.inner_lr=0.1"]
     inner += ["algo.test_inner_steps=2"] if algo not in ("protonet",) else []
@@ -106,6 +131,10 @@ def config(algo: str, *overrides: str, workload: tuple[str, ...] = CONV4) -> lis
         name += [*ENCODED["CONV4" if workload is CONV4 else "SMOOTH"], "algo.bottleneck=3"]
         if workload is CONV4:
             workload = tuple(w for w in workload if not w.startswith("model"))
+    if algo.startswith("metanas"):  # a small search network in place of the workload's model
+        name = ["algo=metanas", *(SEARCH if workload is CONV4 else SEARCH_SMOOTH)]
+        name += ["model.sampling=gumbel"] if algo.endswith("gumbel") else []
+        workload = tuple(w for w in workload if not w.startswith("model"))
     msl = ["algo.msl_iterations=100"] if algo == "mamlpp" else []
     msl += ["algo.lstm_hidden=2"] if algo == "metalstm" else []  # few weights to perturb
     return [*name, *inner, *msl, "device=cpu", "train.meta_batch_size=3", *workload, *overrides]

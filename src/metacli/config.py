@@ -62,7 +62,7 @@ class DeviceConfig:
 # The outer optimizer's parameter groups an algorithm may have: the initialisation, and
 # an update rule's learned parameters (rates, a learned optimizer's weights), and an
 # encoder the algorithm meta-learns besides the model (MR-MAML).
-PARAM_GROUPS = ("model", "update", "encoder")
+PARAM_GROUPS = ("model", "update", "encoder", "architecture")
 
 
 @dataclass

@@ -38,8 +38,9 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
-def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda handle: handle.write(text.encode()))
+def write_text(path: Path, text: str | bytes) -> None:
+    data = text.encode() if isinstance(text, str) else text
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def save_tensors(path: Path, data: dict[str, Any]) -> None:

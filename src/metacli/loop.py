@@ -9,6 +9,7 @@ run folder implements it), so it never knows where files go.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import signal
@@ -54,7 +55,7 @@ class Recorder(Protocol):
 
     def save_checkpoint(self, name: str, checkpoint: dict[str, Any]) -> None: ...
 
-    def write_text(self, name: str, text: str) -> None: ...
+    def write_text(self, name: str, text: str | bytes) -> None: ...
 
 
 @dataclass
@@ -69,6 +70,8 @@ class EvalSummary:
     loss_mean: list[float]
     per_task: list[float] = field(repr=False, default_factory=list)  # final metric of each task
     higher_is_better: bool = True  # the task's direction (accuracy: higher; MSE: lower)
+    # What each task adapted with, where the algorithm says (an architecture it drew)
+    labels: list[str] = field(repr=False, default_factory=list)
 
     @classmethod
     def from_tensors(cls, metric_name: str, loss: Tensor, metric: Tensor) -> EvalSummary:
@@ -100,7 +103,15 @@ class EvalSummary:
             "metric_before": self.metric_mean[0],
             "metric_per_step": self.metric_mean,
             "num_tasks": self.num_tasks,
+            **({"distinct_labels": len(set(self.labels))} if self.labels else {}),
         }
+
+    def label_counts(self) -> dict[str, Any]:
+        """How many tasks adapted with each label (most frequent first), if any."""
+        if not self.labels:
+            return {}
+        counts = collections.Counter(self.labels).most_common()
+        return {"labels": {"distinct": len(counts), "counts": dict(counts)}}
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -122,6 +133,7 @@ class EvalSummary:
                 "ci95": self.metric_ci95,
                 "loss": self.loss_mean,
             },
+            **self.label_counts(),
         }
 
 
@@ -131,14 +143,16 @@ def evaluate(c: Components, split: str, num_tasks: int, batch_size: int) -> Eval
     tasks = tasks.with_keys(task_keys(c.run.seed, split, 0, 0, num_tasks))
     was_training = c.algorithm.training
     c.algorithm.eval()
-    losses, metrics = [], []
+    losses, metrics, labels = [], [], []
     for start in range(0, num_tasks, batch_size):
         result = c.algorithm.evaluate(tasks[start : start + batch_size].to(c.device))
         losses.append(result.loss.detach().double().cpu())
         metrics.append(result.metric.detach().double().cpu())
+        labels += result.labels or []
     c.algorithm.train(was_training)
     summary = EvalSummary.from_tensors(c.task.metric_name, torch.cat(losses), torch.cat(metrics))
     summary.higher_is_better = c.task.higher_is_better
+    summary.labels = labels
     return summary
 
 

@@ -135,7 +135,7 @@ class RunFolder:
         path = self.checkpoints / f"{name}.pt"
         self.write(path, lambda: save_checkpoint(path, checkpoint))
 
-    def write_text(self, name: str, text: str) -> None:
+    def write_text(self, name: str, text: str | bytes) -> None:
         self.write(self.root / name, lambda: write_text(self.root / name, text))
 
     def update_summary(self, **fields: Any) -> None:

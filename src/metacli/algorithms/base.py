@@ -62,6 +62,7 @@ class Evaluation:
     loss: Tensor  # [B, k+1]
     metric: Tensor  # [B, k+1]
     predictions: Tensor | None = None  # [B, k+1, Q, ...] when asked for (figures)
+    labels: list[str] | None = None  # what each task adapted with (a drawn architecture)
 
 
 class MetaAlgorithm(nn.Module, Registered):
@@ -158,8 +159,8 @@ class MetaAlgorithm(nn.Module, Registered):
         """Once training has reached ``train.iterations``, before the meta-test."""
         return {}
 
-    def artifacts(self) -> dict[str, str]:
-        """Text files for the run folder (file name -> content), written at each validation
+    def artifacts(self) -> dict[str, str | bytes]:
+        """Files for the run folder (file name -> text or bytes), written at each validation
         and at the end of training."""
         return {}
 
@@ -172,7 +173,10 @@ class MetaAlgorithm(nn.Module, Registered):
         """The model with weights ``params`` on ``x``, as seen at inner step ``step``."""
         model = self.executor.module()
         model.set_step(step)
-        return torch.func.functional_call(model, (params, self.model.named_tensors()[1]), (x,))
+        buffers = self.model.named_tensors()[1]
+        if self.model.stochastic:  # a task's draws come as parameters, in place of buffers
+            buffers = {n: b for n, b in buffers.items() if n not in params}
+        return torch.func.functional_call(model, (params, buffers), (x,))
 
     def mean_over_tasks(self, fn: Any, batch: TaskBatch, *shared: Any) -> MetaLoss:
         """``fn(rng, *shared, support_x, support_y, query_x, query_y) -> (loss, metric,

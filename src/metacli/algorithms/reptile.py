@@ -12,6 +12,7 @@ discusses.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -39,21 +40,35 @@ class Reptile(Adaptive, key="reptile"):
     def exact_gradient(self) -> bool:
         return False  # theta - mean(phi) is not the gradient of a loss of theta
 
-    def adapted_weights(
-        self, rng: TaskRandom, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
-    ) -> tuple[Params, Tensor]:
-        """phi of one task: the inner loop on all its examples (Reptile does not split them)."""
-        x, y = TaskBatch.joined(sx, qx), TaskBatch.joined(sy, qy)
-        phi = last(self.adapt(params, x, y, self.train_steps, self.train_lr, True, rng))
-        prediction = self.forward_with(phi.params, qx, phi.index)
-        return phi.params, self.task.metric(prediction, qy)
-
     def meta_loss(self, batch: TaskBatch) -> MetaLoss:
-        theta = self.initial_params()
-        detached = {n: p.detach() for n, p in theta.items()}
-        phi, metrics = self.executor.map(
-            self.adapted_weights, batch.keys, (detached,), batch.tensors()
-        )  # phi: {name: [B, *shape]}
-        # d/dtheta of 0.5 * ||theta - mean(phi)||^2 is theta - mean(phi).
-        loss = sum(0.5 * (theta[n] - phi[n].mean(0).detach()).pow(2).sum() for n in theta)
-        return MetaLoss(torch.as_tensor(loss), metrics.detach())
+        return reptile_loss(self, batch)
+
+
+def reptile_phi(
+    algorithm: Adaptive,
+    rng: TaskRandom,
+    params: Params,
+    sx: Tensor,
+    sy: Tensor,
+    qx: Tensor,
+    qy: Tensor,
+) -> tuple[Params, Tensor]:
+    """phi of one task: the inner loop on all its examples (Reptile does not split them),
+    and the query metric there."""
+    x, y = TaskBatch.joined(sx, qx), TaskBatch.joined(sy, qy)
+    phi = last(algorithm.adapt(params, x, y, algorithm.train_steps, algorithm.train_lr, True, rng))
+    prediction = algorithm.forward_with(phi.params, qx, phi.index)
+    return phi.params, algorithm.task.metric(prediction, qy)
+
+
+def reptile_loss(algorithm: Adaptive, batch: TaskBatch) -> MetaLoss:
+    """A surrogate whose gradient is theta - mean(phi), for any adaptive algorithm (Reptile,
+    and MetaNAS's Reptile meta-learner)."""
+    theta = algorithm.initial_params()
+    detached = {n: p.detach() for n, p in theta.items()}
+    phi, metrics = algorithm.executor.map(
+        functools.partial(reptile_phi, algorithm), batch.keys, (detached,), batch.tensors()
+    )  # phi: {name: [B, *shape]}
+    # d/dtheta of 0.5 * ||theta - mean(phi)||^2 is theta - mean(phi).
+    loss = sum(0.5 * (theta[n] - phi[n].mean(0).detach()).pow(2).sum() for n in theta)
+    return MetaLoss(torch.as_tensor(loss), metrics.detach())

@@ -10,6 +10,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from metacli.engine.random import TaskRandom
 from metacli.errors import ConfigError
 from metacli.registry import Registered
 
@@ -34,7 +35,8 @@ class Model(nn.Module, Registered):
     # by `make bench` (docs/benchmarks.md): vmap wins big for small MLPs on a CPU, while
     # batched (grouped) convolutions lose to a loop there.
     preferred_batching: ClassVar[dict[str, str]] = {"cpu": "vmap", "cuda": "vmap"}
-    stochastic: ClassVar[bool] = False  # True: the forward pass draws from the task's rng
+    # True: each task draws (``draw``, from its rng) tensors its forward pass reads
+    stochastic: bool = False
     # The inputs it takes: "images" [C, H, W] (convolutions) or "any" shape (flattened).
     inputs: ClassVar[str] = "any"
 
@@ -47,6 +49,10 @@ class Model(nn.Module, Registered):
                 f"inputs have shape {tuple(input_shape)}. Choose model=mlp for this task, or "
                 f"an image task (task=omniglot, miniimagenet, image_folder, synthetic)."
             )
+
+    def draw(self, rng: TaskRandom) -> dict[str, Tensor]:
+        """A task's draws, by the names of the buffers they replace (``stochastic`` models)."""
+        return {}
 
     def batching_for(self, device: torch.device) -> str:
         return self.preferred_batching.get(device.type, "vmap")
@@ -131,14 +137,16 @@ class MetaBatchNorm(nn.Module):
         steps: int = 1,
         momentum: float = 0.1,
         eps: float = 1e-5,
+        affine: bool = True,
     ) -> None:
         super().__init__()
-        self.mode, self.momentum, self.eps = mode, momentum, eps
+        self.mode, self.momentum, self.eps, self.affine = mode, momentum, eps, affine
         self.step, self.collect = 0, False
         shape = (steps, channels) if mode == "per_step" else (channels,)
         if mode != "none":
-            self.weight = nn.Parameter(torch.ones(shape))
-            self.bias = nn.Parameter(torch.zeros(shape))
+            if affine:  # without: plain normalisation (DARTS's operations)
+                self.weight = nn.Parameter(torch.ones(shape))
+                self.bias = nn.Parameter(torch.zeros(shape))
             self.register_buffer("running_mean", torch.zeros(shape))
             self.register_buffer("running_var", torch.ones(shape))
 
@@ -159,5 +167,8 @@ class MetaBatchNorm(nn.Module):
             if self.collect:  # outside any transform, under no_grad
                 for buffer, value in ((self.running_mean, mean), (self.running_var, var)):
                     self._select(buffer).mul_(1 - self.momentum).add_(self.momentum * value)
-        scale = torch.rsqrt(var + self.eps) * self._select(self.weight)
+        scale = torch.rsqrt(var + self.eps)
+        if not self.affine:
+            return (x - mean.view(shape)) * scale.view(shape)
+        scale = scale * self._select(self.weight)
         return (x - mean.view(shape)) * scale.view(shape) + self._select(self.bias).view(shape)

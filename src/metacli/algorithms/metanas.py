@@ -1,0 +1,283 @@
+"""MetaNAS (Elsken et al. 2020, "Meta-learning of neural architectures for few-shot
+learning"): meta-learn a DARTS search network's architecture weights alpha together with
+its weights w, then derive the architecture.
+
+Both alpha and w are meta-parameters; per task both adapt in the inner loop (the update
+rule ``algo.update``: MetaNAS's task optimizer is Adam with beta1 = 0 on w and alpha,
+``experiment=metanas_*``) unless ``algo.adapt_alpha=false``; the outer update is Reptile's
+(``algo.meta=reptile``, MetaNAS's choice: theta <- theta + eps (phi - theta), with its own
+outer rate for alpha through the parameter group ``architecture``) or MAML's, first
+(``fomaml``) or second order (``maml``), as T-NAS. During ``algo.warmup_iterations`` outer
+steps alpha is frozen (neither adapted nor meta-updated) and only w learns; the softmax
+temperature of the edges anneals linearly from ``model.temperature`` to
+``algo.temperature_end`` over the training iterations. With ``model.sampling=gumbel`` every
+task draws its own discrete architecture from the task's random stream (``Darts.draw``).
+
+Every edge's operation weights are logged as named scalars; ``genotype.json`` (the DARTS
+rule: per node the ``model.keep`` strongest edges, each with its best non-zero operation)
+and ``genotype.png`` are written to the run folder at each validation and at the end; the
+found network trains from scratch with ``model=genotype model.genotype=<run folder>``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from metacli.algorithms.base import AlgoConfig, Evaluation, MetaLoss
+from metacli.algorithms.maml import MAML, MAMLConfig
+from metacli.algorithms.reptile import reptile_loss
+from metacli.config import require
+from metacli.engine.inner import Step
+from metacli.engine.random import TaskRandom
+from metacli.errors import ConfigError
+from metacli.models.base import Model
+from metacli.models.darts import KINDS, Darts
+from metacli.tasks.base import TaskBatch, TaskDistribution
+from metacli.updates.base import Params
+
+META = ("reptile", "fomaml", "maml")
+
+
+@dataclass
+class MetaNASConfig(MAMLConfig):
+    name: str = "metanas"
+    meta: str = "reptile"  # the meta-learner: reptile (MetaNAS) | fomaml | maml (T-NAS)
+    adapt_alpha: bool = True  # the architecture weights adapt in the inner loop too
+    warmup_iterations: int = 0  # outer steps in which only the weights w learn
+    temperature_end: float | None = None  # anneal model.temperature to this (null: keep it)
+    task_genotypes: bool = False  # T-NAS: each evaluation task's genotype from its adapted alpha
+    anneal_iterations: int | None = None  # over this many outer steps (null: train.iterations)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.meta in META, "algo.meta", self.meta, f"choose one of {', '.join(META)}")
+        require(
+            not self.first_order,
+            "algo.first_order",
+            self.first_order,
+            "algo=metanas takes its meta-learner from algo.meta (fomaml for first order)",
+        )
+        require(
+            self.warmup_iterations >= 0,
+            "algo.warmup_iterations",
+            self.warmup_iterations,
+            "it must be >= 0",
+        )
+        require(
+            self.temperature_end is None or self.temperature_end > 0,
+            "algo.temperature_end",
+            self.temperature_end,
+            "it must be > 0 or null",
+        )
+
+
+class MetaNAS(MAML, key="metanas"):
+    Config: ClassVar[type[AlgoConfig]] = MetaNASConfig
+    cfg: MetaNASConfig
+    model: Darts
+
+    def __init__(self, cfg: MetaNASConfig, model: Model, task: TaskDistribution) -> None:
+        if not isinstance(model, Darts):
+            raise ConfigError(
+                f"algo=metanas searches an architecture, so it needs model=darts (the search "
+                f"network), not model={model.cfg.name}. Train a found architecture with "
+                f"model=genotype and any other algorithm."
+            )
+        super().__init__(cfg, model, task)
+        self.start_temperature = float(model.temperature)
+
+    # --- what the meta-learner is -------------------------------------------------------
+    def use_first_order(self) -> bool:
+        return self.cfg.meta != "maml"
+
+    @property
+    def exact_gradient(self) -> bool:
+        gumbel = self.model.stochastic  # a straight-through estimate
+        return self.cfg.meta == "maml" and not gumbel and self.rule.exact
+
+    def adapted_names(self) -> list[str]:
+        names = [n for n, _ in self.model.named_parameters()]
+        if self.cfg.adapt_alpha:
+            return names
+        return [n for n in names if n not in self.model.architecture_names()]
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The architecture weights in their own group, ``architecture`` (its own outer
+        rate and decay: ``optim.groups.architecture.lr``, ``.weight_decay``)."""
+        groups = super().param_groups()
+        alphas = [getattr(self.model, n) for n in self.model.architecture_names()]
+        ids = {id(a) for a in alphas}
+        groups["model"] = [p for p in groups["model"] if id(p) not in ids]
+        return {"model": groups["model"], "architecture": alphas, **groups}
+
+    def frozen(self) -> bool:
+        return int(self.outer_steps) < self.cfg.warmup_iterations
+
+    # --- per task -------------------------------------------------------------------------
+    def forward_with(self, params: Params, x: Tensor, step: int = 0) -> Tensor:
+        if self.frozen():  # warm-up: alpha is a constant, so it neither adapts nor learns
+            params = {**params, **{n: params[n].detach() for n in self.model.architecture_names()}}
+        return super().forward_with(params, x, step)
+
+    def adapt(
+        self,
+        params: Params,
+        x: Tensor,
+        y: Tensor,
+        steps: int,
+        lr: float,
+        first_order: bool,
+        rng: TaskRandom,
+        keep_loss: bool = False,
+    ) -> Any:
+        """The inner loop, on this task's own architecture draw (``model.sampling=gumbel``)."""
+        params = {**params, **self.model.draw(rng)}
+        return super().adapt(params, x, y, steps, lr, first_order, rng, keep_loss)
+
+    def evaluate(self, batch: TaskBatch, predictions: bool = False) -> Evaluation:
+        """Adapt and measure each task (as every adaptive algorithm), and say which
+        architecture it used: the one it drew (``model.sampling=gumbel``: each edge's
+        operation), or the genotype of its adapted alpha (``algo.task_genotypes``, T-NAS)."""
+        labelled = self.model.stochastic or self.cfg.task_genotypes
+        if not labelled:
+            return super().evaluate(batch, predictions)
+        params = {name: p.detach() for name, p in self.initial_params().items()}
+        with torch.no_grad():
+            loss, metric, outputs, arch = self.executor.map(
+                self.trace_architecture, batch.keys, (params,), batch.tensors()
+            )
+        labels = [self.describe({k: v[i] for k, v in arch.items()}) for i in range(len(metric))]
+        return Evaluation(loss, metric, outputs if predictions else None, labels)
+
+    def trace_architecture(
+        self, rng: TaskRandom, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Params]:
+        """``trace``, plus the task's final alphas and its draws."""
+        final: dict[str, Params] = {}
+
+        def remember(steps: Iterator[Step]) -> Iterator[Step]:
+            for step in steps:
+                final["params"] = step.params
+                yield step
+
+        steps = self.adapt(params, sx, sy, self.test_steps, self.test_lr, True, rng)
+        loss, metric, outputs = self.measure(remember(steps), qx, qy)
+        names = [*self.model.architecture_names(), *self.model.draw_names()]
+        return loss, metric, outputs, {n: final["params"][n] for n in names}
+
+    def describe(self, arch: Params) -> str:
+        """One task's architecture as text: the drawn operation of every edge, or the
+        genotype of its adapted alphas."""
+        if self.model.stochastic:
+            ops = self.model.cfg.ops
+            drawn = {
+                kind: [
+                    ops[int(k)] for k in (arch[f"alpha_{kind}"] + arch[f"gumbel_{kind}"]).argmax(-1)
+                ]
+                for kind in KINDS
+            }
+            return json.dumps(drawn)
+        gene = self.model.genotype(arch)
+        return json.dumps({kind: gene[kind] for kind in KINDS})
+
+    def meta_loss(self, batch: TaskBatch) -> MetaLoss:
+        if self.cfg.meta == "reptile":
+            return reptile_loss(self, batch)
+        return super().meta_loss(batch)
+
+    # --- schedules and what is logged -----------------------------------------------------
+    @classmethod
+    def configure(cls, cfg: AlgoConfig, model_cfg: Any, run_cfg: Any) -> list[str]:
+        assert isinstance(cfg, MetaNASConfig)
+        if cfg.temperature_end is not None and cfg.anneal_iterations is None:
+            cfg.anneal_iterations = max(int(run_cfg.train.iterations), 1)
+            return [f"algo.anneal_iterations={cfg.anneal_iterations} (train.iterations)"]
+        return []
+
+    def observe(self, batch: TaskBatch) -> None:
+        super().observe(batch)
+        end = self.cfg.temperature_end
+        if end is not None:
+            done = min(float(self.outer_steps) / (self.cfg.anneal_iterations or 1), 1.0)
+            value = self.start_temperature + (end - self.start_temperature) * done
+            self.model.temperature.fill_(value)
+
+    def scalars(self) -> dict[str, float]:
+        """Every edge's operation weights (``arch_<cell>_n<node>_i<input>_<op>``), the
+        temperature, and the update rule's scalars."""
+        out = {**super().scalars(), "temperature": float(self.model.temperature)}
+        ops, nodes = self.model.cfg.ops, self.model.cfg.nodes
+        for kind in KINDS:
+            alpha = getattr(self.model, f"alpha_{kind}").detach()
+            weights = torch.softmax(alpha / self.model.temperature, -1)
+            edge = 0
+            for node in range(nodes):
+                for j in range(node + 2):
+                    for k, op in enumerate(ops):
+                        out[f"arch_{kind}_n{node}_i{j}_{op}"] = float(weights[edge, k])
+                    edge += 1
+        return out
+
+    def artifacts(self) -> dict[str, str | bytes]:
+        genotype = self.model.genotype()
+        files: dict[str, str | bytes] = {"genotype.json": json.dumps(genotype, indent=1) + "\n"}
+        picture = genotype_png(genotype)
+        if picture is not None:
+            files["genotype.png"] = picture
+        return files
+
+
+def genotype_png(genotype: dict[str, Any]) -> bytes | None:
+    """One drawing per cell type: inputs, nodes, each kept edge labelled with its operation
+    (None without matplotlib, the ``plot`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    import io
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for ax, kind in zip(axes, KINDS, strict=True):
+        nodes = len(genotype[kind])
+        where = {0: (0.0, 1.0), 1: (0.0, -1.0), nodes + 2: (nodes + 1.2, 0.0)}
+        for i in range(nodes):  # nodes on a zigzag, so that no edge runs through a node
+            where[i + 2] = (1.2 + i, 0.55 * (-1) ** i)
+        names = {0: "c_{k-2}", 1: "c_{k-1}", nodes + 2: "c_{k}"}
+        for i, node in enumerate(genotype[kind]):
+            for op, j in node:
+                (x0, y0), (x1, y1) = where[int(j)], where[i + 2]
+                bend = 0.25 if (i + int(j)) % 2 else -0.25
+                arrow = {"arrowstyle": "-|>", "shrinkA": 14, "shrinkB": 14, "lw": 1.1}
+                arrow["connectionstyle"] = f"arc3,rad={bend}"
+                ax.annotate("", (x1, y1), (x0, y0), arrowprops=arrow)
+                # the label near the middle of the bent edge, pushed off it
+                mx, my = (x0 + x1) / 2, (y0 + y1) / 2
+                dx, dy = x1 - x0, y1 - y0
+                mx, my = mx + bend * dy * 0.5, my - bend * dx * 0.5
+                ax.text(mx, my, str(op), fontsize=8, ha="center", va="center", color="darkred")
+            arrow = {"arrowstyle": "-|>", "shrinkA": 14, "shrinkB": 14, "ls": ":"}
+            ax.annotate("", where[nodes + 2], where[i + 2], arrowprops=arrow)
+        for index, (x, y) in where.items():
+            label = names.get(index, str(index - 2))
+            colour = "lightyellow" if index > 1 else "lightblue"
+            text = f"${label}$" if "_" in label else label
+            box = {"boxstyle": "round", "fc": colour}
+            ax.text(x, y, text, ha="center", va="center", bbox=box)
+        ax.set_title(f"{kind} cell")
+        ax.set_xlim(-0.5, nodes + 1.7)
+        ax.set_ylim(-1.5, 1.5)
+        ax.axis("off")
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()

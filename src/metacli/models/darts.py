@@ -1,0 +1,228 @@
+"""A DARTS search network (Liu et al. 2019) for architecture search in meta-learning.
+
+A stem (3x3 convolution and batch norm, ``stem_multiplier`` x ``channels`` maps), then
+``cells`` cells, those listed in ``reductions`` halving the resolution and doubling the
+channels, then global average pooling and a linear ``head``. A cell has two inputs (the
+two previous cells' outputs, each brought to C channels) and ``nodes`` intermediate nodes;
+node i sums one *edge* from each earlier state (the two inputs and nodes 0..i-1), and the
+cell outputs its nodes concatenated. Every edge is a mixed operation: the weighted sum of
+the operations in ``ops`` with weights softmax(alpha_e / T), one row of the architecture
+weights ``alpha_normal`` or ``alpha_reduce`` [edges, ops] per edge, shared by every cell of
+that type, as in DARTS and MetaNAS (boschresearch/metanas, models/search_cnn.py).
+
+The architecture weights are ordinary parameters, so ``torch.func`` calls the network with
+per-task alphas like any other weight (MetaNAS adapts them in the inner loop) and batch norm
+is computed from plain statistics (``MetaBatchNorm``; without affine parameters inside the
+operations, as DARTS). With ``sampling: gumbel`` every task draws a discrete architecture:
+weights onehot(argmax((alpha + G) / T)) with the straight-through gradient of the softmax,
+G the task's Gumbel noise, given in the parameters as ``gumbel_normal``/``gumbel_reduce``
+(``draw``). The temperature T is a buffer, so an algorithm can anneal it (and a resume
+restores it). ``genotype()`` discretises: per node, the best operation of each incoming edge
+(``zero`` excluded), and the ``keep`` strongest edges (the DARTS rule).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from metacli.config import require
+from metacli.engine.random import TaskRandom
+from metacli.errors import ConfigError
+from metacli.models.base import Model, ModelConfig
+from metacli.models.operations import OPS, Cell, Genotype, edge_count
+
+DARTS_OPS = [
+    "sep_conv_3x3",
+    "sep_conv_5x5",
+    "dil_conv_3x3",
+    "dil_conv_5x5",
+    "max_pool_3x3",
+    "avg_pool_3x3",
+    "skip_connect",
+    "zero",
+]
+SAMPLING = ("none", "gumbel")
+KINDS = ("normal", "reduce")
+
+
+@dataclass
+class DartsConfig(ModelConfig):
+    name: str = "darts"
+    channels: int = 16  # C of the first cells (doubled at each reduction)
+    cells: int = 4
+    reductions: list[int] | None = None  # cells that halve the resolution (null: n/3, 2n/3)
+    nodes: int = 3  # intermediate nodes per cell
+    ops: list[str] = field(default_factory=lambda: list(DARTS_OPS))
+    stem_multiplier: int = 3
+    stem_stride: int = 1  # 2 halves the resolution at once (4x less compute; CPU searches)
+    temperature: float = 1.0  # of the softmax over each edge's operations (at the start)
+    sampling: str = "none"  # none: the continuous mixture | gumbel: one architecture per task
+    keep: int = 2  # incoming edges per node kept by the discretisation
+
+    def __post_init__(self) -> None:
+        require(self.channels >= 1, "model.channels", self.channels, "it must be >= 1")
+        require(self.cells >= 1, "model.cells", self.cells, "it must be >= 1")
+        require(self.nodes >= 1, "model.nodes", self.nodes, "it must be >= 1")
+        require(self.keep >= 1, "model.keep", self.keep, "it must be >= 1")
+        require(self.stem_stride in (1, 2), "model.stem_stride", self.stem_stride, "1 or 2")
+        require(self.temperature > 0, "model.temperature", self.temperature, "it must be > 0")
+        require(
+            self.sampling in SAMPLING,
+            "model.sampling",
+            self.sampling,
+            f"choose one of {', '.join(SAMPLING)}",
+        )
+        unknown = [op for op in self.ops if op not in OPS]
+        require(
+            not unknown and len(self.ops) >= 1 and len(set(self.ops)) == len(self.ops),
+            "model.ops",
+            self.ops,
+            f"list distinct operations among {', '.join(OPS)}",
+        )
+        require(
+            self.ops != ["zero"], "model.ops", self.ops, "a space of `zero` alone has no network"
+        )
+        reductions = self.reductions or []
+        require(
+            all(0 <= r < self.cells for r in reductions),
+            "model.reductions",
+            self.reductions,
+            f"cell indices in [0, {self.cells - 1}]",
+        )
+
+    def reduction_cells(self) -> list[int]:
+        if self.reductions is None:
+            return sorted({self.cells // 3, 2 * self.cells // 3})
+        return sorted(set(self.reductions))
+
+
+def macro(
+    cfg: Any, channels_in: int, reductions: list[int], genes: dict[str, Genotype] | None
+) -> tuple[nn.Module, nn.ModuleList, int]:
+    """The stem and the cells (search cells without ``genes``, derived cells with them),
+    and the channels of the last cell's output."""
+    from metacli.models.base import MetaBatchNorm
+
+    stem_channels = cfg.stem_multiplier * cfg.channels
+    stem = nn.Sequential(
+        nn.Conv2d(channels_in, stem_channels, 3, cfg.stem_stride, padding=1, bias=False),
+        MetaBatchNorm(stem_channels),
+    )
+    cells = nn.ModuleList()
+    c_pp, c_p, c = stem_channels, stem_channels, cfg.channels
+    reduction_prev = False
+    for i in range(cfg.cells):
+        reduction = i in reductions
+        c = c * 2 if reduction else c
+        kind = "reduce" if reduction else "normal"
+        gene = None if genes is None else genes[kind]
+        affine = getattr(cfg, "affine", False)
+        cell = Cell(c_pp, c_p, c, reduction_prev, reduction, cfg.nodes, cfg.ops, gene, affine)
+        cells.append(cell)
+        reduction_prev = reduction
+        c_pp, c_p = c_p, c * cell.outputs
+    return stem, cells, c_p
+
+
+class Darts(Model, key="darts"):
+    inputs = "images"
+    Config = DartsConfig
+    # Like Conv-4: batched (grouped) convolutions lose to a loop of tasks on a CPU.
+    preferred_batching = {"cpu": "threads", "cuda": "vmap"}
+    temperature: Tensor
+
+    def __init__(self, cfg: DartsConfig, input_shape: tuple[int, ...], output_dim: int | None):
+        super().__init__(cfg, input_shape, output_dim)
+        self.cfg: DartsConfig = cfg
+        self.stochastic = cfg.sampling == "gumbel"
+        self.reductions = cfg.reduction_cells()
+        self.stem, self.cells, features = macro(cfg, input_shape[0], self.reductions, None)
+        edges = edge_count(cfg.nodes)
+        self.alpha_normal = nn.Parameter(1e-3 * torch.randn(edges, len(cfg.ops)))
+        self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(edges, len(cfg.ops)))
+        self.register_buffer("temperature", torch.tensor(float(cfg.temperature)))
+        self.feature_dim = features
+        self.head = nn.Linear(features, output_dim) if output_dim else None
+        if self.stochastic:  # replaced by each task's draw (``draw``), zero otherwise
+            self.register_buffer("gumbel_normal", torch.zeros(edges, len(cfg.ops)))
+            self.register_buffer("gumbel_reduce", torch.zeros(edges, len(cfg.ops)))
+
+    def architecture_names(self) -> list[str]:
+        return ["alpha_normal", "alpha_reduce"]
+
+    def draw(self, rng: TaskRandom) -> dict[str, Tensor]:
+        """This task's Gumbel noise for every edge of both cell types (``sampling: gumbel``)."""
+        if not self.stochastic:
+            return {}
+        shape = tuple(self.alpha_normal.shape)
+        dtype = self.alpha_normal.dtype
+        return {
+            "gumbel_normal": rng.gumbel(shape, dtype),
+            "gumbel_reduce": rng.gumbel(shape, dtype),
+        }
+
+    def draw_names(self) -> list[str]:
+        return [f"gumbel_{kind}" for kind in KINDS] if self.stochastic else []
+
+    def edge_weights(self, alpha: Tensor, noise: Tensor | None = None) -> Tensor:
+        """[edges, ops]: softmax(alpha / T), or the straight-through one-hot of a draw."""
+        if noise is None:
+            return torch.softmax(alpha / self.temperature, dim=-1)
+        soft = torch.softmax((alpha + noise) / self.temperature, dim=-1)
+        index = torch.arange(soft.shape[-1], device=soft.device)
+        hard = (index == soft.argmax(-1, keepdim=True)).to(soft.dtype)
+        return hard + (soft - soft.detach())
+
+    def features(self, x: Tensor) -> Tensor:
+        noise = {k: getattr(self, f"gumbel_{k}") if self.stochastic else None for k in KINDS}
+        weights = {k: self.edge_weights(getattr(self, f"alpha_{k}"), noise[k]) for k in KINDS}
+        s0 = s1 = self.stem(x)
+        for i, cell in enumerate(self.cells):
+            kind = "reduce" if i in self.reductions else "normal"
+            s0, s1 = s1, cell(s0, s1, weights[kind])
+        return s1.mean(dim=(2, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.features(x)
+        return self.head(features) if self.head is not None else features
+
+    def genotype(self, alphas: dict[str, Tensor] | None = None) -> dict[str, Any]:
+        """The discrete architecture (DARTS rule) of the given or the meta-learned alphas,
+        with the macro settings that rebuild it (``model=genotype``)."""
+        alphas = alphas or {n: p.detach() for n, p in self.named_parameters() if "alpha" in n}
+        cfg = self.cfg
+        out: dict[str, Any] = {}
+        for kind in KINDS:
+            weights = torch.softmax(alphas[f"alpha_{kind}"].float() / self.temperature.float(), -1)
+            out[kind] = discretize(weights, cfg.ops, cfg.nodes, cfg.keep)
+        return {
+            **out,
+            "nodes": cfg.nodes,
+            "channels": cfg.channels,
+            "cells": cfg.cells,
+            "reductions": self.reductions,
+            "stem_multiplier": cfg.stem_multiplier,
+            "stem_stride": cfg.stem_stride,
+        }
+
+
+def discretize(weights: Tensor, ops: list[str], nodes: int, keep: int) -> Genotype:
+    """Per node: each incoming edge's strongest operation other than ``zero``, and the
+    ``keep`` edges whose chosen operation weighs most; [[op, input], ...] per node, inputs
+    in increasing order (0, 1: the cell's inputs; 2 + i: node i)."""
+    usable = [k for k, op in enumerate(ops) if op != "zero"]
+    if not usable:
+        raise ConfigError("model.ops has only `zero`: there is nothing to keep.")
+    genes, start = [], 0
+    for node in range(nodes):
+        inputs = node + 2
+        rows = weights[start : start + inputs][:, usable]  # [inputs, usable ops]
+        best, which = rows.max(dim=-1)
+        order = sorted(range(inputs), key=lambda j: (-float(best[j]), j))[: min(keep, inputs)]
+        genes.append([[ops[usable[int(which[j])]], j] for j in sorted(order)])
+        start += inputs
+    return genes

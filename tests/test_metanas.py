@@ -1,0 +1,262 @@
+"""Architecture search (model=darts, algo=metanas, model=genotype): a one-operation search
+space is plain MAML/Reptile on the fixed network; mixed operations are the softmax-weighted
+sums of their operations and select the argmax as the temperature goes to zero; the DARTS
+discretisation on hand-set alphas; genotype.json round-trips into model=genotype with the
+parameter count computed by hand; the architecture's own optimizer group; warm-up,
+annealing, per-task draws and what is logged and written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from metacli.algorithms.metanas import MetaNAS
+from metacli.build import Components, build
+from metacli.engine.random import TaskRandom, task_keys
+from metacli.errors import ConfigError
+from metacli.loop import evaluate, meta_step, sample
+from metacli.models.darts import Darts, discretize
+from metacli.models.operations import OPS, Edge
+from tests.conftest import compose_config
+
+IMAGES = ("task=synthetic", "task.image_size=8", "task.ways=3", "task.shots=2", "task.queries=2")
+TINY = (
+    *IMAGES,
+    "model=darts",
+    "model.channels=2",
+    "model.cells=2",
+    "model.nodes=2",
+    "model.reductions=[1]",
+    "model.stem_multiplier=1",
+    "device=cpu",
+    "train.meta_batch_size=2",
+    "algo.inner_steps=2",
+    "algo.inner_lr=0.1",
+)
+
+
+def darts(c: Components) -> Darts:
+    assert isinstance(c.model, Darts)
+    return c.model
+
+
+def test_mixed_operation_is_the_softmax_weighted_sum_and_the_argmax_at_zero_temperature(
+    float64,
+) -> None:
+    names = ["conv_3x3", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "zero"]
+    edge = Edge(names, 3, 1, False)
+    x = torch.randn(4, 3, 6, 6)
+    alpha = torch.tensor([0.3, -0.2, 0.9, 0.1, 0.0])
+    c = build(compose_config(*TINY, "algo=metanas", f"model.ops=[{','.join(names)}]"))
+    model = darts(c)
+    weights = model.edge_weights(alpha)
+    torch.testing.assert_close(weights, torch.softmax(alpha, 0), rtol=0, atol=0)
+    one_by_one = sum(w * op(x) for w, op in zip(weights, edge.ops, strict=True))
+    assert isinstance(one_by_one, Tensor)
+    torch.testing.assert_close(edge(x, weights), one_by_one, rtol=1e-13, atol=1e-13)
+    model.temperature.fill_(1e-4)  # -> the argmax operation (skip_connect) alone
+    cold = model.edge_weights(alpha)
+    assert cold.tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]
+    torch.testing.assert_close(edge(x, cold), x)
+
+
+def test_discretisation_keeps_the_strongest_edges_and_their_best_non_zero_operations() -> None:
+    ops = ["conv_3x3", "max_pool_3x3", "zero"]
+    weights = torch.tensor(
+        [
+            # node 0: inputs 0 and 1
+            [0.5, 0.2, 0.3],  # best conv_3x3 (0.5)
+            [0.1, 0.3, 0.6],  # zero wins but is excluded: max_pool_3x3 (0.3)
+            # node 1: inputs 0, 1 and node 0 (input 2)
+            [0.2, 0.1, 0.7],  # max_pool? no: conv_3x3 0.2 > 0.1
+            [0.1, 0.8, 0.1],  # max_pool_3x3 0.8
+            [0.6, 0.3, 0.1],  # conv_3x3 0.6
+        ]
+    )
+    assert discretize(weights, ops, 2, 2) == [
+        [["conv_3x3", 0], ["max_pool_3x3", 1]],
+        [["max_pool_3x3", 1], ["conv_3x3", 2]],
+    ]
+    assert discretize(weights, ops, 2, 1) == [[["conv_3x3", 0]], [["max_pool_3x3", 1]]]
+
+
+def test_genotype_json_round_trips_into_model_genotype_with_the_counted_parameters(
+    tmp_path: Path,
+) -> None:
+    gene = {
+        "normal": [[["conv_3x3", 0], ["skip_connect", 1]]],
+        "reduce": [[["max_pool_3x3", 0], ["skip_connect", 1]]],
+        "nodes": 1,
+        "channels": 4,
+        "cells": 1,
+        "reductions": [],
+        "stem_multiplier": 1,
+    }
+    (tmp_path / "genotype.json").write_text(json.dumps(gene))
+    c = build(
+        compose_config(
+            "model=genotype", f"model.genotype={tmp_path}", "task=synthetic",
+            "task.image_size=8", "task.channels=1", "task.ways=5", "device=cpu",
+        )
+    )  # fmt: skip
+    # stem 1->4 3x3 (36) + affine norm (8); two 1x1 preprocessings 4->4 (16 + 8 each);
+    # conv_3x3 4->4 (144 + 8); skip (0); head 4 -> 5 (25)
+    assert sum(p.numel() for p in c.model.parameters()) == 44 + 2 * 24 + 152 + 25
+    assert c.algorithm.evaluate(sample(c)).metric.shape[0] == 25  # it runs
+    # a search writes what model=genotype reads
+    search = build(compose_config(*TINY, "algo=metanas"))
+    written = json.loads(MetaNAS.artifacts(search.algorithm)["genotype.json"])  # type: ignore[arg-type]
+    assert written == darts(search).genotype()
+    (tmp_path / "g.json").write_text(json.dumps(written))
+    derived = build(
+        compose_config(*IMAGES, "model=genotype", f"model.genotype={tmp_path / 'g.json'}")
+    )
+    assert len(derived.model.cells) == 2 and sum(len(n) for n in written["normal"]) == 4
+    for bad in ("", str(tmp_path / "missing")):
+        with pytest.raises(ConfigError, match=r"model\.genotype"):
+            build(compose_config(*IMAGES, "model=genotype", f"model.genotype={bad}"))
+
+
+@pytest.mark.parametrize(("meta", "plain"), [("maml", "maml"), ("reptile", "reptile")])
+def test_one_operation_with_alpha_frozen_is_plain_meta_learning_on_the_fixed_network(
+    float64, tmp_path: Path, meta: str, plain: str
+) -> None:
+    """Search space {conv_3x3} (its weight is 1 whatever alpha), every edge kept, alpha not
+    adapted: the meta-loss and the weights' meta-gradient equal algo=maml / algo=reptile on
+    model=genotype with that genotype (affine-free norm, as in the search cells)."""
+    one = (*TINY, "model.ops=[conv_3x3]", "model.keep=10")
+    search = build(
+        compose_config(*one, "algo=metanas", f"algo.meta={meta}", "algo.adapt_alpha=false")
+    )
+    (tmp_path / "genotype.json").write_text(json.dumps(darts(search).genotype()))
+    fixed = build(
+        compose_config(
+            *(o for o in TINY if not o.startswith("model.")), f"algo={plain}", "model=genotype",
+            f"model.genotype={tmp_path}", "model.affine=false",
+        )
+    )  # fmt: skip
+    weights = {k: v for k, v in search.model.state_dict().items() if "alpha" not in k}
+    weights.pop("temperature")
+    fixed.model.load_state_dict(weights, strict=True)
+    batch = sample(search)
+    ours, theirs = search.algorithm.meta_loss(batch), fixed.algorithm.meta_loss(batch)
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-12, atol=1e-12)
+    names = [n for n, _ in fixed.model.named_parameters()]
+    ours_grads = torch.autograd.grad(ours.loss, [getattr_path(search, n) for n in names])
+    theirs_grads = torch.autograd.grad(theirs.loss, list(fixed.model.parameters()))
+    assert sum(g.abs().sum() for g in theirs_grads) > 0
+    for a, b in zip(ours_grads, theirs_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def getattr_path(c: Components, name: str) -> Tensor:
+    return dict(c.model.named_parameters())[name]
+
+
+def test_architecture_weights_have_their_own_optimizer_group() -> None:
+    c = build(
+        compose_config(
+            *TINY, "algo=metanas", "optim=sgd", "optim.lr=1.0", "optim.weight_decay=0.01",
+            "optim.groups.architecture.lr=0.6", "optim.groups.architecture.weight_decay=0.001",
+        )
+    )  # fmt: skip
+    groups = {g["name"]: g for g in c.optimizer.param_groups}
+    assert set(groups) == {"model", "architecture"}
+    assert groups["architecture"]["lr"] == 0.6 and groups["architecture"]["weight_decay"] == 0.001
+    assert groups["model"]["lr"] == 1.0 and groups["model"]["weight_decay"] == 0.01
+    model = darts(c)
+    assert {id(p) for p in groups["architecture"]["params"]} == {
+        id(model.alpha_normal),
+        id(model.alpha_reduce),
+    }
+    assert all(id(p) != id(model.alpha_normal) for p in groups["model"]["params"])
+
+
+def test_warm_up_freezes_alpha_and_the_temperature_anneals_over_the_run() -> None:
+    c = build(
+        compose_config(
+            *TINY, "algo=metanas", "algo.meta=fomaml", "algo.warmup_iterations=2",
+            "algo.temperature_end=0.2", "model.temperature=1.0", "train.iterations=4",
+        )
+    )  # fmt: skip
+    assert c.cfg.algo.anneal_iterations == 4  # recorded: what ran
+    model = darts(c)
+    before = model.alpha_normal.detach().clone()
+    weights = model.stem[0].weight.detach().clone()
+    temperatures = []
+    for _ in range(4):
+        meta_step(c, None)
+        temperatures.append(float(model.temperature))
+        if len(temperatures) <= 2:  # warm-up: alpha untouched, w learns
+            assert torch.equal(model.alpha_normal.detach(), before)
+    assert not torch.equal(model.stem[0].weight.detach(), weights)
+    assert not torch.equal(model.alpha_normal.detach(), before)  # after the warm-up
+    assert temperatures == pytest.approx([0.8, 0.6, 0.4, 0.2])
+    scalars = c.algorithm.scalars()
+    assert scalars["temperature"] == pytest.approx(0.2)
+    edge = [v for k, v in scalars.items() if k.startswith("arch_normal_n1_i2_")]
+    assert len(edge) == len(model.cfg.ops) and sum(edge) == pytest.approx(1.0)
+
+
+def test_gumbel_draws_one_architecture_per_task_from_its_stream(float64) -> None:
+    c = build(compose_config(*TINY, "algo=metanas", "model.sampling=gumbel"))
+    model = darts(c)
+    assert c.algorithm.executor.stochastic and not c.algorithm.exact_gradient
+    noise = model.draw(TaskRandom(torch.tensor(7)))
+    assert set(noise) == {"gumbel_normal", "gumbel_reduce"}
+    assert torch.equal(
+        noise["gumbel_normal"], model.draw(TaskRandom(torch.tensor(7)))["gumbel_normal"]
+    )
+    weights = model.edge_weights(model.alpha_normal, noise["gumbel_normal"])
+    assert set(weights.sum(-1).tolist()) == {1.0} and set(weights.flatten().tolist()) == {0.0, 1.0}
+    out = c.algorithm.meta_loss(sample(c))
+    out.loss.backward()
+    assert model.alpha_normal.grad is not None and model.alpha_normal.grad.abs().sum() > 0
+
+
+def test_metanas_needs_the_search_network_and_checks_its_settings() -> None:
+    with pytest.raises(ConfigError, match="needs model=darts"):
+        build(compose_config("algo=metanas", "task=synthetic", "model=conv4", "device=cpu"))
+    for override, key in (
+        ("algo.meta=sgd", "algo.meta"),
+        ("model.ops=[conv_3x3,conv_9x9]", "model.ops"),
+        ("model.sampling=hard", "model.sampling"),
+        ("algo.first_order=true", "algo.first_order"),
+    ):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            build(compose_config(*TINY, "algo=metanas", override))
+
+
+def test_artifacts_are_the_genotype_and_its_picture() -> None:
+    pytest.importorskip("matplotlib")
+    c = build(compose_config(*TINY, "algo=metanas"))
+    files = c.algorithm.artifacts()
+    picture = files["genotype.png"]
+    assert isinstance(picture, bytes) and picture.startswith(b"\x89PNG")
+    assert set(json.loads(files["genotype.json"])["normal"][0][0]) <= set(OPS) | {0, 1}
+
+
+@pytest.mark.parametrize("setting", ["model.sampling=gumbel", "algo.task_genotypes=true"])
+def test_the_meta_test_reports_each_tasks_architecture(setting: str) -> None:
+    """Drawn architectures (gumbel: each edge's drawn operation, as the task's own stream
+    gives it) or T-NAS's task-specific genotypes, counted in the test summary."""
+    adapt = "algo.adapt_alpha=false" if "gumbel" in setting else "algo.adapt_alpha=true"
+    c = build(compose_config(*TINY, "algo=metanas", setting, adapt, "algo.inner_lr=0.5"))
+    summary = evaluate(c, "test", 6, 3)
+    assert len(summary.labels) == 6
+    counts = summary.as_dict()["labels"]
+    assert sum(counts["counts"].values()) == 6 and counts["distinct"] == len(set(summary.labels))
+    first = json.loads(summary.labels[0])
+    if setting.startswith("model.sampling"):
+        model = darts(c)
+        keys = task_keys(c.run.seed, "test", 0, 0, 6)
+        noise = model.draw(TaskRandom(keys[0]))["gumbel_normal"]
+        drawn = (model.alpha_normal.detach() + noise).argmax(-1)
+        assert first["normal"] == [model.cfg.ops[int(k)] for k in drawn]  # alpha not adapted
+    else:
+        assert len(first["normal"]) == 2 and all(len(node) == 2 for node in first["normal"])
+    assert counts["distinct"] >= 1
