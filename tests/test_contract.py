@@ -95,14 +95,13 @@ ENCODED = {
 }
 
 
-SEARCH = (  # two cells (the second a reduction), two nodes, four operations, 2 channels
+SEARCH = (  # two cells (the second a reduction), two nodes, 2 channels
     "model=darts",
     "model.channels=2",
     "model.cells=2",
     "model.nodes=2",
     "model.reductions=[1]",
     "model.stem_multiplier=1",
-    "model.ops=[conv_3x3,max_pool_3x3,skip_connect,zero]",
 )
 
 SEARCH_SMOOTH = (  # one cell of one node: few weights to perturb
@@ -132,7 +131,8 @@ def config(algo: str, *overrides: str, workload: tuple[str, ...] = CONV4) -> lis
         if workload is CONV4:
             workload = tuple(w for w in workload if not w.startswith("model"))
     if algo.startswith("metanas"):  # a small search network in place of the workload's model
-        name = ["algo=metanas", *(SEARCH if workload is CONV4 else SEARCH_SMOOTH)]
+        small = [*SEARCH, "model.ops=[conv_3x3,max_pool_3x3,skip_connect,zero]"]
+        name = ["algo=metanas", *(small if workload is CONV4 else SEARCH_SMOOTH)]
         name += ["model.sampling=gumbel"] if algo.endswith("gumbel") else []
         workload = tuple(w for w in workload if not w.startswith("model"))
     msl = ["algo.msl_iterations=100"] if algo == "mamlpp" else []

@@ -22,16 +22,12 @@ from metacli.loop import evaluate, meta_step, sample
 from metacli.models.darts import Darts, discretize
 from metacli.models.operations import OPS, Edge
 from tests.conftest import compose_config
+from tests.test_contract import SEARCH
 
 IMAGES = ("task=synthetic", "task.image_size=8", "task.ways=3", "task.shots=2", "task.queries=2")
 TINY = (
     *IMAGES,
-    "model=darts",
-    "model.channels=2",
-    "model.cells=2",
-    "model.nodes=2",
-    "model.reductions=[1]",
-    "model.stem_multiplier=1",
+    *SEARCH,
     "device=cpu",
     "train.meta_batch_size=2",
     "algo.inner_steps=2",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from pathlib import Path
 
@@ -320,3 +321,48 @@ def test_plot_works_for_an_omniglot_run_and_titles_say_what_ran(tmp_path: Path) 
     for name in written:
         title = Image.open(tmp_path / "run" / name).text["Title"]
         assert title == "maml on omniglot (conv4), seed 3"
+
+
+@pytest.mark.slow
+def test_architecture_search_on_real_omniglot_learns_and_its_genotype_trains(
+    tmp_path: Path, real: Omniglot
+) -> None:
+    """The README's search (experiment=metanas_cpu), shortened; then the found network
+    from scratch with MAML (model=genotype), as the README says to."""
+    run_cli(
+        "train",
+        "experiment=metanas_cpu",
+        f"data.root={REAL}",
+        "train.iterations=40",
+        "train.val_every=40",
+        "val.num_tasks=40",
+        "test.num_tasks=40",
+        "hydra.run.dir=search",
+        cwd=tmp_path,
+        timeout=1800,
+    )
+    vals = [r for r in read_metrics(tmp_path / "search") if r["split"] == "val"]
+    assert vals[-1]["metric"] > vals[-1]["metric_before"] + 0.2
+    genotype = json.loads((tmp_path / "search" / "genotype.json").read_text())
+    assert len(genotype["normal"]) == 2 and (tmp_path / "search" / "genotype.png").is_file()
+    run_cli(
+        "train",
+        "algo=fomaml",
+        "task=omniglot",
+        f"data.root={REAL}",
+        "model=genotype",
+        f"model.genotype={tmp_path / 'search'}",
+        "algo.inner_lr=0.4",
+        "algo.inner_steps=3",
+        "task.queries=5",
+        "train.iterations=20",
+        "train.meta_batch_size=4",
+        "train.val_every=20",
+        "val.num_tasks=20",
+        "test.num_tasks=20",
+        "hydra.run.dir=derived",
+        cwd=tmp_path,
+        timeout=1800,
+    )
+    summary = json.loads((tmp_path / "derived" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["test"]["mean"] > 0.3

@@ -313,7 +313,10 @@ class Adaptive(MetaAlgorithm):
         rng: TaskRandom,
         keep_loss: bool = False,
     ) -> Iterator[Step]:
-        """The inner loop on one task's support set ``x`` [S, ...], ``y`` [S, ...]."""
+        """The inner loop on one task's support set ``x`` [S, ...], ``y`` [S, ...] (on the
+        task's own draws of a stochastic model: an architecture it samples)."""
+        if self.model.stochastic:
+            params = {**params, **self.model.draw(rng)}
 
         def loss(p: Params, step: int) -> Tensor:
             return self.support_loss(p, x, y, step, rng)

@@ -125,21 +125,6 @@ class MetaNAS(MAML, key="metanas"):
             params = {**params, **{n: params[n].detach() for n in self.model.architecture_names()}}
         return super().forward_with(params, x, step)
 
-    def adapt(
-        self,
-        params: Params,
-        x: Tensor,
-        y: Tensor,
-        steps: int,
-        lr: float,
-        first_order: bool,
-        rng: TaskRandom,
-        keep_loss: bool = False,
-    ) -> Any:
-        """The inner loop, on this task's own architecture draw (``model.sampling=gumbel``)."""
-        params = {**params, **self.model.draw(rng)}
-        return super().adapt(params, x, y, steps, lr, first_order, rng, keep_loss)
-
     def evaluate(self, batch: TaskBatch, predictions: bool = False) -> Evaluation:
         """Adapt and measure each task (as every adaptive algorithm), and say which
         architecture it used: the one it drew (``model.sampling=gumbel``: each edge's
