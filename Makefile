@@ -23,11 +23,17 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(BIN)/metacli train $(ARGS)
 
+# The tests run in JOBS processes (pytest-xdist), one torch thread each: most tests are
+# many small operations, so two processes on two cores beat one process with two threads
+# (measured: 329 s against 594 s for `make test`).
+JOBS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(JOBS)
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+	$(PYTEST) -m "not slow" $(ARGS)
 
 test-full: $(STAMP)
-	$(BIN)/python -m pytest $(ARGS)
+	$(PYTEST) $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -28,10 +28,15 @@ STANDIN_EXPERIMENTS = {
     "metalstm_miniimagenet_5shot": STANDIN,
     "alfa_miniimagenet_1shot": STANDIN,
     "alfa_miniimagenet_5shot": STANDIN,
-    # the architecture searches on small images with one query per class: their networks
-    # are built and run as set, at a size a unit test affords
+    # the architecture searches on small images with one query per class and one inner
+    # step: their networks are built and run as set, at a size a unit test affords
     **{
-        f"metanas_{name}": ("task=synthetic", "task.image_size=8", "task.queries=1")
+        f"metanas_{name}": (
+            "task=synthetic",
+            "task.image_size=8",
+            "task.queries=1",
+            "algo.inner_steps=1",
+        )
         for name in ("omniglot", "miniimagenet", "cpu")
     },
 }

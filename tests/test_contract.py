@@ -132,9 +132,14 @@ def config(algo: str, *overrides: str, workload: tuple[str, ...] = CONV4) -> lis
             workload = tuple(w for w in workload if not w.startswith("model"))
     if algo.startswith("metanas"):  # a small search network in place of the workload's model
         small = [*SEARCH, "model.ops=[conv_3x3,max_pool_3x3,skip_connect,zero]"]
-        name = ["algo=metanas", *(small if workload is CONV4 else SEARCH_SMOOTH)]
+        conv = workload is CONV4
+        name = ["algo=metanas", *(small if conv else SEARCH_SMOOTH)]
         name += ["model.sampling=gumbel"] if algo.endswith("gumbel") else []
         workload = tuple(w for w in workload if not w.startswith("model"))
+        if conv:  # 8x8 images: the search network costs many small operations
+            workload = tuple(
+                "task.image_size=8" if w.startswith("task.image_size") else w for w in workload
+            )
     msl = ["algo.msl_iterations=100"] if algo == "mamlpp" else []
     msl += ["algo.lstm_hidden=2"] if algo == "metalstm" else []  # few weights to perturb
     return [*name, *inner, *msl, "device=cpu", "train.meta_batch_size=3", *workload, *overrides]
