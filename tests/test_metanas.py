@@ -256,3 +256,31 @@ def test_the_meta_test_reports_each_tasks_architecture(setting: str) -> None:
     else:
         assert len(first["normal"]) == 2 and all(len(node) == 2 for node in first["normal"])
     assert counts["distinct"] >= 1
+
+
+def test_the_task_schedule_anneals_the_temperature_over_each_inner_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MetaNAS's normalizer: t_max at inner step 0, linear to t_min at the last step and
+    on the query; t_max throughout while alpha is frozen; the buffer itself unchanged."""
+    seen: list[float] = []
+    original = Darts.edge_weights
+
+    def recording(self: Darts, alpha: Tensor, noise: Tensor | None = None) -> Tensor:
+        seen.append(round(float(self.temperature), 6))
+        return original(self, alpha, noise)
+
+    monkeypatch.setattr(Darts, "edge_weights", recording)
+    settings = ("algo.temperature_end=0.1", "algo.temperature_schedule=task")
+    c = build(
+        compose_config(*TINY, "algo=metanas", "algo.meta=fomaml", "algo.inner_steps=4", *settings)
+    )
+    assert c.cfg.algo.anneal_iterations is None  # nothing anneals over the run
+    c.algorithm.meta_loss(sample(c)[:1])
+    # two cell types per forward: steps 0..3 on the support, then the query after 4 steps
+    assert seen[::2] == pytest.approx([1.0, 0.7, 0.4, 0.1, 0.1])
+    assert float(darts(c).temperature) == 1.0
+    seen.clear()
+    frozen = build(compose_config(*TINY, "algo=metanas", "algo.warmup_iterations=5", *settings))
+    frozen.algorithm.meta_loss(sample(frozen)[:1])
+    assert set(seen) == {1.0}

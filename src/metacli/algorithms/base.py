@@ -174,7 +174,7 @@ class MetaAlgorithm(nn.Module, Registered):
         model = self.executor.module()
         model.set_step(step)
         buffers = self.model.named_tensors()[1]
-        if self.model.stochastic:  # a task's draws come as parameters, in place of buffers
+        if buffers.keys() & params.keys():  # given with the weights (a task's draws): theirs
             buffers = {n: b for n, b in buffers.items() if n not in params}
         return torch.func.functional_call(model, (params, buffers), (x,))
 

@@ -51,6 +51,7 @@ class MetaNASConfig(MAMLConfig):
     adapt_alpha: bool = True  # the architecture weights adapt in the inner loop too
     warmup_iterations: int = 0  # outer steps in which only the weights w learn
     temperature_end: float | None = None  # anneal model.temperature to this (null: keep it)
+    temperature_schedule: str = "run"  # run: over meta-training | task: over each inner loop
     task_genotypes: bool = False  # T-NAS: each evaluation task's genotype from its adapted alpha
     anneal_iterations: int | None = None  # over this many outer steps (null: train.iterations)
 
@@ -68,6 +69,12 @@ class MetaNASConfig(MAMLConfig):
             "algo.warmup_iterations",
             self.warmup_iterations,
             "it must be >= 0",
+        )
+        require(
+            self.temperature_schedule in ("run", "task"),
+            "algo.temperature_schedule",
+            self.temperature_schedule,
+            "run (over meta-training) or task (over each inner loop, as MetaNAS's code)",
         )
         require(
             self.temperature_end is None or self.temperature_end > 0,
@@ -121,8 +128,17 @@ class MetaNAS(MAML, key="metanas"):
 
     # --- per task -------------------------------------------------------------------------
     def forward_with(self, params: Params, x: Tensor, step: int = 0) -> Tensor:
-        if self.frozen():  # warm-up: alpha is a constant, so it neither adapts nor learns
+        frozen = self.frozen()
+        if frozen:  # warm-up: alpha is a constant, so it neither adapts nor learns
             params = {**params, **{n: params[n].detach() for n in self.model.architecture_names()}}
+        end = self.cfg.temperature_end
+        if end is not None and self.cfg.temperature_schedule == "task":
+            # MetaNAS's schedule: linear over the phase's inner steps, the query at the end;
+            # it stays at the start while alpha is frozen (the authors' warm-up)
+            steps = self.train_steps if self.training else self.test_steps
+            done = 0.0 if frozen or steps < 2 else min(step, steps - 1) / (steps - 1)
+            value = self.start_temperature + (end - self.start_temperature) * done
+            params = {**params, "temperature": torch.tensor(value, dtype=x.dtype, device=x.device)}
         return super().forward_with(params, x, step)
 
     def evaluate(self, batch: TaskBatch, predictions: bool = False) -> Evaluation:
@@ -180,7 +196,8 @@ class MetaNAS(MAML, key="metanas"):
     @classmethod
     def configure(cls, cfg: AlgoConfig, model_cfg: Any, run_cfg: Any) -> list[str]:
         assert isinstance(cfg, MetaNASConfig)
-        if cfg.temperature_end is not None and cfg.anneal_iterations is None:
+        run = cfg.temperature_schedule == "run"
+        if run and cfg.temperature_end is not None and cfg.anneal_iterations is None:
             cfg.anneal_iterations = max(int(run_cfg.train.iterations), 1)
             return [f"algo.anneal_iterations={cfg.anneal_iterations} (train.iterations)"]
         return []
@@ -188,7 +205,7 @@ class MetaNAS(MAML, key="metanas"):
     def observe(self, batch: TaskBatch) -> None:
         super().observe(batch)
         end = self.cfg.temperature_end
-        if end is not None:
+        if end is not None and self.cfg.temperature_schedule == "run":
             done = min(float(self.outer_steps) / (self.cfg.anneal_iterations or 1), 1.0)
             value = self.start_temperature + (end - self.start_temperature) * done
             self.model.temperature.fill_(value)
