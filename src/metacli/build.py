@@ -9,7 +9,6 @@ the task, model, algorithm, outer optimizer and scheduler from it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import random
@@ -26,6 +25,7 @@ from metacli.config import (
     OptimConfig,
     RunConfig,
     check_run_config,
+    merged_schema,
     option_keys,
     to_typed,
 )
@@ -68,26 +68,6 @@ class Resolved:
     effective: DictConfig
 
 
-@functools.cache
-def with_rule(schema: type, rule_schema: type) -> type:
-    """The ``algo`` schema of an adaptive algorithm plus its update rule's settings."""
-    if not dataclasses.fields(rule_schema):
-        return schema
-
-    def post_init(self: Any) -> None:
-        for part in (schema, rule_schema):
-            check = getattr(part, "__post_init__", None)
-            if check is not None:
-                check(self)
-
-    return dataclasses.make_dataclass(
-        f"{schema.__name__}With{rule_schema.__name__}",
-        [],
-        bases=(rule_schema, schema),
-        namespace={"__post_init__": post_init},
-    )
-
-
 def schema_of(group: str, cls: Any, node: Any) -> type:
     schema: type = cls.Config
     if group == "algo" and issubclass(cls, Adaptive):
@@ -95,7 +75,8 @@ def schema_of(group: str, cls: Any, node: Any) -> type:
         chosen = str(node.get("update", default))
         cls.check_rule(str(node.get("name")), chosen)  # before any other complaint
         rule = lookup("update", chosen, UpdateRule)
-        schema = with_rule(schema, rule.schema(node))
+        rule_schema = rule.schema(node)  # the rule's settings come first, as before
+        schema = merged_schema(f"{schema.__name__}With{rule_schema.__name__}", rule_schema, schema)
     return schema
 
 

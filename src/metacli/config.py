@@ -10,6 +10,7 @@ class the registry finds for them, so a new algorithm brings its own schema.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,24 @@ def require(ok: bool, key: str, value: Any, rule: str) -> None:
     """Raise a ConfigError naming ``key`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed: {rule}. Set {key} to a valid value.")
+
+
+@functools.cache
+def merged_schema(name: str, *parts: type) -> type:
+    """One dataclass with the fields of ``parts`` (settings that land in one section, e.g. an
+    update rule's and its algorithm's), each part's ``__post_init__`` check run, the last
+    part's first; parts without fields are left out."""
+    bases = tuple(dict.fromkeys(p for p in parts if dataclasses.fields(p)))
+    if len(bases) <= 1:
+        return bases[0] if bases else parts[-1]
+
+    def post_init(self: Any) -> None:
+        for part in reversed(bases):
+            check = getattr(part, "__post_init__", None)
+            if check is not None:
+                check(self)
+
+    return dataclasses.make_dataclass(name, [], bases=bases, namespace={"__post_init__": post_init})
 
 
 def require_ranges(section: str, config: Any, *keys: str) -> None:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from metacli.config import require
 from metacli.engine.random import TaskRandom
 from metacli.errors import ConfigError
-from metacli.models.base import Model, ModelConfig
+from metacli.models.base import MetaBatchNorm, Model, ModelConfig
 from metacli.models.operations import OPS, Cell, Genotype, edge_count
 
 DARTS_OPS = [
@@ -105,8 +105,6 @@ def macro(
 ) -> tuple[nn.Module, nn.ModuleList, int]:
     """The stem and the cells (search cells without ``genes``, derived cells with them),
     and the channels of the last cell's output."""
-    from metacli.models.base import MetaBatchNorm
-
     stem_channels = cfg.stem_multiplier * cfg.channels
     stem = nn.Sequential(
         nn.Conv2d(channels_in, stem_channels, 3, cfg.stem_stride, padding=1, bias=False),

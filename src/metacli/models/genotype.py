@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from torch import Tensor, nn
@@ -82,7 +83,7 @@ class GenotypeNet(Model, key="genotype"):
         }
         self.genotype = gene
         self.reductions = gene["reductions"] if cfg.reductions is None else cfg.reductions
-        spec = type("Macro", (), settings)
+        spec = SimpleNamespace(**settings)
         genes = {kind: gene[kind] for kind in KINDS}
         self.stem, self.cells, features = macro(spec, input_shape[0], self.reductions, genes)
         self.feature_dim = features

@@ -20,15 +20,13 @@ draw (``sample``), the most probable member (``argmax``) or ``expectation``.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from metacli.config import require
+from metacli.config import merged_schema, require
 from metacli.engine.random import TaskRandom
 from metacli.errors import ConfigError
 from metacli.registry import lookup
@@ -82,22 +80,6 @@ def member_class(name: str) -> type[UpdateRule]:
     return found
 
 
-@functools.cache
-def space_schema(members: tuple[str, ...]) -> type:
-    """SpaceConfig plus the settings of every member (``algo.momentum``, ``algo.adam_lr``)."""
-    parts = [SpaceConfig, *(member_class(m).Config for m in members)]
-    bases = tuple(dict.fromkeys(p for p in reversed(parts) if dataclasses.fields(p)))
-
-    def post_init(self: Any) -> None:
-        for part in bases:
-            check = getattr(part, "__post_init__", None)
-            if check is not None:
-                check(self)
-
-    name = "SpaceWith" + "".join(m.title() for m in members)
-    return dataclasses.make_dataclass(name, [], bases=bases, namespace={"__post_init__": post_init})
-
-
 def prefixed(member: str, key: str) -> str:
     """A member's logged name: ``adam_beta1``, ``momentum`` (not ``momentum_momentum``)."""
     return key if key.startswith(member) else f"{member}_{key}"
@@ -114,7 +96,9 @@ class Space(UpdateRule, key="space"):
         listed = node.get("space") if node is not None else None
         names = [*SpaceConfig().space, *(str(m) for m in listed or [])]
         # "space" itself: SpaceConfig's own check names the problem
-        return space_schema(tuple(n for n in dict.fromkeys(names) if n != "space"))
+        members = [n for n in dict.fromkeys(names) if n != "space"]
+        parts = [member_class(m).Config for m in reversed(members)]
+        return merged_schema("SpaceWith" + "".join(m.title() for m in members), *parts, SpaceConfig)
 
     def __init__(self, cfg: Any, params: Params, lr: float, steps: int) -> None:
         super().__init__(cfg, params, lr, steps)
