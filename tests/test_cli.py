@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -243,3 +244,32 @@ def test_default_train_learns_sinusoids_in_about_a_minute(tmp_path: Path) -> Non
         test["mean"] + test["ci95"]
         < test["before_adaptation"]["mean"] - test["before_adaptation"]["ci95"]
     )
+
+
+def test_a_diverging_validation_is_reported_and_never_selected_as_best(tmp_path: Path) -> None:
+    # An evaluation step size of 1e3 makes every validation task's inner loop overflow
+    # while training (inner_lr 0.01) stays finite: no best.pt, the test uses last.pt.
+    run_cli("train", *TINY, "algo.test_inner_lr=1000", cwd=tmp_path)
+    (run_dir,) = (tmp_path / "outputs" / "train").glob("*/*")
+    vals = [r for r in read_metrics(run_dir) if r["split"] == "val"]
+    assert vals and all(not math.isfinite(r["metric"]) for r in vals)
+    assert all(r["nonfinite_tasks"] == r["num_tasks"] == 8 for r in vals)
+    summary = read_summary(run_dir)
+    assert summary["best_val"] == {"metric": None, "iteration": None}
+    assert summary["test"]["checkpoint"] == "last" and summary["test"]["nonfinite_tasks"] == 16
+    assert not (run_dir / "checkpoints" / "best.pt").exists()
+    log = (run_dir / "metacli.log").read_text()
+    assert "non-finite on 8 of 8 tasks" in log and "never selected as best" in log
+    assert "non-finite on 16 of 16 tasks" in log  # the meta-test's line
+
+
+def test_is_better_never_picks_a_non_finite_metric() -> None:
+    from types import SimpleNamespace
+
+    from metacli.loop import is_better
+
+    for higher in (True, False):
+        c: Any = SimpleNamespace(task=SimpleNamespace(higher_is_better=higher))
+        assert not is_better(c, math.nan, None) and not is_better(c, math.inf, None)
+        assert not is_better(c, -math.inf, 1.0) and not is_better(c, math.inf, 1.0)
+        assert is_better(c, 2.0, None) and is_better(c, 2.0, 1.0) is higher

@@ -69,6 +69,9 @@ class EvalSummary:
     metric_ci95: list[float]  # 1.96 * std / sqrt(n)
     loss_mean: list[float]
     per_task: list[float] = field(repr=False, default_factory=list)  # final metric of each task
+    # Tasks whose metric after adaptation is NaN or infinite (an inner loop that diverged):
+    # the mean is then non-finite too, and such an evaluation is never selected as best.
+    nonfinite: int = 0
     higher_is_better: bool = True  # the task's direction (accuracy: higher; MSE: lower)
     # What each task adapted with, where the algorithm says (an architecture it drew)
     labels: list[str] = field(repr=False, default_factory=list)
@@ -85,6 +88,7 @@ class EvalSummary:
             metric_ci95=(1.96 * std / math.sqrt(n)).tolist(),
             loss_mean=loss.mean(0).tolist(),
             per_task=metric[:, -1].tolist(),
+            nonfinite=int((~torch.isfinite(metric[:, -1])).sum()),
         )
 
     @property
@@ -103,8 +107,18 @@ class EvalSummary:
             "metric_before": self.metric_mean[0],
             "metric_per_step": self.metric_mean,
             "num_tasks": self.num_tasks,
+            **({"nonfinite_tasks": self.nonfinite} if self.nonfinite else {}),
             **({"distinct_labels": len(set(self.labels))} if self.labels else {}),
         }
+
+    def describe_nonfinite(self) -> str:
+        """'' when every task's metric is finite; else how many were not."""
+        if not self.nonfinite:
+            return ""
+        return (
+            f"  [non-finite on {self.nonfinite} of {self.num_tasks} tasks: the inner loop "
+            "diverged; never selected as best]"
+        )
 
     def label_counts(self) -> dict[str, Any]:
         """How many tasks adapted with each label (most frequent first), if any."""
@@ -118,6 +132,7 @@ class EvalSummary:
             "metric_name": self.metric_name,
             "higher_is_better": self.higher_is_better,
             "num_tasks": self.num_tasks,
+            **({"nonfinite_tasks": self.nonfinite} if self.nonfinite else {}),
             "inner_steps": len(self.metric_mean) - 1,
             "mean": self.metric_mean[-1],
             "std": self.metric_std[-1],
@@ -157,6 +172,9 @@ def evaluate(c: Components, split: str, num_tasks: int, batch_size: int) -> Eval
 
 
 def is_better(c: Components, value: float, best: float | None) -> bool:
+    """Whether a validation metric beats the best so far; a NaN or infinite one never does."""
+    if not math.isfinite(value):
+        return False
     if best is None:
         return True
     return value > best if c.task.higher_is_better else value < best
@@ -201,7 +219,9 @@ def nonfinite(c: Components, loss: Tensor) -> str | None:
     return "the meta-gradient"
 
 
-def meta_step(c: Components, grad_clip: float | None) -> MetaLoss | str:
+def meta_step(
+    c: Components, grad_clip: float | None, grad_clamp: float | None = None
+) -> MetaLoss | str:
     """One outer update; returns the meta-loss (detached), the mean metric and the terms,
     or, when the loss or the gradient is not finite, what is not (and updates nothing)."""
     batch = sample(c)
@@ -212,6 +232,8 @@ def meta_step(c: Components, grad_clip: float | None) -> MetaLoss | str:
     if bad is not None:
         c.optimizer.zero_grad(set_to_none=True)
         return bad
+    if grad_clamp is not None:  # cbfinn/maml and MAML++ on mini-ImageNet: [-10, 10]
+        torch.nn.utils.clip_grad_value_(c.algorithm.parameters(), grad_clamp)
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(c.algorithm.parameters(), grad_clip)
     for group in c.optimizer.param_groups:
@@ -299,7 +321,7 @@ def meta_train(c: Components, recorder: Recorder, state: LoopState) -> LoopState
     training = STOPPER.during("meta-training", graceful=True)  # a first signal: a request
     with progress_bar(total, state.iteration) as bar, training:
         while state.iteration < total:
-            step = meta_step(c, cfg.grad_clip)
+            step = meta_step(c, cfg.grad_clip, cfg.grad_clamp)
             state.iteration += 1
             it = state.iteration
             if isinstance(step, str):
@@ -373,14 +395,15 @@ def meta_train(c: Components, recorder: Recorder, state: LoopState) -> LoopState
                     }
                 )
                 write_artifacts(c, recorder)
-                log.info(
-                    "iter %d: val %s %.4f ± %.4f (before adaptation %.4f)%s",
+                (log.warning if val.nonfinite else log.info)(
+                    "iter %d: val %s %.4f ± %.4f (before adaptation %.4f)%s%s",
                     it,
                     name,
                     val.final,
                     val.metric_ci95[-1],
                     val.metric_mean[0],
                     "  [best]" if improved else "",
+                    val.describe_nonfinite(),
                 )
                 if improved:
                     save("best")

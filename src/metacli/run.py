@@ -423,14 +423,15 @@ def meta_test(c: Components, folder: RunFolder, iteration: int) -> EvalSummary:
     with STOPPER.during("the meta-test"):
         result = evaluate(c, "test", c.run.test.num_tasks, c.run.test.batch_size)
     folder.log_metrics(result.record(iteration, "test"))
-    log.info(
-        "meta-test on %d tasks: %s %.4f ± %.4f after %d steps (%.4f before adaptation)",
+    (log.warning if result.nonfinite else log.info)(
+        "meta-test on %d tasks: %s %.4f ± %.4f after %d steps (%.4f before adaptation)%s",
         result.num_tasks,
         result.metric_name,
         result.final,
         result.metric_ci95[-1],
         len(result.metric_mean) - 1,
         result.metric_mean[0],
+        result.describe_nonfinite().replace("; never selected as best", ""),
     )
     return result
 

@@ -12,7 +12,7 @@ from metacli.config import require
 from metacli.models.base import Model, ModelConfig
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
-INITS = ("torch", "glorot")
+INITS = ("torch", "glorot", "truncated_normal")
 
 
 @dataclass
@@ -21,8 +21,11 @@ class MLPConfig(ModelConfig):
     hidden: list[int] = field(default_factory=lambda: [40, 40])
     activation: str = "relu"
     # torch: nn.Linear's default (Kaiming-uniform weights, uniform biases); glorot:
-    # Glorot-uniform weights and zero biases, Keras' Dense default (Yin et al.'s notebook).
+    # Glorot-uniform weights and zero biases, Keras' Dense default (Yin et al.'s notebook);
+    # truncated_normal: weights N(0, init_std^2) cut at 2 std, zero biases (cbfinn/maml's
+    # construct_fc_weights, std 0.01).
     init: str = "torch"
+    init_std: float = 0.01
 
     def __post_init__(self) -> None:
         require(
@@ -38,6 +41,7 @@ class MLPConfig(ModelConfig):
             f"choose one of {', '.join(ACTIVATIONS)}",
         )
         require(self.init in INITS, "model.init", self.init, f"choose one of {', '.join(INITS)}")
+        require(self.init_std > 0, "model.init_std", self.init_std, "must be > 0")
 
 
 class MLP(Model, key="mlp"):
@@ -53,11 +57,14 @@ class MLP(Model, key="mlp"):
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(widths[-1], output_dim) if output_dim else None
         self.feature_dim = widths[-1]
-        if cfg.init == "glorot":
-            for layer in self.modules():
-                if isinstance(layer, nn.Linear):
+        for layer in self.modules():
+            if isinstance(layer, nn.Linear) and cfg.init != "torch":
+                if cfg.init == "glorot":
                     nn.init.xavier_uniform_(layer.weight)
-                    nn.init.zeros_(layer.bias)
+                else:
+                    std = cfg.init_std
+                    nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
+                nn.init.zeros_(layer.bias)
 
     def squared_path_norm(self, params: dict[str, Tensor]) -> Tensor:
         # Every weight and bias squared, no activation, on an all-ones input (Path-SGD):
