@@ -10,6 +10,10 @@ every strategy must match it. Rewriting it pins new values: do so only on purpos
 
 Learned inner rates are stored by the model parameter they belong to, not by module
 path, so the values survive the move of the rates into update rules.
+
+One entry was rewritten on purpose since (``python -m tests.test_stored_values --update
+mamlpp/conv4``): MAML++ on Conv-4 now follows the reference code (the query after inner
+step k sees the norm set of step k - 1, N sets for N steps, norm parameters not adapted).
 """
 
 from __future__ import annotations
@@ -154,3 +158,9 @@ if __name__ == "__main__" and "--write" in sys.argv:
     STORE.parent.mkdir(exist_ok=True)
     torch.save({f"{a}/{w}": compute(a, w) for a, w in CASES}, STORE)
     print(f"wrote {STORE}")
+elif __name__ == "__main__" and "--update" in sys.argv:  # rewrite the named entries only
+    values = torch.load(STORE, weights_only=True)
+    for key in sys.argv[sys.argv.index("--update") + 1 :]:
+        values[key] = compute(*key.split("/"))
+        print(f"rewrote {key}")
+    torch.save(values, STORE)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -199,6 +200,15 @@ def make_optimizer(cfg: OptimConfig, groups: dict[str, list[Any]]) -> torch.opti
 def make_scheduler(
     cfg: OptimConfig, optimizer: torch.optim.Optimizer, iterations: int
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
+    if cfg.scheduler == "cosine" and cfg.epoch_iterations is not None:
+        # MAML++'s code: CosineAnnealingLR(T_max=epochs, eta_min).step(epoch) each iteration
+        epoch, epochs = cfg.epoch_iterations, max(math.ceil(iterations / cfg.epoch_iterations), 1)
+        floor = cfg.min_lr / cfg.lr
+
+        def factor(it: int) -> float:
+            return floor + (1 - floor) * (1 + math.cos(math.pi * (it // epoch) / epochs)) / 2
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=max(iterations, 1), eta_min=cfg.min_lr

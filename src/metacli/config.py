@@ -107,6 +107,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     scheduler: str = "none"
     min_lr: float = 0.0
+    # cosine: hold the rate for each "epoch" of this many iterations, as MAML++'s code steps
+    # its CosineAnnealingLR once per epoch (null: a new rate every iteration)
+    epoch_iterations: int | None = None
     step_size: int = 1000
     gamma: float = 0.5
     # Per-group settings, by the algorithm's group names: `model` (the initialisation),
@@ -135,6 +138,12 @@ class OptimConfig:
             0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr, "it must be in [0, optim.lr]"
         )
         require(self.step_size >= 1, "optim.step_size", self.step_size, "it must be >= 1")
+        require(
+            self.epoch_iterations is None or self.epoch_iterations >= 1,
+            "optim.epoch_iterations",
+            self.epoch_iterations,
+            "it must be >= 1 or null",
+        )
         require(0 < self.gamma <= 1, "optim.gamma", self.gamma, "it must be in (0, 1]")
         for name, group in self.groups.items():
             key = f"optim.groups.{name}"
@@ -158,6 +167,7 @@ class TrainLoopConfig:
     log_every: int = 100
     ckpt_every: int | None = None
     grad_clip: float | None = None
+    grad_clamp: float | None = None  # clamp each meta-gradient element to [-c, c]
     on_nan: str = "stop"  # a NaN/Inf meta-loss or meta-gradient: stop, or skip the update
     nan_skips: int = 10  # with on_nan=skip: stop after more than this many in a row
 
@@ -183,6 +193,12 @@ class TrainLoopConfig:
             self.grad_clip is None or self.grad_clip > 0,
             "train.grad_clip",
             self.grad_clip,
+            "it must be > 0 or null",
+        )
+        require(
+            self.grad_clamp is None or self.grad_clamp > 0,
+            "train.grad_clamp",
+            self.grad_clamp,
             "it must be > 0 or null",
         )
 

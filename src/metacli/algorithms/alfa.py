@@ -28,7 +28,7 @@ class ALFAAlgoConfig(MAMLConfig):
     name: str = "alfa"
     update: str = "alfa"
     init: str = "learned"  # learned (MAML + ALFA) | random (ALFA from a random initialisation)
-    adapt_norm: bool = False  # whether batch-norm parameters adapt in the inner loop
+    adapt_norm: bool = False  # the authors' code keeps batch norm out of the inner loop
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -44,18 +44,6 @@ class ALFAAlgorithm(MAML, key="alfa"):
         super().__init__(cfg, model, task)
         if cfg.init == "random":  # no meta-gradient is computed for it, none applied
             model.requires_grad_(False)
-
-    def adapted_names(self) -> list[str]:
-        names = [n for n, _ in self.model.named_parameters()]
-        if self.cfg.adapt_norm:
-            return names
-        norm = {
-            f"{module_name}.{param_name}"
-            for module_name, module in self.model.named_modules()
-            if module in self.model.norm_layers()
-            for param_name, _ in module.named_parameters(recurse=False)
-        }
-        return [n for n in names if n not in norm]
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         groups = super().param_groups()

@@ -192,6 +192,13 @@ class MetaAlgorithm(nn.Module, Registered):
         return MetaLoss(loss, metric, terms)
 
 
+# The inner loop's support loss: the task's mean over the support examples; their sum
+# (the mean times S); or the sum divided by the shots K, cbfinn/maml's xent (the mean times
+# the ways N, so its alpha is N times metacli's mean step; the sum at 1 shot). Regression
+# tasks have one "class": sum_over_shots is their mean (S = K), as MAML's mse.
+INNER_LOSSES = ("mean", "sum", "sum_over_shots")
+
+
 @dataclass
 class AdaptiveConfig(AlgoConfig):
     inner_lr: float = 0.01
@@ -201,9 +208,17 @@ class AdaptiveConfig(AlgoConfig):
     update: str = "sgd"  # the inner-loop update rule (metacli/updates/<name>.py)
     regularizer: str = "none"  # none | l2 | path: Omega(initialisation), metacli/regularizers.py
     regularizer_weight: float = 0.0  # lambda in L_meta + lambda * Omega
+    adapt_norm: bool = True  # whether batch-norm parameters adapt in the inner loop
+    inner_loss: str = "mean"  # the support loss the inner loop descends: see INNER_LOSSES
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require(
+            self.inner_loss in INNER_LOSSES,
+            "algo.inner_loss",
+            self.inner_loss,
+            f"choose one of {', '.join(INNER_LOSSES)}",
+        )
         require(
             self.regularizer in REGULARIZERS,
             "algo.regularizer",
@@ -284,8 +299,13 @@ class Adaptive(MetaAlgorithm):
             )
 
     def adapted_names(self) -> list[str]:
-        """The parameters the inner loop updates (all; ANIL: the head)."""
-        return [n for n, _ in self.model.named_parameters()]
+        """The parameters the inner loop updates: all but the batch-norm ones unless
+        ``algo.adapt_norm`` (ANIL: the head)."""
+        names = [n for n, _ in self.model.named_parameters()]
+        if self.cfg.adapt_norm:
+            return names
+        norm = set(self.model.norm_names())
+        return [n for n in names if n not in norm]
 
     def adapted(self, params: Params) -> Params:
         names = self.__dict__.get("_adapted")
@@ -300,7 +320,13 @@ class Adaptive(MetaAlgorithm):
     def support_loss(
         self, params: Params, x: Tensor, y: Tensor, step: int, rng: TaskRandom
     ) -> Tensor:
-        return self.task.loss(self.forward_with(params, x, step), y)
+        prediction = self.forward_with(params, x, step)  # [S, classes] or [S, ...]
+        loss = self.task.loss(prediction, y)  # the mean over the support set
+        if self.cfg.inner_loss == "sum":
+            return loss * y.shape[0]
+        if self.cfg.inner_loss == "sum_over_shots" and self.task.is_classification:
+            return loss * prediction.shape[-1]  # S / K = N
+        return loss
 
     def adapt(
         self,
@@ -323,6 +349,10 @@ class Adaptive(MetaAlgorithm):
 
         return self.inner.run(params, loss, steps, lr, first_order, rng, keep_loss)
 
+    def query_step(self, index: int) -> int:
+        """The inner step whose batch-norm set the query sees after ``index`` updates."""
+        return index
+
     def trace(
         self, rng: TaskRandom, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -336,7 +366,7 @@ class Adaptive(MetaAlgorithm):
         """The query set's loss, metric [k+1] and predictions [k+1, Q, ...] at each step."""
         losses, metrics, predictions = [], [], []
         for step in steps:
-            prediction = self.forward_with(step.params, qx, step.index)
+            prediction = self.forward_with(step.params, qx, self.query_step(step.index))
             losses.append(self.task.loss(prediction, qy))
             metrics.append(self.task.metric(prediction, qy))
             predictions.append(prediction)

@@ -49,7 +49,7 @@ class MAML(Adaptive, key="maml"):
             params, sx, sy, self.train_steps, self.train_lr, self.use_first_order(), rng
         )
         adapted = last(steps)
-        prediction = self.forward_with(adapted.params, qx, adapted.index)
+        prediction = self.forward_with(adapted.params, qx, self.query_step(adapted.index))
         terms = {k: v.detach() for k, v in self.rule.terms(adapted.state).items()}
         return self.task.loss(prediction, qy), self.task.metric(prediction, qy).detach(), terms
 

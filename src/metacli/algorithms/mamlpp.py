@@ -9,7 +9,10 @@ The tricks, each with a switch (all off = MAML):
 - ``first_order_iterations`` (DA, derivative-order annealing): first-order meta-gradients
   for the first N outer steps, second order after.
 - ``per_step_bn`` (BNWB): the model's batch norm gets separate affine parameters for
-  each inner step (``model.norm=per_step``).
+  each inner step (``model.norm=per_step``): inner step k's support forward and the query
+  after update k both use set k (0-based), as the reference's ``num_step``; the norm
+  parameters stay out of the inner loop (``algo.adapt_norm=false``), as the reference's
+  ``enable_inner_loop_optimizable_bn_params: false``.
 - ``cosine_outer_lr`` (CA): cosine annealing of the outer learning rate
   (``optim.scheduler=cosine``).
 BNWB and CA change the model and optimizer settings before building (``configure``);
@@ -42,6 +45,7 @@ class MAMLPPConfig(MAMLConfig):
     first_order_iterations: int = 0
     per_step_bn: bool = True
     cosine_outer_lr: bool = True
+    adapt_norm: bool = False  # the reference keeps the per-step norm parameters out
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,13 +81,18 @@ class MAMLPP(MAML, key="mamlpp"):
         assert isinstance(cfg, MAMLPPConfig)
         notes = []
         if cfg.per_step_bn and getattr(model_cfg, "norm", "none") != "none":
-            steps = max(cfg.inner_steps, cfg.test_inner_steps or 0) + 1
+            steps = max(cfg.inner_steps, cfg.test_inner_steps or 0, 1)
             model_cfg.norm, model_cfg.norm_steps = "per_step", steps
             notes.append(f"mamlpp: per-step batch norm (model.norm=per_step, {steps} steps)")
         if cfg.cosine_outer_lr and run_cfg.optim.scheduler != "cosine":
             run_cfg.optim.scheduler = "cosine"
             notes.append("mamlpp: cosine annealing of the outer learning rate (optim.scheduler)")
         return notes
+
+    def query_step(self, index: int) -> int:
+        """After update k the query sees the norm set of step k - 1, the one the support
+        used for that update (the reference's ``num_step``): N sets for N steps."""
+        return max(index - 1, 0) if self.cfg.per_step_bn else index
 
     def use_first_order(self) -> bool:
         return self.cfg.first_order or int(self.outer_steps) < self.cfg.first_order_iterations
@@ -100,7 +109,7 @@ class MAMLPP(MAML, key="mamlpp"):
         for step in steps:
             weight = self.weights[step.index - 1] if step.index else 0.0
             if weight > 0:
-                prediction = self.forward_with(step.params, qx, step.index)
+                prediction = self.forward_with(step.params, qx, self.query_step(step.index))
                 total = total + weight * self.task.loss(prediction, qy)
         return total, self.task.metric(prediction, qy).detach(), {}
 

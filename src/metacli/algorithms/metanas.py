@@ -110,7 +110,7 @@ class MetaNAS(MAML, key="metanas"):
         return self.cfg.meta == "maml" and not gumbel and self.rule.exact
 
     def adapted_names(self) -> list[str]:
-        names = [n for n, _ in self.model.named_parameters()]
+        names = super().adapted_names()
         if self.cfg.adapt_alpha:
             return names
         return [n for n in names if n not in self.model.architecture_names()]

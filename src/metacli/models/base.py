@@ -64,6 +64,15 @@ class Model(nn.Module, Registered):
             ]
         return self.__dict__["_norm_layers"]
 
+    def norm_names(self) -> list[str]:
+        """The names of the batch-norm layers' parameters (``algo.adapt_norm``)."""
+        return [
+            f"{module_name}.{param_name}"
+            for module_name, module in self.named_modules()
+            if isinstance(module, MetaBatchNorm)
+            for param_name, _ in module.named_parameters(recurse=False)
+        ]
+
     def named_tensors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Copies of the name -> parameter and name -> buffer dicts.
 

@@ -86,6 +86,7 @@ class TaskDistribution(Registered):
     output_dim: int
     metric_name: str
     higher_is_better: bool
+    is_classification: ClassVar[bool] = False  # labels 0..N-1 and a cross-entropy loss
 
     def __init__(
         self, cfg: TaskConfig, data_root: str | None = None, cache_folder: str | None = None
@@ -154,6 +155,7 @@ class ClassificationTask(TaskDistribution):
     cfg: ClassificationConfig
     metric_name = "accuracy"
     higher_is_better = True
+    is_classification = True
 
     @property
     def output_dim(self) -> int:  # type: ignore[override]
