@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from metacli.errors import MetacliError
-from metacli.tasks.omniglot import Omniglot, OmniglotConfig
+from metacli.errors import ConfigError, MetacliError
+from metacli.tasks.omniglot import Omniglot, OmniglotConfig, character_of
 from tests.conftest import OMNIGLOT, read_metrics, run_cli
 
 REAL = OMNIGLOT
@@ -95,6 +95,28 @@ def test_cache_is_reused_and_keyed_by_preprocessing(tmp_path: Path) -> None:
     assert not list(cache.glob("*.tmp"))
 
 
+def test_nearest_resize_gives_the_binary_images_of_mamls_preprocessing(tmp_path: Path) -> None:
+    """cbfinn/maml's resize_images.py: Image.open(png).resize((28, 28), LANCZOS) on the
+    1-bit files, which PIL resizes with NEAREST: binary images."""
+    root, cache = make(tmp_path / "data", "zip"), tmp_path / "cache"
+    binary = Omniglot(config(resize="nearest"), str(root), str(cache))
+    grey = Omniglot(config(), str(root), str(cache))
+    assert len(list(cache.glob("omniglot-*.pt"))) == 2  # keyed by the resampling
+    assert set(binary.images.unique().tolist()) == {0, 255}
+    assert len(grey.images.unique()) > 2  # antialiased
+    with zipfile.ZipFile(root / "images_background.zip") as archive:
+        first = sorted(n for n in archive.namelist() if n.endswith(".png"))[0]
+        reference = Image.open(io.BytesIO(archive.read(first)))
+    assert reference.mode == "1"
+    resized = reference.resize((28, 28), resample=Image.Resampling.LANCZOS)  # as MAML's
+    pixels = bytearray(resized.convert("L").tobytes())
+    ink = 255 - torch.frombuffer(pixels, dtype=torch.uint8)
+    index = binary.characters.index(character_of(first))
+    assert torch.equal(binary.images[binary.class_images[index][0]].flatten(), ink)
+    with pytest.raises(ConfigError, match=r"task\.resize"):
+        config(resize="bilinear")
+
+
 def test_random_and_lake_splits_with_rotations(tmp_path: Path) -> None:
     root, cache = str(make(tmp_path / "d", "zip")), str(tmp_path / "c")
     task = Omniglot(config(), root, cache)
@@ -127,6 +149,9 @@ def test_vinyals_split_files_and_their_errors(tmp_path: Path) -> None:
     task = Omniglot(config(split="vinyals"), str(root), cache)
     assert {s: len(c) for s, c in task.splits.items()} == {"train": 2, "val": 2, "test": 2}
     assert task.splits["test"].turns.tolist() == [0, 3]
+    trainval = Omniglot(config(split="vinyals_trainval"), str(root), cache)  # ProtoNets'
+    assert trainval.splits["train"].names == task.splits["train"].names + task.splits["val"].names
+    assert trainval.splits["val"].names == task.splits["val"].names
     (splits / "val.txt").write_text("Beta/character09/rot000\n")
     with pytest.raises(MetacliError, match="Beta/character09"):
         Omniglot(config(split="vinyals"), str(root), cache)

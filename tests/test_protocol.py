@@ -113,3 +113,49 @@ def test_grad_clamp_clamps_each_meta_gradient_element() -> None:
     assert max(g.abs().max().item() for g in free) > 0.05  # the clamp acts here
     for g, h in zip(free, clamped, strict=True):
         torch.testing.assert_close(h, g.clamp(-0.05, 0.05))
+
+
+def test_metasgd_rates_start_uniform_as_in_the_paper() -> None:
+    from metacli.build import build
+    from tests.conftest import compose_config
+
+    def rates(*extra: str) -> torch.Tensor:
+        c = build(compose_config("debug=tiny", "device=cpu", "algo=metasgd", *extra))
+        return torch.cat([r.detach().flatten() for r in c.algorithm.learned_rates().values()])
+
+    uniform = rates("algo.metasgd_init=[0.005,0.1]")
+    assert uniform.numel() == 1761 and uniform.min() >= 0.005 and uniform.max() <= 0.1
+    assert abs(uniform.mean().item() - 0.0525) < 0.003  # U[0.005, 0.1]'s mean, 1,761 draws
+    assert abs(uniform.std().item() - 0.095 / math.sqrt(12)) < 0.003
+    assert torch.equal(uniform, rates("algo.metasgd_init=[0.005,0.1]"))  # seeded by the run
+    assert torch.equal(rates(), torch.full((1761,), 0.01))  # null: algo.inner_lr everywhere
+
+
+def test_norm_scale_false_learns_a_bias_only_as_mamls_tf_batch_norm() -> None:
+    """tf.contrib.layers.batch_norm(center=True, scale=False): (x - mean) / sqrt(var + eps)
+    + beta, with the batch's statistics."""
+    task = Synthetic(SyntheticConfig(ways=WAYS, shots=SHOTS, queries=1, image_size=16))
+    torch.manual_seed(0)
+    model = Conv4(Conv4Config(filters=4, norm_scale=False), task.input_shape, WAYS).double()
+    names = [n for n, _ in model.named_parameters()]
+    assert "blocks.0.norm.bias" in names and not any(n.endswith("norm.weight") for n in names)
+    assert model.norm_names() == [f"blocks.{i}.norm.bias" for i in range(4)]
+    norm = model.blocks[0].norm
+    with torch.no_grad():
+        norm.bias.uniform_(-1, 1)
+    x = torch.randn(6, 4, 8, 8, dtype=torch.float64)
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)
+    var = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    expected = (x - mean) / torch.sqrt(var + 1e-5) + norm.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(norm(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_test_queries_apply_to_validation_and_test_only() -> None:
+    task = Synthetic(
+        SyntheticConfig(ways=3, shots=1, queries=2, test_queries=5, image_size=8, classes=12)
+    )
+    gen = torch.Generator().manual_seed(0)
+    assert task.sample(2, "train", gen).query_x.shape[:2] == (2, 3 * 2)
+    for split in ("val", "test"):
+        batch = task.sample(2, split, gen)
+        assert batch.query_x.shape[:2] == (2, 3 * 5) and batch.support_x.shape[1] == 3

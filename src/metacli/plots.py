@@ -203,7 +203,7 @@ def adaptation_figure(
     regression = not isinstance(c.task, ClassificationTask) and tuple(c.task.input_shape) == (1,)
     if not regression or not hasattr(c.task.cfg, "queries"):
         return None
-    c.task.cfg.queries = 200  # a dense set of query points draws the true function
+    c.task.cfg.queries, c.task.cfg.test_queries = 200, None  # dense: the true function
     if hasattr(c.task.cfg, "noise"):
         c.task.cfg.noise = 0.0
     batch = c.task.sample(tasks, "test", split_generator(c.run.seed, "test"))

@@ -147,14 +147,17 @@ class MetaBatchNorm(nn.Module):
         momentum: float = 0.1,
         eps: float = 1e-5,
         affine: bool = True,
+        scale: bool = True,
     ) -> None:
         super().__init__()
         self.mode, self.momentum, self.eps, self.affine = mode, momentum, eps, affine
+        self.scale = affine and scale  # False: a learned bias only (MAML's TF batch_norm)
         self.step, self.collect = 0, False
         shape = (steps, channels) if mode == "per_step" else (channels,)
         if mode != "none":
             if affine:  # without: plain normalisation (DARTS's operations)
-                self.weight = nn.Parameter(torch.ones(shape))
+                if self.scale:
+                    self.weight = nn.Parameter(torch.ones(shape))
                 self.bias = nn.Parameter(torch.zeros(shape))
             self.register_buffer("running_mean", torch.zeros(shape))
             self.register_buffer("running_var", torch.ones(shape))
@@ -179,5 +182,6 @@ class MetaBatchNorm(nn.Module):
         scale = torch.rsqrt(var + self.eps)
         if not self.affine:
             return (x - mean.view(shape)) * scale.view(shape)
-        scale = scale * self._select(self.weight)
+        if self.scale:
+            scale = scale * self._select(self.weight)
         return (x - mean.view(shape)) * scale.view(shape) + self._select(self.bias).view(shape)

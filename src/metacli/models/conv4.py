@@ -26,6 +26,9 @@ class Conv4Config(ModelConfig):
     strided: bool = False
     norm: str = "transductive"  # transductive | per_step | running | none
     norm_steps: int = 6  # per_step: parameter sets for inner steps 0..norm_steps-1
+    # false: the norm learns a bias only, its scale fixed at 1, as MAML's TF code
+    # (tf.contrib.layers.batch_norm: center=True, scale=False)
+    norm_scale: bool = True
 
     def __post_init__(self) -> None:
         require(self.filters >= 1, "model.filters", self.filters, "it must be >= 1")
@@ -40,7 +43,7 @@ class ConvBlock(nn.Module):
         self.conv = nn.Conv2d(
             channels_in, channels_out, 3, stride=2 if cfg.strided else 1, padding=1
         )
-        self.norm = MetaBatchNorm(channels_out, cfg.norm, cfg.norm_steps)
+        self.norm = MetaBatchNorm(channels_out, cfg.norm, cfg.norm_steps, scale=cfg.norm_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.relu(self.norm(self.conv(x)))

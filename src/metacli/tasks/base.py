@@ -21,10 +21,17 @@ class TaskConfig:
     shots: int = 1
     queries: int = 1
     test_shots: int | None = None
+    test_queries: int | None = None  # queries at validation/meta-test (null: queries)
 
     def __post_init__(self) -> None:
         require(self.shots >= 1, "task.shots", self.shots, "it must be >= 1")
         require(self.queries >= 1, "task.queries", self.queries, "it must be >= 1")
+        require(
+            self.test_queries is None or self.test_queries >= 1,
+            "task.test_queries",
+            self.test_queries,
+            "it must be >= 1 or null",
+        )
         require(
             self.test_shots is None or self.test_shots >= 1,
             "task.test_shots",
@@ -99,6 +106,12 @@ class TaskDistribution(Registered):
         if split != "train" and self.cfg.test_shots is not None:
             return self.cfg.test_shots
         return self.cfg.shots
+
+    def queries(self, split: str) -> int:
+        """Query size: ProtoNets train with 5 queries per class and test with 15."""
+        if split != "train" and self.cfg.test_queries is not None:
+            return self.cfg.test_queries
+        return self.cfg.queries
 
     def sample(self, num_tasks: int, split: str, generator: torch.Generator) -> TaskBatch:
         """``num_tasks`` episodes of ``split`` (train | val | test) drawn from ``generator``."""

@@ -124,7 +124,7 @@ class ImageClassTask(ClassificationTask):
                     f"The {split} split has {len(classes)} classes, fewer than "
                     f"ways={ways}. Lower task.ways (or task.test_ways)."
                 )
-            need = self.shots(split) + self.cfg.queries
+            need = self.shots(split) + self.queries(split)
             fewest, name = classes.smallest()
             if fewest < need:
                 short = int((classes.counts < need).sum())
@@ -136,7 +136,7 @@ class ImageClassTask(ClassificationTask):
 
     def sample(self, num_tasks: int, split: str, generator: torch.Generator) -> TaskBatch:
         classes = self.splits[split]
-        ways, shots, queries = self.ways(split), self.shots(split), self.cfg.queries
+        ways, shots, queries = self.ways(split), self.shots(split), self.queries(split)
         per_class = shots + queries
         chosen = choose_classes(len(classes), ways, num_tasks, self.cfg.labels, generator)
         counts = classes.counts[chosen].flatten().tolist()  # each class draws from its own
@@ -153,8 +153,14 @@ class ImageClassTask(ClassificationTask):
         return episodes((images - self.mean) / self.std, shots)
 
 
-def decode_image(data: bytes, size: int, channels: int, name: str) -> Tensor:
-    """Image bytes -> uint8 [channels, size, size], resized with LANCZOS when needed."""
+RESAMPLING = ("lanczos", "nearest")
+
+
+def decode_image(
+    data: bytes, size: int, channels: int, name: str, resample: str = "lanczos"
+) -> Tensor:
+    """Image bytes -> uint8 [channels, size, size], resized with LANCZOS (antialiased) or
+    NEAREST (what PIL does to a 1-bit image whatever it is asked: MAML's binary Omniglot)."""
     import io
 
     from PIL import Image
@@ -162,7 +168,8 @@ def decode_image(data: bytes, size: int, channels: int, name: str) -> Tensor:
     try:
         image = Image.open(io.BytesIO(data)).convert("L" if channels == 1 else "RGB")
         if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.LANCZOS)
+            method = Image.Resampling.NEAREST if resample == "nearest" else Image.Resampling.LANCZOS
+            image = image.resize((size, size), method)
     except Exception as err:
         raise MetacliError(
             f"Cannot read the image {name}: {err}. Replace or remove that file."

@@ -3,14 +3,17 @@
 Layouts under ``data.root`` (or $METACLI_DATA): the official archives
 ``images_background.zip`` + ``images_evaluation.zip`` read as they are; the same unzipped
 (``images_background/<Alphabet>/character<NN>/<id>_<drawer>.png``); torchvision's
-``omniglot-py/images_background/...``. Images are 105x105 one-bit PNGs, resized with
-LANCZOS to ``task.image_size`` with ink = 1, and decoded once into a uint8 cache.
+``omniglot-py/images_background/...``. Images are 105x105 one-bit PNGs, resized to
+``task.image_size`` with ink = 1 (``task.resize``: LANCZOS, antialiased grey; or NEAREST,
+binary, the papers' data), and decoded once into a uint8 cache.
 
 Splits: ``vinyals`` (1,028 / 172 / 423 characters, x4 rotations, from the split files
-Prototypical Networks published), ``random`` (MAML's seeded 1,100 / 100 / 423 characters),
-``lake`` (background alphabets to train, with a seeded validation subset; evaluation
-alphabets to test). For ``random`` and ``lake`` rotations by multiples of 90 degrees
-become extra classes: ``task.rotations`` for training, ``task.test_rotations`` for
+Prototypical Networks published), ``vinyals_trainval`` (the same, training on train + val
+as the ProtoNets paper's reported runs: validation then monitors seen classes),
+``random`` (MAML's seeded 1,100 / 100 / 423 characters), ``lake`` (background alphabets
+to train, with a seeded validation subset; evaluation alphabets to test). For ``random``
+and ``lake`` rotations by multiples of 90 degrees become extra classes:
+``task.rotations`` for training, ``task.test_rotations`` for
 validation and test; ``vinyals`` names its rotations in its files.
 """
 
@@ -31,6 +34,7 @@ from metacli.errors import MetacliError
 from metacli.tasks.base import SPLITS as TASK_SPLITS
 from metacli.tasks.base import ClassificationConfig
 from metacli.tasks.images import (
+    RESAMPLING,
     ClassSet,
     ImageClassTask,
     cache_dir,
@@ -45,13 +49,17 @@ NAME = re.compile(
     r"(?:^|/)(images_background|images_evaluation)/([^/]+)/(character\d+)/"
     r"\d+_(\d+)\.png$"
 )
-SPLITS = ("vinyals", "random", "lake")
+SPLITS = ("vinyals", "vinyals_trainval", "random", "lake")
 
 
 @dataclass
 class OmniglotConfig(ClassificationConfig):
     name: str = "omniglot"
     image_size: int = 28
+    # lanczos: antialiased grey; nearest: binary, as MAML's, ProtoNets' and Reptile's data
+    # (cbfinn/maml's resize_images.py asks PIL for LANCZOS on the 1-bit PNGs, and PIL
+    # resizes 1-bit images with NEAREST)
+    resize: str = "lanczos"
     split: str = "vinyals"
     split_dir: str | None = None  # vinyals: folder of {train,val,test}.txt
     rotations: list[int] = field(default_factory=lambda: [0, 90, 180, 270])
@@ -64,6 +72,9 @@ class OmniglotConfig(ClassificationConfig):
         super().__post_init__()
         require(self.image_size >= 4, "task.image_size", self.image_size, "it must be >= 4")
         require(self.split in SPLITS, "task.split", self.split, f"choose {', '.join(SPLITS)}")
+        require(
+            self.resize in RESAMPLING, "task.resize", self.resize, f"choose {', '.join(RESAMPLING)}"
+        )
         for key in ("rotations", "test_rotations"):
             angles = getattr(self, key)
             require(
@@ -141,12 +152,12 @@ def character_of(place: str) -> str:
     return f"{match[2]}/{match[3]}"
 
 
-def decode(data: bytes, size: int, name: str) -> torch.Tensor:
+def decode(data: bytes, size: int, name: str, resample: str = "lanczos") -> torch.Tensor:
     """PNG bytes -> uint8 [1, size, size] with ink = 255 (background 0)."""
-    return 255 - decode_image(data, size, 1, name)
+    return 255 - decode_image(data, size, 1, name, resample)
 
 
-def load(root: Path, size: int, cache: Path) -> dict[str, object]:
+def load(root: Path, size: int, cache: Path, resample: str = "lanczos") -> dict[str, object]:
     """Decoded images [N, 1, size, size] uint8, and per character its set and image indices."""
     layout, places = find_layout(root)
     stamp = [(str(p.resolve()), p.stat().st_size, int(p.stat().st_mtime)) for p in places.values()]
@@ -159,7 +170,7 @@ def load(root: Path, size: int, cache: Path) -> dict[str, object]:
             character = character_of(place)
             characters.setdefault(character, []).append(len(images))
             sets[character] = image_set
-            images.append(decode(read(), size, place))
+            images.append(decode(read(), size, place, resample))
         if not images:
             raise MetacliError(
                 f"The Omniglot {layout} layout in {root} holds no images named "
@@ -173,7 +184,10 @@ def load(root: Path, size: int, cache: Path) -> dict[str, object]:
             "layout": layout,
         }
 
-    return cached(cache, "omniglot", {"layout": layout, "source": stamp, "size": size}, build)
+    key = {"layout": layout, "source": stamp, "size": size}
+    if resample != "lanczos":  # the default's key is unchanged: existing caches stay valid
+        key["resize"] = resample
+    return cached(cache, "omniglot", key, build)
 
 
 class Omniglot(ImageClassTask, key="omniglot"):
@@ -191,7 +205,7 @@ class Omniglot(ImageClassTask, key="omniglot"):
                 "images_evaluation.zip (or the unzipped folders)."
             )
         self.root = Path(data_root).expanduser()
-        data = load(self.root, cfg.image_size, cache_dir(cache_folder))
+        data = load(self.root, cfg.image_size, cache_dir(cache_folder), cfg.resize)
         self.layout = str(data["layout"])
         self.images = data["images"]  # type: ignore[assignment]
         self.input_shape = (1, cfg.image_size, cfg.image_size)
@@ -214,6 +228,9 @@ class Omniglot(ImageClassTask, key="omniglot"):
         cfg = self.cfg
         if cfg.split == "vinyals":
             return self.vinyals()
+        if cfg.split == "vinyals_trainval":  # ProtoNets' final runs: train on train + val
+            splits = self.vinyals()
+            return {**splits, "train": splits["train"] + splits["val"]}
         gen = torch.Generator().manual_seed(cfg.split_seed)
         if cfg.split == "random":
             order = [

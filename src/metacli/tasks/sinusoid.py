@@ -48,7 +48,7 @@ class Sinusoid(TaskDistribution, key="sinusoid"):
     def sample(self, num_tasks: int, split: str, generator: torch.Generator) -> TaskBatch:
         cfg = self.cfg
         shots = self.shots(split)
-        points = shots + cfg.queries
+        points = shots + self.queries(split)
 
         def uniform(shape: tuple[int, ...], low_high: list[float]) -> Tensor:
             low, high = low_high

@@ -102,7 +102,7 @@ class NonExclusiveSinusoid(TaskDistribution, key="sinusoid_nonexclusive"):
         index = torch.randint(cfg.train_amplitudes, (num_tasks,), generator=generator)
         low, high = cfg.x_range
         if split == "train":
-            points = shots + cfg.queries
+            points = shots + self.queries(split)
             amplitude = self.amplitude_values[index].view(-1, 1, 1)
             x = low + (high - low) * torch.rand(num_tasks, points, 1, generator=generator)
             y = amplitude * torch.sin(x - cfg.phase)

@@ -66,7 +66,7 @@ class Synthetic(ClassificationTask, key="synthetic"):
             )
 
     def sample(self, num_tasks: int, split: str, generator: torch.Generator) -> TaskBatch:
-        ways, shots, queries = self.ways(split), self.shots(split), self.cfg.queries
+        ways, shots, queries = self.ways(split), self.shots(split), self.queries(split)
         pool = self.templates[split]
         classes = choose_classes(len(pool), ways, num_tasks, self.cfg.labels, generator)
         templates = pool[classes]  # [B, ways, C, H, W]
