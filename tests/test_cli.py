@@ -273,3 +273,20 @@ def test_is_better_never_picks_a_non_finite_metric() -> None:
         assert not is_better(c, math.nan, None) and not is_better(c, math.inf, None)
         assert not is_better(c, -math.inf, 1.0) and not is_better(c, math.inf, 1.0)
         assert is_better(c, 2.0, None) and is_better(c, 2.0, 1.0) is higher
+
+
+def test_report_last_meta_tests_the_last_weights_besides_the_best(tmp_path: Path) -> None:
+    run_cli("train", *TINY, "test.report_last=true", "train.val_every=5", cwd=tmp_path)
+    (run_dir,) = (tmp_path / "outputs" / "train").glob("*/*")
+    summary = read_summary(run_dir)
+    last, best = summary["test_last"], summary["test"]
+    assert last["checkpoint_iteration"] == 20 and best["checkpoint"] == "best"
+    splits = [r["split"] for r in read_metrics(run_dir)]
+    assert splits.count("test_last") == 1 and splits.count("test") == 1
+    # The same numbers as meta-testing each checkpoint on its own.
+    for name, recorded in (("last", last), ("best", best)):
+        out = tmp_path / name
+        out.mkdir()
+        run_cli("test", f"ckpt_path={run_dir}/checkpoints/{name}.pt", cwd=out)
+        (test_dir,) = (out / "outputs" / "test").glob("*/*")
+        assert read_summary(test_dir)["test"]["mean"] == pytest.approx(recorded["mean"], rel=1e-9)

@@ -24,6 +24,7 @@ def write(
     command: str = "train",
     data_root: str = "/data/a",
     finished_at: str = "2026-11-28T10:00:00",
+    published: dict[str, Any] | None = None,
 ) -> Path:
     accuracy = task != "sinusoid"
     summary: dict[str, Any] = {
@@ -40,6 +41,7 @@ def write(
             "model": {"name": "mlp"},
             "train": {"iterations": iterations},
             "data": {"root": data_root, "cache_dir": f"{data_root}/cache"},
+            **({"published": published} if published is not None else {}),
         },
         "test": {
             "metric_name": "accuracy" if accuracy else "mse",
@@ -126,3 +128,21 @@ def test_the_figure_has_one_panel_per_metric(
     image = Image.open(figure)
     assert set(image.text["Title"].split(", ")) == {"validation mse", "validation accuracy"}
     assert image.size[0] > 1.8 * image.size[1]  # two panels side by side
+
+
+def test_a_presets_published_number_shows_next_to_its_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paper = {"value": 0.35, "ci95": None, "source": "Finn et al. 2017", "note": ""}
+    write(tmp_path, "a", seed=0, metric=0.37, published=paper)
+    write(tmp_path, "b", seed=1, metric=0.39, published=paper)
+    write(tmp_path, "c", seed=0, metric=0.5, task="omniglot", published={"value": None})
+    rows = {r["task"]: r for r in rows_of(str(tmp_path), capsys=capsys)}
+    assert rows["sinusoid"]["seeds"] == 2  # the block never splits rows
+    assert rows["sinusoid"]["published"] == "0.35 (Finn et al. 2017)"
+    assert rows["omniglot"]["published"] is None
+    assert compare.main([str(tmp_path), "--format", "markdown"]) == 0
+    table = capsys.readouterr().out
+    mse_part, accuracy_part = table.split("accuracy", 1)
+    assert "| published |" in mse_part and "| 0.35 (Finn et al. 2017) |" in mse_part
+    assert "published" not in accuracy_part  # no number for that table: no column

@@ -16,6 +16,9 @@ IMAGE_MODELS = ("conv4", "resnet12")
 CLASSIFIERS = ("protonet",)
 DATA_EXPERIMENTS = (  # need real Omniglot (skipped where it is absent)
     "maml_omniglot",
+    "maml_omniglot_5w1s",
+    "fomaml_omniglot_5w1s",
+    "protonet_omniglot_5w1s",
     "metalstm_omniglot_1shot",
     "alfa_omniglot_1shot",
     "space_omniglot_1shot",
@@ -28,6 +31,8 @@ STANDIN_EXPERIMENTS = {
     "metalstm_miniimagenet_5shot": STANDIN,
     "alfa_miniimagenet_1shot": STANDIN,
     "alfa_miniimagenet_5shot": STANDIN,
+    "maml_miniimagenet_5w1s": STANDIN,
+    "maml_miniimagenet_5w5s": STANDIN,
     # the architecture searches on small images with one query per class and one inner
     # step: their networks are built and run as set, at a size a unit test affords
     **{
@@ -132,6 +137,41 @@ def test_paper_preset_matches_finn_et_al() -> None:
     assert (cfg.task.shots, cfg.algo.inner_steps, cfg.algo.inner_lr) == (10, 1, 0.01)
     assert (cfg.train.meta_batch_size, cfg.optim.name, cfg.optim.lr) == (25, "adam", 0.001)
     assert cfg.train.iterations == 70000 and cfg.model.hidden == [40, 40]
+    assert (cfg.model.init, cfg.model.init_std) == ("truncated_normal", 0.01)
+    assert (cfg.task.test_shots, cfg.algo.test_inner_steps) == (5, 10)
+
+
+def test_paper_presets_name_their_published_number_and_select_on_600_tasks() -> None:
+    named = 0
+    for preset in options("experiment"):
+        cfg = compose_config(f"experiment={preset}")
+        if cfg.published.value is None:
+            continue
+        named += 1
+        assert cfg.published.source, preset  # a number always says where it is from
+        assert cfg.val.num_tasks >= 500 and cfg.test.num_tasks >= 600, preset
+        # the best-validation and the last weights (or the last alone, ProtoNets' train+val)
+        assert cfg.test.report_last or cfg.test.checkpoint == "last", preset
+        accuracy = cfg.task.name != "sinusoid"
+        assert not accuracy or 0.2 < cfg.published.value <= 1.0, preset  # a fraction
+    assert named >= 5
+
+
+def test_maml_reference_code_settings_in_the_omniglot_and_miniimagenet_presets() -> None:
+    omniglot = compose_config("experiment=maml_omniglot_5w1s")
+    assert (omniglot.task.resize, omniglot.task.queries, omniglot.task.split) == (
+        "nearest",
+        1,
+        "random",
+    )
+    for cfg in (omniglot, compose_config("experiment=maml_miniimagenet_5w5s")):
+        assert cfg.algo.inner_loss == "sum_over_shots" and not cfg.algo.adapt_norm
+        assert not cfg.model.norm_scale and cfg.algo.test_inner_steps == 10
+    first_order = compose_config("experiment=fomaml_omniglot_5w1s")
+    assert first_order.algo.name == "fomaml" and first_order.task.resize == "nearest"
+    assert first_order.published.value == 0.983
+    mini = compose_config("experiment=maml_miniimagenet_5w1s")
+    assert (mini.model.filters, mini.train.meta_batch_size, mini.train.grad_clamp) == (32, 4, 10)
 
 
 @pytest.mark.parametrize(
@@ -153,9 +193,32 @@ def test_paper_preset_matches_finn_et_al() -> None:
         ("+task.way=5", "task.way"),
         ("algo.inner_lr=fast", "algo.inner_lr"),
         ("task.amplitude=[5.0,0.1]", "task.amplitude"),
+        ("algo.inner_loss=median", "algo.inner_loss"),
+        ("train.grad_clamp=0", "train.grad_clamp"),
+        ("optim.epoch_iterations=0", "optim.epoch_iterations"),
+        ("model.init_std=0", "model.init_std"),
+        ("published.value=high", "published.value"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_key(override: str, named: str) -> None:
     with pytest.raises(ConfigError) as info:
         check(compose_config(override))
     assert named in str(info.value)
+
+
+def test_a_bad_metasgd_start_is_rejected_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"algo\.metasgd_init"):
+        check(compose_config("algo=metasgd", "algo.metasgd_init=[0.1,0.005]"))
+
+
+def test_protonet_preset_trains_60_way_on_train_and_val_and_tests_5_way_15_queries() -> None:
+    cfg = compose_config("experiment=protonet_omniglot_5w1s")
+    assert (cfg.task.ways, cfg.task.test_ways, cfg.task.queries, cfg.task.test_queries) == (
+        60,
+        5,
+        5,
+        15,
+    )
+    assert cfg.task.split == "vinyals_trainval" and cfg.model.norm == "running"
+    assert (cfg.optim.scheduler, cfg.optim.step_size, cfg.optim.gamma) == ("step", 2000, 0.5)
+    assert cfg.train.meta_batch_size == 1 and cfg.test.checkpoint == "last"

@@ -36,7 +36,7 @@ T95_TEXT = """12.706 4.303 3.182 2.776 2.571 2.447 2.365 2.306 2.262 2.228 2.201
     2.045 2.042"""
 T95 = [float(t) for t in T95_TEXT.split()]
 # Config keys that never distinguish configurations.
-IGNORED = ("seed", "hydra")
+IGNORED = ("seed", "hydra", "published")
 NAMES = {"algo": "algo.name", "task": "task.name", "model": "model.name"}
 METRICS = ("test", "val")
 FORMATS = ("table", "csv", "markdown", "json")
@@ -235,6 +235,7 @@ def aggregate(runs: list[Run], keys: list[str] | None, metric: str) -> list[dict
                 "ci95": ci,
                 "std": std,
                 "best_val": statistics.fmean(best_val) if best_val else None,
+                "published": published(first),
                 "iterations": max(iterations) if iterations else None,
                 "wall_time_s": statistics.fmean(walls) if walls else None,
                 "it_per_s": statistics.fmean(speeds) if speeds else None,
@@ -244,6 +245,19 @@ def aggregate(runs: list[Run], keys: list[str] | None, metric: str) -> list[dict
         )
         rows.append(row)
     return rows
+
+
+def published(run: Run) -> str | None:
+    """The paper's number the run's preset names (``published:``), as "value ± ci (source)"."""
+    block = (run.summary.get("config") or {}).get("published") or {}
+    value = block.get("value")
+    if value is None:
+        return None
+    ci = block.get("ci95")
+    source = block.get("source")
+    return (
+        f"{value:g}" + (f" ± {ci:g}" if ci is not None else "") + (f" ({source})" if source else "")
+    )
 
 
 def sort_rows(rows: list[dict[str, Any]], key: str | None, reverse: bool) -> list[dict[str, Any]]:
@@ -282,7 +296,16 @@ def cell(row: dict[str, Any], column: str) -> str:
     return text(value)
 
 
-RESULTS = ["seeds", "metric", "std", "best_val", "iterations", "wall_time_s", "it_per_s"]
+RESULTS = [
+    "seeds",
+    "metric",
+    "std",
+    "best_val",
+    "published",
+    "iterations",
+    "wall_time_s",
+    "it_per_s",
+]
 HIDDEN = ["metric_name", "higher_is_better", "metric_source", "ci95", "runs", "duplicate_seed_runs"]
 
 
@@ -295,6 +318,8 @@ def display_columns(rows: list[dict[str, Any]]) -> list[str]:
     fixed = list(RESULTS)
     if rows[0]["metric_source"] == "val":
         fixed.remove("best_val")  # it is the metric column
+    if all(r.get("published") is None for r in rows):
+        fixed.remove("published")  # no preset names a paper's number
     return config_columns(rows) + fixed
 
 

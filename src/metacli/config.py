@@ -218,6 +218,7 @@ class TestConfig(EvalConfig):
     num_tasks: int = 600
     batch_size: int = 200
     checkpoint: str = "best"  # weights meta-tested after training: best (validation) or last
+    report_last: bool = False  # also meta-test the last weights (summary.json: test_last)
 
     def check(self, section: str) -> None:
         super().check(section)
@@ -227,6 +228,17 @@ class TestConfig(EvalConfig):
             self.checkpoint,
             "choose best or last",
         )
+
+
+@dataclass
+class PublishedConfig:
+    """A paper's number for a preset's setting: ``metacli compare`` shows it next to the
+    runs. Not a hyperparameter (never splits rows); ``value`` is null where none exists."""
+
+    value: float | None = None  # the published meta-test metric (the preset's final step)
+    ci95: float | None = None  # its 95% confidence half-width, where published
+    source: str = ""  # the paper, table or figure, and its reference code
+    note: str = ""  # what differs or how it was read (e.g. "read from Fig. 2")
 
 
 @dataclass
@@ -262,6 +274,7 @@ class RunConfig:
     val: EvalConfig = field(default_factory=EvalConfig)
     test: TestConfig = field(default_factory=TestConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    published: PublishedConfig = field(default_factory=PublishedConfig)
 
     def __post_init__(self) -> None:
         require(self.seed >= 0, "seed", self.seed, "it must be >= 0")

@@ -417,14 +417,17 @@ def report(
     )
 
 
-def meta_test(c: Components, folder: RunFolder, iteration: int) -> EvalSummary:
+def meta_test(c: Components, folder: RunFolder, iteration: int, split: str = "test") -> EvalSummary:
+    """The fixed meta-test tasks on the weights in memory; ``split`` names the record
+    (``test_last``: the last weights, besides the best ones)."""
     from metacli.loop import evaluate
 
     with STOPPER.during("the meta-test"):
         result = evaluate(c, "test", c.run.test.num_tasks, c.run.test.batch_size)
-    folder.log_metrics(result.record(iteration, "test"))
+    folder.log_metrics(result.record(iteration, split))
     (log.warning if result.nonfinite else log.info)(
-        "meta-test on %d tasks: %s %.4f ± %.4f after %d steps (%.4f before adaptation)%s",
+        "%s on %d tasks: %s %.4f ± %.4f after %d steps (%.4f before adaptation)%s",
+        "meta-test" if split == "test" else "meta-test of the last weights",
         result.num_tasks,
         result.metric_name,
         result.final,
@@ -481,6 +484,11 @@ def train(cfg: DictConfig) -> float:
             folder.save_checkpoint("last", make(c, state))
         source = c.run.test.checkpoint
         best = folder.checkpoints / "best.pt"
+        extra: dict[str, Any] = {}
+        if c.run.test.report_last and source == "best" and best.exists():
+            # the last weights are in memory: meta-test them first, then the best ones
+            final = meta_test(c, folder, state.iteration, split="test_last")
+            extra["test_last"] = {**final.as_dict(), "checkpoint_iteration": state.iteration}
         if source == "best" and best.exists():
             load_weights(c, load_checkpoint(best), str(best))
         result = meta_test(c, folder, state.iteration)
@@ -499,6 +507,7 @@ def train(cfg: DictConfig) -> float:
                 if source == "best" and best.exists()
                 else state.iteration,
             },
+            **extra,
         )
         folder.update_summary(objective=objective(folder.summary, cfg.optimized_metric))
         report(
