@@ -148,6 +148,7 @@ def test_maml_with_the_lslr_rule_is_mamlpp_with_its_other_tricks_off(float64) ->
     common += ("algo.inner_lr=0.1", "algo.test_inner_steps=2")
     maml = build(compose_config("algo=maml", "algo.update=lslr", *common))
     off = ("algo.multi_step_loss=false", "algo.per_step_bn=false", "algo.cosine_outer_lr=false")
+    off += ("algo.adapt_norm=true",)  # MAML++ keeps its norm out of the inner loop
     mamlpp = build(compose_config("algo=mamlpp", *off, *common))
     assert isinstance(mamlpp.scheduler, type(maml.scheduler))  # neither anneals
     for rates in (maml.algorithm.learned_rates(), mamlpp.algorithm.learned_rates()):
@@ -298,5 +299,5 @@ def test_mamlpp_records_the_settings_that_ran(tmp_path: Path) -> None:
     assert checkpoint["config"]["optim"]["scheduler"] == "cosine"
     conv = ("task=synthetic", "model=conv4", "model.filters=4", "task.image_size=16")
     config = resolve(compose_config("algo=mamlpp", *conv, "device=cpu")).effective
-    assert config.model.norm == "per_step" and config.model.norm_steps == 6
+    assert config.model.norm == "per_step" and config.model.norm_steps == 5  # N sets, N steps
     assert config.optim.scheduler == "cosine"

@@ -14,7 +14,9 @@ The tricks, each with a switch (all off = MAML):
   parameters stay out of the inner loop (``algo.adapt_norm=false``), as the reference's
   ``enable_inner_loop_optimizable_bn_params: false``.
 - ``cosine_outer_lr`` (CA): cosine annealing of the outer learning rate
-  (``optim.scheduler=cosine``).
+  (``optim.scheduler=cosine``; ``optim.epoch_iterations`` steps it per epoch as the code).
+- ``adapt_norm=false``: batch-norm parameters stay out of the inner loop (``true``, with
+  every trick above off, is MAML with the ``lslr`` or ``sgd`` rule).
 BNWB and CA change the model and optimizer settings before building (``configure``);
 the run's summary.json and checkpoints record the settings that ran.
 """
