@@ -222,3 +222,11 @@ def test_protonet_preset_trains_60_way_on_train_and_val_and_tests_5_way_15_queri
     assert cfg.task.split == "vinyals_trainval" and cfg.model.norm == "running"
     assert (cfg.optim.scheduler, cfg.optim.step_size, cfg.optim.gamma) == ("step", 2000, 0.5)
     assert cfg.train.meta_batch_size == 1 and cfg.test.checkpoint == "last"
+
+
+def test_metasgd_preset_starts_its_rates_from_the_papers_uniform() -> None:
+    cfg = compose_config("experiment=metasgd_sinusoid")
+    assert cfg.algo.metasgd_init == [0.005, 0.1] and cfg.task.frequency == [0.8, 1.2]
+    rates = build(compose_config("experiment=metasgd_sinusoid", "device=cpu"))
+    values = torch.cat([r.detach().flatten() for r in rates.algorithm.learned_rates().values()])
+    assert values.min() >= 0.005 and values.max() <= 0.1 and values.std() > 0.02
