@@ -111,13 +111,15 @@ class EvalSummary:
             **({"distinct_labels": len(set(self.labels))} if self.labels else {}),
         }
 
-    def describe_nonfinite(self) -> str:
-        """'' when every task's metric is finite; else how many were not."""
+    def describe_nonfinite(self, validation: bool = False) -> str:
+        """'' when every task's metric is finite; else how many were not (and, for a
+        validation, that it is never selected as best)."""
         if not self.nonfinite:
             return ""
+        never = "; never selected as best" if validation else ""
         return (
             f"  [non-finite on {self.nonfinite} of {self.num_tasks} tasks: the inner loop "
-            "diverged; never selected as best]"
+            f"diverged{never}]"
         )
 
     def label_counts(self) -> dict[str, Any]:
@@ -403,7 +405,7 @@ def meta_train(c: Components, recorder: Recorder, state: LoopState) -> LoopState
                     val.metric_ci95[-1],
                     val.metric_mean[0],
                     "  [best]" if improved else "",
-                    val.describe_nonfinite(),
+                    val.describe_nonfinite(validation=True),
                 )
                 if improved:
                     save("best")

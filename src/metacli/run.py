@@ -434,7 +434,7 @@ def meta_test(c: Components, folder: RunFolder, iteration: int, split: str = "te
         result.metric_ci95[-1],
         len(result.metric_mean) - 1,
         result.metric_mean[0],
-        result.describe_nonfinite().replace("; never selected as best", ""),
+        result.describe_nonfinite(),
     )
     return result
 
