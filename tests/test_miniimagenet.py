@@ -119,3 +119,28 @@ def test_missing_data_and_broken_split_files(tmp_path: Path) -> None:
         MiniImageNet(config(), str(root), str(tmp_path / "c"))
     with pytest.raises(MetacliError, match="shots"):
         MiniImageNet(config(queries=10), str(make(tmp_path / "ok", "pickle")), str(tmp_path / "c"))
+
+
+@pytest.mark.parametrize("normalize", ["imagenet", "none"])
+def test_normalize_imagenet_or_unit_range(tmp_path: Path, normalize: str) -> None:
+    """MAML++'s code normalises with the ImageNet statistics; cbfinn/maml and
+    openai/supervised-reptile feed pixels / 255."""
+    root = make(tmp_path / "data", "pickle")
+    task = MiniImageNet(config(normalize=normalize), str(root), str(tmp_path / "c"))
+    episode = task.sample(1, "train", torch.Generator().manual_seed(0))
+    raw = episode.support_x[0, 0]  # one image: every pixel one value per channel
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    unit = raw * std.view(3, 1, 1) + mean.view(3, 1, 1) if normalize == "imagenet" else raw
+    # the image's value v/255, the same in every channel (the fixture's grey images)
+    v = unit[:, 0, 0]
+    torch.testing.assert_close(v, v[:1].expand(3), atol=1e-6, rtol=0)
+    assert 0 <= float(v[0]) <= 1 and float((v[0] * 255 - (v[0] * 255).round()).abs()) < 1e-4
+    if normalize == "none":
+        assert float(raw.min()) >= 0 and float(raw.max()) <= 1
+
+
+def test_normalize_must_be_known() -> None:
+    from metacli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"task\.normalize"):
+        config(normalize="zscore")

@@ -192,6 +192,15 @@ class MetaAlgorithm(nn.Module, Registered):
         return MetaLoss(loss, metric, terms)
 
 
+def minibatches(rng: TaskRandom, examples: int, batch: int, steps: int) -> Tensor:
+    """[steps, batch] example indices: passes over the examples, each in a fresh random
+    order, cut into consecutive batches that may span two passes (as
+    openai/supervised-reptile's ``_mini_batches``); static shapes, so it runs under vmap."""
+    passes = -(-steps * batch // examples)
+    order = rng.uniform((passes, examples)).argsort(dim=-1).flatten()
+    return order[: steps * batch].reshape(steps, batch)
+
+
 # The inner loop's support loss: the task's mean over the support examples; their sum
 # (the mean times S); or the sum divided by the shots K, cbfinn/maml's xent (the mean times
 # the ways N, so its alpha is N times metacli's mean step; the sum at 1 shot). Regression
@@ -210,9 +219,19 @@ class AdaptiveConfig(AlgoConfig):
     regularizer_weight: float = 0.0  # lambda in L_meta + lambda * Omega
     adapt_norm: bool = True  # whether batch-norm parameters adapt in the inner loop
     inner_loss: str = "mean"  # the support loss the inner loop descends: see INNER_LOSSES
+    # Examples per inner step in training / at evaluation (null: all of them), drawn as
+    # openai/supervised-reptile draws them: passes over the examples in fresh random orders
+    inner_batch: int | None = None
+    test_inner_batch: int | None = None
+    # false: each query is predicted in a batch of the support set and itself alone, so
+    # batch-norm statistics never mix queries (Reptile's non-transductive evaluation)
+    transductive: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for key in ("inner_batch", "test_inner_batch"):
+            value = getattr(self, key)
+            require(value is None or value >= 1, f"algo.{key}", value, "it must be >= 1 or null")
         require(
             self.inner_loss in INNER_LOSSES,
             "algo.inner_loss",
@@ -268,10 +287,13 @@ class Adaptive(MetaAlgorithm):
         self.train_steps, self.train_lr = cfg.inner_steps, cfg.inner_lr
         self.test_steps = cfg.inner_steps if cfg.test_inner_steps is None else cfg.test_inner_steps
         self.test_lr = cfg.inner_lr if cfg.test_inner_lr is None else cfg.test_inner_lr
+        self.train_batch, self.test_batch = cfg.inner_batch, cfg.test_inner_batch
         adapted: Params = {n: p for n, p in model.named_parameters() if n in self.adapted_names()}
         rule: type[UpdateRule] = lookup("update", cfg.update, UpdateRule)
         self.rule = rule(cfg, adapted, cfg.inner_lr, cfg.inner_steps)
         self.executor.stochastic |= self.rule.stochastic
+        # mini-batches are drawn from each task's stream
+        self.executor.stochastic |= cfg.inner_batch is not None or cfg.test_inner_batch is not None
         if not self.trains_rule and any(True for _ in self.rule.parameters()):
             raise ConfigError(
                 f"algo={cfg.name} cannot learn the parameters of algo.update={cfg.update}: "
@@ -338,16 +360,29 @@ class Adaptive(MetaAlgorithm):
         first_order: bool,
         rng: TaskRandom,
         keep_loss: bool = False,
+        batch: int | None = None,
+        state: Any = None,
     ) -> Iterator[Step]:
         """The inner loop on one task's support set ``x`` [S, ...], ``y`` [S, ...] (on the
-        task's own draws of a stochastic model: an architecture it samples)."""
+        task's own draws of a stochastic model: an architecture it samples), each step on
+        ``batch`` of its examples (None: all), the rule started from ``state`` if given."""
         if self.model.stochastic:
             params = {**params, **self.model.draw(rng)}
+        order = None
+        if batch is not None and batch != x.shape[0]:
+            order = minibatches(rng, x.shape[0], batch, steps)  # [steps, batch]
 
         def loss(p: Params, step: int) -> Tensor:
-            return self.support_loss(p, x, y, step, rng)
+            if order is None:
+                return self.support_loss(p, x, y, step, rng)
+            picked = order[step]
+            return self.support_loss(p, x[picked], y[picked], step, rng)
 
-        return self.inner.run(params, loss, steps, lr, first_order, rng, keep_loss)
+        return self.inner.run(params, loss, steps, lr, first_order, rng, keep_loss, state)
+
+    def start_state(self, lr: float) -> Any:
+        """The update rule's state a task starts from (None: a fresh one, ``rule.init``)."""
+        return None
 
     def query_step(self, index: int) -> int:
         """The inner step whose batch-norm set the query sees after ``index`` updates."""
@@ -357,16 +392,41 @@ class Adaptive(MetaAlgorithm):
         self, rng: TaskRandom, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Query loss, metric [k+1] and predictions [k+1, Q, ...] after 0..k inner steps."""
-        steps = self.adapt(params, sx, sy, self.test_steps, self.test_lr, True, rng)
-        return self.measure(steps, qx, qy)
+        state = self.start_state(self.test_lr)
+        steps = self.adapt(
+            params,
+            sx,
+            sy,
+            self.test_steps,
+            self.test_lr,
+            True,
+            rng,
+            batch=self.test_batch,
+            state=state,
+        )
+        return self.measure(steps, qx, qy, sx)
+
+    def predict(self, params: Params, qx: Tensor, step: int, sx: Tensor | None) -> Tensor:
+        """The query predictions [Q, ...]: in one batch (transductive batch norm), or each
+        query in a batch of the support set ``sx`` and itself (``algo.transductive=false``,
+        openai/supervised-reptile's evaluation), its statistics never mixing queries."""
+        if self.cfg.transductive or sx is None or not self.model.norm_layers():
+            return self.forward_with(params, qx, step)
+
+        def alone(query: Tensor) -> Tensor:  # [...] -> the query's row
+            return self.forward_with(params, torch.cat([sx, query[None]]), step)[-1]
+
+        # one forward of Q batches [S + 1, ...]: with unbatched weights the convolutions
+        # fold the queries into their batch, and the norm's statistics stay per query
+        return torch.func.vmap(alone, randomness="same")(qx)
 
     def measure(
-        self, steps: Iterator[Step], qx: Tensor, qy: Tensor
+        self, steps: Iterator[Step], qx: Tensor, qy: Tensor, sx: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The query set's loss, metric [k+1] and predictions [k+1, Q, ...] at each step."""
         losses, metrics, predictions = [], [], []
         for step in steps:
-            prediction = self.forward_with(step.params, qx, self.query_step(step.index))
+            prediction = self.predict(step.params, qx, self.query_step(step.index), sx)
             losses.append(self.task.loss(prediction, qy))
             metrics.append(self.task.metric(prediction, qy))
             predictions.append(prediction)

@@ -45,8 +45,16 @@ class MAML(Adaptive, key="maml"):
         self, rng: TaskRandom, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
     ) -> TaskLoss:
         """The query loss of one task after the inner loop on its support set."""
+        first_order = self.use_first_order()
         steps = self.adapt(
-            params, sx, sy, self.train_steps, self.train_lr, self.use_first_order(), rng
+            params,
+            sx,
+            sy,
+            self.train_steps,
+            self.train_lr,
+            first_order,
+            rng,
+            batch=self.train_batch,
         )
         adapted = last(steps)
         prediction = self.forward_with(adapted.params, qx, self.query_step(adapted.index))

@@ -104,8 +104,16 @@ class MAMLPP(MAML, key="mamlpp"):
     ) -> TaskLoss:
         if self.weights is None:
             return super().task_loss(rng, params, sx, sy, qx, qy)
+        first_order = self.use_first_order()
         steps = self.adapt(
-            params, sx, sy, self.train_steps, self.train_lr, self.use_first_order(), rng
+            params,
+            sx,
+            sy,
+            self.train_steps,
+            self.train_lr,
+            first_order,
+            rng,
+            batch=self.train_batch,
         )
         total = torch.zeros(())
         for step in steps:

@@ -168,8 +168,10 @@ class MetaNAS(MAML, key="metanas"):
                 final["params"] = step.params
                 yield step
 
-        steps = self.adapt(params, sx, sy, self.test_steps, self.test_lr, True, rng)
-        loss, metric, outputs = self.measure(remember(steps), qx, qy)
+        steps = self.adapt(
+            params, sx, sy, self.test_steps, self.test_lr, True, rng, batch=self.test_batch
+        )
+        loss, metric, outputs = self.measure(remember(steps), qx, qy, sx)
         names = [*self.model.architecture_names(), *self.model.draw_names()]
         return loss, metric, outputs, {n: final["params"][n] for n in names}
 

@@ -39,6 +39,7 @@ from metacli.algorithms.maml import MAML, MAMLConfig, TaskLoss
 from metacli.config import require
 from metacli.engine.inner import last
 from metacli.engine.random import TaskRandom
+from metacli.errors import ConfigError
 from metacli.models.base import Model
 from metacli.tasks.base import TaskBatch, TaskDistribution
 from metacli.updates.base import Params
@@ -166,6 +167,11 @@ class MRMAML(MAML, key="mrmaml"):
     stochastic = True
 
     def __init__(self, cfg: MRMAMLConfig, model: Model, task: TaskDistribution) -> None:
+        if cfg.inner_batch is not None or cfg.test_inner_batch is not None:
+            raise ConfigError(
+                "algo=mrmaml re-encodes its whole support set at every inner step, so it "
+                "takes no mini-batches: set algo.inner_batch and algo.test_inner_batch to null."
+            )
         super().__init__(cfg, model, task)
         self.encoder = Encoder(cfg, math.prod(task.input_shape))
 

@@ -91,7 +91,7 @@ class TaskExecutor:
         per_task: Sequence[Tensor],
     ) -> Any:
         """``fn(rng, *shared, *task_slices)`` for every task, outputs stacked on axis 0."""
-        keys = self._keys(keys, per_task)
+        keys = self.stream_keys(keys, per_task)
         if self.strategy == "vmap":
             return self._vmap(fn, keys, shared, per_task)
         outputs = list(self._each(fn, keys, shared, per_task))
@@ -132,7 +132,7 @@ class TaskExecutor:
         losses, metrics, terms = [], [], []
         total: list[Tensor] | None = None
         for loss, metric, named, grads in self._each(
-            one, self._keys(keys, per_task), shared, per_task
+            one, self.stream_keys(keys, per_task), shared, per_task
         ):
             losses.append(loss)
             metrics.append(metric)
@@ -147,7 +147,9 @@ class TaskExecutor:
         return torch.stack(losses).mean() + carrier, torch.stack(metrics), means
 
     # --- strategies -------------------------------------------------------------------
-    def _keys(self, keys: Tensor | None, per_task: Sequence[Tensor]) -> Tensor | None:
+    def stream_keys(self, keys: Tensor | None, per_task: Sequence[Tensor]) -> Tensor | None:
+        """Each task's stream key (None where tasks draw nothing; fixed ones for a batch
+        that has none)."""
         if not self.stochastic:
             return None
         if keys is not None:

@@ -61,6 +61,7 @@ class InnerLoop:
         first_order: bool,
         rng: TaskRandom,
         keep_loss: bool = False,
+        state: Any = None,
     ) -> Iterator[Step]:
         """``steps`` updates of ``params`` on ``support_loss(params, step)``.
 
@@ -68,10 +69,12 @@ class InnerLoop:
         flows through the inner loop; ``first_order`` treats each gradient as a constant.
         Each step's support loss is kept (in ``Step.loss``, and given to the rule) when the
         rule says it needs it or ``keep_loss`` asks: under vmap, returning it from the
-        gradient transform costs about 2% of a sinusoid MAML iteration.
+        gradient transform costs about 2% of a sinusoid MAML iteration. ``state`` starts
+        the rule from a carried state instead of a fresh one.
         """
         want_loss = keep_loss or self.rule.needs_loss
-        state = self.rule.init(self.adapted(params), lr, rng)
+        if state is None:
+            state = self.rule.init(self.adapted(params), lr, rng)
         yield Step(0, params, state=state)
         for step in range(steps):
             fast = self.adapted(params)

@@ -3,7 +3,10 @@
 Four blocks of 3x3 convolution, batch norm, ReLU and 2x2 max-pooling (``filters``: 64
 for Omniglot, 32 for mini-ImageNet), then a linear head. ``strided: true`` is the
 variant of MAML's Omniglot code: stride-2 convolutions, no pooling, features averaged
-over space.
+over space (``readout: mean``); openai/supervised-reptile's Omniglot network is the same
+but flattens them (``readout: flatten``: 2 x 2 x 64 = 256 features on 28 x 28 images).
+``pool_padding: same`` pools as TF's 'SAME' padding (a ceiling: 84 -> 42 -> 21 -> 11 -> 6,
+Reptile's mini-ImageNet network), ``valid`` as 'VALID' (a floor: ... 21 -> 10 -> 5, MAML's).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from metacli.config import require
 from metacli.errors import ConfigError
 from metacli.models.base import NORMS, MetaBatchNorm, Model, ModelConfig
 
+READOUTS = ("auto", "mean", "flatten")
+
 
 @dataclass
 class Conv4Config(ModelConfig):
@@ -29,9 +34,23 @@ class Conv4Config(ModelConfig):
     # false: the norm learns a bias only, its scale fixed at 1, as MAML's TF code
     # (tf.contrib.layers.batch_norm: center=True, scale=False)
     norm_scale: bool = True
+    readout: str = "auto"  # auto (strided: mean, else flatten) | mean | flatten
+    pool_padding: str = "valid"  # valid (floor) | same (ceiling, TF's 'SAME')
 
     def __post_init__(self) -> None:
         require(self.filters >= 1, "model.filters", self.filters, "it must be >= 1")
+        require(
+            self.readout in READOUTS,
+            "model.readout",
+            self.readout,
+            f"choose one of {', '.join(READOUTS)}",
+        )
+        require(
+            self.pool_padding in ("valid", "same"),
+            "model.pool_padding",
+            self.pool_padding,
+            "choose valid or same",
+        )
         require(self.norm in NORMS, "model.norm", self.norm, f"choose one of {', '.join(NORMS)}")
         require(self.norm_steps >= 1, "model.norm_steps", self.norm_steps, "it must be >= 1")
 
@@ -40,6 +59,7 @@ class ConvBlock(nn.Module):
     def __init__(self, channels_in: int, channels_out: int, cfg: Conv4Config) -> None:
         super().__init__()
         self.strided = cfg.strided
+        self.ceil = cfg.pool_padding == "same"
         self.conv = nn.Conv2d(
             channels_in, channels_out, 3, stride=2 if cfg.strided else 1, padding=1
         )
@@ -47,7 +67,7 @@ class ConvBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.relu(self.norm(self.conv(x)))
-        return x if self.strided else F.max_pool2d(x, 2)
+        return x if self.strided else F.max_pool2d(x, 2, ceil_mode=self.ceil)
 
 
 class Conv4(Model, key="conv4"):
@@ -60,7 +80,7 @@ class Conv4(Model, key="conv4"):
     def __init__(self, cfg: Conv4Config, input_shape: tuple[int, ...], output_dim: int | None):
         super().__init__(cfg, input_shape, output_dim)
         channels = input_shape[0]
-        self.strided = cfg.strided
+        self.mean = cfg.readout == "mean" or (cfg.readout == "auto" and cfg.strided)
         self.blocks = nn.Sequential(
             *(ConvBlock(channels if i == 0 else cfg.filters, cfg.filters, cfg) for i in range(4))
         )
@@ -77,7 +97,7 @@ class Conv4(Model, key="conv4"):
 
     def features(self, x: Tensor) -> Tensor:  # [N, C, H, W] -> [N, D]
         x = self.blocks(x)
-        return x.mean(dim=(2, 3)) if self.strided else x.flatten(1)
+        return x.mean(dim=(2, 3)) if self.mean else x.flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.features(x)

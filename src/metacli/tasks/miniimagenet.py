@@ -9,8 +9,9 @@ Layouts under ``data.root`` (or $METACLI_DATA):
   accepted) holding ``image_data`` [N, 84, 84, 3] uint8 and ``class_dict``
   {wnid: [indices]}. They are read by a restricted unpickler that admits numpy arrays
   and plain containers only; anything else is refused, never executed.
-Images are 84x84x3 (LANCZOS-resized when needed), normalised with the ImageNet channel
-means and standard deviations.
+Images are 84x84x3 (LANCZOS-resized when needed), scaled to [0, 1] and (``normalize:
+imagenet``, MAML++'s code) normalised with the ImageNet channel means and standard
+deviations; ``normalize: none`` keeps [0, 1], as cbfinn/maml and openai/supervised-reptile.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from metacli.config import require
 from metacli.console import track
 from metacli.errors import MetacliError
 from metacli.tasks.base import SPLITS, ClassificationConfig
@@ -57,6 +59,16 @@ class MiniImageNetConfig(ClassificationConfig):
     name: str = "miniimagenet"
     image_size: int = 84
     split_dir: str | None = None  # folder of the Ravi CSVs (flat layout)
+    normalize: str = "imagenet"  # imagenet (channel means and stds) | none ([0, 1])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(
+            self.normalize in ("imagenet", "none"),
+            "task.normalize",
+            self.normalize,
+            "choose imagenet or none",
+        )
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -197,8 +209,9 @@ class MiniImageNet(ImageClassTask, key="miniimagenet"):
         )
         self.images = data["images"]
         self.input_shape = (3, cfg.image_size, cfg.image_size)
-        self.mean = torch.tensor(MEAN).view(3, 1, 1)
-        self.std = torch.tensor(STD).view(3, 1, 1)
+        if cfg.normalize == "imagenet":
+            self.mean = torch.tensor(MEAN).view(3, 1, 1)
+            self.std = torch.tensor(STD).view(3, 1, 1)
         self.splits = {}
         self.problems: list[str] = []
         for split in SPLITS:

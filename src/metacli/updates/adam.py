@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from metacli.config import require
 from metacli.engine.random import TaskRandom
-from metacli.updates.base import Params, UpdateConfig, UpdateRule
+from metacli.updates.base import Params, UpdateConfig, UpdateRule, slot
 from metacli.updates.momentum import logit
 
 
@@ -76,14 +76,14 @@ class Adam(UpdateRule, key="adam"):
     def init(self, params: Params, lr: float, rng: TaskRandom) -> Any:
         lr = self.cfg.adam_lr or lr
         zeros = {n: torch.zeros_like(p) for n, p in params.items()}
-        return lr, zeros, dict(zeros)
+        return lr, zeros, dict(zeros), 0  # the step size, m, v and the steps taken
 
     def update(
         self, params: Params, grads: Params, loss: Tensor | None, state: Any, step: int
     ) -> tuple[Params, Any]:
-        lr, m, v = state
+        lr, m, v, taken = state
         beta1, beta2 = self.betas()
-        t = step + 1
+        t = taken + 1  # counted in the state, so that a carried state continues its count
         correction1, correction2 = 1 - beta1**t, (1 - beta2**t) ** 0.5
         m = {n: torch.lerp(m[n], g, 1 - beta1) for n, g in grads.items()}
         v = {n: beta2 * v[n] + (1 - beta2) * g * g for n, g in grads.items()}
@@ -91,7 +91,20 @@ class Adam(UpdateRule, key="adam"):
         for n, p in params.items():
             denominator = safe_sqrt(v[n]) / correction2 + self.cfg.adam_eps
             new[n] = p - self.step_size(n, lr) / correction1 * m[n] / denominator
-        return new, (lr, m, v)
+        return new, (lr, m, v, t)
+
+    def export_state(self, state: Any) -> dict[str, Tensor]:
+        _, m, v, taken = state
+        return {
+            **{f"m__{slot(n)}": m[n] for n in self.names},
+            **{f"v__{slot(n)}": v[n] for n in self.names},
+            "t": torch.tensor(taken, dtype=torch.long),
+        }
+
+    def import_state(self, tensors: dict[str, Tensor], lr: float) -> Any:
+        m = {n: tensors[f"m__{slot(n)}"] for n in self.names}
+        v = {n: tensors[f"v__{slot(n)}"] for n in self.names}
+        return self.cfg.adam_lr or lr, m, v, int(tensors["t"])
 
     def scalars(self) -> dict[str, float]:
         if self.beta_logits is None:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from metacli.engine.random import TaskRandom
+from metacli.errors import ConfigError
 from metacli.registry import Registered
 
 Params = dict[str, Tensor]
@@ -93,6 +94,18 @@ class UpdateRule(nn.Module, Registered):
     def update(
         self, params: Params, grads: Params, loss: Tensor | None, state: Any, step: int
     ) -> tuple[Params, Any]:
+        raise NotImplementedError
+
+    def export_state(self, state: Any) -> dict[str, Tensor]:
+        """A task's final state as named tensors, to carry over to the next task
+        (``algo.carry_state``: Reptile's reference code keeps one TF Adam across tasks)."""
+        raise ConfigError(
+            f"algo.update={self.cfg.update} keeps no state that can carry over from task to "
+            f"task. Use algo.update=adam, or set algo.carry_state=false."
+        )
+
+    def import_state(self, tensors: dict[str, Tensor], lr: float) -> Any:
+        """The state ``export_state`` made, to start a task from (lr: the phase's)."""
         raise NotImplementedError
 
     def terms(self, state: Any) -> dict[str, Tensor]:
