@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,33 @@ def test_paper_presets_name_their_published_number_and_select_on_600_tasks() -> 
         accuracy = cfg.task.name != "sinusoid"
         assert not accuracy or 0.2 < cfg.published.value <= 1.0, preset  # a fraction
     assert named >= 5
+
+
+PAPER_ROW = re.compile(
+    r"(?P<algo>[a-z]+)_(?P<task>omniglot|miniimagenet)_(?P<ways>\d+)w(?P<shots>\d+)s"
+    r"(_transductive)?"
+)
+
+
+def test_paper_row_presets_are_what_their_names_say_and_cover_every_algorithm() -> None:
+    """experiment=<algo>_<task>_<ways>w<shots>s: that algorithm, task and test setting
+    (ProtoNets trains with more ways than it tests), its paper cited."""
+    rows: dict[str, set[str]] = {}
+    for preset in options("experiment"):
+        name = PAPER_ROW.fullmatch(preset)
+        if name is None:
+            continue
+        cfg = compose_config(f"experiment={preset}")
+        ways = cfg.task.test_ways or cfg.task.ways
+        shots = cfg.task.test_shots or cfg.task.shots
+        assert (cfg.algo.name, cfg.task.name) == (name["algo"], name["task"]), preset
+        assert (ways, shots) == (int(name["ways"]), int(name["shots"])), preset
+        assert cfg.published.source, preset
+        assert cfg.algo.name != "reptile" or cfg.algo.transductive == preset.endswith("ive")
+        rows.setdefault(name["algo"], set()).add(name["task"])
+    for algo in ("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "protonet"):
+        assert rows[algo] == {"omniglot", "miniimagenet"}, algo
+    assert sum(len(r) for r in rows.values()) == 14
 
 
 def test_maml_reference_code_settings_in_the_omniglot_and_miniimagenet_presets() -> None:

@@ -8,7 +8,7 @@ This module alone decides what a checkpoint contains (``make``), how it is read
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +35,9 @@ class LoopState:
     best_metric: float | None = None
     best_iteration: int | None = None
     wall_time: float = 0.0  # seconds spent training, summed over resumed sessions
+    # [validation metric, iteration] of the checkpoints kept in checkpoints/top/
+    # (test.ensemble_top_k), in iteration order
+    top: list[list[float]] = field(default_factory=list)
 
 
 def make(c: Components, state: LoopState) -> dict[str, Any]:
@@ -47,6 +50,7 @@ def make(c: Components, state: LoopState) -> dict[str, Any]:
         "best_metric": state.best_metric,
         "best_iteration": state.best_iteration,
         "wall_time": state.wall_time,
+        "top": [list(entry) for entry in state.top],
         "algorithm": c.algorithm.state_dict(),
         "optimizer": c.optimizer.state_dict(),
         "scheduler": c.scheduler.state_dict() if c.scheduler is not None else None,
@@ -136,6 +140,7 @@ def restore(c: Components, checkpoint: dict[str, Any], source: str) -> LoopState
         best_metric=checkpoint["best_metric"],
         best_iteration=checkpoint["best_iteration"],
         wall_time=checkpoint["wall_time"],
+        top=[list(entry) for entry in checkpoint.get("top", [])],
     )
 
 

@@ -219,9 +219,18 @@ class TestConfig(EvalConfig):
     batch_size: int = 200
     checkpoint: str = "best"  # weights meta-tested after training: best (validation) or last
     report_last: bool = False  # also meta-test the last weights (summary.json: test_last)
+    # >= 2: also meta-test the mean prediction of the k best validation checkpoints, kept
+    # in checkpoints/top/ (MAML++'s code: 5; summary.json: test_ensemble); 0: off
+    ensemble_top_k: int = 0
 
     def check(self, section: str) -> None:
         super().check(section)
+        require(
+            self.ensemble_top_k == 0 or self.ensemble_top_k >= 2,
+            f"{section}.ensemble_top_k",
+            self.ensemble_top_k,
+            "it must be 0 (off) or >= 2",
+        )
         require(
             self.checkpoint in ("best", "last"),
             "test.checkpoint",

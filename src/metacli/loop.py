@@ -55,6 +55,8 @@ class Recorder(Protocol):
 
     def save_checkpoint(self, name: str, checkpoint: dict[str, Any]) -> None: ...
 
+    def remove_checkpoint(self, name: str) -> None: ...
+
     def write_text(self, name: str, text: str | bytes) -> None: ...
 
 
@@ -409,6 +411,7 @@ def meta_train(c: Components, recorder: Recorder, state: LoopState) -> LoopState
                 )
                 if improved:
                     save("best")
+                keep_top(c, recorder, state, it, val.final)
             if it == total:
                 ended = c.algorithm.on_train_end(it)
                 if ended:
@@ -429,6 +432,64 @@ def meta_train(c: Components, recorder: Recorder, state: LoopState) -> LoopState
                     signum,
                 )
     return state
+
+
+def top_name(iteration: int) -> str:
+    """The checkpoint name of a validation kept for the ensemble (``checkpoints/top/``)."""
+    return f"top/val_{iteration:08d}"
+
+
+def keep_top(c: Components, recorder: Recorder, state: LoopState, it: int, value: float) -> None:
+    """Keep the ``test.ensemble_top_k`` best validation checkpoints (MAML++'s code keeps
+    its 5 best epochs and averages their predictions at the meta-test). Ties keep the
+    earlier; a non-finite validation is never kept."""
+    k = c.run.test.ensemble_top_k
+    if k < 2 or not math.isfinite(value):
+        return
+    entry = [value, it]
+    ranked = sorted([*state.top, entry], key=lambda e: e[0], reverse=c.task.higher_is_better)
+    kept, dropped = ranked[:k], ranked[k:]
+    if entry not in kept:
+        return
+    state.top = sorted(kept, key=lambda e: e[1])
+    recorder.save_checkpoint(top_name(it), make(c, state))
+    for _, old in dropped:
+        recorder.remove_checkpoint(top_name(int(old)))
+
+
+def evaluate_ensemble(
+    c: Components, weights: list[dict[str, Tensor]], num_tasks: int, batch_size: int
+) -> EvalSummary:
+    """The fixed meta-test tasks, each predicted by the mean of the predictions (logits,
+    or regression outputs) of every set of ``weights`` after 0..k inner steps, as MAML++'s
+    ``evaluated_test_set_using_the_best_models``."""
+    tasks = c.task.sample(num_tasks, "test", split_generator(c.run.seed, "test"))
+    tasks = tasks.with_keys(task_keys(c.run.seed, "test", 0, 0, num_tasks))
+    was_training = c.algorithm.training
+    c.algorithm.eval()
+    total: Tensor | None = None
+    for state_dict in weights:
+        c.algorithm.load_state_dict(state_dict)
+        chunks = []
+        for start in range(0, num_tasks, batch_size):
+            result = c.algorithm.evaluate(tasks[start : start + batch_size].to(c.device), True)
+            assert result.predictions is not None
+            chunks.append(result.predictions.detach().double().cpu())
+        predictions = torch.cat(chunks)  # [n, k+1, Q, ...]
+        total = predictions if total is None else total + predictions
+    c.algorithm.train(was_training)
+    assert total is not None
+    mean = total / len(weights)
+    targets = tasks.query_y.double() if tasks.query_y.is_floating_point() else tasks.query_y
+    losses, metrics = [], []
+    for i in range(num_tasks):
+        losses.append(torch.stack([c.task.loss(step, targets[i]) for step in mean[i]]))
+        metrics.append(torch.stack([c.task.metric(step, targets[i]) for step in mean[i]]))
+    summary = EvalSummary.from_tensors(
+        c.task.metric_name, torch.stack(losses).double(), torch.stack(metrics).double()
+    )
+    summary.higher_is_better = c.task.higher_is_better
+    return summary
 
 
 class Window:

@@ -133,7 +133,12 @@ class RunFolder:
 
     def save_checkpoint(self, name: str, checkpoint: dict[str, Any]) -> None:
         path = self.checkpoints / f"{name}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)  # top/ (test.ensemble_top_k)
         self.write(path, lambda: save_checkpoint(path, checkpoint))
+
+    def remove_checkpoint(self, name: str) -> None:
+        path = self.checkpoints / f"{name}.pt"
+        self.write(path, lambda: path.unlink(missing_ok=True))
 
     def write_text(self, name: str, text: str | bytes) -> None:
         self.write(self.root / name, lambda: write_text(self.root / name, text))
@@ -439,6 +444,40 @@ def meta_test(c: Components, folder: RunFolder, iteration: int, split: str = "te
     return result
 
 
+def meta_test_ensemble(c: Components, folder: RunFolder, state: LoopState) -> dict[str, Any] | None:
+    """With ``test.ensemble_top_k``: the fixed meta-test tasks on the mean prediction of
+    the best validation checkpoints kept in ``checkpoints/top/`` (None when off, or with
+    fewer than two kept). The weights in memory change; nothing after uses them."""
+    from metacli.loop import evaluate_ensemble, top_name
+
+    if c.run.test.ensemble_top_k < 2:
+        return None
+    kept = [(int(it), folder.checkpoints / f"{top_name(int(it))}.pt") for _, it in state.top]
+    missing = [str(path) for _, path in kept if not path.exists()]
+    if missing:
+        log.warning("ensemble: %s missing; the meta-test averages the others", ", ".join(missing))
+    kept = [(it, path) for it, path in kept if path.exists()]
+    if len(kept) < 2:
+        log.warning("ensemble: fewer than two validation checkpoints kept; no ensemble meta-test")
+        return None
+    weights = [load_checkpoint(path)["algorithm"] for _, path in kept]
+    with STOPPER.during("the meta-test"):
+        result = evaluate_ensemble(c, weights, c.run.test.num_tasks, c.run.test.batch_size)
+    folder.log_metrics({**result.record(state.iteration, "test_ensemble"), "members": len(kept)})
+    log.info(
+        "meta-test of the mean prediction of the %d best validation checkpoints (iterations "
+        "%s) on %d tasks: %s %.4f ± %.4f after %d steps",
+        len(kept),
+        ", ".join(str(it) for it, _ in kept),
+        result.num_tasks,
+        result.metric_name,
+        result.final,
+        result.metric_ci95[-1],
+        len(result.metric_mean) - 1,
+    )
+    return {**result.as_dict(), "checkpoint_iterations": [it for it, _ in kept]}
+
+
 def train(cfg: DictConfig) -> float:
     """Meta-train, then meta-test; returns ``optimized_metric`` (for sweepers; NaN if failed)."""
     from metacli.build import build
@@ -492,6 +531,9 @@ def train(cfg: DictConfig) -> float:
         if source == "best" and best.exists():
             load_weights(c, load_checkpoint(best), str(best))
         result = meta_test(c, folder, state.iteration)
+        ensemble = meta_test_ensemble(c, folder, state)
+        if ensemble is not None:
+            extra["test_ensemble"] = ensemble
         seconds = time.perf_counter() - start
         folder.finish(
             "finished",
@@ -510,13 +552,12 @@ def train(cfg: DictConfig) -> float:
             **extra,
         )
         folder.update_summary(objective=objective(folder.summary, cfg.optimized_metric))
-        report(
-            "meta-test",
-            result,
-            seconds,
-            folder,
-            [("algorithm", f"{cfg.algo.name} on {cfg.task.name} ({cfg.model.name})")],
-        )
+        lines = [("algorithm", f"{cfg.algo.name} on {cfg.task.name} ({cfg.model.name})")]
+        if ensemble is not None:
+            members = len(ensemble["checkpoint_iterations"])
+            value = f"{ensemble['mean']:.4f} ± {ensemble['ci95']:.4f}"
+            lines.append((f"mean of the {members} best checkpoints", value))
+        report("meta-test", result, seconds, folder, lines)
     return objective(folder.summary, cfg.optimized_metric)
 
 
