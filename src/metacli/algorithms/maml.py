@@ -10,13 +10,14 @@ or small overrides, so they subclass it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import Tensor
 
 from metacli.algorithms.base import Adaptive, AdaptiveConfig, AlgoConfig, MetaLoss
-from metacli.engine.inner import last
+from metacli.engine.inner import Step, last
 from metacli.engine.random import TaskRandom
 from metacli.tasks.base import TaskBatch
 from metacli.updates.base import Params
@@ -41,22 +42,26 @@ class MAML(Adaptive, key="maml"):
     def exact_gradient(self) -> bool:
         return not self.use_first_order() and self.rule.exact
 
-    def task_loss(
-        self, rng: TaskRandom, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
-    ) -> TaskLoss:
-        """The query loss of one task after the inner loop on its support set."""
-        first_order = self.use_first_order()
-        steps = self.adapt(
+    def train_steps_of(
+        self, rng: TaskRandom, params: Params, sx: Tensor, sy: Tensor
+    ) -> Iterator[Step]:
+        """The training inner loop of one task (its steps, rate, batches and order)."""
+        return self.adapt(
             params,
             sx,
             sy,
             self.train_steps,
             self.train_lr,
-            first_order,
+            self.use_first_order(),
             rng,
             batch=self.train_batch,
         )
-        adapted = last(steps)
+
+    def task_loss(
+        self, rng: TaskRandom, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
+    ) -> TaskLoss:
+        """The query loss of one task after the inner loop on its support set."""
+        adapted = last(self.train_steps_of(rng, params, sx, sy))
         prediction = self.forward_with(adapted.params, qx, self.query_step(adapted.index))
         terms = {k: v.detach() for k, v in self.rule.terms(adapted.state).items()}
         return self.task.loss(prediction, qy), self.task.metric(prediction, qy).detach(), terms

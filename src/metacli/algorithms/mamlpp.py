@@ -104,17 +104,7 @@ class MAMLPP(MAML, key="mamlpp"):
     ) -> TaskLoss:
         if self.weights is None:
             return super().task_loss(rng, params, sx, sy, qx, qy)
-        first_order = self.use_first_order()
-        steps = self.adapt(
-            params,
-            sx,
-            sy,
-            self.train_steps,
-            self.train_lr,
-            first_order,
-            rng,
-            batch=self.train_batch,
-        )
+        steps = self.train_steps_of(rng, params, sx, sy)
         total = torch.zeros(())
         for step in steps:
             weight = self.weights[step.index - 1] if step.index else 0.0
