@@ -21,6 +21,28 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
+PAPER_ROW = re.compile(
+    r"(?P<algo>[a-z]+)_(?P<task>omniglot|miniimagenet)_(?P<ways>\d+)w(?P<shots>\d+)s"
+    r"(_transductive)?"
+)
+
+
+def first_rows() -> set[str]:
+    """One paper-row preset per algorithm and task: the rows of one reference code share
+    their protocol file, so ``make test`` builds and runs one of them and checks the
+    others' every key (all are built by the slow test below)."""
+    first: dict[tuple[str, str], tuple[int, int, str]] = {}
+    for option in options("experiment"):
+        row = PAPER_ROW.fullmatch(option)
+        if row is not None:
+            size = (int(row["ways"]), int(row["shots"]), option)  # the smallest setting
+            key = (row["algo"], row["task"])
+            first[key] = min(first.get(key, size), size)
+    return {option for _, _, option in first.values()}
+
+
+BUILT_ROWS = first_rows()
+
 # Presets of real Omniglot (skipped where it is absent), by name.
 DATA_EXPERIMENTS = tuple(
     o for o in options("experiment") if "omniglot" in o and not o.startswith("metanas")
@@ -81,6 +103,17 @@ def test_every_group_has_options() -> None:
     "group", ["algo", "update", "task", "model", "optim", "experiment", "debug"]
 )
 def test_every_option_composes_and_builds(group: str) -> None:
+    compose_check_build(group, run_all=False)
+
+
+@pytest.mark.slow
+def test_every_paper_row_preset_builds_and_runs() -> None:
+    compose_check_build("experiment", run_all=True)
+
+
+def compose_check_build(group: str, run_all: bool) -> None:
+    """Every option composes and passes the typed checks; each is built and runs one
+    meta-loss (of the paper rows, one per algorithm and task unless ``run_all``)."""
     for option in options(group):
         companions = IMAGE_TASK if group == "model" and option in IMAGE_MODELS else ()
         if group == "algo" and option in CLASSIFIERS:
@@ -99,6 +132,9 @@ def test_every_option_composes_and_builds(group: str) -> None:
             companions = (f"data.root={marker.parent}",)
         cfg = compose_config(f"{group}={option}", "device=cpu", *companions)
         check(cfg)
+        row = group == "experiment" and PAPER_ROW.fullmatch(option) is not None
+        if row and not run_all and option not in BUILT_ROWS:
+            continue
         components = build(cfg)
         batch = components.task.sample(2, "train", torch.Generator().manual_seed(0))
         out = components.algorithm.meta_loss(batch)
@@ -160,12 +196,6 @@ def test_paper_presets_name_their_published_number_and_select_on_600_tasks() -> 
         accuracy = cfg.task.name != "sinusoid"
         assert not accuracy or 0.2 < cfg.published.value <= 1.0, preset  # a fraction
     assert named >= 5
-
-
-PAPER_ROW = re.compile(
-    r"(?P<algo>[a-z]+)_(?P<task>omniglot|miniimagenet)_(?P<ways>\d+)w(?P<shots>\d+)s"
-    r"(_transductive)?"
-)
 
 
 def test_paper_row_presets_are_what_their_names_say_and_cover_every_algorithm() -> None:
