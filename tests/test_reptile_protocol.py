@@ -24,7 +24,9 @@ pytestmark = pytest.mark.usefixtures("float64")
 LR, BATCH, STEPS = 0.001, 4, 3
 
 
-def setup(carry: bool = True, **algo: object) -> tuple[Reptile, Conv4, Synthetic]:
+def setup(
+    carry: bool = True, batching: str = "loop", **algo: object
+) -> tuple[Reptile, Conv4, Synthetic]:
     task = Synthetic(SyntheticConfig(ways=3, shots=1, queries=2, image_size=16, classes=12))
     torch.manual_seed(0)
     model = Conv4(Conv4Config(filters=4), task.input_shape, 3).double()
@@ -36,7 +38,7 @@ def setup(carry: bool = True, **algo: object) -> tuple[Reptile, Conv4, Synthetic
         adam_betas=[0.0, 0.999],
         inner_batch=BATCH,
         carry_state=carry,
-        batching="loop",
+        batching=batching,
         **algo,
     )
     return Reptile(cfg, model, task), model, task
@@ -155,3 +157,21 @@ def test_reptile_networks_readout() -> None:
     assert Conv4(Conv4Config(strided=True), (1, 28, 28), 5).feature_dim == 64
     assert Conv4(Conv4Config(filters=32, pool_padding="same"), (3, 84, 84), 5).feature_dim == 1152
     assert Conv4(Conv4Config(filters=32), (3, 84, 84), 5).feature_dim == 800
+
+
+@pytest.mark.parametrize("carry", [False, True])
+def test_every_batching_strategy_gives_the_same_numbers(carry: bool) -> None:
+    """Mini-batches drawn from each task's stream, the carried state and the
+    non-transductive forward are the same under a loop, threads and vmap."""
+    results = {}
+    for batching in ("loop", "threads", "vmap"):
+        algo, _, task = setup(carry, batching, transductive=False, test_inner_batch=2)
+        batch = double(task.sample(3, "train", torch.Generator().manual_seed(4)))
+        loss = algo.meta_loss(batch.with_keys(torch.tensor([5, 6, 7]))).loss
+        grads = torch.autograd.grad(loss, list(algo.model.parameters()))
+        test = double(task.sample(3, "test", torch.Generator().manual_seed(9)))
+        evaluation = algo.evaluate(test.with_keys(torch.tensor([1, 2, 3])))
+        results[batching] = (torch.cat([g.flatten() for g in grads]), evaluation.loss)
+    for batching in ("threads", "vmap"):
+        for ours, loop in zip(results[batching], results["loop"], strict=True):
+            torch.testing.assert_close(ours, loop, rtol=1e-6, atol=1e-8)  # Adam: sign-like steps
