@@ -156,10 +156,15 @@ class EvalSummary:
         }
 
 
+def fixed_tasks(c: Components, split: str, num_tasks: int) -> TaskBatch:
+    """The validation or test tasks of a run: seeded by seed and split alone."""
+    tasks = c.task.sample(num_tasks, split, split_generator(c.run.seed, split))
+    return tasks.with_keys(task_keys(c.run.seed, split, 0, 0, num_tasks))
+
+
 def evaluate(c: Components, split: str, num_tasks: int, batch_size: int) -> EvalSummary:
     """Adapt to ``num_tasks`` fixed tasks of ``split`` (seeded by seed and split alone)."""
-    tasks = c.task.sample(num_tasks, split, split_generator(c.run.seed, split))
-    tasks = tasks.with_keys(task_keys(c.run.seed, split, 0, 0, num_tasks))
+    tasks = fixed_tasks(c, split, num_tasks)
     was_training = c.algorithm.training
     c.algorithm.eval()
     losses, metrics, labels = [], [], []
@@ -463,8 +468,7 @@ def evaluate_ensemble(
     """The fixed meta-test tasks, each predicted by the mean of the predictions (logits,
     or regression outputs) of every set of ``weights`` after 0..k inner steps, as MAML++'s
     ``evaluated_test_set_using_the_best_models``."""
-    tasks = c.task.sample(num_tasks, "test", split_generator(c.run.seed, "test"))
-    tasks = tasks.with_keys(task_keys(c.run.seed, "test", 0, 0, num_tasks))
+    tasks = fixed_tasks(c, "test", num_tasks)
     was_training = c.algorithm.training
     c.algorithm.eval()
     total: Tensor | None = None
