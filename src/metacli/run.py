@@ -381,6 +381,19 @@ def objective(summary: dict[str, Any], which: str) -> float:
     return math.nan if value is None else float(value)
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux's /proc; None elsewhere): the time from
+    the command to the first iteration, imports included, is what a user waits."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # starttime, field 22
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def set_threads(cfg: DictConfig) -> int:
     """Torch CPU threads: ``threads``, else the cores a launcher gives each job.
 
@@ -518,6 +531,7 @@ def train(cfg: DictConfig) -> float:
             c.device,
             cfg.train.iterations,
         )
+        startup = process_age()
         state = meta_train(c, folder, state)
         if not (folder.checkpoints / "last.pt").exists():
             folder.save_checkpoint("last", make(c, state))
@@ -535,9 +549,17 @@ def train(cfg: DictConfig) -> float:
         if ensemble is not None:
             extra["test_ensemble"] = ensemble
         seconds = time.perf_counter() - start
+        executor = c.algorithm.executor
+        compiled: dict[str, Any] = {}
+        if executor.compile:  # this session's compile time, apart from the iterations'
+            compiled = {"compile_s": executor.compile_seconds}
+            if executor.fallback is not None:
+                compiled["compile_fallback"] = executor.fallback
         folder.finish(
             "finished",
             iterations=state.iteration,
+            startup_s=startup,
+            **compiled,
             train_time_s=state.wall_time,
             it_per_s=state.iteration / state.wall_time if state.wall_time else None,
             wall_time_s=seconds,

@@ -36,6 +36,9 @@ RESERVED = ("iteration", "split", "loss", "metric", "metric_name", "lr", "it_per
 class AlgoConfig:
     name: str = ""
     batching: str = "auto"
+    # true: training runs through torch.compile (see TaskExecutor); compile time is logged
+    # and recorded apart (summary.json: compile_s)
+    compile: bool = False
 
     def __post_init__(self) -> None:
         require(
@@ -81,7 +84,7 @@ class MetaAlgorithm(nn.Module, Registered):
         self.cfg = cfg
         self.model = model
         self.task = task
-        self.executor = TaskExecutor(cfg.batching, model, self.inner_loop)
+        self.executor = TaskExecutor(cfg.batching, model, self.inner_loop, cfg.compile)
         self.executor.stochastic = self.stochastic or model.stochastic
         # Outer steps taken; a buffer, so schedules inside algorithms survive a resume.
         self.register_buffer("outer_steps", torch.zeros((), dtype=torch.long))
@@ -176,7 +179,7 @@ class MetaAlgorithm(nn.Module, Registered):
         buffers = self.model.named_tensors()[1]
         if buffers.keys() & params.keys():  # given with the weights (a task's draws): theirs
             buffers = {n: b for n, b in buffers.items() if n not in params}
-        return torch.func.functional_call(model, (params, buffers), (x,))
+        return model.functional(params, buffers, x)
 
     def mean_over_tasks(self, fn: Any, batch: TaskBatch, *shared: Any) -> MetaLoss:
         """``fn(rng, *shared, support_x, support_y, query_x, query_y) -> (loss, metric,
@@ -300,7 +303,7 @@ class Adaptive(MetaAlgorithm):
                 f"its meta-gradient never reaches them. Use algo.update=sgd (or another "
                 f"rule without parameters), or an algorithm of the MAML family."
             )
-        self.inner = InnerLoop(self.rule, self.adapted, lambda: self.executor.functional)
+        self.inner = InnerLoop(self.rule, self.adapted, lambda: self.executor.functional_grads)
         if cfg.regularizer == "path":
             model.squared_path_norm(self.initial_params())  # a clear error now, not later
 

@@ -21,12 +21,19 @@ Contract (what a task function may assume, and must respect):
   must use ``torch.func``-compatible operations and no data-dependent Python control flow.
 - With ``threads``, the module to call is ``module()``: each worker has its own copy of
   the structure, since ``functional_call`` swaps a module's tensors while it runs.
+- ``compile`` (``algo.compile=true``) runs the training computation through
+  ``torch.compile``: under vmap the batched function, otherwise each task's function
+  (its inner gradients then come from ``torch.func``, which the compiler traces). The
+  first call compiles (``compile_seconds``); a function the compiler cannot take runs
+  eagerly from then on, said once in the log. Evaluation (no gradients) stays eager.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -39,6 +46,8 @@ from metacli.engine.random import TaskRandom, task_keys
 from metacli.errors import MetacliError
 from metacli.models.base import Model
 
+log = logging.getLogger(__name__)
+
 STRATEGIES = ("auto", "vmap", "loop", "threads")
 GLOBAL_RNG = (
     "A task function drew from torch's global random generator. Inside a task, draw from "
@@ -50,8 +59,15 @@ GLOBAL_RNG = (
 class TaskExecutor:
     """Computes per-task functions over a meta-batch with the chosen strategy."""
 
-    def __init__(self, choice: str, model: Model, inner_loop: bool = True) -> None:
+    def __init__(
+        self, choice: str, model: Model, inner_loop: bool = True, compile: bool = False
+    ) -> None:
         self.choice = choice
+        self.compile = compile
+        self.compiled: dict[Any, Callable[..., Any]] = {}  # per task function
+        self.compile_seconds = 0.0  # spent in first calls, compiling
+        self.fallback: str | None = None  # why compilation was given up, if it was
+        self.compile_lock = threading.Lock()
         self.model = model
         # Without an inner loop each task is one large batch with enough work per
         # operation for every core, so `auto` takes the plain loop where the model
@@ -74,8 +90,20 @@ class TaskExecutor:
 
     @property
     def functional(self) -> bool:
-        """Whether task functions run under ``vmap`` (inner gradients via ``torch.func``)."""
+        """Whether task functions run under ``vmap``."""
         return self.strategy == "vmap"
+
+    @property
+    def compiling(self) -> bool:
+        """Whether the computation in progress goes through ``torch.compile`` (training
+        with ``algo.compile=true``, until a compilation failed)."""
+        return self.compile and self.fallback is None and torch.is_grad_enabled()
+
+    @property
+    def functional_grads(self) -> bool:
+        """Whether inner gradients must come from ``torch.func`` (vmap, or compiled code,
+        which traces ``torch.func`` but not ``torch.autograd.grad``); else plain autograd."""
+        return self.functional or self.compiling
 
     def module(self) -> Model:
         """The model to ``functional_call`` from the current thread."""
@@ -93,8 +121,10 @@ class TaskExecutor:
         """``fn(rng, *shared, *task_slices)`` for every task, outputs stacked on axis 0."""
         keys = self.stream_keys(keys, per_task)
         if self.strategy == "vmap":
+            if self.compiling:
+                return self._compiled(fn, self._vmap, fn, keys, shared, per_task)
             return self._vmap(fn, keys, shared, per_task)
-        outputs = list(self._each(fn, keys, shared, per_task))
+        outputs = list(self._each(self._maybe_compiled(fn), keys, shared, per_task))
         flat = [tree_flatten(output) for output in outputs]
         leaves = [torch.stack(parts) for parts in zip(*(f[0] for f in flat), strict=True)]
         return tree_unflatten(leaves, flat[0][1])  # the structure vmap returns
@@ -120,9 +150,10 @@ class TaskExecutor:
             losses, metrics, terms = self.map(fn, keys, shared, per_task)
             return losses.mean(), metrics.detach(), {k: v.detach().mean() for k, v in terms.items()}
         size = per_task[0].shape[0]
+        task = self._maybe_compiled(fn)
 
         def one(*args: Any) -> tuple[Tensor, Tensor, dict[str, Tensor], tuple[Tensor, ...]]:
-            loss, metric, terms = fn(*args)
+            loss, metric, terms = task(*args)
             grads = torch.autograd.grad(
                 loss / size, leaves, allow_unused=True, materialize_grads=True
             )
@@ -205,6 +236,57 @@ class TaskExecutor:
         yield from results
         if not torch.equal(before, torch.get_rng_state()):
             raise MetacliError(GLOBAL_RNG)
+
+    # --- compilation ------------------------------------------------------------------------
+    def _compiled(self, key: Any, body: Callable[..., Any], *args: Any) -> Any:
+        """``body(*args)`` through ``torch.compile``, cached by ``key`` (the task function).
+
+        The first call compiles (timed, under a lock, so worker threads wait for it instead
+        of compiling too); after a failure everything runs eagerly, said once."""
+        ident = (getattr(key, "__func__", key), id(getattr(key, "__self__", None)))
+        compiled = self.compiled.get(ident)
+        if compiled is None:
+            with self.compile_lock:
+                compiled = self.compiled.get(ident)
+                if compiled is None:
+                    if self.fallback is not None:
+                        return body(*args)
+                    start = time.perf_counter()
+                    try:
+                        import torch._dynamo  # (takes seconds: imported only here)
+
+                        compiled = torch.compile(body)
+                        result = compiled(*args)
+                        self.compile_seconds += time.perf_counter() - start
+                    except MetacliError:  # the task's own error, not the compiler's
+                        raise
+                    except Exception as err:  # the compiler's errors share no base class
+                        self.give_up(err)
+                        return body(*args)
+                    self.compiled[ident] = compiled
+                    log.info("algo.compile: compiled in %.1f s", self.compile_seconds)
+                    return result
+        return compiled(*args)
+
+    def _maybe_compiled(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` for one task, through the compiler while ``compiling``."""
+        if not self.compiling:
+            return fn
+
+        def call(*args: Any) -> Any:
+            return self._compiled(fn, fn, *args)
+
+        return call
+
+    def give_up(self, err: Exception) -> None:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        self.fallback = f"{type(err).__name__}: {first[:300]}"
+        log.warning(
+            "algo.compile=true: torch.compile could not compile this computation (%s); "
+            "running it eagerly, with the same numbers. Set algo.compile=false to skip "
+            "the attempt.",
+            self.fallback,
+        )
 
 
 class TaskThreads:

@@ -47,7 +47,8 @@ class InnerLoop:
         functional: Callable[[], bool],
     ) -> None:
         """``adapted`` picks the parameters the inner loop updates (ANIL: the head);
-        ``functional`` says whether the task runs under ``vmap``."""
+        ``functional`` says whether inner gradients must come from ``torch.func`` (under
+        ``vmap`` or ``torch.compile``) rather than plain autograd."""
         self.rule = rule
         self.adapted = adapted
         self.functional = functional

@@ -54,6 +54,14 @@ class Model(nn.Module, Registered):
         """A task's draws, by the names of the buffers they replace (``stochastic`` models)."""
         return {}
 
+    def functional(
+        self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor
+    ) -> Tensor:
+        """The forward pass with the given weights and buffers. ``functional_call`` swaps
+        them into the module and back, in Python: more than the whole forward pass of a
+        small MLP, so such models override this with the computation written out."""
+        return torch.func.functional_call(self, (params, buffers), (x,))
+
     def batching_for(self, device: torch.device) -> str:
         return self.preferred_batching.get(device.type, "vmap")
 
