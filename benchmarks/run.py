@@ -108,7 +108,9 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 
 
 STRATEGIES = ("vmap", "loop", "threads")  # algo.batching, besides auto
-COLUMNS = (*STRATEGIES, "reference")  # what a row measures in processes of its own
+# what a row measures in processes of its own (the last two: MAML and first-order MAML)
+COLUMNS = (*STRATEGIES, "reference", "learn2learn")
+EVAL_TASKS = {"sinusoid": 600, "omniglot_1step": 100, "omniglot_5step": 100}  # else 50
 
 
 def rss_mb() -> float:
@@ -126,13 +128,24 @@ def make_step(workload: str, algo: str, strategy: str) -> tuple[Any, Any]:
     overrides = [*RULES.get(algo, [f"algo={algo}"]), *spec["overrides"], "device=cpu"]
     if algo == "protonet":
         overrides = [o for o in overrides if not o.startswith("algo.inner_steps")]
-    if strategy not in ("reference", "auto"):
+    if strategy not in ("reference", "learn2learn", "auto"):
         overrides.append(f"algo.batching={'loop' if strategy == 'plain' else strategy}")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         c = build(compose("train", overrides=overrides))
+    steps, first_order = c.algorithm.cfg.inner_steps, algo == "fomaml"  # type: ignore[attr-defined]
+    lr = c.algorithm.cfg.inner_lr  # type: ignore[attr-defined]
+    if strategy == "learn2learn":
+        import learn2learn as l2l
+
+        maml = l2l.algorithms.MAML(c.model, lr=lr, first_order=first_order)
+        opt = c.optimizer
+
+        def l2l_step() -> None:
+            batch = c.task.sample(c.run.train.meta_batch_size, "train", c.train_generator)
+            learn2learn_step(maml, opt, c.task.loss, batch, steps)
+
+        return c, l2l_step
     if strategy == "reference":
-        steps, first_order = c.algorithm.cfg.inner_steps, algo == "fomaml"  # type: ignore[attr-defined]
-        lr = c.algorithm.cfg.inner_lr  # type: ignore[attr-defined]
 
         def step() -> None:
             batch = c.task.sample(c.run.train.meta_batch_size, "train", c.train_generator)
@@ -166,8 +179,8 @@ def plain_loop(algorithm: Any) -> None:
 def measure(workload: str, algo: str, strategy: str) -> dict[str, Any]:
     """Runs in the subprocess: one (workload, algo, strategy) measurement."""
     c, step = make_step(workload, algo, strategy)
-    if strategy == "auto":  # only report which strategy auto picks
-        return {"strategy": c.algorithm.batching}
+    if strategy == "auto":  # which strategy auto picks, and evaluation's speed
+        return {"strategy": c.algorithm.batching, **evaluation_speed(workload, c)}
     warmup, repeats, inner = WORKLOADS[workload]["repeats"]
     for _ in range(warmup):
         step()
@@ -183,6 +196,60 @@ def measure(workload: str, algo: str, strategy: str) -> dict[str, Any]:
         "peak_mb": rss_mb(),
         "growth_mb": rss_mb() - before,
     }
+
+
+def evaluation_speed(workload: str, c: Any) -> dict[str, Any]:
+    """Seconds per 100 tasks of validation (adapt on the support set, the query measured
+    after each of the ``test_inner_steps``), as the loop runs it, and of the same as a
+    per-task loop would (MAML and first-order MAML: no graph kept, queries under no_grad)."""
+    from metacli.loop import evaluate
+
+    tasks = EVAL_TASKS.get(workload, 50)
+    evaluate(c, "val", min(tasks, 4), min(tasks, 4))  # warm-up
+    start = time.perf_counter()
+    evaluate(c, "val", tasks, c.run.val.batch_size)
+    out: dict[str, Any] = {
+        "eval_tasks": tasks,
+        "eval_s_per_100": 100 * (time.perf_counter() - start) / tasks,
+    }
+    algo = c.algorithm
+    if algo.cfg.name in REFERENCE_ALGOS:
+        from metacli.loop import fixed_tasks
+
+        batch = fixed_tasks(c, "val", tasks)
+        start = time.perf_counter()
+        reference_eval(c.model, c.task, batch, algo.test_steps, algo.test_lr)
+        out["reference_eval_s_per_100"] = 100 * (time.perf_counter() - start) / tasks
+    return out
+
+
+def reference_eval(model: Any, task: Any, batch: Any, steps: int, lr: float) -> Any:
+    """Per-task evaluation as a loop writes it: plain gradient steps without a graph, the
+    query loss and metric after each (what metacli's evaluate reports)."""
+    import torch
+
+    names = [n for n, _ in model.named_parameters()]
+    results = []
+    for i in range(len(batch)):
+        fast = [p.detach().requires_grad_() for p in model.parameters()]
+        row = []
+        for step in range(steps + 1):
+            with torch.no_grad():
+                out = torch.func.functional_call(
+                    model, dict(zip(names, fast, strict=True)), (batch.query_x[i],)
+                )
+                row.append((task.loss(out, batch.query_y[i]), task.metric(out, batch.query_y[i])))
+            if step == steps:
+                break
+            out = torch.func.functional_call(
+                model, dict(zip(names, fast, strict=True)), (batch.support_x[i],)
+            )
+            grads = torch.autograd.grad(task.loss(out, batch.support_y[i]), fast)
+            fast = [
+                (p - lr * g).detach().requires_grad_() for p, g in zip(fast, grads, strict=True)
+            ]
+        results.append(row)
+    return results
 
 
 def sampling_cost(rounds: int = 20) -> dict[str, Any] | None:
@@ -219,17 +286,37 @@ def baseline(algo: str) -> str:
     return "reference" if algo in REFERENCE_ALGOS else "plain"
 
 
+def baselines(algo: str) -> list[str]:
+    """Every baseline the default strategy is timed against: ``baseline(algo)``, and
+    learn2learn itself for MAML and first-order MAML where it is importable."""
+    extra = ["learn2learn"] if algo in REFERENCE_ALGOS and have_learn2learn() else []
+    return [baseline(algo), *extra]
+
+
+def ratio(base: list[float], ours: list[float]) -> dict[str, float]:
+    """Geometric mean of base / ours over paired rounds, with a 95% interval."""
+    logs = [math.log(r / o) for r, o in zip(base, ours, strict=True)]
+    mean = statistics.fmean(logs)
+    half = 1.96 * statistics.stdev(logs) / math.sqrt(len(logs)) if len(logs) > 1 else 0.0
+    return {
+        "speedup": math.exp(mean),
+        "speedup_low": math.exp(mean - half),
+        "speedup_high": math.exp(mean + half),
+    }
+
+
 def interleaved(workload: str, algo: str, rounds: int) -> dict[str, Any]:
-    """The baseline and metacli's default strategy timed alternately in ONE process.
+    """The baselines and metacli's default strategy timed alternately in ONE process.
 
     Separate processes (as in the table) add a few percent of process-to-process noise;
-    alternating in one process compares the two under the same conditions. Reports the
+    alternating in one process compares them under the same conditions. Reports the
     median ms of each and the speed-up (baseline / metacli) with a 95% interval from the
-    per-round log ratios.
+    per-round log ratios, against ``baseline(algo)`` and (``vs``) every other baseline.
     """
     components, ours = make_step(workload, algo, "auto")
-    base = baseline(algo)
-    steps = {base: make_step(workload, algo, base)[1], "metacli": ours}
+    names = baselines(algo)
+    steps = {name: make_step(workload, algo, name)[1] for name in names}
+    steps["metacli"] = ours
     times: dict[str, list[float]] = {name: [] for name in steps}
     for step in steps.values():
         step()
@@ -238,18 +325,21 @@ def interleaved(workload: str, algo: str, rounds: int) -> dict[str, Any]:
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
-    logs = [math.log(r / o) for r, o in zip(times[base], times["metacli"], strict=True)]
-    mean = statistics.fmean(logs)
-    half = 1.96 * statistics.stdev(logs) / math.sqrt(len(logs)) if len(logs) > 1 else 0.0
+    base = names[0]
     return {
         "strategy": components.algorithm.batching,
         "baseline": base,
         "baseline_ms": 1e3 * statistics.median(times[base]),
         "metacli_ms": 1e3 * statistics.median(times["metacli"]),
         "rounds": rounds,
-        "speedup": math.exp(mean),
-        "speedup_low": math.exp(mean - half),
-        "speedup_high": math.exp(mean + half),
+        **ratio(times[base], times["metacli"]),
+        "vs": {
+            name: {
+                "ms": 1e3 * statistics.median(times[name]),
+                **ratio(times[name], times["metacli"]),
+            }
+            for name in names[1:]
+        },
     }
 
 
@@ -278,6 +368,44 @@ def reference_step(
             model, dict(zip(names, fast, strict=True)), (batch.query_x[i],)
         )
         (loss_fn(out, batch.query_y[i]) / size).backward()
+    optimizer.step()
+
+
+def learn2learn_version() -> str | None:
+    if not have_learn2learn():
+        return None
+    import learn2learn
+
+    return str(learn2learn.__version__)
+
+
+def have_learn2learn() -> bool:
+    """Whether learn2learn can be imported here (see benchmarks/README.md to install it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("learn2learn") is None:
+        return False
+    try:
+        import learn2learn  # noqa: F401
+    except Exception:  # an install that does not load (torchvision, gym, numpy ...)
+        return False
+    return True
+
+
+def learn2learn_step(maml: Any, optimizer: Any, loss_fn: Any, batch: Any, steps: int) -> None:
+    """One outer step as learn2learn's examples/vision/maml_omniglot.py runs it: for each
+    task clone the ``l2l.algorithms.MAML`` wrapper, ``adapt`` it, backpropagate the query
+    loss at once; then scale the summed gradients by 1 / meta-batch and step."""
+    optimizer.zero_grad()
+    size = len(batch)
+    for i in range(size):
+        learner = maml.clone()
+        for _ in range(steps):
+            learner.adapt(loss_fn(learner(batch.support_x[i]), batch.support_y[i]))
+        loss_fn(learner(batch.query_x[i]), batch.query_y[i]).backward()
+    for p in maml.parameters():
+        if p.grad is not None:
+            p.grad.data.mul_(1.0 / size)
     optimizer.step()
 
 
@@ -373,9 +501,13 @@ def main() -> None:
             row: dict[str, Any] = {"workload": workload, "title": spec["title"], "algo": algo}
             row = old.get((workload, algo), {}) | row
             for strategy in args.strategies:
-                if strategy != "reference" or algo in REFERENCE_ALGOS:
+                if strategy in STRATEGIES or (
+                    algo in REFERENCE_ALGOS and (strategy != "learn2learn" or have_learn2learn())
+                ):
                     row[strategy] = run_one(workload, algo, strategy)
-            row["auto_strategy"] = run_one(workload, algo, "auto")["strategy"]
+            auto = run_one(workload, algo, "auto")
+            row["auto_strategy"] = auto.pop("strategy")
+            row["evaluation"] = auto
             if whole_rows:
                 row["speedup"] = speedup(workload, algo)
             print(json.dumps(row), flush=True)
@@ -384,6 +516,7 @@ def main() -> None:
     meta = {
         "torch": str(torch.__version__),
         "threads": torch.get_num_threads(),
+        "learn2learn": learn2learn_version(),
         "machine": platform.machine(),
         "python": platform.python_version(),
         "command": "make bench",
@@ -396,47 +529,65 @@ def main() -> None:
     print(markdown(meta, rows, sampling))
 
 
+def ms(entry: dict[str, Any] | None) -> str:
+    return "-" if entry is None else f"{1e3 * entry['seconds']:.1f}"
+
+
+def mb(entry: dict[str, Any] | None) -> str:
+    return "-" if entry is None else f"{entry['peak_mb']:.0f}"
+
+
+def fold(fast: dict[str, Any] | None) -> str:
+    if fast is None:
+        return "-"
+    return f"{fast['speedup']:.2f}x [{fast['speedup_low']:.2f}-{fast['speedup_high']:.2f}]"
+
+
 def markdown(
     meta: dict[str, Any], rows: list[dict[str, Any]], sampling: dict[str, Any] | None = None
 ) -> str:
+    l2l = meta.get("learn2learn")
     lines = [
         "# Benchmarks",
         "",
         f"Produced by `make bench` (torch {meta['torch']}, {meta['threads']} CPU threads, "
-        f"{meta['machine']}). Median milliseconds per meta-iteration after warm-up, each "
-        "measured in its own process; the reference is MAML as learn2learn's examples "
-        "write it (`reference_step` in `benchmarks/run.py`: a per-task loop that "
-        "backpropagates each task as it goes; MAML and first-order MAML only). "
-        "`speed-up of auto` = "
-        "baseline time / time of the strategy that `algo.batching=auto` picks, the two "
-        "alternating step by step in one process (geometric mean over rounds, 95% interval "
-        "in brackets; `python benchmarks/run.py --speedups` re-measures only these); the "
-        "baseline is the reference for maml and fomaml and, for the other algorithms, "
-        "`plain`: metacli's per-task functions in a plain Python loop that keeps the whole "
+        f"{meta['machine']}; learn2learn {l2l or 'not installed'}). Median milliseconds "
+        "per meta-iteration after warm-up, each measured in its own process. `reference`: "
+        "MAML as learn2learn's examples write it (`reference_step` in `benchmarks/run.py`: "
+        "a per-task loop that backpropagates each task as it goes; MAML and first-order "
+        "MAML only); `learn2learn`: learn2learn's own `MAML` wrapper (clone, adapt, "
+        "backward per task, as its examples/vision/maml_omniglot.py), where it is "
+        "installed (benchmarks/README.md). `speed-up of auto` = baseline time / time of "
+        "the strategy that `algo.batching=auto` picks, the two alternating step by step "
+        "in one process (geometric mean over rounds, 95% interval in brackets; "
+        "`python benchmarks/run.py --speedups` re-measures only these); the baseline is "
+        "the reference for maml and fomaml and, for the other algorithms, `plain`: "
+        "metacli's per-task functions in a plain Python loop that keeps the whole "
         "meta-batch's graph for one backward pass (`algo.batching=loop` backpropagates "
-        "each task as it goes). `peak MB` is the process's peak resident memory.",
+        "each task as it goes). `peak MB` is the process's peak resident memory. "
+        "`eval s/100` is validation's seconds per 100 tasks (adapt with `test_inner_steps`, "
+        "the query measured after each step), metacli / a per-task reference loop.",
         "",
-        "| workload | algo | reference ms | vmap ms | loop ms | threads ms | auto picks | "
-        "speed-up of auto [95%] over | peak MB ref / vmap / loop / threads |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| workload | algo | reference ms | learn2learn ms | vmap ms | loop ms | threads ms "
+        "| auto picks | speed-up of auto [95%] over | over learn2learn | eval s/100 | "
+        "peak MB ref / l2l / vmap / loop / threads |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ref = r.get("reference")
-        ref_ms = "-" if ref is None else f"{1e3 * ref['seconds']:.1f}"
         fast = r.get("speedup")
-        base = baseline(r["algo"])
-        speedup = (
-            "-"
-            if fast is None  # not measured
-            else f"{fast['speedup']:.2f}x [{fast['speedup_low']:.2f}-{fast['speedup_high']:.2f}] "
-            f"{base}"
-        )
-        ref_mb = "-" if ref is None else f"{ref['peak_mb']:.0f}"
-        times = " | ".join(f"{1e3 * r[s]['seconds']:.1f}" for s in STRATEGIES)
-        peaks = " / ".join(f"{r[s]['peak_mb']:.0f}" for s in STRATEGIES)
+        over = "-" if fast is None else f"{fold(fast)} {baseline(r['algo'])}"
+        vs = (fast or {}).get("vs", {}).get("learn2learn")
+        times = " | ".join(ms(r.get(s)) for s in STRATEGIES)
+        peaks = " / ".join(mb(r.get(s)) for s in ("reference", "learn2learn", *STRATEGIES))
+        ev = r.get("evaluation") or {}
+        evals = "-"
+        if "eval_s_per_100" in ev:
+            ref = ev.get("reference_eval_s_per_100")
+            evals = f"{ev['eval_s_per_100']:.2f}" + ("" if ref is None else f" / {ref:.2f}")
         lines.append(
-            f"| {r['title']} | {r['algo']} | {ref_ms} | {times} | {r['auto_strategy']} | "
-            f"{speedup} | {ref_mb} / {peaks} |"
+            f"| {r['title']} | {r['algo']} | {ms(r.get('reference'))} | "
+            f"{ms(r.get('learn2learn'))} | {times} | {r['auto_strategy']} | {over} | "
+            f"{fold(vs)} | {evals} | {peaks} |"
         )
     if sampling is not None:
         maml = next(
