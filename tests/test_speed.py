@@ -46,7 +46,7 @@ def aot_eager(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("algo", ["maml", "fomaml", "metasgd"])
-@pytest.mark.parametrize("batching", ["vmap", "loop"])
+@pytest.mark.parametrize("batching", ["vmap", "loop", "threads"])
 def test_compiled_meta_gradient_equals_eager(
     monkeypatch: pytest.MonkeyPatch, algo: str, batching: str
 ) -> None:

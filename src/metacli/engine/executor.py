@@ -25,7 +25,8 @@ Contract (what a task function may assume, and must respect):
   ``torch.compile``: under vmap the batched function, otherwise each task's function
   (its inner gradients then come from ``torch.func``, which the compiler traces). The
   first call compiles (``compile_seconds``); a function the compiler cannot take runs
-  eagerly from then on, said once in the log. Evaluation (no gradients) stays eager.
+  eagerly from then on, said once in the log. Evaluation (no gradients) stays eager;
+  with ``threads`` the compiled tasks run one after another in the calling thread.
 """
 
 from __future__ import annotations
@@ -220,7 +221,9 @@ class TaskExecutor:
             for i in range(per_task[0].shape[0])
         ]
         before = torch.get_rng_state()
-        if self.strategy != "threads" or len(tasks) == 1:
+        # compiled code runs in this thread: a worker's lookup of its replica would break
+        # the compiled graph (threading is opaque to the compiler)
+        if self.strategy != "threads" or len(tasks) == 1 or self.compiling:
             results: Iterator[Any] = (fn(*args) for args in tasks)
         else:
             if self.workers is None:
