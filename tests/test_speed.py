@@ -19,6 +19,18 @@ from tests.conftest import TINY, compose_config, read_metrics, read_summary, run
 
 SINUSOID = ("task=sinusoid", "model=mlp", "model.hidden=[8,8]", "train.meta_batch_size=3")
 
+CONV = (
+    "task=synthetic",
+    "model=conv4",
+    "model.filters=4",
+    "task.ways=3",
+    "task.shots=2",
+    "task.queries=2",
+    "task.image_size=16",
+    "train.meta_batch_size=2",
+    "algo.inner_steps=2",
+)
+
 
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
 @pytest.mark.parametrize("output_dim", [1, 5, None])
@@ -30,10 +42,12 @@ def test_mlp_written_out_forward_equals_functional_call(activation: str, output_
     assert torch.equal(model.functional(params, {}, x), expected)
 
 
-def meta_gradient(*overrides: str) -> tuple[list[torch.Tensor], Any]:
+def meta_gradient(
+    *overrides: str, base: tuple[str, ...] = SINUSOID
+) -> tuple[list[torch.Tensor], Any]:
     """The components after one meta-step, and the meta-gradient of that step."""
     torch.manual_seed(0)
-    c = build(compose_config(*TINY, *SINUSOID, "device=cpu", *overrides))
+    c = build(compose_config(*TINY, *base, "device=cpu", *overrides))
     c.optimizer.step = lambda *a, **k: None  # keep the weights: compare the gradient only
     meta_step(c, None)
     return [p.grad.clone() for p in c.algorithm.parameters() if p.grad is not None], c
@@ -102,3 +116,36 @@ def test_a_run_records_its_startup_and_compile_times(tmp_path: Path) -> None:
     assert len(losses[0]) == len(losses[1]) > 0
     for a, b in zip(*losses, strict=True):
         assert a == pytest.approx(b, rel=1e-4)
+
+
+@pytest.mark.parametrize("norm", ["transductive", "per_step", "running"])
+@pytest.mark.parametrize("algo", ["maml", "mamlpp"])
+def test_fused_batch_norm_gives_the_plain_meta_gradient(
+    float64, monkeypatch: pytest.MonkeyPatch, norm: str, algo: str
+) -> None:
+    """Outside torch.func transforms the loop normalises with PyTorch's fused kernel: the
+    second-order meta-gradient must be the plain mean/variance form's, to float64
+    rounding (under vmap the fused kernel is wrong, and is never used there)."""
+    import metacli.models.base as base
+
+    calls: list[tuple[bool, bool]] = []  # (fused, inside a torch.func transform)
+    real = base.fused_is_exact
+
+    def counted(x: torch.Tensor) -> bool:
+        inside = torch._C._functorch.peek_interpreter_stack() is not None
+        calls.append((real(x), inside))
+        return calls[-1][0]
+
+    overrides = (f"algo={algo}", f"model.norm={norm}", "algo.batching=loop")
+    monkeypatch.setattr(base, "fused_is_exact", counted)
+    fused, _ = meta_gradient(*overrides, base=CONV)
+    assert any(fused for fused, _ in calls), "the fused kernel was never used"
+    monkeypatch.setattr(base, "fused_is_exact", lambda x: False)
+    plain, _ = meta_gradient(*overrides, base=CONV)
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    calls.clear()
+    monkeypatch.setattr(base, "fused_is_exact", counted)
+    meta_gradient(*overrides[:-1], "algo.batching=vmap", base=CONV)
+    inside = [fused for fused, transformed in calls if transformed]
+    assert inside and not any(inside), "the fused kernel ran under vmap"
