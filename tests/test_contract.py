@@ -192,10 +192,14 @@ def test_vmap_loop_and_threads_agree_on_conv4_with_batch_norm(float64, algo: str
         results[strategy] = (grads, values, evaluation.loss, evaluation.metric)
     reference = results["loop"]
     assert reference[0].norm() > 0
-    for strategy in ("vmap", "threads"):
+    # threads compute what the loop computes; vmap normalises with plain mean/variance
+    # where the loop uses the fused kernel, so float64 rounding differs (up to 7e-10
+    # relative, measured: the space rule's expectation); vmap's known batch-norm error
+    # is 1e-2 relative, six orders of magnitude above this tolerance
+    for strategy, tolerance in (("vmap", 1e-8), ("threads", 1e-10)):
         for ours, theirs in zip(results[strategy], reference, strict=True):
             scale = max(theirs.norm().item(), 1e-12)
-            assert (ours - theirs).norm().item() / scale < 1e-10, strategy
+            assert (ours - theirs).norm().item() / scale < tolerance, strategy
 
 
 @pytest.mark.parametrize("algo", ALGOS)
