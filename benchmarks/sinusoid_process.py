@@ -90,7 +90,10 @@ def main() -> None:
     if full is not None:
         report["full_70000"] = full
     print(json.dumps(report, indent=2))
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    mode = "compiled" if args.compile else "eager"  # the other mode's report is kept
+    reports = json.loads(args.out.read_text()) if args.out.exists() else {}
+    reports[mode] = report
+    args.out.write_text(json.dumps(reports, indent=2) + "\n")
 
 
 if __name__ == "__main__":
