@@ -527,15 +527,18 @@ def main() -> None:
             auto = run_one(workload, algo, "auto")
             row["auto_strategy"] = auto.pop("strategy")
             row["evaluation"] = auto
+            row["columns_env"] = {"torch": str(torch.__version__), "columns": args.strategies}
             if whole_rows:
                 row["speedup"] = speedup(workload, algo)
             print(json.dumps(row), flush=True)
             rows.append(row)
     rows.sort(key=lambda r: list(WORKLOADS).index(r["workload"]))
+    kept = json.loads(previous.read_text())["meta"] if rows and previous.exists() else {}
     meta = {
-        "torch": str(torch.__version__),
+        **kept,  # a partial pass keeps the environment of the rows it did not measure
+        "torch": str(kept.get("torch", torch.__version__)),
         "threads": torch.get_num_threads(),
-        "learn2learn": learn2learn_version(),
+        "learn2learn": learn2learn_version() or kept.get("learn2learn"),
         "machine": platform.machine(),
         "python": platform.python_version(),
         "command": "make bench",
@@ -624,8 +627,10 @@ def markdown(
         if "eval_s_per_100" in ev:
             ref = ev.get("reference_eval_s_per_100")
             evals = f"{ev['eval_s_per_100']:.2f}" + ("" if ref is None else f" / {ref:.2f}")
+        env = r.get("columns_env")
+        mark = "" if not env or env["torch"] == meta["torch"] else " (torch " + env["torch"] + ")"
         lines.append(
-            f"| {r['title']} | {r['algo']} | {ms(r.get('reference'))} | "
+            f"| {r['title']} | {r['algo']}{mark} | {ms(r.get('reference'))} | "
             f"{ms(r.get('learn2learn'))} | {times} | {r['auto_strategy']} | {over} | "
             f"{fold(vs)} | {evals} | {peaks} |"
         )
