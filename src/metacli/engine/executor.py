@@ -68,7 +68,6 @@ class TaskExecutor:
         self.compiled: dict[Any, Callable[..., Any]] = {}  # per task function
         self.compile_seconds = 0.0  # spent in first calls, compiling
         self.fallback: str | None = None  # why compilation was given up, if it was
-        self.compile_lock = threading.Lock()
         self.model = model
         # Without an inner loop each task is one large batch with enough work per
         # operation for every core, so `auto` takes the plain loop where the model
@@ -244,32 +243,29 @@ class TaskExecutor:
     def _compiled(self, key: Any, body: Callable[..., Any], *args: Any) -> Any:
         """``body(*args)`` through ``torch.compile``, cached by ``key`` (the task function).
 
-        The first call compiles (timed, under a lock, so worker threads wait for it instead
-        of compiling too); after a failure everything runs eagerly, said once."""
+        Compiled code always runs in the calling thread (see ``_each``). The first call
+        compiles (timed); after a failure everything runs eagerly, said once."""
         ident = (getattr(key, "__func__", key), id(getattr(key, "__self__", None)))
         compiled = self.compiled.get(ident)
-        if compiled is None:
-            with self.compile_lock:
-                compiled = self.compiled.get(ident)
-                if compiled is None:
-                    if self.fallback is not None:
-                        return body(*args)
-                    start = time.perf_counter()
-                    try:
-                        import torch._dynamo  # (takes seconds: imported only here)
+        if compiled is not None:
+            return compiled(*args)
+        if self.fallback is not None:
+            return body(*args)
+        start = time.perf_counter()
+        try:
+            import torch._dynamo  # (takes seconds: imported only here)
 
-                        compiled = torch.compile(body)
-                        result = compiled(*args)
-                        self.compile_seconds += time.perf_counter() - start
-                    except MetacliError:  # the task's own error, not the compiler's
-                        raise
-                    except Exception as err:  # the compiler's errors share no base class
-                        self.give_up(err)
-                        return body(*args)
-                    self.compiled[ident] = compiled
-                    log.info("algo.compile: compiled in %.1f s", self.compile_seconds)
-                    return result
-        return compiled(*args)
+            compiled = torch.compile(body)
+            result = compiled(*args)
+        except MetacliError:  # the task's own error, not the compiler's
+            raise
+        except Exception as err:  # the compiler's errors share no base class
+            self.give_up(err)
+            return body(*args)
+        self.compile_seconds += time.perf_counter() - start
+        self.compiled[ident] = compiled
+        log.info("algo.compile: compiled in %.1f s", self.compile_seconds)
+        return result
 
     def _maybe_compiled(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` for one task, through the compiler while ``compiling``."""
