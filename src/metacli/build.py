@@ -32,6 +32,7 @@ from metacli.config import (
 )
 from metacli.errors import ConfigError
 from metacli.models.base import Model
+from metacli.optim import SGD, Adam
 from metacli.registry import Registered, lookup
 from metacli.tasks.base import TaskDistribution, split_generator
 from metacli.updates.base import UpdateRule
@@ -191,10 +192,8 @@ def make_optimizer(cfg: OptimConfig, groups: dict[str, list[Any]]) -> torch.opti
     foreach = True if on_cpu else None
     if cfg.name == "adam":
         betas = (cfg.betas[0], cfg.betas[1])
-        return torch.optim.Adam(params, lr=cfg.lr, betas=betas, eps=cfg.eps, foreach=foreach)
-    return torch.optim.SGD(
-        params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=foreach
-    )
+        return Adam(params, lr=cfg.lr, betas=betas, eps=cfg.eps, foreach=foreach)
+    return SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=foreach)
 
 
 def make_scheduler(
