@@ -1,6 +1,6 @@
 """Today's algorithms keep their numbers: float64 meta-gradients against stored values.
 
-``tests/data/stored_values.pt`` holds, for every algorithm on a regression MLP and on a
+``tests/data/stored_values.json`` holds, for every algorithm on a regression MLP and on a
 Conv-4 with batch norm, the meta-loss, the per-task metrics, the gradient of every
 meta-parameter and the evaluation trace (query loss and metric after 0..k inner steps).
 It was written by ``python -m tests.test_stored_values --write`` at commit bbc4d5d,
@@ -28,9 +28,10 @@ import torch
 from torch import Tensor
 
 from metacli.build import build
+from tests import textdata
 from tests.conftest import compose_config
 
-STORE = Path(__file__).parent / "data" / "stored_values.pt"
+STORE = Path(__file__).parent / "data" / "stored_values.json"  # text: tests/textdata.py
 STEPS, LR = 2, 0.1
 WORKLOADS = {
     "mlp": [
@@ -133,7 +134,7 @@ STRATEGIES = [
 @pytest.mark.parametrize("batching", STRATEGIES)
 @pytest.mark.parametrize(("algo", "workload"), CASES)
 def test_meta_gradients_equal_the_stored_values(algo: str, workload: str, batching: str) -> None:
-    stored = torch.load(STORE, weights_only=True)[f"{algo}/{workload}"]
+    stored = textdata.read(STORE)[f"{algo}/{workload}"]
     ours = compute(algo, workload, batching)
     assert ours["grads"].keys() == stored["grads"].keys()
     assert ours["rate_grads"].keys() == stored["rate_grads"].keys()
@@ -156,11 +157,11 @@ def test_meta_gradients_equal_the_stored_values(algo: str, workload: str, batchi
 
 if __name__ == "__main__" and "--write" in sys.argv:
     STORE.parent.mkdir(exist_ok=True)
-    torch.save({f"{a}/{w}": compute(a, w) for a, w in CASES}, STORE)
+    textdata.write(STORE, {f"{a}/{w}": compute(a, w) for a, w in CASES})
     print(f"wrote {STORE}")
 elif __name__ == "__main__" and "--update" in sys.argv:  # rewrite the named entries only
-    values = torch.load(STORE, weights_only=True)
+    values = textdata.read(STORE)
     for key in sys.argv[sys.argv.index("--update") + 1 :]:
         values[key] = compute(*key.split("/"))
         print(f"rewrote {key}")
-    torch.save(values, STORE)
+    textdata.write(STORE, values)
