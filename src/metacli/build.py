@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from metacli import distributed
 from metacli.algorithms.base import Adaptive, MetaAlgorithm
 from metacli.config import (
     DeviceConfig,
@@ -230,6 +231,8 @@ def build(cfg: DictConfig, overrides: list[str] | None = None) -> Components:
     for note in resolved.notes:
         log.info("%s", note)
     device = resolve_device(run.device)
+    if device.type == "cuda" and distributed.WORLD.active:  # a GPU per rank of this machine
+        device = torch.device("cuda", distributed.WORLD.local_rank % torch.cuda.device_count())
     if run.device.threads is not None:
         torch.set_num_threads(run.device.threads)
     seed_everything(run.seed)

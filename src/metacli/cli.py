@@ -223,6 +223,22 @@ def main(argv: list[str] | None = None) -> None:
     if command in ("compare", "plot"):
         run_tool(command, args)
         return
+    from metacli import distributed
+
+    if distributed.from_env().active:  # one rank of torchrun's (or the launcher's) world
+        run_hydra(command, join_world(command, args))
+        return
+    args = checked(command, args)
+    nproc = value_of(args, "distributed.nproc")
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    if nproc is not None and nproc.isdigit() and int(nproc) > 1 and not multirun:
+        raise SystemExit(distributed.launch(command, args, int(nproc)))
+    run_hydra(command, args)
+
+
+def checked(command: str, args: list[str]) -> list[str]:
+    """The arguments for Hydra, once the config they compose has passed every check; a
+    failed check is one paragraph and exit 2, nothing to do is said and exit 0."""
     try:
         check_overrides(args)
         args = force_swept_keys(args)
@@ -237,4 +253,49 @@ def main(argv: list[str] | None = None) -> None:
     except MetacliError as err:
         print(f"metacli {command}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    run_hydra(command, args)
+    return args
+
+
+def join_world(command: str, args: list[str]) -> list[str]:
+    """One rank of a distributed run: join the process group, let rank 0 check the config
+    and choose the run folder, and take both (the others print nothing of it).
+
+    The world's size is what the launcher started: it is recorded as distributed.nproc.
+    """
+    from metacli import distributed
+
+    world = distributed.from_env()
+    if any(a in ("-m", "--multirun") for a in args):
+        if world.writer:
+            print(
+                f"metacli {command}: a distributed run is one job; it cannot be combined with "
+                f"-m/--multirun. Sweep with a launcher instead (README: Scaling out).",
+                file=sys.stderr,
+            )
+        raise SystemExit(2)
+    args = [a for a in args if override_key(a) != "distributed.nproc"]
+    args.append(f"distributed.nproc={world.size}")
+    try:
+        distributed.initialize(
+            value_of(args, "distributed.backend") or "auto",
+            float(value_of(args, "distributed.timeout_s") or 600),
+        )
+    except MetacliError as err:
+        print(f"metacli {command}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    outcome: tuple[int, list[str]] = (0, [])
+    if world.writer:
+        try:
+            args = checked(command, args)
+            from metacli.compose import run_dir
+
+            if command in ("train", "test"):
+                args = [*args, f"hydra.run.dir={quote(run_dir(command, args))}"]
+            outcome = (0, args)
+        except SystemExit as done:
+            outcome = (int(done.code or 0), [])
+    code, agreed = distributed.broadcast(outcome)
+    if not agreed:
+        distributed.shutdown()
+        raise SystemExit(code)
+    return agreed

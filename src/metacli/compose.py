@@ -29,6 +29,7 @@ RESUMABLE = (
     "val.batch_size",
     "device.",
     "threads",
+    "distributed.",
     "logger.",
     "data.root",
     "data.cache_dir",
@@ -101,6 +102,20 @@ def compose(command: str, overrides: list[str]) -> DictConfig:
             return hydra_compose(config_name=command, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(explain(command, overrides, str(err))) from None
+
+
+def run_dir(command: str, args: list[str]) -> str:
+    """The run folder Hydra would make for these arguments (``${now:...}`` resolved now)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.utils import setup_globals
+
+    setup_globals()  # Hydra's ${now:...} resolver
+    given = [a for a in args if key_of(a) == "hydra.run.dir"]
+    overrides = [*(job_overrides(args) or []), *given[-1:]]
+    with initialize_config_dir(str(config_dir()), version_base="1.3", job_name="metacli"):
+        cfg = hydra_compose(config_name=command, overrides=overrides, return_hydra_config=True)
+    return str(OmegaConf.select(cfg, "hydra.run.dir"))
 
 
 def explain(command: str, overrides: list[str], message: str) -> str:

@@ -267,6 +267,25 @@ class LoggerConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Meta-training over several processes (metacli.distributed): ranks split the tasks."""
+
+    nproc: int = 1  # processes; under torchrun or a Slurm step, their world size
+    backend: str = "auto"  # auto (NCCL for CUDA tensors, gloo for the rest), gloo, nccl
+    timeout_s: float = 600.0  # a collective waiting longer ends the run (a rank is gone)
+
+    def __post_init__(self) -> None:
+        require(self.nproc >= 1, "distributed.nproc", self.nproc, "it must be >= 1")
+        require(
+            self.backend in ("auto", "gloo", "nccl"),
+            "distributed.backend",
+            self.backend,
+            "choose one of auto, gloo, nccl",
+        )
+        require(self.timeout_s > 0, "distributed.timeout_s", self.timeout_s, "it must be > 0")
+
+
+@dataclass
 class RunConfig:
     """The top level: everything but the component groups, which the registry types."""
 
@@ -284,6 +303,7 @@ class RunConfig:
     test: TestConfig = field(default_factory=TestConfig)
     data: DataConfig = field(default_factory=DataConfig)
     published: PublishedConfig = field(default_factory=PublishedConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         require(self.seed >= 0, "seed", self.seed, "it must be >= 0")
@@ -298,6 +318,13 @@ class RunConfig:
         )
         self.val.check("val")
         self.test.check("test")
+        require(
+            self.train.meta_batch_size >= self.distributed.nproc,
+            "train.meta_batch_size",
+            self.train.meta_batch_size,
+            f"each of the distributed.nproc={self.distributed.nproc} processes needs at "
+            f"least one task of every meta-batch",
+        )
 
 
 COMPONENT_GROUPS = ("algo", "task", "model")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -34,6 +35,12 @@ class _NotProgress(logging.Filter):
 def make_log_handler() -> logging.Handler:
     """Console handler used by conf/hydra/job_logging/metacli.yaml."""
     handler: logging.Handler
+    rank = int(os.environ.get("RANK", "0"))  # a distributed run's other ranks: errors only
+    if rank > 0:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s: %(message)s"))
+        handler.setLevel(logging.ERROR)
+        return handler
     if CONSOLE.is_terminal:
         handler = RichHandler(console=CONSOLE, show_path=False, rich_tracebacks=False)
         handler.addFilter(_NotProgress())
@@ -136,7 +143,7 @@ def track(items: Sequence[T], description: str) -> Iterator[T]:
 
 @contextmanager
 def progress_bar(total: int, start: int) -> Iterator[Bar]:
-    if not CONSOLE.is_terminal:
+    if not CONSOLE.is_terminal or int(os.environ.get("RANK", "0")) > 0:
         yield Bar(None, total, start)
         return
     columns = (

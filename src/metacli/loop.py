@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from metacli import distributed
 from metacli.algorithms.base import MetaLoss
 from metacli.build import Components
 from metacli.checkpoint import LoopState, make
@@ -163,17 +164,25 @@ def fixed_tasks(c: Components, split: str, num_tasks: int) -> TaskBatch:
 
 
 def evaluate(c: Components, split: str, num_tasks: int, batch_size: int) -> EvalSummary:
-    """Adapt to ``num_tasks`` fixed tasks of ``split`` (seeded by seed and split alone)."""
-    tasks = fixed_tasks(c, split, num_tasks)
+    """Adapt to ``num_tasks`` fixed tasks of ``split`` (seeded by seed and split alone);
+    in a distributed run each rank adapts its share and the results are gathered in
+    task order."""
+    share = distributed.WORLD.share(num_tasks)
+    tasks = fixed_tasks(c, split, num_tasks)[share]
     was_training = c.algorithm.training
     c.algorithm.eval()
     losses, metrics, labels = [], [], []
-    for start in range(0, num_tasks, batch_size):
+    for start in range(0, len(tasks.query_y), batch_size):
         result = c.algorithm.evaluate(tasks[start : start + batch_size].to(c.device))
         losses.append(result.loss.detach().double().cpu())
         metrics.append(result.metric.detach().double().cpu())
         labels += result.labels or []
     c.algorithm.train(was_training)
+    if distributed.WORLD.active:
+        parts = distributed.gather((losses, metrics, labels))
+        losses = [t for part in parts for t in part[0]]
+        metrics = [t for part in parts for t in part[1]]
+        labels = [label for part in parts for label in part[2]]
     summary = EvalSummary.from_tensors(c.task.metric_name, torch.cat(losses), torch.cat(metrics))
     summary.higher_is_better = c.task.higher_is_better
     summary.labels = labels
@@ -235,8 +244,11 @@ def meta_step(
     or, when the loss or the gradient is not finite, what is not (and updates nothing)."""
     batch = sample(c)
     c.optimizer.zero_grad(set_to_none=True)
-    out = c.algorithm.objective(batch)
-    out.loss.backward()
+    if distributed.WORLD.active:
+        out = distributed_objective(c, batch)
+    else:
+        out = c.algorithm.objective(batch)
+        out.loss.backward()
     bad = nonfinite(c, out.loss)
     if bad is not None:
         c.optimizer.zero_grad(set_to_none=True)
@@ -254,6 +266,34 @@ def meta_step(
         c.scheduler.step()
     c.algorithm.observe(batch)
     return MetaLoss(out.loss.detach(), out.metric.detach().mean(), out.terms)
+
+
+def distributed_objective(c: Components, batch: TaskBatch) -> MetaLoss:
+    """This rank's share of the meta-batch, backpropagated with weight share / meta-batch,
+    and the gradients, loss, metric and terms summed over the ranks in one all-reduce.
+
+    The sum of the weighted objectives is the one-process objective (a penalty on the
+    meta-parameters too: the weights sum to one).
+    """
+    size = len(batch.query_y)
+    share = distributed.WORLD.share(size)
+    weight = (share.stop - share.start) / size
+    out = c.algorithm.objective(batch[share])
+    (out.loss * weight).backward()
+    params = [p for g in c.optimizer.param_groups for p in g["params"] if p.grad is not None]
+    names = sorted(out.terms)
+    values = [out.loss.detach(), out.metric.detach().mean(), *(out.terms[n] for n in names)]
+    grads = [p.grad.reshape(-1) for p in params if p.grad is not None]
+    dtype = grads[0].dtype if grads else out.loss.dtype
+    flat = torch.cat([*grads, *(weight * v.reshape(1).to(dtype) for v in values)])
+    distributed.all_reduce_sum(flat)
+    offset = 0
+    for p in params:
+        assert p.grad is not None
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
+    loss, metric, *terms = flat[offset:].unbind()
+    return MetaLoss(loss, metric.reshape(1), dict(zip(names, terms, strict=True)))
 
 
 def write_artifacts(c: Components, recorder: Recorder) -> None:
@@ -425,6 +465,8 @@ def meta_train(c: Components, recorder: Recorder, state: LoopState) -> LoopState
             if it % ckpt_every == 0 or it == total:
                 save("last")
             bar.update(it)
+            if distributed.WORLD.active:  # all ranks stop after the same iteration
+                STOPPER.requested = distributed.agree_on_stop(STOPPER.requested)
             if STOPPER.requested is not None:
                 if saved_at != it:
                     save("last")

@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from metacli import __version__
+from metacli import __version__, distributed
 from metacli.checkpoint import (
     LoopState,
     load_checkpoint,
@@ -107,6 +107,9 @@ class RunFolder:
             p.name != ".lock" for p in root.iterdir()
         )  # before this command: never removed
         self.lock = FolderLock(root / ".lock", f"metacli {command} {' '.join(overrides)}")
+        # In a distributed run rank 0 alone writes; the other ranks compute the same steps
+        # with every write skipped (metacli.distributed).
+        self.writer = distributed.WORLD.writer
 
     @classmethod
     def current(cls, command: str, cfg: DictConfig) -> RunFolder:
@@ -117,6 +120,8 @@ class RunFolder:
 
     # --- writing, each write either complete or not at all ---------------------------
     def write(self, path: Path, action: Callable[[], object]) -> None:
+        if not self.writer:
+            return
         try:
             action()
         except OSError as err:
@@ -150,7 +155,8 @@ class RunFolder:
     # --- the folder's life ------------------------------------------------------------
     def claim(self) -> None:
         """Become the folder's one writer, or stop naming the live one."""
-        self.lock.acquire()
+        if self.writer:
+            self.lock.acquire()
 
     def previous_run(self, cfg: DictConfig) -> str | None:
         """What an earlier run in this folder means for this one (re-run sweeps).
@@ -158,7 +164,11 @@ class RunFolder:
         ``finished`` (same config, finished: skip it) or ``resumable`` (same config,
         unfinished, with a checkpoint) when ``skip_finished`` is on; ``replace`` when the
         earlier run's files are to be moved aside (``archive``); None for a new folder.
+        In a distributed run rank 0 decides for all.
         """
+        return distributed.broadcast(self._previous_run(cfg) if self.writer else None)
+
+    def _previous_run(self, cfg: DictConfig) -> str | None:
         old = read_json(self.summary_path)
         if old is None and not self.metrics_path.exists():
             return None
@@ -171,6 +181,8 @@ class RunFolder:
 
     def archive(self) -> None:
         """Move an earlier run's files to ``.replaced/<time>/``, never overwrite them."""
+        if not self.writer:
+            return
         stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
         archive = self.root / ".replaced" / stamp
         archive.mkdir(parents=True)
@@ -181,7 +193,7 @@ class RunFolder:
 
     def rewind_metrics(self, iteration: int) -> None:
         """On resume: drop lines written after the checkpoint, and the old meta-test line."""
-        if not self.metrics_path.exists():
+        if not self.writer or not self.metrics_path.exists():
             return
         lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
         kept = []
@@ -216,7 +228,8 @@ class RunFolder:
         choices = hydra.runtime.choices if hydra is not None else {}
         self.write(self.checkpoints, lambda: self.checkpoints.mkdir(parents=True, exist_ok=True))
         self.write_config_files()
-        open_run_logs(str(self.root))
+        if self.writer:
+            open_run_logs(str(self.root))
         self.summary = {
             "status": "running",
             "command": self.command,
@@ -240,6 +253,8 @@ class RunFolder:
 
     def discard(self) -> None:
         """Stopped before ``start``: remove the folder if this command created it."""
+        if not self.writer:
+            return
         created_lock = not self.existed
         self.lock.release()
         if self.existed or self.multirun:
@@ -407,6 +422,7 @@ def set_threads(cfg: DictConfig) -> int:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
         cores = cores or os.cpu_count() or 1
         launcher = HydraConfig.get().launcher
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # ranks sharing this machine
         ray = OmegaConf.select(launcher, "ray.remote.num_cpus", default=None)
         n_jobs = launcher.get("n_jobs")
         if launcher.get("cpus_per_task") or ray:
@@ -414,6 +430,8 @@ def set_threads(cfg: DictConfig) -> int:
         elif n_jobs:
             jobs = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib: -1 = all
             threads = max(1, cores // jobs)
+        elif distributed.WORLD.active and local > 1:
+            threads = max(1, cores // local)
     if threads:
         torch.set_num_threads(int(threads))
     return torch.get_num_threads()
@@ -498,8 +516,9 @@ def train(cfg: DictConfig) -> float:
     from metacli.loop import meta_train
 
     start = time.perf_counter()
+    distributed.join(cfg)
     folder = RunFolder.current("train", cfg)
-    with STOPPER.installed(), folder.guard():
+    with STOPPER.installed(), folder.guard(), distributed.leaving():
         folder.claim()
         previous = None if cfg.resume else folder.previous_run(cfg)
         if previous == "finished":
@@ -516,7 +535,7 @@ def train(cfg: DictConfig) -> float:
             state = restore(c, load_checkpoint(last), str(last))
         elif previous == "replace":
             folder.archive()
-        folder.start(c.cfg, device=str(c.device), threads=threads)
+        folder.start(c.cfg, device=str(c.device), threads=threads, **distributed.described())
         if resuming:
             folder.rewind_metrics(state.iteration)
             folder.update_summary(resumed_from_iteration=state.iteration)
@@ -533,6 +552,7 @@ def train(cfg: DictConfig) -> float:
         )
         startup = process_age()
         state = meta_train(c, folder, state)
+        distributed.barrier()  # rank 0's checkpoints are on disk: every rank reads them
         if not (folder.checkpoints / "last.pt").exists():
             folder.save_checkpoint("last", make(c, state))
         source = c.run.test.checkpoint
@@ -579,7 +599,8 @@ def train(cfg: DictConfig) -> float:
             members = len(ensemble["checkpoint_iterations"])
             value = f"{ensemble['mean']:.4f} ± {ensemble['ci95']:.4f}"
             lines.append((f"mean of the {members} best checkpoints", value))
-        report("meta-test", result, seconds, folder, lines)
+        if folder.writer:
+            report("meta-test", result, seconds, folder, lines)
     return objective(folder.summary, cfg.optimized_metric)
 
 
@@ -588,8 +609,9 @@ def test(cfg: DictConfig) -> float:
     from metacli.build import build
 
     start = time.perf_counter()
+    distributed.join(cfg)
     folder = RunFolder.current("test", cfg)
-    with STOPPER.installed(), folder.guard():
+    with STOPPER.installed(), folder.guard(), distributed.leaving():
         folder.claim()
         previous = folder.previous_run(cfg)
         if not cfg.ckpt_path:
@@ -603,7 +625,13 @@ def test(cfg: DictConfig) -> float:
         load_weights(c, checkpoint, str(cfg.ckpt_path))
         if previous is not None:
             folder.archive()
-        folder.start(c.cfg, device=str(c.device), threads=threads, checkpoint=str(cfg.ckpt_path))
+        folder.start(
+            c.cfg,
+            device=str(c.device),
+            threads=threads,
+            checkpoint=str(cfg.ckpt_path),
+            **distributed.described(),
+        )
         result = meta_test(c, folder, checkpoint["iteration"])
         seconds = time.perf_counter() - start
         folder.finish(
@@ -616,13 +644,14 @@ def test(cfg: DictConfig) -> float:
                 "checkpoint_iteration": checkpoint["iteration"],
             },
         )
-        report(
-            "meta-test",
-            result,
-            seconds,
-            folder,
-            [("checkpoint", f"{cfg.ckpt_path} (iteration {checkpoint['iteration']})")],
-        )
+        if folder.writer:
+            report(
+                "meta-test",
+                result,
+                seconds,
+                folder,
+                [("checkpoint", f"{cfg.ckpt_path} (iteration {checkpoint['iteration']})")],
+            )
     return objective(folder.summary, "test")
 
 

@@ -9,6 +9,7 @@ convention: 130 for SIGINT, 143 for SIGTERM.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -47,6 +48,8 @@ class Stopper:
             self.requested = signum
             name = signal.Signals(signum).name
             again = "press Ctrl-C again" if signum == signal.SIGINT else "send it again"
+            if os.environ.get("RANK", "0") != "0":  # a distributed run: rank 0 says it
+                return
             print(
                 f"\nmetacli: {name} received: stopping after this iteration, once "
                 f"checkpoints/last.pt holds it ({again} to stop now).",
