@@ -106,6 +106,32 @@ def test_two_processes_train_validate_and_test_as_one(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_the_tasks_of_a_slurm_step_are_the_ranks(tmp_path: Path) -> None:
+    """`srun -n 2 metacli train distributed.nproc=2`, simulated: Slurm's variables only
+    (no scontrol here: the node list's first name is the address)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_cli("train", *TINY, *GLOO, f"hydra.run.dir={one}", cwd=tmp_path)
+    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "127.0.0.1"}
+    slurm["SLURM_JOB_ID"] = str(os.getpid())
+    command = [sys.executable, "-m", "metacli", "train", *TINY, *GLOO, "distributed.nproc=2"]
+    tasks = [
+        subprocess.Popen(
+            [*command, f"hydra.run.dir={two}"],
+            cwd=tmp_path,
+            env={**os.environ, **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for r in range(2)
+    ]
+    for task in tasks:
+        task.communicate(timeout=300)
+        assert task.returncode == 0
+    assert read_summary(two)["processes"] == 2
+    assert_same_run(two, one)
+
+
+@pytest.mark.slow
 def test_a_one_process_run_resumes_with_two_through_torchrun(tmp_path: Path) -> None:
     one, half = tmp_path / "one", tmp_path / "half"
     run_cli("train", *TINY, *GLOO, f"hydra.run.dir={one}", cwd=tmp_path)

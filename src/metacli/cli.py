@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     from metacli import distributed
 
+    distributed.adopt_slurm_step(value_of(args, "distributed.nproc"))  # srun -n N metacli ...
     if distributed.from_env().active:  # one rank of torchrun's (or the launcher's) world
         run_hydra(command, join_world(command, args))
         return

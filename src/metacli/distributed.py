@@ -105,6 +105,16 @@ def slurm_world(env: dict[str, str]) -> dict[str, str]:
     }
 
 
+def adopt_slurm_step(nproc: str | None) -> None:
+    """In a Slurm step of ``nproc`` > 1 tasks (srun, or submitit's tasks_per_node), set
+    torchrun's variables from Slurm's, so that each task is one rank."""
+    env = os.environ
+    if nproc is None or not nproc.isdigit() or int(nproc) < 2 or "WORLD_SIZE" in env:
+        return
+    if env.get("SLURM_NTASKS") == nproc and "SLURM_PROCID" in env:
+        env.update(slurm_world(dict(env)))
+
+
 def join(cfg: Any) -> World:
     """The world of a job, joined: torchrun's or the launcher's (joined by the command
     already), or a Slurm step's whose task count is ``distributed.nproc`` (the submitit
@@ -114,10 +124,7 @@ def join(cfg: Any) -> World:
 
     settings = cfg.get("distributed") or {}
     nproc = int(settings.get("nproc", 1))
-    env = os.environ
-    slurm = env.get("SLURM_NTASKS") == str(nproc) and "SLURM_PROCID" in env
-    if nproc > 1 and "WORLD_SIZE" not in env and slurm:
-        env.update(slurm_world(dict(env)))
+    adopt_slurm_step(str(nproc))
     backend, timeout = str(settings.get("backend", "auto")), float(settings.get("timeout_s", 600))
     try:
         world = initialize(backend, timeout)
