@@ -96,6 +96,7 @@ def test_a_failed_compilation_falls_back_to_eager_with_a_message(
     assert "running it eagerly" in warnings[0] and "algo.compile=false" in warnings[0]
 
 
+@pytest.mark.slow  # the real code generator (~25 s); the aot_eager tests above are fast
 def test_a_run_records_its_startup_and_compile_times(tmp_path: Path) -> None:
     """Through the CLI with the real code generator (C++ on a CPU): the same training
     losses as eager, and the compile time recorded apart."""

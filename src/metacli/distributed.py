@@ -5,8 +5,9 @@ whole meta-batch from the same seeded stream (so a run with N processes sees exa
 tasks of a one-process run with the same ``train.meta_batch_size``), computes the
 meta-gradient of its contiguous share of the tasks, weighted by share / meta-batch, and
 the gradients are summed over the ranks (one all-reduce of one flat buffer per
-iteration, which also carries the loss, the metric and any stop request). Every rank then
-takes the same optimizer step, so the meta-parameters stay equal without a broadcast.
+iteration, which also carries the loss, the metric and the named terms; a one-number
+all-reduce after it agrees on stopping). Every rank then takes the same optimizer step,
+so the meta-parameters stay equal without a broadcast.
 Validation and meta-test tasks are split the same way and gathered in task order.
 
 Rank 0 alone writes the run folder and prints; the others only compute. The world comes
