@@ -265,3 +265,10 @@ def test_a_meta_batch_smaller_than_the_processes_is_a_config_error(tmp_path: Pat
     assert "train.meta_batch_size=4 is not allowed" in result.stderr
     assert "distributed.nproc=8" in result.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_hydra_flags_with_several_processes_start_none(tmp_path: Path) -> None:
+    """--cfg (or --help) runs no job: the config is printed once, by this process."""
+    result = run_cli("train", "distributed.nproc=2", "--cfg", "job", cwd=tmp_path)
+    assert result.stdout.count("\nseed: 0\n") + result.stdout.startswith("seed: 0\n") == 1
+    assert "nproc: 2" in result.stdout

@@ -232,7 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     args = checked(command, args)
     nproc = value_of(args, "distributed.nproc")
     multirun = any(a in ("-m", "--multirun") for a in args)
-    if nproc is not None and nproc.isdigit() and int(nproc) > 1 and not multirun:
+    from metacli.compose import INFO_FLAGS
+
+    informs = any(a.split("=")[0] in INFO_FLAGS for a in args)  # --cfg, --help: no job
+    if nproc is not None and nproc.isdigit() and int(nproc) > 1 and not (multirun or informs):
         raise SystemExit(distributed.launch(command, args, int(nproc)))
     run_hydra(command, args)
 
