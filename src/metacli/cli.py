@@ -260,6 +260,19 @@ def checked(command: str, args: list[str]) -> list[str]:
     return args
 
 
+def world_settings(command: str, args: list[str]) -> tuple[str, float]:
+    """``distributed.backend`` and ``distributed.timeout_s`` as the config composes them
+    (a preset may set them); their defaults where it does not compose, as rank 0 reports."""
+    from metacli.compose import compose, job_overrides
+    from metacli.config import DistributedConfig
+
+    try:
+        settings = compose(command, job_overrides(prepare(command, args)) or []).distributed
+    except MetacliError:
+        settings = DistributedConfig()
+    return str(settings.backend), float(settings.timeout_s)
+
+
 def join_world(command: str, args: list[str]) -> list[str]:
     """One rank of a distributed run: join the process group, let rank 0 check the config
     and choose the run folder, and take both (the others print nothing of it).
@@ -280,10 +293,7 @@ def join_world(command: str, args: list[str]) -> list[str]:
     args = [a for a in args if override_key(a) != "distributed.nproc"]
     args.append(f"distributed.nproc={world.size}")
     try:
-        distributed.initialize(
-            value_of(args, "distributed.backend") or "auto",
-            float(value_of(args, "distributed.timeout_s") or 600),
-        )
+        distributed.initialize(*world_settings(command, args))
     except MetacliError as err:
         print(f"metacli {command}: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -21,6 +20,8 @@ from rich.progress import (
 from rich.progress import track as rich_track
 from rich.table import Table
 
+from metacli import distributed
+
 T = TypeVar("T")
 CONSOLE = Console()
 # Periodic progress lines: always in metacli.log; on a terminal the bar shows them instead.
@@ -35,10 +36,10 @@ class _NotProgress(logging.Filter):
 def make_log_handler() -> logging.Handler:
     """Console handler used by conf/hydra/job_logging/metacli.yaml."""
     handler: logging.Handler
-    rank = int(os.environ.get("RANK", "0"))  # a distributed run's other ranks: errors only
-    if rank > 0:
+    world = distributed.from_env()
+    if not world.writer:  # a distributed run's other ranks: errors only
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(f"[rank {world.rank}] %(levelname)s: %(message)s"))
         handler.setLevel(logging.ERROR)
         return handler
     if CONSOLE.is_terminal:
@@ -143,7 +144,7 @@ def track(items: Sequence[T], description: str) -> Iterator[T]:
 
 @contextmanager
 def progress_bar(total: int, start: int) -> Iterator[Bar]:
-    if not CONSOLE.is_terminal or int(os.environ.get("RANK", "0")) > 0:
+    if not CONSOLE.is_terminal or not distributed.from_env().writer:
         yield Bar(None, total, start)
         return
     columns = (

@@ -123,12 +123,11 @@ def join(cfg: Any) -> World:
     started as one stops with exit 2 rather than record a config that did not run."""
     import logging
 
-    settings = cfg.get("distributed") or {}
-    nproc = int(settings.get("nproc", 1))
+    settings = cfg.distributed
+    nproc = int(settings.nproc)
     adopt_slurm_step(str(nproc))
-    backend, timeout = str(settings.get("backend", "auto")), float(settings.get("timeout_s", 600))
     try:
-        world = initialize(backend, timeout)
+        world = initialize(str(settings.backend), float(settings.timeout_s))
         if world.size != nproc:
             raise MetacliError(
                 f"distributed.nproc={nproc}, but this job was started as {world.size} "
@@ -161,7 +160,7 @@ def leaving() -> Iterator[None]:
         shutdown()
 
 
-def initialize(backend: str = "auto", timeout_s: float = 600.0) -> World:
+def initialize(backend: str, timeout_s: float) -> World:
     """Join the process group of this world (once); returns the world."""
     import torch
     import torch.distributed as dist

@@ -280,18 +280,18 @@ def distributed_objective(c: Components, batch: TaskBatch) -> MetaLoss:
     weight = (share.stop - share.start) / size
     out = c.algorithm.objective(batch[share])
     (out.loss * weight).backward()
-    params = [p for g in c.optimizer.param_groups for p in g["params"] if p.grad is not None]
+    grads = [p.grad for g in c.optimizer.param_groups for p in g["params"] if p.grad is not None]
     names = sorted(out.terms)
     values = [out.loss.detach(), out.metric.detach().mean(), *(out.terms[n] for n in names)]
-    grads = [p.grad.reshape(-1) for p in params if p.grad is not None]
     dtype = grads[0].dtype if grads else out.loss.dtype
-    flat = torch.cat([*grads, *(weight * v.reshape(1).to(dtype) for v in values)])
+    flat = torch.cat(
+        [*(g.reshape(-1) for g in grads), *(weight * v.reshape(1).to(dtype) for v in values)]
+    )
     distributed.all_reduce_sum(flat)
     offset = 0
-    for p in params:
-        assert p.grad is not None
-        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
-        offset += p.numel()
+    for grad in grads:
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
     loss, metric, *terms = flat[offset:].unbind()
     return MetaLoss(loss, metric.reshape(1), dict(zip(names, terms, strict=True)))
 

@@ -440,6 +440,8 @@ def set_threads(cfg: DictConfig) -> int:
 def report(
     title: str, result: EvalSummary, seconds: float, folder: RunFolder, extra: list[tuple[str, str]]
 ) -> None:
+    if not folder.writer:  # a distributed run: rank 0 prints it
+        return
     steps = len(result.metric_mean) - 1
     rows = [
         ("before adaptation (0 steps)", result.metric_mean[0], result.metric_ci95[0]),
@@ -599,8 +601,7 @@ def train(cfg: DictConfig) -> float:
             members = len(ensemble["checkpoint_iterations"])
             value = f"{ensemble['mean']:.4f} ± {ensemble['ci95']:.4f}"
             lines.append((f"mean of the {members} best checkpoints", value))
-        if folder.writer:
-            report("meta-test", result, seconds, folder, lines)
+        report("meta-test", result, seconds, folder, lines)
     return objective(folder.summary, cfg.optimized_metric)
 
 
@@ -644,14 +645,13 @@ def test(cfg: DictConfig) -> float:
                 "checkpoint_iteration": checkpoint["iteration"],
             },
         )
-        if folder.writer:
-            report(
-                "meta-test",
-                result,
-                seconds,
-                folder,
-                [("checkpoint", f"{cfg.ckpt_path} (iteration {checkpoint['iteration']})")],
-            )
+        report(
+            "meta-test",
+            result,
+            seconds,
+            folder,
+            [("checkpoint", f"{cfg.ckpt_path} (iteration {checkpoint['iteration']})")],
+        )
     return objective(folder.summary, "test")
 
 

@@ -9,12 +9,13 @@ convention: 130 for SIGINT, 143 for SIGTERM.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from metacli import distributed
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -47,9 +48,9 @@ class Stopper:
         if self.graceful and self.requested is None:
             self.requested = signum
             name = signal.Signals(signum).name
-            again = "press Ctrl-C again" if signum == signal.SIGINT else "send it again"
-            if os.environ.get("RANK", "0") != "0":  # a distributed run: rank 0 says it
+            if not distributed.from_env().writer:  # a distributed run: rank 0 says it
                 return
+            again = "press Ctrl-C again" if signum == signal.SIGINT else "send it again"
             print(
                 f"\nmetacli: {name} received: stopping after this iteration, once "
                 f"checkpoints/last.pt holds it ({again} to stop now).",
