@@ -342,16 +342,52 @@ class Adaptive(MetaAlgorithm):
         """The meta-learned initialisation the inner loop starts from."""
         return self.model.named_tensors()[0]
 
+    def support_scale(self, prediction: Tensor, y: Tensor) -> int:
+        """What ``algo.inner_loss`` multiplies the task's mean support loss by."""
+        if self.cfg.inner_loss == "sum":
+            return y.shape[0]
+        if self.cfg.inner_loss == "sum_over_shots" and self.task.is_classification:
+            return prediction.shape[-1]  # S / K = N
+        return 1
+
     def support_loss(
         self, params: Params, x: Tensor, y: Tensor, step: int, rng: TaskRandom
     ) -> Tensor:
         prediction = self.forward_with(params, x, step)  # [S, classes] or [S, ...]
         loss = self.task.loss(prediction, y)  # the mean over the support set
-        if self.cfg.inner_loss == "sum":
-            return loss * y.shape[0]
-        if self.cfg.inner_loss == "sum_over_shots" and self.task.is_classification:
-            return loss * prediction.shape[-1]  # S / K = N
-        return loss
+        scale = self.support_scale(prediction, y)
+        return loss if scale == 1 else loss * scale
+
+    def written_gradient(
+        self, params: Params, x: Tensor, y: Tensor, names: list[str], want_loss: bool
+    ) -> tuple[Tensor | None, Params] | None:
+        """``support_loss`` and its gradient for ``names``, from the model's and the task's
+        backward passes written out (``Model.functional_backward``, ``loss_gradient``);
+        None where either is not, or a subclass changed how the support loss is made."""
+        model = self.executor.module()
+        if model.stochastic or not self.plain_support_loss():
+            return None
+        written = model.functional_backward(params, x)
+        if written is None:
+            return None
+        prediction, backward = written
+        d_prediction = self.task.loss_gradient(prediction, y)
+        if d_prediction is None:
+            return None
+        scale = self.support_scale(prediction, y)
+        loss = None
+        if want_loss:
+            loss = self.task.loss(prediction, y)
+            loss = loss if scale == 1 else loss * scale
+        return loss, backward(d_prediction if scale == 1 else d_prediction * scale, names)
+
+    def plain_support_loss(self) -> bool:
+        """Whether the support loss is this class's (the model on the inputs, the task's
+        loss), not a subclass's own (the LSTM meta-learner's, MetaNAS's forward)."""
+        kind = type(self)
+        return kind.support_loss is Adaptive.support_loss and (
+            kind.forward_with is MetaAlgorithm.forward_with
+        )
 
     def adapt(
         self,
@@ -375,13 +411,18 @@ class Adaptive(MetaAlgorithm):
         if batch is not None and batch != x.shape[0]:
             order = minibatches(rng, x.shape[0], batch, steps)  # [steps, batch]
 
-        def loss(p: Params, step: int) -> Tensor:
-            if order is None:
-                return self.support_loss(p, x, y, step, rng)
-            picked = order[step]
-            return self.support_loss(p, x[picked], y[picked], step, rng)
+        def examples(step: int) -> tuple[Tensor, Tensor]:
+            return (x, y) if order is None else (x[order[step]], y[order[step]])
 
-        return self.inner.run(params, loss, steps, lr, first_order, rng, keep_loss, state)
+        def loss(p: Params, step: int) -> Tensor:
+            return self.support_loss(p, *examples(step), step, rng)
+
+        def written(p: Params, step: int, names: list[str], want_loss: bool) -> Any:
+            return self.written_gradient(p, *examples(step), names, want_loss)
+
+        return self.inner.run(
+            params, loss, steps, lr, first_order, rng, keep_loss, state, written=written
+        )
 
     def start_state(self, lr: float) -> Any:
         """The update rule's state a task starts from (None: a fresh one, ``rule.init``)."""

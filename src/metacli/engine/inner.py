@@ -18,6 +18,9 @@ from torch import Tensor
 from metacli.engine.random import TaskRandom
 from metacli.updates.base import Params, UpdateRule
 
+# (params, step, names, want_loss) -> (support loss or None, its gradient for names) or None
+WrittenGradient = Callable[[Params, int, list[str], bool], tuple[Tensor | None, Params] | None]
+
 
 @dataclass
 class Step:
@@ -63,6 +66,7 @@ class InnerLoop:
         rng: TaskRandom,
         keep_loss: bool = False,
         state: Any = None,
+        written: WrittenGradient | None = None,
     ) -> Iterator[Step]:
         """``steps`` updates of ``params`` on ``support_loss(params, step)``.
 
@@ -71,7 +75,9 @@ class InnerLoop:
         Each step's support loss is kept (in ``Step.loss``, and given to the rule) when the
         rule says it needs it or ``keep_loss`` asks: under vmap, returning it from the
         gradient transform costs about 2% of a sinusoid MAML iteration. ``state`` starts
-        the rule from a carried state instead of a fresh one.
+        the rule from a carried state instead of a fresh one. ``written(params, step,
+        names, want_loss)`` gives the support loss and its gradient from a backward pass
+        written out by hand, or None where there is none; autograd then computes them.
         """
         want_loss = keep_loss or self.rule.needs_loss
         if state is None:
@@ -83,7 +89,14 @@ class InnerLoop:
             def loss(fast: Params, step: int = step, params: Params = params) -> Tensor:
                 return support_loss({**params, **fast}, step)
 
-            grads, value = self.gradient(loss, fast, first_order, want_loss)
+            by_hand = None if written is None else written(params, step, list(fast), want_loss)
+            if by_hand is not None:  # no autograd graph to build and walk: faster
+                value, grads = by_hand
+                if first_order:
+                    grads = {n: g.detach() for n, g in grads.items()}
+                    value = None if value is None else value.detach()
+            else:
+                grads, value = self.gradient(loss, fast, first_order, want_loss)
             new, state = self.rule.update(fast, grads, value, state, step)
             params = {**params, **new}
             yield Step(step + 1, params, value, grads, state)

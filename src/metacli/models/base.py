@@ -3,7 +3,7 @@ written so that it stays exact under ``torch.func`` transforms."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -16,6 +16,8 @@ from metacli.errors import ConfigError
 from metacli.registry import Registered
 
 NORMS = ("transductive", "per_step", "running", "none")
+# d loss / d output [N, out] and the names asked -> d loss / d params[name] for each
+Backward = Callable[[Tensor, Collection[str]], dict[str, Tensor]]
 
 
 @dataclass
@@ -62,6 +64,17 @@ class Model(nn.Module, Registered):
         them into the module and back, in Python: more than the whole forward pass of a
         small MLP, so such models override this with the computation written out."""
         return torch.func.functional_call(self, (params, buffers), (x,))
+
+    def functional_backward(
+        self, params: dict[str, Tensor], x: Tensor
+    ) -> tuple[Tensor, Backward] | None:
+        """The forward pass (no buffers) and its backward pass written out in plain tensor
+        operations, for the inner loop's gradient: autograd's graph of a small network
+        costs more than its arithmetic, under ``vmap`` most of all. ``backward(grad,
+        names)`` maps d loss / d output to d loss / d params[name] for the names asked; it
+        is differentiable, so second-order meta-gradients flow through it. None: not
+        written out for this model (or this configuration); autograd computes them."""
+        return None
 
     def batching_for(self, device: torch.device) -> str:
         return self.preferred_batching.get(device.type, "vmap")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metacli.config import require
-from metacli.models.base import Model, ModelConfig
+from metacli.models.base import Backward, Model, ModelConfig
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "tanh": torch.tanh}
@@ -30,6 +30,9 @@ class MLPConfig(ModelConfig):
     # construct_fc_weights, std 0.01).
     init: str = "torch"
     init_std: float = 0.01
+    # true: the inner loop's gradients come from the backward pass written out below
+    # (1.3x faster sinusoid MAML, same numbers to rounding); false: from autograd
+    written_backward: bool = True
 
     def __post_init__(self) -> None:
         require(
@@ -71,21 +74,67 @@ class MLP(Model, key="mlp"):
                     nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
                 nn.init.zeros_(layer.bias)
 
+    def layers(self) -> list[tuple[str, str]]:
+        """(weight, bias) names of the linear layers in order; the body's are followed by
+        the activation, the head's is not."""
+        layers = self.__dict__.get("_layers")
+        if layers is None:  # the structure is fixed once built
+            names = [n for n, m in self.named_modules() if isinstance(m, nn.Linear)]
+            layers = self.__dict__["_layers"] = [(f"{n}.weight", f"{n}.bias") for n in names]
+        return layers
+
     def functional(
         self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor
     ) -> Tensor:
         """The forward pass written out (1.2x faster sinusoid MAML than functional_call)."""
-        layers = self.__dict__.get("_layers")
-        if layers is None:  # (weight, bias) names in order; the structure is fixed once built
-            names = [n for n, m in self.named_modules() if isinstance(m, nn.Linear)]
-            layers = self.__dict__["_layers"] = [(f"{n}.weight", f"{n}.bias") for n in names]
         act = FUNCTIONS[self.cfg.activation]  # type: ignore[attr-defined]
         h = x.flatten(start_dim=x.dim() - len(self.input_shape))
-        for i, (weight, bias) in enumerate(layers):
+        for i, (weight, bias) in enumerate(self.layers()):
             h = F.linear(h, params[weight], params[bias])
             if i < len(self.body) // 2:  # the body's layers are followed by the activation
                 h = act(h)
         return h
+
+    def functional_backward(
+        self, params: dict[str, Tensor], x: Tensor
+    ) -> tuple[Tensor, Backward] | None:
+        """The forward pass keeping each layer's input and activation, and the backward
+        pass of the linear layers and the activation by hand: the same operations as
+        autograd's (ReLU: the gradient where the output is positive; tanh: times 1 - y^2),
+        so the gradients agree to rounding, second order included (tested in float64)."""
+        if not self.cfg.written_backward:  # type: ignore[attr-defined]
+            return None
+        activation = self.cfg.activation  # type: ignore[attr-defined]
+        act, relu = FUNCTIONS[activation], activation == "relu"
+        layers, activated = self.layers(), len(self.body) // 2
+        h = x.flatten(start_dim=x.dim() - len(self.input_shape))  # [N, in]
+        inputs, outputs = [], []
+        for i, (weight, bias) in enumerate(layers):
+            inputs.append(h)
+            h = F.linear(h, params[weight], params[bias])
+            if i < activated:
+                h = act(h)
+                outputs.append(h)
+
+        def backward(grad: Tensor, names: Collection[str]) -> dict[str, Tensor]:
+            # grad: d loss / d output [N, out]; back through the layers to the first asked
+            asked = set(names)
+            deepest = min(i for i, pair in enumerate(layers) if asked & set(pair))
+            grads: dict[str, Tensor] = {}
+            for i in range(len(layers) - 1, deepest - 1, -1):
+                weight, bias = layers[i]
+                if i < activated:  # through the activation, from its output
+                    out = outputs[i]
+                    grad = torch.where(out > 0, grad, 0.0) if relu else grad * (1 - out * out)
+                if weight in asked:
+                    grads[weight] = grad.transpose(-1, -2) @ inputs[i]  # [out, in]
+                if bias in asked:
+                    grads[bias] = grad.sum(0)
+                if i > deepest:
+                    grad = grad @ params[weight]  # [N, in]
+            return grads
+
+        return h, backward
 
     def squared_path_norm(self, params: dict[str, Tensor]) -> Tensor:
         # Every weight and bias squared, no activation, on an all-ones input (Path-SGD):

@@ -123,6 +123,18 @@ class TaskDistribution(Registered):
     def metric(self, prediction: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def loss_gradient(self, prediction: Tensor, target: Tensor) -> Tensor | None:
+        """d loss / d prediction written out, for a model whose backward pass is written
+        out too (``Model.functional_backward``); None: autograd computes the gradient."""
+        return None
+
+
+def mse_gradient(prediction: Tensor, target: Tensor) -> Tensor | None:
+    """d mse_loss(prediction, target) / d prediction: 2 (prediction - target) / numel."""
+    if prediction.shape != target.shape:  # mse_loss would broadcast: leave it to autograd
+        return None
+    return (prediction - target) * (2.0 / prediction.numel())
+
 
 def split_generator(seed: int, split: str) -> torch.Generator:
     """The task stream of one split: a function of (seed, split) alone, never of the algorithm.
@@ -184,6 +196,14 @@ class ClassificationTask(TaskDistribution):
 
     def metric(self, prediction: Tensor, target: Tensor) -> Tensor:
         return (prediction.argmax(dim=-1) == target).to(prediction.dtype).mean()
+
+    def loss_gradient(self, prediction: Tensor, target: Tensor) -> Tensor | None:
+        """d cross_entropy / d logits [N, C]: (softmax - one-hot) / N."""
+        if prediction.dim() != 2 or target.dim() != 1:
+            return None
+        classes = torch.arange(prediction.shape[-1], device=target.device)
+        one_hot = (target.unsqueeze(-1) == classes).to(prediction.dtype)  # (vmap: no one_hot)
+        return (prediction.softmax(dim=-1) - one_hot) / prediction.shape[0]
 
 
 def choose_classes(

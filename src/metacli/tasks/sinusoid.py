@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metacli.config import require, require_ranges
-from metacli.tasks.base import TaskBatch, TaskConfig, TaskDistribution
+from metacli.tasks.base import TaskBatch, TaskConfig, TaskDistribution, mse_gradient
 
 
 @dataclass
@@ -72,3 +72,6 @@ class Sinusoid(TaskDistribution, key="sinusoid"):
 
     def metric(self, prediction: Tensor, target: Tensor) -> Tensor:
         return F.mse_loss(prediction, target)
+
+    def loss_gradient(self, prediction: Tensor, target: Tensor) -> Tensor | None:
+        return mse_gradient(prediction, target)
