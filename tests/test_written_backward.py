@@ -3,6 +3,8 @@ inner gradients, and so the same meta-gradients, second order included, in float
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -13,7 +15,7 @@ from torch import Tensor
 from metacli.build import build
 from metacli.models import mlp
 from metacli.tasks.base import mse_gradient
-from tests.conftest import compose_config
+from tests.conftest import REPO, compose_config
 
 
 def model(activation: str, head: bool) -> mlp.MLP:
@@ -143,3 +145,24 @@ def test_an_algorithm_with_its_own_support_loss_keeps_autograd() -> None:
     batch = c.task.sample(2, "train", torch.Generator().manual_seed(0))
     c.algorithm.meta_loss(batch).loss.backward()
     assert calls[0] == 0
+
+
+def test_a_sinusoid_iteration_imports_no_dynamo() -> None:
+    """Without torch.func.grad in the inner loop, nothing imports torch._dynamo (seconds of
+    start-up): the written pass keeps it out; autograd's path under vmap brings it in."""
+    code = (
+        "import sys\n"
+        "from tests.conftest import compose_config\n"
+        "from metacli.build import build\n"
+        "from metacli.loop import meta_step\n"
+        "for written in ('true', 'false'):\n"
+        "    c = build(compose_config('experiment=maml_sinusoid', 'device=cpu',\n"
+        "                             f'model.written_backward={written}'))\n"
+        "    meta_step(c, None)\n"
+        "    c.algorithm.evaluate(c.task.sample(4, 'val', c.train_generator))\n"
+        "    print(c.algorithm.batching, 'torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout.split()
+    assert out == ["vmap", "False", "vmap", "True"]
