@@ -102,7 +102,8 @@ class MLP(Model, key="mlp"):
         pass of the linear layers and the activation by hand: the same operations as
         autograd's (ReLU: the gradient where the output is positive; tanh: times 1 - y^2),
         so the gradients agree to rounding, second order included (tested in float64)."""
-        if not self.cfg.written_backward:  # type: ignore[attr-defined]
+        written = self.cfg.written_backward  # type: ignore[attr-defined]
+        if not written or x.dim() != len(self.input_shape) + 1:  # (or not one batch dim)
             return None
         activation = self.cfg.activation  # type: ignore[attr-defined]
         act, relu = FUNCTIONS[activation], activation == "relu"
@@ -119,6 +120,8 @@ class MLP(Model, key="mlp"):
         def backward(grad: Tensor, names: Collection[str]) -> dict[str, Tensor]:
             # grad: d loss / d output [N, out]; back through the layers to the first asked
             asked = set(names)
+            if not asked:
+                return {}
             deepest = min(i for i, pair in enumerate(layers) if asked & set(pair))
             grads: dict[str, Tensor] = {}
             for i in range(len(layers) - 1, deepest - 1, -1):
