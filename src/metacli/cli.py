@@ -74,7 +74,9 @@ def force_swept_keys(args: list[str]) -> list[str]:
     ``++algo.key=...`` (force-add): the options without the key ignore it, with a warning
     in their log. A key that no swept option has is left to fail as a misspelling.
     """
-    if not any(a in ("-m", "--multirun") for a in args):
+    from metacli.compose import multirun
+
+    if not multirun(args):
         return args
     from metacli.config import option_keys
 
@@ -106,7 +108,9 @@ def prepare(command: str, args: list[str]) -> list[str]:
     """Arguments for Hydra; ``resume`` and ``ckpt_path`` replay the overrides of their run."""
     resume = value_of(args, "resume") if command == "train" else None
     if resume is not None:
-        if any(a in ("-m", "--multirun") for a in args):
+        from metacli.compose import multirun
+
+        if multirun(args):
             raise MetacliError(
                 "resume continues one run; it cannot be combined with -m/--multirun."
             )
@@ -231,11 +235,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     args = checked(command, args)
     nproc = value_of(args, "distributed.nproc")
-    multirun = any(a in ("-m", "--multirun") for a in args)
-    from metacli.compose import INFO_FLAGS
+    from metacli.compose import informs, multirun
 
-    informs = any(a.split("=")[0] in INFO_FLAGS for a in args)  # --cfg, --help: no job
-    if nproc is not None and nproc.isdigit() and int(nproc) > 1 and not (multirun or informs):
+    one_job = not (multirun(args) or informs(args))  # a sweep, or --cfg/--help: no ranks
+    if nproc is not None and nproc.isdigit() and int(nproc) > 1 and one_job:
         raise SystemExit(distributed.launch(command, args, int(nproc)))
     run_hydra(command, args)
 
@@ -280,9 +283,10 @@ def join_world(command: str, args: list[str]) -> list[str]:
     The world's size is what the launcher started: it is recorded as distributed.nproc.
     """
     from metacli import distributed
+    from metacli.compose import multirun
 
     world = distributed.from_env()
-    if any(a in ("-m", "--multirun") for a in args):
+    if multirun(args):
         if world.writer:
             print(
                 f"metacli {command}: a distributed run is one job; it cannot be combined with "

@@ -62,15 +62,25 @@ def key_of(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+def multirun(args: list[str]) -> bool:
+    """Whether the arguments ask Hydra for a sweep."""
+    return any(a in ("-m", "--multirun") for a in args)
+
+
+def informs(args: list[str]) -> bool:
+    """Whether the arguments ask Hydra for information (--help, --cfg, ...), not a job."""
+    return any(a.split("=")[0] in INFO_FLAGS for a in args)
+
+
 def job_overrides(args: list[str]) -> list[str] | None:
     """The overrides of the job Hydra would run first (a sweep's first values); None when
     Hydra will run no job (--help, --cfg, ...) or the sweep cannot be expanded here."""
-    if any(a.split("=")[0] in INFO_FLAGS for a in args):
+    if informs(args):
         return None
     overrides = [
         a for a in args if "=" in a and not a.startswith("-") and not key_of(a).startswith("hydra")
     ]
-    if not any(a in ("-m", "--multirun") for a in args):
+    if not multirun(args):
         return overrides
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -149,10 +159,10 @@ def explain(command: str, overrides: list[str], message: str) -> str:
 
 def check_output_folder(command: str, args: list[str]) -> None:
     """The run (or sweep) folder can be made: else Hydra would stop with a traceback."""
-    multirun = any(a in ("-m", "--multirun") for a in args)
-    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    sweep = multirun(args)
+    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
     values = [a.split("=", 1)[1] for a in args if key_of(a) == key]
-    value = values[-1].strip("'\"") if values else f"outputs/{'multirun' if multirun else command}"
+    value = values[-1].strip("'\"") if values else f"outputs/{'multirun' if sweep else command}"
     fixed = value.split("$", 1)[0]  # up to the first interpolation (${now:...})
     path = Path(fixed or ".")
     if path.exists():
@@ -188,7 +198,7 @@ def precheck(command: str, args: list[str]) -> None:
         return
     check_output_folder(command, args)
     cfg = compose(command, overrides)
-    if any(a in ("-m", "--multirun") for a in args):
+    if multirun(args):
         return  # each job's values are checked in its job (a failed job is recorded)
     from metacli.build import resolve
 

@@ -304,6 +304,15 @@ class Adaptive(MetaAlgorithm):
                 f"rule without parameters), or an algorithm of the MAML family."
             )
         self.inner = InnerLoop(self.rule, self.adapted, lambda: self.executor.functional_grads)
+        # Whether the support loss is the model on the inputs and the task's loss (not a
+        # subclass's own: the LSTM meta-learner's, MetaNAS's forward), so that the model's
+        # and the task's written backward passes may give its gradient (``written_gradient``)
+        kind = type(self)
+        self.plain_support_loss = (
+            not model.stochastic
+            and kind.support_loss is Adaptive.support_loss
+            and kind.forward_with is MetaAlgorithm.forward_with
+        )
         if cfg.regularizer == "path":
             model.squared_path_norm(self.initial_params())  # a clear error now, not later
 
@@ -342,52 +351,36 @@ class Adaptive(MetaAlgorithm):
         """The meta-learned initialisation the inner loop starts from."""
         return self.model.named_tensors()[0]
 
-    def support_scale(self, prediction: Tensor, y: Tensor) -> int:
-        """What ``algo.inner_loss`` multiplies the task's mean support loss by."""
+    def scaled(self, value: Tensor, prediction: Tensor, y: Tensor) -> Tensor:
+        """The task's mean support loss (or its gradient) as ``algo.inner_loss`` asks."""
+        scale = 1
         if self.cfg.inner_loss == "sum":
-            return y.shape[0]
-        if self.cfg.inner_loss == "sum_over_shots" and self.task.is_classification:
-            return prediction.shape[-1]  # S / K = N
-        return 1
+            scale = y.shape[0]
+        elif self.cfg.inner_loss == "sum_over_shots" and self.task.is_classification:
+            scale = prediction.shape[-1]  # S / K = N
+        return value if scale == 1 else value * scale
 
     def support_loss(
         self, params: Params, x: Tensor, y: Tensor, step: int, rng: TaskRandom
     ) -> Tensor:
         prediction = self.forward_with(params, x, step)  # [S, classes] or [S, ...]
-        loss = self.task.loss(prediction, y)  # the mean over the support set
-        scale = self.support_scale(prediction, y)
-        return loss if scale == 1 else loss * scale
+        return self.scaled(self.task.loss(prediction, y), prediction, y)  # mean over S
 
     def written_gradient(
         self, params: Params, x: Tensor, y: Tensor, names: list[str], want_loss: bool
     ) -> tuple[Tensor | None, Params] | None:
         """``support_loss`` and its gradient for ``names``, from the model's and the task's
         backward passes written out (``Model.functional_backward``, ``loss_gradient``);
-        None where either is not, or a subclass changed how the support loss is made."""
-        model = self.executor.module()
-        if model.stochastic or not self.plain_support_loss():
-            return None
-        written = model.functional_backward(params, x)
+        None where either is not."""
+        written = self.executor.module().functional_backward(params, x)
         if written is None:
             return None
         prediction, backward = written
         d_prediction = self.task.loss_gradient(prediction, y)
         if d_prediction is None:
             return None
-        scale = self.support_scale(prediction, y)
-        loss = None
-        if want_loss:
-            loss = self.task.loss(prediction, y)
-            loss = loss if scale == 1 else loss * scale
-        return loss, backward(d_prediction if scale == 1 else d_prediction * scale, names)
-
-    def plain_support_loss(self) -> bool:
-        """Whether the support loss is this class's (the model on the inputs, the task's
-        loss), not a subclass's own (the LSTM meta-learner's, MetaNAS's forward)."""
-        kind = type(self)
-        return kind.support_loss is Adaptive.support_loss and (
-            kind.forward_with is MetaAlgorithm.forward_with
-        )
+        loss = self.scaled(self.task.loss(prediction, y), prediction, y) if want_loss else None
+        return loss, backward(self.scaled(d_prediction, prediction, y), names)
 
     def adapt(
         self,
@@ -417,11 +410,14 @@ class Adaptive(MetaAlgorithm):
         def loss(p: Params, step: int) -> Tensor:
             return self.support_loss(p, *examples(step), step, rng)
 
-        def written(p: Params, step: int, names: list[str], want_loss: bool) -> Any:
+        def written(
+            p: Params, step: int, names: list[str], want_loss: bool
+        ) -> tuple[Tensor | None, Params] | None:
             return self.written_gradient(p, *examples(step), names, want_loss)
 
+        by_hand = written if self.plain_support_loss else None
         return self.inner.run(
-            params, loss, steps, lr, first_order, rng, keep_loss, state, written=written
+            params, loss, steps, lr, first_order, rng, keep_loss, state, written=by_hand
         )
 
     def start_state(self, lr: float) -> Any:

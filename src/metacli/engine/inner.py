@@ -90,28 +90,31 @@ class InnerLoop:
                 return support_loss({**params, **fast}, step)
 
             by_hand = None if written is None else written(params, step, list(fast), want_loss)
-            if by_hand is not None:  # no autograd graph to build and walk: faster
-                value, grads = by_hand
-                if first_order:
-                    grads = {n: g.detach() for n, g in grads.items()}
-                    value = None if value is None else value.detach()
-            else:
-                grads, value = self.gradient(loss, fast, first_order, want_loss)
+            grads, value = self.gradient(loss, fast, first_order, want_loss, by_hand)
             new, state = self.rule.update(fast, grads, value, state, step)
             params = {**params, **new}
             yield Step(step + 1, params, value, grads, state)
 
     def gradient(
-        self, loss: Callable[[Params], Tensor], fast: Params, first_order: bool, want_loss: bool
+        self,
+        loss: Callable[[Params], Tensor],
+        fast: Params,
+        first_order: bool,
+        want_loss: bool,
+        by_hand: tuple[Tensor | None, Params] | None = None,
     ) -> tuple[Params, Tensor | None]:
         """d loss / d fast and (if wanted) the loss; differentiable unless ``first_order``.
 
-        Under vmap this must be ``torch.func``; in a per-task loop plain autograd is
-        faster (measured: docs/benchmarks.md), with identical numbers.
+        ``by_hand``: (loss, gradient) from a backward pass written out, taken as they are
+        (no autograd graph to build and walk: faster). Otherwise, under vmap this must be
+        ``torch.func``; in a per-task loop plain autograd is faster (measured:
+        docs/benchmarks.md), with identical numbers.
         """
-        if self.functional():
+        if by_hand is not None or self.functional():
             value: Tensor | None = None
-            if want_loss:
+            if by_hand is not None:
+                value, grads = by_hand
+            elif want_loss:
                 grads, value = torch.func.grad_and_value(loss)(fast)
             else:
                 grads = torch.func.grad(loss)(fast)
@@ -124,12 +127,12 @@ class InnerLoop:
                 n: p if p.requires_grad else p.detach().requires_grad_() for n, p in fast.items()
             }
             value = loss(leaves)
-            grads = torch.autograd.grad(
+            found = torch.autograd.grad(
                 value,
                 list(leaves.values()),
                 create_graph=not first_order,
                 materialize_grads=True,
             )
         if not want_loss:
-            return dict(zip(leaves, grads, strict=True)), None
-        return dict(zip(leaves, grads, strict=True)), value.detach() if first_order else value
+            return dict(zip(leaves, found, strict=True)), None
+        return dict(zip(leaves, found, strict=True)), value.detach() if first_order else value
