@@ -433,7 +433,9 @@ def test_mamlpp_switches_on_per_step_norm_and_cosine_schedule() -> None:
 
 def test_auto_batching_follows_the_measured_preference() -> None:
     torch.set_default_dtype(torch.float32)
-    assert build(compose_config("device=cpu")).algorithm.batching == "vmap"
+    # the sinusoid MLP's MAML: stacked (its meta-gradient written out), else vmap
+    assert build(compose_config("device=cpu")).algorithm.batching == "stacked"
+    assert build(compose_config("device=cpu", "algo=reptile")).algorithm.batching == "vmap"
     conv = ("task=synthetic", "model=conv4", "device=cpu", "model.filters=4")
     assert build(compose_config(*conv)).algorithm.batching == "threads"
     # No inner loop: each task is one large batch, so the plain loop is taken instead.

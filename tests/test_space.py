@@ -121,7 +121,8 @@ def test_a_space_of_one_rule_is_that_rule(float64, member: str, sampling: str) -
     """Second-order meta-loss and meta-gradient of the initialisation, bit for bit with the
     settings kept; to rounding with them learned (the weight of the one member is 1)."""
     own = {"sgd": (), "momentum": ("algo.momentum=0.5",), "adam": ("algo.adam_lr=0.02",)}
-    common = (*TINY, "algo.inner_steps=3", *own[member])
+    # (one per-task path for both: the stacked one would round otherwise)
+    common = (*TINY, "algo.inner_steps=3", "algo.batching=vmap", *own[member])
     alone = build(compose_config(f"update={member}", *common))
     space_cfg = ("update=space", f"algo.space=[{member}]", f"algo.space_sampling={sampling}")
     for learned in (False, True):

@@ -60,7 +60,7 @@ def aot_eager(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("algo", ["maml", "fomaml", "metasgd"])
-@pytest.mark.parametrize("batching", ["vmap", "loop", "threads"])
+@pytest.mark.parametrize("batching", ["stacked", "vmap", "loop", "threads"])
 def test_compiled_meta_gradient_equals_eager(
     monkeypatch: pytest.MonkeyPatch, algo: str, batching: str
 ) -> None:

@@ -225,6 +225,22 @@ def make_scheduler(
     return None
 
 
+def check_stacked(cfg: Any, algorithm: MetaAlgorithm) -> None:
+    """``algo.batching=stacked`` asked for where training cannot stack: say what it needs."""
+    if cfg.batching != "stacked" or algorithm.stacks():
+        return
+    model = algorithm.model.cfg.name
+    update = getattr(cfg, "update", "-")
+    raise ConfigError(
+        f"algo.batching=stacked computes a meta-batch as one stack of tasks with its "
+        f"meta-gradient written out (metacli/engine/written.py). It serves maml, fomaml, "
+        f"anil and metasgd with algo.update=sgd or metasgd, without algo.inner_batch, on "
+        f"model=mlp (model.written_backward=true) with a regression or classification "
+        f"task; this run has algo={cfg.name}, algo.update={update}, model={model}. Use "
+        f"algo.batching=auto (it stacks where it can)."
+    )
+
+
 def build(cfg: DictConfig, overrides: list[str] | None = None) -> Components:
     resolved = resolve(cfg)
     run, classes, typed = resolved.run, resolved.classes, resolved.typed
@@ -242,6 +258,7 @@ def build(cfg: DictConfig, overrides: list[str] | None = None) -> Components:
     input_shape = classes["algo"].model_input_shape(typed["algo"], tuple(task.input_shape))
     model = classes["model"](typed["model"], input_shape, output_dim)
     algorithm = classes["algo"](typed["algo"], model, task).to(device)
+    check_stacked(typed["algo"], algorithm)
     optimizer = make_optimizer(run.optim, algorithm.param_groups())
     scheduler = make_scheduler(run.optim, optimizer, run.train.iterations)
     return Components(

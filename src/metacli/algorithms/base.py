@@ -28,6 +28,11 @@ from metacli.regularizers import REGULARIZERS
 from metacli.tasks.base import TaskBatch, TaskDistribution
 from metacli.updates.base import Params, UpdateRule
 
+# How a training meta-batch is computed: the executor's per-task strategies, or "stacked":
+# every task one row of the same tensors with the meta-gradient written out
+# (metacli/engine/written.py), where the algorithm, model, loss and rule have it.
+BATCHINGS = (*STRATEGIES, "stacked")
+
 # Keys of a train line in metrics.jsonl that named terms must not shadow.
 RESERVED = ("iteration", "split", "loss", "metric", "metric_name", "lr", "it_per_s", "wall_time")
 
@@ -42,10 +47,10 @@ class AlgoConfig:
 
     def __post_init__(self) -> None:
         require(
-            self.batching in STRATEGIES,
+            self.batching in BATCHINGS,
             "algo.batching",
             self.batching,
-            f"choose one of {', '.join(STRATEGIES)}",
+            f"choose one of {', '.join(BATCHINGS)}",
         )
 
 
@@ -84,7 +89,8 @@ class MetaAlgorithm(nn.Module, Registered):
         self.cfg = cfg
         self.model = model
         self.task = task
-        self.executor = TaskExecutor(cfg.batching, model, self.inner_loop, cfg.compile)
+        per_task = "auto" if cfg.batching == "stacked" else cfg.batching  # (evaluation's)
+        self.executor = TaskExecutor(per_task, model, self.inner_loop, cfg.compile)
         self.executor.stochastic = self.stochastic or model.stochastic
         # Outer steps taken; a buffer, so schedules inside algorithms survive a resume.
         self.register_buffer("outer_steps", torch.zeros((), dtype=torch.long))
@@ -170,7 +176,13 @@ class MetaAlgorithm(nn.Module, Registered):
     # --- helpers ----------------------------------------------------------------------------
     @property
     def batching(self) -> str:
-        return self.executor.strategy
+        """How a training meta-batch is computed (``algo.batching``, ``auto`` resolved)."""
+        return "stacked" if self.stacks() else self.executor.strategy
+
+    def stacks(self) -> bool:
+        """Whether training computes the meta-batch stacked, its meta-gradient written out
+        (``algo.batching`` auto or stacked; see ``MAML.stacks``)."""
+        return False
 
     def forward_with(self, params: Params, x: Tensor, step: int = 0) -> Tensor:
         """The model with weights ``params`` on ``x``, as seen at inner step ``step``."""
@@ -351,13 +363,18 @@ class Adaptive(MetaAlgorithm):
         """The meta-learned initialisation the inner loop starts from."""
         return self.model.named_tensors()[0]
 
+    def inner_scale(self, examples: int, classes: int) -> int:
+        """What ``algo.inner_loss`` multiplies the task's mean support loss by, for a
+        support set of ``examples`` over ``classes`` classes."""
+        if self.cfg.inner_loss == "sum":
+            return examples
+        if self.cfg.inner_loss == "sum_over_shots" and self.task.is_classification:
+            return classes  # S / K = N
+        return 1
+
     def scaled(self, value: Tensor, prediction: Tensor, y: Tensor) -> Tensor:
         """The task's mean support loss (or its gradient) as ``algo.inner_loss`` asks."""
-        scale = 1
-        if self.cfg.inner_loss == "sum":
-            scale = y.shape[0]
-        elif self.cfg.inner_loss == "sum_over_shots" and self.task.is_classification:
-            scale = prediction.shape[-1]  # S / K = N
+        scale = self.inner_scale(y.shape[0], prediction.shape[-1])
         return value if scale == 1 else value * scale
 
     def support_loss(

@@ -10,15 +10,19 @@ or small overrides, so they subclass it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from metacli.algorithms.base import Adaptive, AdaptiveConfig, AlgoConfig, MetaLoss
+from metacli.engine.executor import carrying
 from metacli.engine.inner import Step, last
 from metacli.engine.random import TaskRandom
+from metacli.engine.written import meta_gradient
 from metacli.tasks.base import TaskBatch
 from metacli.updates.base import Params
 
@@ -67,4 +71,57 @@ class MAML(Adaptive, key="maml"):
         return self.task.loss(prediction, qy), self.task.metric(prediction, qy).detach(), terms
 
     def meta_loss(self, batch: TaskBatch) -> MetaLoss:
+        stacked = self.stacked_meta_loss(batch) if torch.is_grad_enabled() else None
+        if stacked is not None:
+            return stacked
         return self.mean_over_tasks(self.task_loss, batch, self.initial_params())
+
+    def stacks(self) -> bool:
+        """The stacked path (``metacli.engine.written``) serves a support loss that is the
+        model's and the task's, both written out, a rule that is plain gradient descent,
+        no mini-batches, and nothing of the step a subclass's own. Decided once."""
+        decided = self.__dict__.get("_stacks")
+        if decided is None:
+            kind = type(self)
+            decided = self.__dict__["_stacks"] = (
+                self.cfg.batching in ("auto", "stacked")
+                and self.plain_support_loss
+                and kind.task_loss is MAML.task_loss
+                and kind.train_steps_of is MAML.train_steps_of
+                and kind.query_step is Adaptive.query_step
+                and self.cfg.inner_batch is None
+                and self.model.has_stacked_pass()
+                and not self.model.tracks_running_stats
+                and self.task.stacked_loss is not None
+                and self.rule.step_sizes(self.train_lr) is not None
+            )
+        return decided
+
+    def stacked_meta_loss(self, batch: TaskBatch) -> MetaLoss | None:
+        """The meta-loss whose gradient is the meta-gradient written out (through
+        ``torch.compile`` with ``algo.compile=true``); None where training does not stack."""
+        if not self.stacks():
+            return None
+        rates = self.rule.step_sizes(self.train_lr)
+        assert rates is not None and self.task.stacked_loss is not None
+        sx, sy, qx, qy = batch.tensors()
+        params = self.initial_params()
+        scale = self.inner_scale(sx.shape[1], self.task.output_dim)
+        args: tuple[Any, ...] = (self.model.stacked_pass, self.task.stacked_loss, params, rates)
+        args += (self.train_steps, self.use_first_order(), scale, (sx, sy), (qx, qy))
+        compute = meta_gradient
+        if self.executor.compiling:
+            compute = functools.partial(self.executor.compiled_call, meta_gradient, meta_gradient)
+        written = compute(*args)
+        if written is None:  # (the model or the loss declined these shapes)
+            return None
+        leaves = [params[n] for n in written.grads]
+        grads = list(written.grads.values())
+        for name, grad in written.rate_grads.items():
+            rate = rates[name]
+            assert isinstance(rate, Tensor)
+            leaves.append(rate)
+            grads.append(grad)
+        used = [(p, g) for p, g in zip(leaves, grads, strict=True) if p.requires_grad]
+        loss = carrying(written.losses.mean(), [p for p, _ in used], [g for _, g in used])
+        return MetaLoss(loss, written.metrics)

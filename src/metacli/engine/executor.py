@@ -57,6 +57,28 @@ GLOBAL_RNG = (
 )
 
 
+class Carry(torch.autograd.Function):
+    """A scalar whose gradient to each leaf was computed already: one node for autograd to
+    walk, which hands each leaf its gradient times the incoming one."""
+
+    @staticmethod
+    def forward(ctx: Any, value: Tensor, grads: Sequence[Tensor], *leaves: Tensor) -> Tensor:
+        ctx.grads = grads
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, *outer: Tensor) -> Any:
+        return (None, None, *(g * outer[0] for g in ctx.grads))
+
+
+def carrying(value: Tensor, leaves: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
+    """``value`` as a scalar whose gradient to each of ``leaves`` is the given one."""
+    assert len(leaves) == len(grads)
+    if not leaves:
+        return value.detach()
+    return Carry.apply(value, list(grads), *leaves)
+
+
 class TaskExecutor:
     """Computes per-task functions over a meta-batch with the chosen strategy."""
 
@@ -122,7 +144,7 @@ class TaskExecutor:
         keys = self.stream_keys(keys, per_task)
         if self.strategy == "vmap":
             if self.compiling:
-                return self._compiled(fn, self._vmap, fn, keys, shared, per_task)
+                return self.compiled_call(fn, self._vmap, fn, keys, shared, per_task)
             return self._vmap(fn, keys, shared, per_task)
         outputs = list(self._each(self._maybe_compiled(fn), keys, shared, per_task))
         flat = [tree_flatten(output) for output in outputs]
@@ -172,10 +194,8 @@ class TaskExecutor:
                 list(grads) if total is None else [a + b for a, b in zip(total, grads, strict=True)]
             )
         assert total is not None
-        # (p - p.detach()) is exactly zero, so the value is the mean loss; its gradient is total.
-        carrier = sum(((p - p.detach()) * g).sum() for p, g in zip(leaves, total, strict=True))
         means = {k: torch.stack([t[k] for t in terms]).mean() for k in terms[0]}
-        return torch.stack(losses).mean() + carrier, torch.stack(metrics), means
+        return carrying(torch.stack(losses).mean(), leaves, total), torch.stack(metrics), means
 
     # --- strategies -------------------------------------------------------------------
     def stream_keys(self, keys: Tensor | None, per_task: Sequence[Tensor]) -> Tensor | None:
@@ -240,7 +260,7 @@ class TaskExecutor:
             raise MetacliError(GLOBAL_RNG)
 
     # --- compilation ------------------------------------------------------------------------
-    def _compiled(self, key: Any, body: Callable[..., Any], *args: Any) -> Any:
+    def compiled_call(self, key: Any, body: Callable[..., Any], *args: Any) -> Any:
         """``body(*args)`` through ``torch.compile``, cached by ``key`` (the task function).
 
         Compiled code always runs in the calling thread (see ``_each``). The first call
@@ -273,7 +293,7 @@ class TaskExecutor:
             return fn
 
         def call(*args: Any) -> Any:
-            return self._compiled(fn, fn, *args)
+            return self.compiled_call(fn, fn, *args)
 
         return call
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,29 @@ from metacli.registry import Registered
 NORMS = ("transductive", "per_step", "running", "none")
 # d loss / d output [N, out] and the names asked -> d loss / d params[name] for each
 Backward = Callable[[Tensor, Collection[str]], dict[str, Tensor]]
+
+
+class StackedPass(Protocol):
+    """One forward pass on a stack of tasks [T, N, ...] (weights shared, or one per task
+    [T, ...]) and its backward passes written out (``MLPPass``), for the meta-gradient
+    computed by hand (``metacli.engine.written``)."""
+
+    output: Tensor  # [T, N, out]
+
+    def backward(self, grad: Tensor, names: Collection[str]) -> dict[str, Tensor]:
+        """Per-task d loss / d params[name] from d loss / d output."""
+        ...
+
+    def tangent(self, direction: dict[str, Tensor]) -> Tensor:
+        """The output's derivative along a direction in weight space."""
+        ...
+
+    def tangent_backward(
+        self, grad: Tensor, r_grad: Tensor, direction: dict[str, Tensor], names: Collection[str]
+    ) -> dict[str, Tensor]:
+        """The derivative along that direction of ``backward(grad, names)``, given the
+        derivative ``r_grad`` of ``grad``."""
+        ...
 
 
 @dataclass
@@ -74,6 +97,15 @@ class Model(nn.Module, Registered):
         names)`` maps d loss / d output to d loss / d params[name] for the names asked; it
         is differentiable, so second-order meta-gradients flow through it. None: not
         written out for this model (or this configuration); autograd computes them."""
+        return None
+
+    def has_stacked_pass(self) -> bool:
+        """Whether ``stacked_pass`` is written out (in this configuration)."""
+        return False
+
+    def stacked_pass(self, params: dict[str, Tensor], x: Tensor) -> StackedPass | None:
+        """The written pass on a stack of tasks ``x`` [T, N, *input_shape]; None: not
+        written out for this model (the meta-gradient then comes from autograd)."""
         return None
 
     def batching_for(self, device: torch.device) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +15,6 @@ from metacli.config import require
 from metacli.models.base import Backward, Model, ModelConfig
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
-FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "tanh": torch.tanh}
 INITS = ("torch", "glorot", "truncated_normal")
 
 
@@ -87,58 +86,30 @@ class MLP(Model, key="mlp"):
         self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor
     ) -> Tensor:
         """The forward pass written out (1.2x faster sinusoid MAML than functional_call)."""
-        return self.forward_pass(params, x)[0]
-
-    def forward_pass(
-        self, params: dict[str, Tensor], x: Tensor
-    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """The output, each linear layer's input and each activation's output."""
-        act = FUNCTIONS[self.cfg.activation]  # type: ignore[attr-defined]
-        h = x.flatten(start_dim=x.dim() - len(self.input_shape))  # [N, in]
-        inputs, outputs = [], []
-        for i, (weight, bias) in enumerate(self.layers()):
-            inputs.append(h)
-            h = F.linear(h, params[weight], params[bias])
-            if i < len(self.body) // 2:  # the body's layers are followed by the activation
-                h = act(h)
-                outputs.append(h)
-        return h, inputs, outputs
+        return MLPPass(self, params, x).output
 
     def functional_backward(
         self, params: dict[str, Tensor], x: Tensor
     ) -> tuple[Tensor, Backward] | None:
         """The forward pass keeping each layer's input and activation, and the backward
-        pass of the linear layers and the activation by hand: the same operations as
-        autograd's (ReLU: the gradient where the output is positive; tanh: times 1 - y^2),
-        so the gradients agree to rounding, second order included (tested in float64)."""
+        pass of the linear layers and the activation by hand (``MLPPass``)."""
+        written = self.written_pass(params, x, 1)
+        return None if written is None else (written.output, written.backward)
+
+    def has_stacked_pass(self) -> bool:
+        return bool(self.cfg.written_backward)  # type: ignore[attr-defined]
+
+    def stacked_pass(self, params: dict[str, Tensor], x: Tensor) -> MLPPass | None:
+        return self.written_pass(params, x, 2)
+
+    def written_pass(self, params: dict[str, Tensor], x: Tensor, dims: int) -> MLPPass | None:
+        """The written pass on examples in ``dims`` leading dimensions ([N, ...] for one
+        task, [T, N, ...] for a stack of tasks); None where ``model.written_backward`` is off
+        or the examples are laid out otherwise."""
         written = self.cfg.written_backward  # type: ignore[attr-defined]
-        if not written or x.dim() != len(self.input_shape) + 1:  # (or not one batch dim)
+        if not written or x.dim() != len(self.input_shape) + dims:
             return None
-        relu = self.cfg.activation == "relu"  # type: ignore[attr-defined]
-        layers, activated = self.layers(), len(self.body) // 2
-        h, inputs, outputs = self.forward_pass(params, x)
-
-        def backward(grad: Tensor, names: Collection[str]) -> dict[str, Tensor]:
-            # grad: d loss / d output [N, out]; back through the layers to the first asked
-            asked = set(names)
-            if not asked:
-                return {}
-            deepest = min(i for i, pair in enumerate(layers) if asked & set(pair))
-            grads: dict[str, Tensor] = {}
-            for i in range(len(layers) - 1, deepest - 1, -1):
-                weight, bias = layers[i]
-                if i < activated:  # through the activation, from its output
-                    out = outputs[i]
-                    grad = torch.where(out > 0, grad, 0.0) if relu else grad * (1 - out * out)
-                if weight in asked:
-                    grads[weight] = grad.transpose(-1, -2) @ inputs[i]  # [out, in]
-                if bias in asked:
-                    grads[bias] = grad.sum(0)
-                if i > deepest:
-                    grad = grad @ params[weight]  # [N, in]
-            return grads
-
-        return h, backward
+        return MLPPass(self, params, x)
 
     def squared_path_norm(self, params: dict[str, Tensor]) -> Tensor:
         # Every weight and bias squared, no activation, on an all-ones input (Path-SGD):
@@ -153,3 +124,146 @@ class MLP(Model, key="mlp"):
     def forward(self, x: Tensor) -> Tensor:  # [N, *input_shape] -> [N, output_dim]
         features = self.body(x)
         return self.head(features) if self.head is not None else features
+
+
+def linear(h: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``h`` [..., N, in] through a weight shared by every task [out, in] or one per task
+    [T, out, in], with a bias [out] or [T, out] (adapted weights on a stack of tasks)."""
+    if weight.dim() == 2 and (bias is None or bias.dim() == 1):
+        return F.linear(h, weight, bias)
+    if bias is None:
+        return h @ weight.transpose(-1, -2)
+    if weight.dim() == 3 and h.dim() == 3:
+        return torch.baddbmm(bias.unsqueeze(-2), h, weight.transpose(-1, -2))
+    return h @ weight.transpose(-1, -2) + bias.unsqueeze(-2)
+
+
+class MLPPass:
+    """One forward pass of the MLP keeping what its backward passes need, and those passes
+    written out in plain tensor operations (ReLU passes the gradient where its output is
+    positive, tanh multiplies it by 1 - y^2, as autograd does).
+
+    On one task (under vmap) or on a stack of tasks [T, N, ...] whose weights are shared or
+    per task [T, ...]; gradients are per task. ``backward`` gives the inner loop's gradient
+    (differentiable: second-order meta-gradients may flow through it); ``tangent`` and
+    ``tangent_backward`` give the directional derivatives of the output and of that
+    gradient along a direction in weight space (Pearlmutter's R-operator): with the loss's
+    second derivative in between, a Hessian-vector product (``metacli.engine.written``).
+    """
+
+    def __init__(self, model: MLP, params: dict[str, Tensor], x: Tensor) -> None:
+        self.params, self.layers = params, model.layers()
+        self.relu = model.cfg.activation == "relu"  # type: ignore[attr-defined]
+        self.activated = len(model.body) // 2  # the body's layers, each with its activation
+        h = x.flatten(start_dim=x.dim() - len(model.input_shape))  # [..., N, in]
+        self.inputs: list[Tensor] = []  # each layer's input
+        self.outputs: list[Tensor] = []  # each activation's output
+        for i, (weight, bias) in enumerate(self.layers):
+            self.inputs.append(h)
+            h = linear(h, params[weight], params[bias])
+            if i < self.activated:
+                h = h.relu() if self.relu else h.tanh()
+                self.outputs.append(h)
+        self.output = h
+        # d loss / d layer i's linear output, kept by ``backward`` for the gradient it had
+        self.deltas: dict[int, Tensor] = {}
+        self.deltas_of: Tensor | None = None
+        self.gates: dict[int, Tensor] = {}  # ReLU: 1 where the output is positive, else 0
+        self.r_inputs: list[Tensor | None] = []  # tangents of each layer's input
+        self.r_outputs: list[Tensor | None] = []  # and of each activation's output
+
+    def _through(self, i: int, grad: Tensor) -> Tensor:
+        """d loss / d activation output -> d loss / d layer i's linear output. (ReLU: times
+        a 0/1 gate, 4x cheaper than a select on this CPU; it differs from autograd's only
+        where the gradient is not finite.)"""
+        if i >= self.activated:
+            return grad
+        if self.relu:
+            gate = self.gates.get(i)
+            if gate is None:
+                out = self.outputs[i]
+                gate = self.gates[i] = (out > 0).to(out.dtype)
+            return grad * gate
+        out = self.outputs[i]
+        return grad * (1 - out * out)
+
+    def _deepest(self, names: Collection[str]) -> int | None:
+        found = [i for i, (w, b) in enumerate(self.layers) if w in names or b in names]
+        return min(found) if found else None
+
+    def backward(self, grad: Tensor, names: Collection[str]) -> dict[str, Tensor]:
+        """d loss / d params[name] for the names asked, from ``grad`` = d loss / d output
+        [..., N, out]; back through the layers as far as the first asked."""
+        deepest = self._deepest(names)
+        grads: dict[str, Tensor] = {}
+        self.deltas, self.deltas_of = {}, grad
+        if deepest is None:
+            return grads
+        for i in range(len(self.layers) - 1, deepest - 1, -1):
+            weight, bias = self.layers[i]
+            grad = self.deltas[i] = self._through(i, grad)
+            if weight in names:
+                grads[weight] = grad.transpose(-1, -2) @ self.inputs[i]  # [..., out, in]
+            if bias in names:
+                grads[bias] = grad.sum(-2)
+            if i > deepest:
+                grad = grad @ self.params[weight]  # [..., N, in]
+        return grads
+
+    def tangent(self, direction: dict[str, Tensor]) -> Tensor:
+        """The output's derivative along ``direction`` (per-task tensors for some of the
+        weights; the others do not move)."""
+        r: Tensor | None = None  # the current layer input's tangent (None: zero)
+        self.r_inputs, self.r_outputs = [], []
+        for i, (weight, bias) in enumerate(self.layers):
+            self.r_inputs.append(r)
+            if weight in direction:
+                moved = linear(self.inputs[i], direction[weight], direction.get(bias))
+                r = moved if r is None else moved + linear(r, self.params[weight])
+            elif r is not None:
+                r = linear(r, self.params[weight], direction.get(bias))
+            elif bias in direction:
+                shape = (*self.inputs[i].shape[:-1], direction[bias].shape[-1])
+                r = direction[bias].unsqueeze(-2).expand(shape)
+            if i < self.activated:
+                if r is not None:
+                    r = self._through(i, r)
+                self.r_outputs.append(r)
+        if r is None:
+            return torch.zeros_like(self.output)
+        return r
+
+    def tangent_backward(
+        self, grad: Tensor, r_grad: Tensor, direction: dict[str, Tensor], names: Collection[str]
+    ) -> dict[str, Tensor]:
+        """The derivative along ``direction`` (after ``tangent(direction)``) of
+        ``backward(grad, names)``, where ``r_grad`` is that of ``grad``."""
+        deepest = self._deepest(names)
+        out: dict[str, Tensor] = {}
+        if deepest is None:
+            return out
+        known = self.deltas if grad is self.deltas_of else {}  # (backward's, for this grad)
+        for i in range(len(self.layers) - 1, deepest - 1, -1):
+            weight, bias = self.layers[i]
+            delta = known.get(i)
+            if delta is None:
+                delta = self._through(i, grad)
+            r_grad = self._through(i, r_grad)
+            r_output = self.r_outputs[i] if i < self.activated else None
+            if r_output is not None and not self.relu:  # tanh: d(1 - y^2) = -2 y dy
+                r_grad = r_grad - 2 * grad * self.outputs[i] * r_output
+            r_input = self.r_inputs[i]
+            if weight in names:
+                r_weight = r_grad.transpose(-1, -2) @ self.inputs[i]
+                if r_input is not None:
+                    r_weight = r_weight + delta.transpose(-1, -2) @ r_input
+                out[weight] = r_weight
+            if bias in names:
+                out[bias] = r_grad.sum(-2)
+            if i > deepest:
+                r_grad = r_grad @ self.params[weight]
+                if weight in direction:
+                    r_grad = r_grad + delta @ direction[weight]
+                if not self.relu or i - 1 not in known:  # else not read
+                    grad = delta @ self.params[weight]
+        return out

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from metacli.config import require
@@ -94,6 +95,8 @@ class TaskDistribution(Registered):
     metric_name: str
     higher_is_better: bool
     is_classification: ClassVar[bool] = False  # labels 0..N-1 and a cross-entropy loss
+    # ``loss`` and ``metric`` written out over a stack of tasks (None: not written out)
+    stacked_loss: ClassVar[StackedLoss | None] = None
 
     def __init__(
         self, cfg: TaskConfig, data_root: str | None = None, cache_folder: str | None = None
@@ -127,6 +130,74 @@ class TaskDistribution(Registered):
         """d loss / d prediction written out, for a model whose backward pass is written
         out too (``Model.functional_backward``); None: autograd computes the gradient."""
         return None
+
+
+class StackedLoss:
+    """A task's loss written out over a stack of tasks (a leading task dimension T), for
+    the meta-gradient computed by hand (``metacli.engine.written``): each task's loss and
+    metric, and the first and second derivatives of each task's loss in its predictions."""
+
+    def fits(self, prediction: Tensor, target: Tensor) -> bool:
+        """Whether these shapes are the ones written out below."""
+        raise NotImplementedError
+
+    def losses(self, prediction: Tensor, target: Tensor) -> Tensor:  # -> [T]
+        raise NotImplementedError
+
+    def metrics(self, prediction: Tensor, target: Tensor, losses: Tensor) -> Tensor:
+        """Each task's metric [T] (``losses``: each task's loss, computed already)."""
+        raise NotImplementedError
+
+    def gradient(self, prediction: Tensor, target: Tensor) -> Tensor:
+        """d losses[t] / d prediction[t], stacked like ``prediction``."""
+        raise NotImplementedError
+
+    def hessian_product(self, prediction: Tensor, target: Tensor, tangent: Tensor) -> Tensor:
+        """The second derivative of losses[t] in prediction[t] times tangent[t]."""
+        raise NotImplementedError
+
+
+class StackedMSE(StackedLoss):
+    """``F.mse_loss`` of each task: the mean over its N x ... values."""
+
+    def fits(self, prediction: Tensor, target: Tensor) -> bool:
+        return prediction.dim() >= 2 and prediction.shape == target.shape
+
+    def losses(self, prediction: Tensor, target: Tensor) -> Tensor:
+        return (prediction - target).square().flatten(1).mean(1)
+
+    def metrics(self, prediction: Tensor, target: Tensor, losses: Tensor) -> Tensor:
+        return losses
+
+    def gradient(self, prediction: Tensor, target: Tensor) -> Tensor:
+        return (prediction - target) * (2.0 * prediction.shape[0] / prediction.numel())
+
+    def hessian_product(self, prediction: Tensor, target: Tensor, tangent: Tensor) -> Tensor:
+        return tangent * (2.0 * prediction.shape[0] / prediction.numel())
+
+
+class StackedCrossEntropy(StackedLoss):
+    """``F.cross_entropy`` of each task's logits [N, C] and labels [N], and its accuracy."""
+
+    def fits(self, prediction: Tensor, target: Tensor) -> bool:
+        return prediction.dim() == 3 and target.shape == prediction.shape[:2]
+
+    def losses(self, prediction: Tensor, target: Tensor) -> Tensor:
+        picked = prediction.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # [T, N]
+        return (prediction.logsumexp(-1) - picked).mean(1)
+
+    def metrics(self, prediction: Tensor, target: Tensor, losses: Tensor) -> Tensor:
+        return (prediction.argmax(-1) == target).to(prediction.dtype).mean(1)
+
+    def gradient(self, prediction: Tensor, target: Tensor) -> Tensor:
+        one_hot = F.one_hot(target, prediction.shape[-1]).to(prediction.dtype)
+        return (prediction.softmax(-1) - one_hot) / prediction.shape[1]
+
+    def hessian_product(self, prediction: Tensor, target: Tensor, tangent: Tensor) -> Tensor:
+        # (diag(p) - p p^T) tangent / N, per example
+        p = prediction.softmax(-1)
+        pt = p * tangent
+        return (pt - p * pt.sum(-1, keepdim=True)) / prediction.shape[1]
 
 
 def mse_gradient(prediction: Tensor, target: Tensor) -> Tensor | None:
@@ -181,6 +252,7 @@ class ClassificationTask(TaskDistribution):
     metric_name = "accuracy"
     higher_is_better = True
     is_classification = True
+    stacked_loss = StackedCrossEntropy()
 
     @property
     def output_dim(self) -> int:  # type: ignore[override]

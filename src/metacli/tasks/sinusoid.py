@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metacli.config import require, require_ranges
-from metacli.tasks.base import TaskBatch, TaskConfig, TaskDistribution, mse_gradient
+from metacli.tasks.base import StackedMSE, TaskBatch, TaskConfig, TaskDistribution, mse_gradient
 
 
 @dataclass
@@ -43,6 +43,7 @@ class Sinusoid(TaskDistribution, key="sinusoid"):
     input_shape = (1,)
     output_dim = 1
     metric_name = "mse"
+    stacked_loss = StackedMSE()
     higher_is_better = False
 
     def sample(self, num_tasks: int, split: str, generator: torch.Generator) -> TaskBatch:

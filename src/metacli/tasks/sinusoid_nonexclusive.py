@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metacli.config import require, require_ranges
-from metacli.tasks.base import TaskBatch, TaskConfig, TaskDistribution, mse_gradient
+from metacli.tasks.base import StackedMSE, TaskBatch, TaskConfig, TaskDistribution, mse_gradient
 
 
 @dataclass
@@ -84,6 +84,7 @@ class NonExclusiveSinusoid(TaskDistribution, key="sinusoid_nonexclusive"):
     cfg: NonExclusiveSinusoidConfig
     output_dim = 1
     metric_name = "mse"
+    stacked_loss = StackedMSE()
     higher_is_better = False
 
     def __init__(

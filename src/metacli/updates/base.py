@@ -87,6 +87,13 @@ class UpdateRule(nn.Module, Registered):
         """The step size of tensor ``name``: its learned one, else the phase's ``lr``."""
         return lr if self.learned_lr is None else self.learned_lr[slot(name)]
 
+    def step_sizes(self, lr: float) -> dict[str, float | Tensor] | None:
+        """Where the rule is theta <- theta - alpha * grad (no state, no draws): each
+        adapted tensor's alpha for the phase's ``lr``, a number or a tensor that broadcasts
+        to it. Such rules may have their meta-gradient written out
+        (``metacli.engine.written``); None for any other rule."""
+        return None
+
     def init(self, params: Params, lr: float, rng: TaskRandom) -> Any:
         """The rule's state for one task before its first step (default: the step size)."""
         return lr

@@ -52,6 +52,9 @@ class MetaSGD(UpdateRule, key="metasgd"):
     def init(self, params: Params, lr: float, rng: TaskRandom) -> Any:
         return None
 
+    def step_sizes(self, lr: float) -> dict[str, float | Tensor] | None:
+        return dict(self.rates())  # (learned: lr is not used)
+
     def update(
         self, params: Params, grads: Params, loss: Tensor | None, state: Any, step: int
     ) -> tuple[Params, Any]:

@@ -17,6 +17,9 @@ class SGD(UpdateRule, key="sgd"):
     def learn_hyperparameters(self, lr: float) -> None:
         self.learn_step_sizes(lr)
 
+    def step_sizes(self, lr: float) -> dict[str, float | Tensor] | None:
+        return {n: self.step_size(n, lr) for n in self.names}
+
     def update(
         self, params: Params, grads: Params, loss: Tensor | None, state: Any, step: int
     ) -> tuple[Params, Any]:
