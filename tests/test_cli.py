@@ -290,3 +290,33 @@ def test_report_last_meta_tests_the_last_weights_besides_the_best(tmp_path: Path
         run_cli("test", f"ckpt_path={run_dir}/checkpoints/{name}.pt", cwd=out)
         (test_dir,) = (out / "outputs" / "test").glob("*/*")
         assert read_summary(test_dir)["test"]["mean"] == pytest.approx(recorded["mean"], rel=1e-9)
+
+
+@pytest.mark.parametrize("worker", [False, True])
+def test_the_command_ends_fast_yet_runs_exit_handlers_and_waits_for_workers(
+    tmp_path: Path, worker: bool
+) -> None:
+    """``entry`` skips the interpreter's teardown, not the exit handlers, the flush of the
+    output, or a thread still at work."""
+    code = (
+        "import atexit, sys, threading, time\n"
+        "from pathlib import Path\n"
+        "from metacli.cli import entry\n"
+        f"out = Path({str(tmp_path)!r})\n"
+        "atexit.register(lambda: (out / 'handler').write_text('ran'))\n"
+        f"if {worker}:\n"
+        "    def work():\n"
+        "        time.sleep(0.5)\n"
+        "        (out / 'worker').write_text('done')\n"
+        "    threading.Thread(target=work).start()\n"
+        "sys.stdout.write('unflushed line')\n"
+        "sys.argv = ['metacli', '--version']\n"
+        "entry()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("unflushed line") and "metacli " in result.stdout
+    assert (tmp_path / "handler").read_text() == "ran"
+    assert (tmp_path / "worker").exists() == worker

@@ -1,4 +1,4 @@
-from metacli.cli import main
+from metacli.cli import entry
 
 if __name__ == "__main__":
-    main()
+    entry()
