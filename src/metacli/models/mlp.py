@@ -138,6 +138,11 @@ def linear(h: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return h @ weight.transpose(-1, -2) + bias.unsqueeze(-2)
 
 
+def product(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b``, as ``bmm`` where both are stacked (matmul's dispatch costs more)."""
+    return torch.bmm(a, b) if a.dim() == 3 and b.dim() == 3 else a @ b
+
+
 class MLPPass:
     """One forward pass of the MLP keeping what its backward passes need, and those passes
     written out in plain tensor operations (ReLU passes the gradient where its output is
@@ -203,11 +208,11 @@ class MLPPass:
             weight, bias = self.layers[i]
             grad = self.deltas[i] = self._through(i, grad)
             if weight in names:
-                grads[weight] = grad.transpose(-1, -2) @ self.inputs[i]  # [..., out, in]
+                grads[weight] = product(grad.transpose(-1, -2), self.inputs[i])  # [..., out, in]
             if bias in names:
                 grads[bias] = grad.sum(-2)
             if i > deepest:
-                grad = grad @ self.params[weight]  # [..., N, in]
+                grad = product(grad, self.params[weight])  # [..., N, in]
         return grads
 
     def tangent(self, direction: dict[str, Tensor]) -> Tensor:
@@ -254,16 +259,16 @@ class MLPPass:
                 r_grad = r_grad - 2 * grad * self.outputs[i] * r_output
             r_input = self.r_inputs[i]
             if weight in names:
-                r_weight = r_grad.transpose(-1, -2) @ self.inputs[i]
+                r_weight = product(r_grad.transpose(-1, -2), self.inputs[i])
                 if r_input is not None:
-                    r_weight = r_weight + delta.transpose(-1, -2) @ r_input
+                    r_weight = r_weight + product(delta.transpose(-1, -2), r_input)
                 out[weight] = r_weight
             if bias in names:
                 out[bias] = r_grad.sum(-2)
             if i > deepest:
-                r_grad = r_grad @ self.params[weight]
+                r_grad = product(r_grad, self.params[weight])
                 if weight in direction:
-                    r_grad = r_grad + delta @ direction[weight]
+                    r_grad = r_grad + product(delta, direction[weight])
                 if not self.relu or i - 1 not in known:  # else not read
-                    grad = delta @ self.params[weight]
+                    grad = product(delta, self.params[weight])
         return out
