@@ -307,26 +307,39 @@ def ratio(base: list[float], ours: list[float]) -> dict[str, float]:
     }
 
 
+# Seconds each side of an interleaved comparison runs per turn (whole steps). A
+# millisecond step alternating one by one with a 14 ms neighbour would be timed with
+# caches that the neighbour emptied, which no run meets; a turn of 20 ms keeps each warm.
+BLOCK_S = 0.02
+
+
 def interleaved(workload: str, algo: str, rounds: int) -> dict[str, Any]:
     """The baselines and metacli's default strategy timed alternately in ONE process.
 
     Separate processes (as in the table) add a few percent of process-to-process noise;
-    alternating in one process compares them under the same conditions. Reports the
-    median ms of each and the speed-up (baseline / metacli) with a 95% interval from the
-    per-round log ratios, against ``baseline(algo)`` and (``vs``) every other baseline.
+    alternating in one process compares them under the same conditions. Each side runs
+    whole steps for about ``BLOCK_S`` per turn (one step where a step is longer). Reports
+    the median ms per step of each and the speed-up (baseline / metacli) with a 95%
+    interval from the per-round log ratios, against ``baseline(algo)`` and (``vs``) every
+    other baseline.
     """
     components, ours = make_step(workload, algo, "auto")
     names = baselines(algo)
     steps = {name: make_step(workload, algo, name)[1] for name in names}
     steps["metacli"] = ours
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for step in steps.values():
+    block = {}  # steps per turn: each side runs for about BLOCK_S at a time, as in a run
+    for name, step in steps.items():
         step()
+        start = time.perf_counter()
+        step()
+        block[name] = max(1, round(BLOCK_S / (time.perf_counter() - start)))
     for _ in range(rounds):
         for name, step in steps.items():
             start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(block[name]):
+                step()
+            times[name].append((time.perf_counter() - start) / block[name])
     base = names[0]
     executor = components.algorithm.executor
     return {
@@ -336,6 +349,7 @@ def interleaved(workload: str, algo: str, rounds: int) -> dict[str, Any]:
         "baseline_ms": 1e3 * statistics.median(times[base]),
         "metacli_ms": 1e3 * statistics.median(times["metacli"]),
         "rounds": rounds,
+        "steps_per_turn": block,
         **ratio(times[base], times["metacli"]),
         "vs": {
             name: {
