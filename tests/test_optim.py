@@ -26,6 +26,14 @@ CASES: dict[str, tuple[Factory, Factory]] = {
         lambda g: SGD(g, lr=0.05, momentum=0.7, nesterov=True, foreach=True),
         lambda g: torch.optim.SGD(g, lr=0.05, momentum=0.7, nesterov=True, foreach=True),
     ),
+    "adam-fused": (  # optim.fused=true
+        lambda g: Adam(g, lr=0.01, betas=(0.8, 0.99), eps=1e-6, fused=True),
+        lambda g: torch.optim.Adam(g, lr=0.01, betas=(0.8, 0.99), eps=1e-6, fused=True),
+    ),
+    "sgd-fused": (
+        lambda g: SGD(g, lr=0.05, momentum=0.7, nesterov=True, fused=True),
+        lambda g: torch.optim.SGD(g, lr=0.05, momentum=0.7, nesterov=True, fused=True),
+    ),
 }
 
 
@@ -107,3 +115,20 @@ def test_building_and_stepping_imports_no_dynamo() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
     assert out == ["False", "True"]  # ours did not import it; torch's does
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_optim_fused_builds_torchs_fused_kernel_with_the_same_update(name: str) -> None:
+    """``optim.fused=true``: the fused kernel, the foreach update to rounding."""
+    from metacli.build import make_optimizer
+    from metacli.config import OptimConfig
+
+    built = {}
+    for fused in (False, True):
+        cfg = OptimConfig(name=name, lr=0.01, momentum=0.5, fused=fused)
+        optimizer = make_optimizer(cfg, {"model": groups(0)[0]["params"]})
+        assert optimizer.param_groups[0]["fused"] is (True if fused else None)
+        assert optimizer.param_groups[0]["foreach"] is (None if fused else True)
+        built[fused] = steps(optimizer, 20)
+    for a, b in zip(built[False], built[True], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -102,6 +102,9 @@ class OptimConfig:
     # True: the optimizer's state (Adam's moments, SGD's momentum) is dropped before every
     # step, as when a reference builds a new optimizer each iteration (Yin et al.'s notebook).
     fresh_state: bool = False
+    # True: torch's fused implementation, one kernel per step instead of a dozen multi-tensor
+    # operations: a tenth of a sinusoid MAML iteration; the same update to rounding
+    fused: bool = False
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
