@@ -214,3 +214,25 @@ def test_asking_for_stacked_where_it_cannot_serve_is_a_clear_error(
     assert "algo.batching=stacked" in output and "algo.batching=auto" in output
     assert "Traceback" not in output
     assert not folder.exists()
+
+
+def test_learned_step_sizes_per_tensor_get_their_meta_gradient(float64: Any) -> None:
+    """A rule's learned step size per tensor (what the optimizer space makes of its
+    members' rates) is one number broadcast over its tensor: its meta-gradient is summed."""
+    results = []
+    for written in (True, False):
+        c = build(
+            compose_config("algo=maml", *SINUSOID, f"model.written_backward={str(written).lower()}")
+        )
+        c.algorithm.rule.learn_hyperparameters(0.05)
+        c.algorithm.to(torch.float64)
+        batch = c.task.sample(3, "train", torch.Generator().manual_seed(2))
+        batch = type(batch)(*(t.double() for t in batch.tensors()))
+        rates = list(c.algorithm.rule.parameters())
+        assert len(rates) == 6 and all(r.dim() == 0 for r in rates)
+        loss = c.algorithm.meta_loss(batch).loss
+        results.append(torch.autograd.grad(loss, [*c.algorithm.model.parameters(), *rates]))
+        assert c.algorithm.batching == ("stacked" if written else "vmap")
+    assert torch.cat([g.flatten() for g in results[1][-6:]]).norm() > 1e-6
+    for ours, theirs in zip(*results, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
