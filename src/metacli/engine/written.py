@@ -61,8 +61,8 @@ def meta_gradient(
     sx, sy = support  # [T, S, ...]
     qx, qy = query  # [T, Q, ...]
     tasks = sx.shape[0]
-    names = set(params)
-    adapted = {n for n in params if n in rates}
+    names = list(params)  # (lists: the same order of operations in every process)
+    adapted = [n for n in params if n in rates]
     theta = {n: p.detach() for n, p in params.items()}
     alpha = {n: r.detach() if isinstance(r, Tensor) else r for n, r in rates.items()}
     trail = []  # each step's pass, d loss / d output and gradients, for the reverse pass
