@@ -89,6 +89,7 @@ def test_metrics_jsonl_lines(trained: Path) -> None:
     assert test[0]["metric"] == read_summary(trained)["test"]["mean"]
     log = (trained / "metacli.log").read_text()
     assert "iter 20/20" in log and "meta-test on 16 tasks" in log
+    assert read_summary(trained)["batching"] == "stacked"  # what auto took for MAML on the MLP
 
 
 def test_best_and_last_checkpoints_are_complete_dicts(trained: Path) -> None:

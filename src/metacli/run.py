@@ -537,7 +537,13 @@ def train(cfg: DictConfig) -> float:
             state = restore(c, load_checkpoint(last), str(last))
         elif previous == "replace":
             folder.archive()
-        folder.start(c.cfg, device=str(c.device), threads=threads, **distributed.described())
+        folder.start(
+            c.cfg,
+            device=str(c.device),
+            threads=threads,
+            batching=c.algorithm.batching,  # what algo.batching=auto resolved to
+            **distributed.described(),
+        )
         if resuming:
             folder.rewind_metrics(state.iteration)
             folder.update_summary(resumed_from_iteration=state.iteration)
