@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -115,13 +115,7 @@ class MAML(Adaptive, key="maml"):
         written = compute(*args)
         if written is None:  # (the model or the loss declined these shapes)
             return None
-        leaves = [params[n] for n in written.grads]
-        grads = list(written.grads.values())
-        for name, grad in written.rate_grads.items():
-            rate = rates[name]
-            assert isinstance(rate, Tensor)
-            leaves.append(rate)
-            grads.append(grad)
-        used = [(p, g) for p, g in zip(leaves, grads, strict=True) if p.requires_grad]
-        loss = carrying(written.losses.mean(), [p for p, _ in used], [g for _, g in used])
-        return MetaLoss(loss, written.metrics)
+        pairs = [(params[n], g) for n, g in written.grads.items() if params[n].requires_grad]
+        pairs += [(cast(Tensor, rates[n]), g) for n, g in written.rate_grads.items()]  # learned
+        leaves, grads = [p for p, _ in pairs], [g for _, g in pairs]
+        return MetaLoss(carrying(written.losses.mean(), leaves, grads), written.metrics)

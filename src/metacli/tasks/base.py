@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from metacli.config import require
@@ -127,9 +126,13 @@ class TaskDistribution(Registered):
         raise NotImplementedError
 
     def loss_gradient(self, prediction: Tensor, target: Tensor) -> Tensor | None:
-        """d loss / d prediction written out, for a model whose backward pass is written
-        out too (``Model.functional_backward``); None: autograd computes the gradient."""
-        return None
+        """d loss / d prediction of ONE task, written out (``stacked_loss`` on a stack of
+        that one task), for a model whose backward pass is written out too
+        (``Model.functional_backward``); None: autograd computes the gradient."""
+        form = self.stacked_loss
+        if form is None or not form.fits(prediction[None], target[None]):
+            return None
+        return form.gradient(prediction[None], target[None])[0]
 
 
 class StackedLoss:
@@ -190,7 +193,9 @@ class StackedCrossEntropy(StackedLoss):
         return (prediction.argmax(-1) == target).to(prediction.dtype).mean(1)
 
     def gradient(self, prediction: Tensor, target: Tensor) -> Tensor:
-        one_hot = F.one_hot(target, prediction.shape[-1]).to(prediction.dtype)
+        # (softmax - one-hot) / N; the one-hot by comparison: F.one_hot refuses vmap
+        classes = torch.arange(prediction.shape[-1], device=target.device)
+        one_hot = (target.unsqueeze(-1) == classes).to(prediction.dtype)
         return (prediction.softmax(-1) - one_hot) / prediction.shape[1]
 
     def hessian_product(self, prediction: Tensor, target: Tensor, tangent: Tensor) -> Tensor:
@@ -198,13 +203,6 @@ class StackedCrossEntropy(StackedLoss):
         p = prediction.softmax(-1)
         pt = p * tangent
         return (pt - p * pt.sum(-1, keepdim=True)) / prediction.shape[1]
-
-
-def mse_gradient(prediction: Tensor, target: Tensor) -> Tensor | None:
-    """d mse_loss(prediction, target) / d prediction: 2 (prediction - target) / numel."""
-    if prediction.shape != target.shape:  # mse_loss would broadcast: leave it to autograd
-        return None
-    return (prediction - target) * (2.0 / prediction.numel())
 
 
 def split_generator(seed: int, split: str) -> torch.Generator:
@@ -268,14 +266,6 @@ class ClassificationTask(TaskDistribution):
 
     def metric(self, prediction: Tensor, target: Tensor) -> Tensor:
         return (prediction.argmax(dim=-1) == target).to(prediction.dtype).mean()
-
-    def loss_gradient(self, prediction: Tensor, target: Tensor) -> Tensor | None:
-        """d cross_entropy / d logits [N, C]: (softmax - one-hot) / N."""
-        if prediction.dim() != 2 or target.dim() != 1:
-            return None
-        classes = torch.arange(prediction.shape[-1], device=target.device)
-        one_hot = (target.unsqueeze(-1) == classes).to(prediction.dtype)  # (vmap: no one_hot)
-        return (prediction.softmax(dim=-1) - one_hot) / prediction.shape[0]
 
 
 def choose_classes(

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metacli.config import require, require_ranges
-from metacli.tasks.base import StackedMSE, TaskBatch, TaskConfig, TaskDistribution, mse_gradient
+from metacli.tasks.base import StackedMSE, TaskBatch, TaskConfig, TaskDistribution
 
 
 @dataclass
@@ -73,6 +73,3 @@ class Sinusoid(TaskDistribution, key="sinusoid"):
 
     def metric(self, prediction: Tensor, target: Tensor) -> Tensor:
         return F.mse_loss(prediction, target)
-
-    def loss_gradient(self, prediction: Tensor, target: Tensor) -> Tensor | None:
-        return mse_gradient(prediction, target)
