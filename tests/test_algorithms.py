@@ -437,7 +437,13 @@ def test_auto_batching_follows_the_measured_preference() -> None:
     assert build(compose_config("device=cpu")).algorithm.batching == "stacked"
     assert build(compose_config("device=cpu", "algo=reptile")).algorithm.batching == "vmap"
     conv = ("task=synthetic", "model=conv4", "device=cpu", "model.filters=4")
-    assert build(compose_config(*conv)).algorithm.batching == "threads"
+    # tasks holding a graph run one at a time (one graph in memory); graph-free Reptile
+    # overlaps them in threads, as evaluation (no graph) does
+    maml = build(compose_config(*conv)).algorithm
+    assert maml.batching == "loop"
+    with torch.no_grad():
+        assert maml.executor.strategy == "threads"
+    assert build(compose_config(*conv, "algo=reptile")).algorithm.batching == "threads"
     # No inner loop: each task is one large batch, so the plain loop is taken instead.
     for algo in ("protonet", "pretrain"):
         assert build(compose_config(*conv, f"algo={algo}")).algorithm.batching == "loop"

@@ -23,6 +23,7 @@ from metacli.engine.inner import InnerLoop, Step
 from metacli.engine.random import TaskRandom
 from metacli.errors import ConfigError
 from metacli.models.base import Model
+from metacli.models.fused import backward_once
 from metacli.registry import Registered, lookup
 from metacli.regularizers import REGULARIZERS
 from metacli.tasks.base import TaskBatch, TaskDistribution
@@ -80,6 +81,10 @@ class MetaAlgorithm(nn.Module, Registered):
     # False: training computes each task as one forward/backward over all its examples
     # (ProtoNet, pretraining); see TaskExecutor for what `auto` makes of it.
     inner_loop: ClassVar[bool] = True
+    # True: a task's meta-gradient needs its autograd graph until its backward (MAML's
+    # query loss); False: nothing is held between a task's steps (Reptile's theta - phi).
+    # `auto` may overlap tasks in threads on a CPU only where nothing is held (see Conv4).
+    keeps_graphs: ClassVar[bool] = True
     # True: a task draws from its random stream (``rng``); see TaskExecutor's contract.
     stochastic: ClassVar[bool] = False
     outer_steps: Tensor
@@ -90,7 +95,9 @@ class MetaAlgorithm(nn.Module, Registered):
         self.model = model
         self.task = task
         per_task = "auto" if cfg.batching == "stacked" else cfg.batching  # (evaluation's)
-        self.executor = TaskExecutor(per_task, model, self.inner_loop, cfg.compile)
+        self.executor = TaskExecutor(
+            per_task, model, self.inner_loop, cfg.compile, keeps_graphs=self.keeps_graphs
+        )
         self.executor.stochastic = self.stochastic or model.stochastic
         # Outer steps taken; a buffer, so schedules inside algorithms survive a resume.
         self.register_buffer("outer_steps", torch.zeros((), dtype=torch.long))
@@ -177,21 +184,28 @@ class MetaAlgorithm(nn.Module, Registered):
     @property
     def batching(self) -> str:
         """How a training meta-batch is computed (``algo.batching``, ``auto`` resolved)."""
-        return "stacked" if self.stacks() else self.executor.strategy
+        if self.stacks():
+            return "stacked"
+        with torch.enable_grad():  # (training's choice, asked from anywhere)
+            return self.executor.strategy
 
     def stacks(self) -> bool:
         """Whether training computes the meta-batch stacked, its meta-gradient written out
         (``algo.batching`` auto or stacked; see ``MAML.stacks``)."""
         return False
 
-    def forward_with(self, params: Params, x: Tensor, step: int = 0) -> Tensor:
-        """The model with weights ``params`` on ``x``, as seen at inner step ``step``."""
+    def forward_with(self, params: Params, x: Tensor, step: int = 0, once: bool = False) -> Tensor:
+        """The model with weights ``params`` on ``x``, as seen at inner step ``step``.
+        ``once``: the caller backpropagates the result at most once, never with
+        ``create_graph`` (a query loss), so layers may take their single-backward forms
+        (``metacli.models.fused``)."""
         model = self.executor.module()
         model.set_step(step)
         buffers = self.model.named_tensors()[1]
         if buffers.keys() & params.keys():  # given with the weights (a task's draws): theirs
             buffers = {n: b for n, b in buffers.items() if n not in params}
-        return model.functional(params, buffers, x)
+        with backward_once(once):
+            return model.functional(params, buffers, x)
 
     def mean_over_tasks(self, fn: Any, batch: TaskBatch, *shared: Any) -> MetaLoss:
         """``fn(rng, *shared, support_x, support_y, query_x, query_y) -> (loss, metric,

@@ -46,7 +46,7 @@ class Hybrid(MAML, key="hybrid"):
     ) -> TaskLoss:
         maml_loss, metric, _ = super().task_loss(rng, params, sx, sy, qx, qy)
         x, y = TaskBatch.joined(sx, qx), TaskBatch.joined(sy, qy)
-        task_loss = self.task.loss(self.forward_with(params, x), y)
+        task_loss = self.task.loss(self.forward_with(params, x, once=True), y)
         if math.isinf(self.cfg.lam):  # the limit of L / lam
             total = maml_loss
         else:

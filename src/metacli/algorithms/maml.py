@@ -66,7 +66,8 @@ class MAML(Adaptive, key="maml"):
     ) -> TaskLoss:
         """The query loss of one task after the inner loop on its support set."""
         adapted = last(self.train_steps_of(rng, params, sx, sy))
-        prediction = self.forward_with(adapted.params, qx, self.query_step(adapted.index))
+        step = self.query_step(adapted.index)
+        prediction = self.forward_with(adapted.params, qx, step, once=True)
         terms = {k: v.detach() for k, v in self.rule.terms(adapted.state).items()}
         return self.task.loss(prediction, qy), self.task.metric(prediction, qy).detach(), terms
 

@@ -109,7 +109,9 @@ class MAMLPP(MAML, key="mamlpp"):
         for step in steps:
             weight = self.weights[step.index - 1] if step.index else 0.0
             if weight > 0:
-                prediction = self.forward_with(step.params, qx, self.query_step(step.index))
+                prediction = self.forward_with(
+                    step.params, qx, self.query_step(step.index), once=True
+                )
                 total = total + weight * self.task.loss(prediction, qy)
         return total, self.task.metric(prediction, qy).detach(), {}
 

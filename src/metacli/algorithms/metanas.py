@@ -128,7 +128,7 @@ class MetaNAS(MAML, key="metanas"):
         return int(self.outer_steps) < self.cfg.warmup_iterations
 
     # --- per task -------------------------------------------------------------------------
-    def forward_with(self, params: Params, x: Tensor, step: int = 0) -> Tensor:
+    def forward_with(self, params: Params, x: Tensor, step: int = 0, once: bool = False) -> Tensor:
         frozen = self.frozen()
         if frozen:  # warm-up: alpha is a constant, so it neither adapts nor learns
             params = {**params, **{n: params[n].detach() for n in self.model.architecture_names()}}
@@ -140,7 +140,7 @@ class MetaNAS(MAML, key="metanas"):
             done = 0.0 if frozen or steps < 2 else min(step, steps - 1) / (steps - 1)
             value = self.start_temperature + (end - self.start_temperature) * done
             params = {**params, "temperature": torch.tensor(value, dtype=x.dtype, device=x.device)}
-        return super().forward_with(params, x, step)
+        return super().forward_with(params, x, step, once)
 
     def evaluate(self, batch: TaskBatch, predictions: bool = False) -> Evaluation:
         """Adapt and measure each task (as every adaptive algorithm), and say which

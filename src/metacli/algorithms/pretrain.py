@@ -34,7 +34,7 @@ class Pretrain(Adaptive, key="pretrain"):
         self, rng: TaskRandom, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         x, y = TaskBatch.joined(sx, qx), TaskBatch.joined(sy, qy)
-        prediction = self.forward_with(params, x)
+        prediction = self.forward_with(params, x, once=True)
         return self.task.loss(prediction, y), self.task.metric(prediction, y).detach(), {}
 
     def meta_loss(self, batch: TaskBatch) -> MetaLoss:

@@ -20,6 +20,7 @@ from metacli.algorithms.base import AlgoConfig, Evaluation, MetaAlgorithm, MetaL
 from metacli.engine.random import TaskRandom
 from metacli.errors import ConfigError
 from metacli.models.base import Model
+from metacli.models.fused import backward_once
 from metacli.tasks.base import ClassificationTask, TaskBatch, TaskDistribution
 
 Episode = Callable[..., tuple[Tensor, Tensor, dict[str, Tensor]]]
@@ -64,7 +65,8 @@ class ProtoNet(MetaAlgorithm, key="protonet"):
         def one(
             rng: TaskRandom, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
         ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-            logits = self.logits(sx, sy, qx, ways)
+            with backward_once():  # the episode's loss is backpropagated once
+                logits = self.logits(sx, sy, qx, ways)
             return self.task.loss(logits, qy), self.task.metric(logits, qy), {}
 
         return one

@@ -46,6 +46,7 @@ class Reptile(Adaptive, key="reptile"):
     Config: ClassVar[type[AlgoConfig]] = ReptileConfig
     cfg: ReptileConfig
     trains_rule = False  # theta - phi reaches the initialisation only
+    keeps_graphs = False  # a task's phi is computed to the end and detached
 
     def __init__(self, cfg: ReptileConfig, model: Model, task: TaskDistribution) -> None:
         super().__init__(cfg, model, task)

@@ -83,7 +83,12 @@ class TaskExecutor:
     """Computes per-task functions over a meta-batch with the chosen strategy."""
 
     def __init__(
-        self, choice: str, model: Model, inner_loop: bool = True, compile: bool = False
+        self,
+        choice: str,
+        model: Model,
+        inner_loop: bool = True,
+        compile: bool = False,
+        keeps_graphs: bool = True,
     ) -> None:
         self.choice = choice
         self.compile = compile
@@ -95,6 +100,7 @@ class TaskExecutor:
         # operation for every core, so `auto` takes the plain loop where the model
         # prefers threads (measured: docs/benchmarks.md).
         self.inner_loop = inner_loop
+        self.keeps_graphs = keeps_graphs  # in training; the model's choice may depend on it
         self.stochastic = False  # whether tasks draw from their streams (set by the owner)
         self.workers: TaskThreads | None = None
         # A parameter stays the same object when the model moves to another device, so
@@ -107,7 +113,9 @@ class TaskExecutor:
         if self.choice != "auto":
             return self.choice
         device = self.anchor.device if self.anchor is not None else torch.device("cpu")
-        preferred = self.model.batching_for(device)
+        # (evaluation, under no_grad, holds no graph between a task's steps)
+        holds = self.keeps_graphs and torch.is_grad_enabled()
+        preferred = self.model.batching_for(device, holds)
         return "loop" if preferred == "threads" and not self.inner_loop else preferred
 
     @property

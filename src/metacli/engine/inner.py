@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from metacli.engine.random import TaskRandom
+from metacli.models.fused import backward_once
 from metacli.updates.base import Params, UpdateRule
 
 # (params, step, names, want_loss) -> (support loss or None, its gradient for names) or None
@@ -126,7 +127,8 @@ class InnerLoop:
             leaves = {
                 n: p if p.requires_grad else p.detach().requires_grad_() for n, p in fast.items()
             }
-            value = loss(leaves)
+            with backward_once(first_order):  # first order: this graph is walked once
+                value = loss(leaves)
             found = torch.autograd.grad(
                 value,
                 list(leaves.values()),

@@ -108,7 +108,9 @@ class Model(nn.Module, Registered):
         written out for this model (the meta-gradient then comes from autograd)."""
         return None
 
-    def batching_for(self, device: torch.device) -> str:
+    def batching_for(self, device: torch.device, keeps_graphs: bool = True) -> str:
+        """``auto``'s strategy on this device; ``keeps_graphs``: whether each task holds
+        an autograd graph until its backward (``MetaAlgorithm.keeps_graphs``)."""
         return self.preferred_batching.get(device.type, "vmap")
 
     def norm_layers(self) -> list[MetaBatchNorm]:
@@ -233,10 +235,18 @@ class MetaBatchNorm(nn.Module):
             self.register_buffer("running_mean", torch.zeros(shape))
             self.register_buffer("running_var", torch.ones(shape))
 
-    def _select(self, tensor: Tensor) -> Tensor:
+    def selected(self, tensor: Tensor) -> Tensor:
+        """The affine parameter (or running statistic) of the current step."""
         if self.mode == "per_step":
             return tensor[min(self.step, tensor.shape[0] - 1)]
         return tensor
+
+    def batch_statistics(self) -> bool:
+        """Whether the next forward pass normalises with its own batch's statistics (and
+        collects nothing)."""
+        if self.mode == "none" or self.collect:
+            return False
+        return self.mode != "running" or self.training
 
     def forward(self, x: Tensor) -> Tensor:  # [N, C, H, W] or [N, C]
         if self.mode == "none":
@@ -244,9 +254,9 @@ class MetaBatchNorm(nn.Module):
         dims = [0, *range(2, x.dim())]
         shape = (1, -1, *([1] * (x.dim() - 2)))
         running = self.mode == "running" and not self.training and not self.collect
-        if not running and not self.collect and fused_is_exact(x):
-            weight = self._select(self.weight) if self.scale else None
-            bias = self._select(self.bias) if self.affine else None
+        if self.batch_statistics() and fused_is_exact(x):
+            weight = self.selected(self.weight) if self.scale else None
+            bias = self.selected(self.bias) if self.affine else None
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
         if running:
             mean, var = self.running_mean, self.running_var
@@ -254,10 +264,10 @@ class MetaBatchNorm(nn.Module):
             mean, var = x.mean(dim=dims), x.var(dim=dims, unbiased=False)
             if self.collect:  # outside any transform, under no_grad
                 for buffer, value in ((self.running_mean, mean), (self.running_var, var)):
-                    self._select(buffer).mul_(1 - self.momentum).add_(self.momentum * value)
+                    self.selected(buffer).mul_(1 - self.momentum).add_(self.momentum * value)
         scale = torch.rsqrt(var + self.eps)
         if not self.affine:
             return (x - mean.view(shape)) * scale.view(shape)
         if self.scale:
-            scale = scale * self._select(self.weight)
-        return (x - mean.view(shape)) * scale.view(shape) + self._select(self.bias).view(shape)
+            scale = scale * self.selected(self.weight)
+        return (x - mean.view(shape)) * scale.view(shape) + self.selected(self.bias).view(shape)
