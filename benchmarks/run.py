@@ -501,6 +501,7 @@ def main() -> None:
                 if args.compile:
                     os.environ["METACLI_BENCH_COMPILE"] = "1"  # read by the child process
                 row[key] = speedup(row["workload"], row["algo"])
+                row["auto_strategy"] = row[key]["strategy"]  # (what auto picks now)
                 print(json.dumps(row[key]), flush=True)
         args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
         write_markdown(
