@@ -134,8 +134,9 @@ def make_step(workload: str, algo: str, strategy: str) -> tuple[Any, Any]:
         overrides.append(f"algo.batching={'loop' if strategy == 'plain' else strategy}")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         c = build(compose("train", overrides=overrides))
-    steps, first_order = c.algorithm.cfg.inner_steps, algo == "fomaml"  # type: ignore[attr-defined]
-    lr = c.algorithm.cfg.inner_lr  # type: ignore[attr-defined]
+    # (the baselines' inner loop; ProtoNet has none)
+    steps, first_order = getattr(c.algorithm.cfg, "inner_steps", 0), algo == "fomaml"
+    lr = getattr(c.algorithm.cfg, "inner_lr", 0.0)
     if strategy == "learn2learn":
         import learn2learn as l2l
 

@@ -114,7 +114,6 @@ class ConvNormPool(torch.autograd.Function):
         ctx.z = None if recompute else z
         ctx.won, ctx.mean, ctx.invstd = won.to(torch.int32), mean, invstd
         ctx.save_for_backward(x, weight, bias, scale, pooled.relu_())
-        ctx.eps = eps
         return pooled
 
     @staticmethod
@@ -143,7 +142,9 @@ class ConvNormPool(torch.autograd.Function):
         b = -a * invstd * d_scale / count
         c = -a * d_shift / count - b * mean
         dz = z.mul_(b.view(per_channel)).add_(c.view(per_channel))  # in z's storage
-        dz.flatten(2).scatter_add_(2, won, (grad * a.view(per_channel)).flatten(2))
+        dz.flatten(2).scatter_add_(  # (a view: [N, C, H * W] of channels-last memory)
+            2, won, (grad * a.view(per_channel)).flatten(2)
+        )
         dx, dweight, dbias = torch.ops.aten.convolution_backward(
             dz,
             x,
