@@ -16,6 +16,7 @@ from metacli.loop import sample
 from metacli.models.conv4 import Conv4, Conv4Config
 from metacli.models.fused import ConvNormPool, backward_once
 from tests.conftest import compose_config
+from tests.test_contract import CONV4
 
 
 def layers(
@@ -124,17 +125,7 @@ def test_conv4_takes_the_block_only_where_a_pass_is_declared(counted: dict[str, 
     assert counted["forward"] == 12
 
 
-MODEL = (
-    "task=synthetic",
-    "model=conv4",
-    "model.filters=3",
-    "task.image_size=16",
-    "task.ways=3",
-    "task.shots=2",
-    "task.queries=2",
-    "train.meta_batch_size=3",
-    "algo.batching=loop",
-)
+MODEL = (*CONV4, "train.meta_batch_size=3", "algo.batching=loop")
 
 
 @pytest.mark.parametrize(
