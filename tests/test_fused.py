@@ -13,6 +13,7 @@ from torch import Tensor
 
 from metacli.build import build
 from metacli.loop import sample
+from metacli.models import fused
 from metacli.models.conv4 import Conv4, Conv4Config
 from metacli.models.fused import ConvNormPool, backward_once
 from tests.conftest import compose_config
@@ -165,3 +166,30 @@ def test_meta_gradients_with_and_without_the_block_agree(
     (loss, grads), (reference_loss, reference) = results
     torch.testing.assert_close(loss, reference_loss, rtol=1e-10, atol=0)
     assert (grads - reference).norm() / reference.norm() < 1e-10
+
+
+@pytest.mark.parametrize(
+    "settings", [{}, {"norm_scale": False, "pool_padding": "same"}, {"norm": "per_step"}]
+)
+def test_without_gradients_conv4_computes_the_layers_values(
+    float64: None, monkeypatch: pytest.MonkeyPatch, settings: dict[str, object]
+) -> None:
+    """Evaluation's declared passes (no_grad) take the block's forward, with the layers'
+    values."""
+    calls = []
+    monkeypatch.setattr(
+        "metacli.models.conv4.conv_norm_pool",
+        lambda *args: calls.append(1) or fused.conv_norm_pool(*args),
+    )
+    model = conv4(21, **settings)
+    with torch.no_grad():
+        for parameter in model.parameters():  # away from the initialisation
+            parameter.normal_()
+        x = torch.randn(7, 1, 21, 21)
+        assert not calls  # (not declared: building's probe, a user's own loop)
+        with backward_once():
+            ours = model(x)
+        assert len(calls) == 4
+        theirs = model(x)  # not declared: the layers
+    assert len(calls) == 4
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)

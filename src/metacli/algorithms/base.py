@@ -482,7 +482,7 @@ class Adaptive(MetaAlgorithm):
         query in a batch of the support set ``sx`` and itself (``algo.transductive=false``,
         openai/supervised-reptile's evaluation), its statistics never mixing queries."""
         if self.cfg.transductive or sx is None or not self.model.norm_layers():
-            return self.forward_with(params, qx, step)
+            return self.forward_with(params, qx, step, once=True)  # (under no_grad)
 
         def alone(query: Tensor) -> Tensor:  # [...] -> the query's row
             return self.forward_with(params, torch.cat([sx, query[None]]), step)[-1]

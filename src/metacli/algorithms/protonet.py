@@ -80,7 +80,8 @@ class ProtoNet(MetaAlgorithm, key="protonet"):
         def one(
             rng: TaskRandom, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
         ) -> tuple[Tensor, ...]:
-            logits = self.logits(sx, sy, qx, ways)
+            with backward_once():  # (no graph at all)
+                logits = self.logits(sx, sy, qx, ways)
             return self.task.loss(logits, qy), self.task.metric(logits, qy), logits
 
         with torch.no_grad():

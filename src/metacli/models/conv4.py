@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from metacli.config import require
 from metacli.errors import ConfigError
 from metacli.models.base import NORMS, MetaBatchNorm, Model, ModelConfig, fused_is_exact
-from metacli.models.fused import ConvNormPool, backpropagated_once
+from metacli.models.fused import ConvNormPool, backpropagated_once, conv_norm_pool
 
 READOUTS = ("auto", "mean", "flatten")
 
@@ -70,25 +70,19 @@ class ConvBlock(nn.Module):
         if self.fuses(x):  # the same numbers, faster and in less memory (models/fused.py)
             norm = self.norm
             scale = norm.selected(norm.weight) if norm.scale else None
-            return ConvNormPool.apply(
-                x,
-                self.conv.weight,
-                self.conv.bias,
-                scale,
-                norm.selected(norm.bias),
-                norm.eps,
-                self.ceil,
-            )
+            args = (x, self.conv.weight, self.conv.bias, scale, norm.selected(norm.bias))
+            if not torch.is_grad_enabled():
+                return conv_norm_pool(*args, norm.eps, self.ceil)
+            return ConvNormPool.apply(*args, norm.eps, self.ceil)
         x = F.relu(self.norm(self.conv(x)))
         return x if self.strided else F.max_pool2d(x, 2, ceil_mode=self.ceil)
 
     def fuses(self, x: Tensor) -> bool:
-        """Whether this pass takes the single-backward block: declared by the caller
-        (``backward_once``), with gradients on, pooling, and batch statistics from the
-        fused kernel (outside any transform)."""
+        """Whether this pass takes the block of models/fused.py: declared by the caller
+        (``backward_once``: no graph, or one backpropagated once), pooling, and batch
+        statistics from the fused kernel (outside any transform)."""
         return (
             backpropagated_once()
-            and torch.is_grad_enabled()
             and not self.strided
             and self.norm.batch_statistics()
             and self.norm.affine
