@@ -95,17 +95,11 @@ def normalized(
     return z, None, mean, invstd
 
 
-def conv_norm_pool(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    scale: Tensor | None,
-    shift: Tensor,
-    eps: float,
-    ceil: bool,
-) -> Tensor:
-    """The block without gradients (evaluation's query passes): the same layers in
-    channels-last memory, where PyTorch's max-pooling is about ten times faster."""
+def conv_norm_pool(*block: Any) -> Tensor:
+    """The block without gradients (evaluation's query passes), from ``ConvNormPool``'s
+    arguments: the same layers in channels-last memory, where PyTorch's max-pooling is
+    about ten times faster."""
+    x, weight, bias, scale, shift, eps, ceil = block
     y = normalized(x, weight, bias, scale, shift, eps, keep=False)[0]
     return F.max_pool2d(y, 2, ceil_mode=ceil).relu_()
 
