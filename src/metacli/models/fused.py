@@ -82,9 +82,10 @@ def normalized(
     eps: float,
     keep: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """The block's convolution and batch norm in channels-last memory: (normalised output,
-    the convolution's output if ``keep`` else None, batch mean, inverse std)."""
-    z = torch.conv2d(channels_last(x), channels_last(weight), bias, 1, 1)  # [N, C, H, W]
+    """The block's convolution and batch norm, ``x`` and ``weight`` in channels-last memory
+    (``channels_last``): (normalised output, the convolution's output if ``keep`` else
+    None, batch mean, inverse std)."""
+    z = torch.conv2d(x, weight, bias, 1, 1)  # [N, C, H, W], channels-last
     if keep:
         y, mean, invstd = torch.native_batch_norm(z, scale, shift, None, None, True, 0.0, eps)
         return y, z, mean, invstd
@@ -100,6 +101,7 @@ def conv_norm_pool(*block: Any) -> Tensor:
     arguments: the same layers in channels-last memory, where PyTorch's max-pooling is
     about ten times faster."""
     x, weight, bias, scale, shift, eps, ceil = block
+    x, weight = channels_last(x), channels_last(weight)
     y = normalized(x, weight, bias, scale, shift, eps, keep=False)[0]
     return F.max_pool2d(y, 2, ceil_mode=ceil).relu_()
 
