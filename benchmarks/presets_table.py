@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from metacli.compose import compose, config_dir
+from metacli.precheck import compose, config_dir
 
 ROW = re.compile(r"[a-z]+_(omniglot|miniimagenet)_\d+w\d+s(_transductive)?|[a-z]+_sinusoid")
 # What ran here, by preset (docs/RESULTS.md, "Runs"); every other preset has not run.

@@ -205,7 +205,7 @@ def evaluation_speed(workload: str, c: Any) -> dict[str, Any]:
     """Seconds per 100 tasks of validation (adapt on the support set, the query measured
     after each of the ``test_inner_steps``), as the loop runs it, and of the same as a
     per-task loop would (MAML and first-order MAML: no graph kept, queries under no_grad)."""
-    from metacli.loop import evaluate
+    from metacli.evaluation import evaluate
 
     tasks = EVAL_TASKS.get(workload, 50)
     evaluate(c, "val", min(tasks, 4), min(tasks, 4))  # warm-up
@@ -217,7 +217,7 @@ def evaluation_speed(workload: str, c: Any) -> dict[str, Any]:
     }
     algo = c.algorithm
     if algo.cfg.name in REFERENCE_ALGOS:
-        from metacli.loop import fixed_tasks
+        from metacli.evaluation import fixed_tasks
 
         batch = fixed_tasks(c, "val", tasks)
         start = time.perf_counter()

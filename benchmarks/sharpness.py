@@ -24,7 +24,7 @@ from torch import Tensor
 
 from metacli.build import build
 from metacli.checkpoint import load_weights
-from metacli.loop import split_generator
+from metacli.tasks.base import split_generator
 
 
 def top_eigenvalue(

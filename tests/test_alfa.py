@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metacli.algorithms.alfa import ALFAAlgorithm
+from metacli.algorithms.alfa import ALFA
 from metacli.build import build
 from metacli.loop import meta_step, sample
-from metacli.updates.alfa import ALFA, task_state
+from metacli.updates.alfa import ALFARule, task_state
 from metacli.updates.base import slot
-from metacli.updates.lslr import LSLR
+from metacli.updates.lslr import LSLRRule
 from tests.conftest import compose_config
 
 TINY = ("task=sinusoid", "device=cpu", "model.hidden=[5,4]", "train.meta_batch_size=3")
@@ -31,7 +31,7 @@ def test_with_the_generator_fixed_alfa_is_maml_with_per_layer_per_step_rates(flo
     lslr = build(compose_config("algo=maml", "algo.update=lslr", *TINY, "algo.inner_steps=3"))
     lslr.algorithm.model.load_state_dict(alfa.algorithm.model.state_dict())
     rule, reference = alfa.algorithm.rule, lslr.algorithm.rule
-    assert isinstance(rule, ALFA) and isinstance(reference, LSLR)
+    assert isinstance(rule, ALFARule) and isinstance(reference, LSLRRule)
     layers = len(rule.names)
     with torch.no_grad():
         last = rule.generator[2]
@@ -67,7 +67,7 @@ def test_with_the_generator_fixed_alfa_is_maml_with_per_layer_per_step_rates(flo
 def test_batch_norm_stays_out_of_the_inner_loop_unless_asked() -> None:
     conv = ("task=synthetic", "model=conv4", "model.filters=4", "task.image_size=16")
     algorithm = build(compose_config("algo=alfa", *conv)).algorithm
-    assert isinstance(algorithm, ALFAAlgorithm)
+    assert isinstance(algorithm, ALFA)
     adapted = algorithm.adapted_names()
     assert adapted and not any(".norm." in n for n in adapted)
     assert any(".norm." in n for n, _ in algorithm.model.named_parameters())
@@ -86,7 +86,7 @@ def test_random_initialisation_is_never_updated() -> None:
         assert changed != name.startswith("model."), name  # only the rule's parameters move
         assert name.startswith("model.") == (p.grad is None and not p.requires_grad)
     rule = c.algorithm.rule
-    assert isinstance(rule, ALFA) and rule.random_init
+    assert isinstance(rule, ALFARule) and rule.random_init
     betas = [p for n, p in before.items() if n.startswith("rule.beta.")]
     assert len(betas) == len(rule.names)  # per layer and step, starting at 1 here
     assert all(torch.equal(b, torch.ones_like(b)) for b in betas)

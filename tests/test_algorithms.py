@@ -22,10 +22,11 @@ from metacli.algorithms.protonet import ProtoNet, ProtoNetConfig
 from metacli.algorithms.reptile import Reptile, ReptileConfig
 from metacli.build import build
 from metacli.engine.inner import last
-from metacli.engine.random import TaskRandom
-from metacli.loop import evaluate, meta_step
+from metacli.evaluation import evaluate
+from metacli.loop import meta_step
 from metacli.models.conv4 import Conv4, Conv4Config
 from metacli.models.mlp import MLP, MLPConfig
+from metacli.streams import TaskRandom
 from metacli.tasks.base import TaskBatch
 from metacli.tasks.sinusoid import Sinusoid, SinusoidConfig
 from metacli.tasks.synthetic import Synthetic, SyntheticConfig

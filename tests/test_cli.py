@@ -267,7 +267,7 @@ def test_a_diverging_validation_is_reported_and_never_selected_as_best(tmp_path:
 def test_is_better_never_picks_a_non_finite_metric() -> None:
     from types import SimpleNamespace
 
-    from metacli.loop import is_better
+    from metacli.evaluation import is_better
 
     for higher in (True, False):
         c: Any = SimpleNamespace(task=SimpleNamespace(higher_is_better=higher))

@@ -24,10 +24,10 @@ from metacli.algorithms.base import AlgoConfig
 from metacli.algorithms.maml import MAML, MAMLConfig, TaskLoss
 from metacli.build import Components, build
 from metacli.checkpoint import LoopState, load_checkpoint, restore, save_checkpoint
-from metacli.engine.random import TaskRandom
 from metacli.loop import meta_train, sample
+from metacli.params import Params
 from metacli.registry import available
-from metacli.updates.base import Params
+from metacli.streams import TaskRandom
 from tests.conftest import compose_config
 from tests.test_engine import Recorder
 

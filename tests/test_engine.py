@@ -18,10 +18,10 @@ from metacli.build import build, resolve
 from metacli.checkpoint import LoopState
 from metacli.engine.executor import TaskExecutor
 from metacli.engine.inner import last
-from metacli.engine.random import TaskRandom, task_keys
 from metacli.errors import ConfigError, MetacliError
 from metacli.loop import meta_step, meta_train, sample
 from metacli.models.mlp import MLP, MLPConfig
+from metacli.streams import TaskRandom, task_keys
 from tests.conftest import TINY, compose_config, read_metrics, run_cli
 
 SINUSOID = ("device=cpu", "model.hidden=[12,12]", "model.activation=tanh")

@@ -12,7 +12,8 @@ import torch
 
 from metacli.build import build
 from metacli.checkpoint import LoopState, components_from
-from metacli.loop import keep_top, top_name
+from metacli.evaluation import top_name
+from metacli.loop import keep_top
 from metacli.tasks.base import split_generator
 from tests.conftest import TINY, compose_config, read_metrics, read_summary, run_cli
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from metacli import files, run
+from metacli import files, run_folder
 from metacli.build import build
 from metacli.checkpoint import LoopState, load_checkpoint
 from metacli.errors import MetacliError
@@ -173,8 +173,8 @@ def test_two_processes_building_one_cache_entry_build_it_once(tmp_path: Path) ->
 
 
 # --- failed writes ---------------------------------------------------------------------------
-def folder_with_files(tmp_path: Path) -> run.RunFolder:
-    folder = run.RunFolder(tmp_path / "run", ["seed=0"])
+def folder_with_files(tmp_path: Path) -> run_folder.RunFolder:
+    folder = run_folder.RunFolder(tmp_path / "run", ["seed=0"])
     folder.claim()
     folder.start(compose_config(*TINY))
     folder.log_metrics({"iteration": 1, "split": "train", "loss": 1.0})
@@ -202,13 +202,13 @@ def test_a_failed_write_keeps_the_previous_file_and_names_the_path(
 
     with monkeypatch.context() as patch:
         patch.setattr(files.os, "fsync", fail)
-        with pytest.raises(run.WriteError, match=rf"Cannot write {folder.summary_path}: "):
+        with pytest.raises(run_folder.WriteError, match=rf"Cannot write {folder.summary_path}: "):
             folder.update_summary(status="finished")
-        with pytest.raises(run.WriteError, match=rf"Cannot write {checkpoint}: "):
+        with pytest.raises(run_folder.WriteError, match=rf"Cannot write {checkpoint}: "):
             folder.save_checkpoint("last", {"format": "metacli", "iteration": 2})
     with monkeypatch.context() as patch:
-        patch.setattr(run.os, "write", half_then_fail)
-        with pytest.raises(run.WriteError, match=rf"Cannot write {folder.metrics_path}: "):
+        patch.setattr(run_folder.os, "write", half_then_fail)
+        with pytest.raises(run_folder.WriteError, match=rf"Cannot write {folder.metrics_path}: "):
             folder.log_metrics({"iteration": 2, "split": "train", "loss": 0.5})
     assert {p: p.read_bytes() for p in before} == before
     assert checkpoint.read_bytes() == kept and load_checkpoint(checkpoint)["iteration"] == 1

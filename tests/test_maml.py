@@ -10,9 +10,10 @@ from metacli.algorithms.fomaml import FOMAML, FOMAMLConfig
 from metacli.algorithms.maml import MAML, MAMLConfig
 from metacli.build import build
 from metacli.engine.inner import last
-from metacli.engine.random import TaskRandom
-from metacli.loop import evaluate, meta_step
+from metacli.evaluation import evaluate
+from metacli.loop import meta_step
 from metacli.models.mlp import MLP, MLPConfig
+from metacli.streams import TaskRandom
 from metacli.tasks.base import TaskBatch
 from metacli.tasks.sinusoid import Sinusoid, SinusoidConfig
 from tests.conftest import compose_config

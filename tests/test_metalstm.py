@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from metacli.algorithms.metalstm import MetaLSTMAlgorithm
+from metacli.algorithms.metalstm import MetaLSTM
 from metacli.build import Components, build
 from metacli.loop import sample
-from metacli.updates.metalstm import MetaLSTM, preprocess
+from metacli.updates.metalstm import MetaLSTMRule, preprocess
 from tests.conftest import compose_config
 
 TINY = ("task=sinusoid", "device=cpu", "model.hidden=[3]", "train.meta_batch_size=2")
@@ -20,7 +20,7 @@ TINY = ("task=sinusoid", "device=cpu", "model.hidden=[3]", "train.meta_batch_siz
 
 def metalstm(*overrides: str) -> Components:
     c = build(compose_config("algo=metalstm", *TINY, *overrides))
-    assert isinstance(c.algorithm, MetaLSTMAlgorithm)
+    assert isinstance(c.algorithm, MetaLSTM)
     return c
 
 
@@ -40,7 +40,7 @@ def test_preprocessing_against_hand_computed_values(float64) -> None:
     torch.testing.assert_close(preprocess(x, p), expected, rtol=1e-12, atol=1e-12)
 
 
-def fix_gates(rule: MetaLSTM, alpha: float) -> None:
+def fix_gates(rule: MetaLSTMRule, alpha: float) -> None:
     """forget = sigmoid(40) = 1.0 and input = sigmoid(logit(alpha)) = alpha, whatever h is."""
     with torch.no_grad():
         rule.forget_weight.zero_()
@@ -88,7 +88,7 @@ def test_meta_gradient_equals_a_plain_loop_with_torchs_lstm_cell(float64) -> Non
     )
     algorithm = c.algorithm
     rule = algorithm.rule
-    assert isinstance(rule, MetaLSTM)
+    assert isinstance(rule, MetaLSTMRule)
     with torch.no_grad():  # gates away from their start, so every path matters
         for p in rule.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -150,7 +150,7 @@ def test_meta_gradient_equals_a_plain_loop_with_torchs_lstm_cell(float64) -> Non
 
 def test_initial_gate_biases_start_as_a_small_step_that_keeps_the_parameters() -> None:
     rule = metalstm().algorithm.rule
-    assert isinstance(rule, MetaLSTM)
+    assert isinstance(rule, MetaLSTMRule)
     assert 4 <= rule.forget_bias.item() <= 5 and -5 <= rule.input_bias.item() <= -4
     for weight in (rule.lstm_in, rule.lstm_hh, rule.lstm_bias, rule.forget_weight):
         assert weight.abs().max() <= 0.01

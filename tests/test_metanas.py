@@ -16,11 +16,12 @@ from torch import Tensor
 
 from metacli.algorithms.metanas import MetaNAS
 from metacli.build import Components, build
-from metacli.engine.random import TaskRandom, task_keys
 from metacli.errors import ConfigError
-from metacli.loop import evaluate, meta_step, sample
+from metacli.evaluation import evaluate
+from metacli.loop import meta_step, sample
 from metacli.models.darts import Darts, discretize
 from metacli.models.operations import OPS, Edge
+from metacli.streams import TaskRandom, task_keys
 from tests.conftest import compose_config
 from tests.test_contract import SEARCH
 

@@ -10,28 +10,28 @@ from typing import Any
 import pytest
 import torch
 
-from metacli.optim import SGD, Adam
+from metacli.optim import OuterAdam, OuterSGD
 
 Factory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 CASES: dict[str, tuple[Factory, Factory]] = {
     "adam": (
-        lambda g: Adam(g, lr=0.01, betas=(0.8, 0.99), eps=1e-6, foreach=True),
+        lambda g: OuterAdam(g, lr=0.01, betas=(0.8, 0.99), eps=1e-6, foreach=True),
         lambda g: torch.optim.Adam(g, lr=0.01, betas=(0.8, 0.99), eps=1e-6, foreach=True),
     ),
     "adam-loop": (
-        lambda g: Adam(g, lr=0.01, foreach=False, weight_decay=0.1),
+        lambda g: OuterAdam(g, lr=0.01, foreach=False, weight_decay=0.1),
         lambda g: torch.optim.Adam(g, lr=0.01, foreach=False, weight_decay=0.1),
     ),
     "sgd": (
-        lambda g: SGD(g, lr=0.05, momentum=0.7, nesterov=True, foreach=True),
+        lambda g: OuterSGD(g, lr=0.05, momentum=0.7, nesterov=True, foreach=True),
         lambda g: torch.optim.SGD(g, lr=0.05, momentum=0.7, nesterov=True, foreach=True),
     ),
     "adam-fused": (  # optim.fused=true
-        lambda g: Adam(g, lr=0.01, betas=(0.8, 0.99), eps=1e-6, fused=True),
+        lambda g: OuterAdam(g, lr=0.01, betas=(0.8, 0.99), eps=1e-6, fused=True),
         lambda g: torch.optim.Adam(g, lr=0.01, betas=(0.8, 0.99), eps=1e-6, fused=True),
     ),
     "sgd-fused": (
-        lambda g: SGD(g, lr=0.05, momentum=0.7, nesterov=True, fused=True),
+        lambda g: OuterSGD(g, lr=0.05, momentum=0.7, nesterov=True, fused=True),
         lambda g: torch.optim.SGD(g, lr=0.05, momentum=0.7, nesterov=True, fused=True),
     ),
 }
@@ -87,7 +87,7 @@ def test_same_numbers_and_state_as_torch(case: str) -> None:
 
 def test_step_leaves_gradients_mode_as_it_found_it() -> None:
     weight = torch.nn.Parameter(torch.ones(2))
-    optimizer = Adam([weight], lr=0.1)
+    optimizer = OuterAdam([weight], lr=0.1)
     weight.grad = torch.ones(2)
     with torch.enable_grad():
         optimizer.step()

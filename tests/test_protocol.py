@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from metacli.algorithms.maml import MAML, MAMLConfig
 from metacli.engine.inner import last
-from metacli.engine.random import TaskRandom
 from metacli.models.conv4 import Conv4, Conv4Config
+from metacli.streams import TaskRandom
 from metacli.tasks.synthetic import Synthetic, SyntheticConfig
 from tests.test_algorithms import double
 

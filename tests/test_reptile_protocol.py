@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from metacli.algorithms.base import minibatches
 from metacli.algorithms.reptile import Reptile, ReptileConfig
 from metacli.config import merged_schema
-from metacli.engine.random import TaskRandom
 from metacli.errors import ConfigError
 from metacli.models.conv4 import Conv4, Conv4Config
+from metacli.streams import TaskRandom
 from metacli.tasks.synthetic import Synthetic, SyntheticConfig
-from metacli.updates.adam import AdamConfig
+from metacli.updates.adam import AdamRuleConfig
 from tests.test_algorithms import double
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -30,7 +30,7 @@ def setup(
     task = Synthetic(SyntheticConfig(ways=3, shots=1, queries=2, image_size=16, classes=12))
     torch.manual_seed(0)
     model = Conv4(Conv4Config(filters=4), task.input_shape, 3).double()
-    schema = merged_schema("ReptileWithAdam", AdamConfig, ReptileConfig)  # as build does
+    schema = merged_schema("ReptileWithAdam", AdamRuleConfig, ReptileConfig)  # as build does
     cfg = schema(
         inner_lr=LR,
         inner_steps=STEPS,

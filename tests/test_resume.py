@@ -50,7 +50,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
 def test_validation_and_test_tasks_do_not_depend_on_the_algorithm() -> None:
     """Paired comparisons: with the same seed, MAML and FOMAML meet the same tasks."""
     from metacli.build import build
-    from metacli.loop import evaluate
+    from metacli.evaluation import evaluate
     from tests.conftest import compose_config
 
     before = {}
@@ -162,7 +162,8 @@ def test_runs_written_before_the_engine_resume_as_they_did(algo: str, tmp_path: 
 
     from metacli.build import build
     from metacli.checkpoint import restore
-    from metacli.loop import evaluate, meta_train
+    from metacli.evaluation import evaluate
+    from metacli.loop import meta_train
     from tests.conftest import compose_config
     from tests.test_engine import Recorder
 

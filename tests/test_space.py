@@ -16,12 +16,12 @@ from torch import Tensor
 
 from metacli.algorithms.base import Adaptive
 from metacli.build import Components, build
-from metacli.engine.random import TaskRandom, task_keys
 from metacli.errors import ConfigError
 from metacli.loop import sample
 from metacli.models.mlp import MLP, MLPConfig
+from metacli.streams import TaskRandom, task_keys
 from metacli.updates.base import UpdateRule
-from metacli.updates.space import Space
+from metacli.updates.space import SpaceRule
 from tests.conftest import compose_config
 
 SINUSOID = ("device=cpu", "model.hidden=[12,12]", "model.activation=tanh")
@@ -33,9 +33,9 @@ def adaptive(c: Components) -> Adaptive:
     return c.algorithm
 
 
-def space_of(c: Components) -> Space:
+def space_of(c: Components) -> SpaceRule:
     rule = adaptive(c).rule
-    assert isinstance(rule, Space)
+    assert isinstance(rule, SpaceRule)
     return rule
 
 

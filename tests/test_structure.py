@@ -81,9 +81,61 @@ def test_the_import_graph_check_runs_as_a_command() -> None:
     assert result.returncode == 0 and "no cycle" in result.stdout, result.stdout + result.stderr
 
 
+# The layers, lowest first (docs/architecture.md draws them): a module imports only modules
+# of its own layer or of lower ones. A package stands for all its modules.
+LAYERS = (
+    # what everything shares: errors, schemas, named tensors, per-task random streams
+    ("foundation", ("errors", "config", "params", "streams", "files", "extras", "figures")),
+    # the process around a run: locks, ranks, signals, the console, the registries
+    ("infrastructure", ("lock", "distributed", "signals", "console", "registry")),
+    ("components", ("models", "tasks", "updates")),
+    ("engine", ("engine", "regularizers")),
+    ("algorithms", ("algorithms",)),
+    # from a config to built components, and back from a checkpoint
+    ("assembly", ("options", "optim", "build", "checkpoint")),
+    ("running", ("evaluation", "loop", "loggers", "run_folder")),
+    (
+        "commands",
+        ("run", "precheck", "contract", "api", "compare", "plots", "sweep", "data_command"),
+    ),
+    ("entry", ("cli", "__main__", "")),  # "": the package itself, the API's lazy facade
+)
+
+
+def layer_of(module: str) -> int:
+    parts = module.split(".")
+    name = parts[1] if len(parts) > 1 else ""
+    for index, (_, members) in enumerate(LAYERS):
+        if name in members:
+            return index
+    raise AssertionError(f"{module} has no layer in tests/test_structure.py LAYERS")
+
+
+def imports_up(graph: dict[str, set[str]]) -> list[str]:
+    """``a -> b`` for every import of a module of a higher layer."""
+    return sorted(
+        f"{source} ({LAYERS[layer_of(source)][0]}) -> {target} ({LAYERS[layer_of(target)][0]})"
+        for source, targets in graph.items()
+        for target in targets
+        if layer_of(target) > layer_of(source)
+    )
+
+
+def test_no_module_imports_a_module_of_a_higher_layer() -> None:
+    graph = import_graph()
+    assert imports_up(graph) == []
+    # it can fail: the engine reading the random streams is fine, the streams reading the
+    # engine is not
+    wrong = {**graph, "metacli.streams": {"metacli.engine.executor"}}
+    assert imports_up(wrong) == [
+        "metacli.streams (foundation) -> metacli.engine.executor (engine)"
+    ]
+
+
 def test_the_loop_never_imports_the_run_folder_and_figures_never_import_compare() -> None:
     graph = import_graph()
     assert "metacli.run" not in graph["metacli.loop"]
+    assert "metacli.run_folder" not in graph["metacli.loop"]
     assert "metacli.compare" not in graph["metacli.plots"]
     importers = {name for name, targets in graph.items() if "metacli.cli" in targets}
     assert importers == {"metacli.__main__"}  # the command is imported by nothing else
@@ -110,7 +162,7 @@ def test_the_readme_worked_examples_are_the_shipped_code() -> None:
     section = readme.split("## Adding an algorithm", 1)[1].split("\n## ", 1)[0]
     blocks = section.split("```python\n")[1:]
     shipped = {
-        "Momentum": SOURCE / "updates" / "momentum.py",
+        "MomentumRule": SOURCE / "updates" / "momentum.py",
         "Hybrid": SOURCE / "algorithms" / "hybrid.py",
     }
     assert len(blocks) == len(shipped)

@@ -33,7 +33,7 @@ from metacli.config import (
 )
 from metacli.errors import ConfigError
 from metacli.models.base import Model
-from metacli.optim import SGD, Adam
+from metacli.optim import OuterAdam, OuterSGD
 from metacli.registry import Registered, lookup
 from metacli.tasks.base import TaskDistribution, split_generator
 from metacli.updates.base import UpdateRule
@@ -194,8 +194,8 @@ def make_optimizer(cfg: OptimConfig, groups: dict[str, list[Any]]) -> torch.opti
     kernels = {"fused": True} if cfg.fused else {"foreach": True if on_cpu else None}
     if cfg.name == "adam":
         betas = (cfg.betas[0], cfg.betas[1])
-        return Adam(params, lr=cfg.lr, betas=betas, eps=cfg.eps, **kernels)
-    return SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kernels)
+        return OuterAdam(params, lr=cfg.lr, betas=betas, eps=cfg.eps, **kernels)
+    return OuterSGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kernels)
 
 
 def make_scheduler(
@@ -234,16 +234,17 @@ def check_stacked(cfg: Any, algorithm: MetaAlgorithm) -> None:
     update = getattr(cfg, "update", "-")
     raise ConfigError(
         f"algo.batching=stacked computes a meta-batch as one stack of tasks with its "
-        f"meta-gradient written out (metacli/engine/written.py). It serves maml, fomaml, "
-        f"anil and metasgd with algo.update=sgd or metasgd, without algo.inner_batch, on "
-        f"model=mlp (model.written_backward=true) with a regression or classification "
-        f"task; this run has algo={cfg.name}, algo.update={update}, model={model}. Use "
-        f"algo.batching=auto (it stacks where it can)."
+        f"meta-gradient written out (metacli/engine/stacked_meta_gradient.py). It "
+        f"serves maml, fomaml, anil and metasgd with algo.update=sgd or metasgd, without "
+        f"algo.inner_batch, on model=mlp (model.written_backward=true) with a regression "
+        f"or classification task; this run has algo={cfg.name}, algo.update={update}, "
+        f"model={model}. Use algo.batching=auto (it stacks where it can)."
     )
 
 
-def build(cfg: DictConfig, overrides: list[str] | None = None) -> Components:
-    resolved = resolve(cfg)
+def build(config: DictConfig | Resolved, overrides: list[str] | None = None) -> Components:
+    """The components of a composed config (resolved here) or of one ``resolve`` made."""
+    resolved = config if isinstance(config, Resolved) else resolve(config)
     run, classes, typed = resolved.run, resolved.classes, resolved.typed
     for note in resolved.notes:
         log.info("%s", note)

@@ -40,7 +40,7 @@ class LoopState:
     top: list[list[float]] = field(default_factory=list)
 
 
-def make(c: Components, state: LoopState) -> dict[str, Any]:
+def make(components: Components, state: LoopState) -> dict[str, Any]:
     return {
         "format": "metacli",
         "format_version": FORMAT_VERSION,
@@ -51,12 +51,14 @@ def make(c: Components, state: LoopState) -> dict[str, Any]:
         "best_iteration": state.best_iteration,
         "wall_time": state.wall_time,
         "top": [list(entry) for entry in state.top],
-        "algorithm": c.algorithm.state_dict(),
-        "optimizer": c.optimizer.state_dict(),
-        "scheduler": c.scheduler.state_dict() if c.scheduler is not None else None,
-        "rng": capture_rng(c.train_generator),
-        "config": OmegaConf.to_container(c.cfg, resolve=True),  # the effective config
-        "overrides": list(c.overrides),
+        "algorithm": components.algorithm.state_dict(),
+        "optimizer": components.optimizer.state_dict(),
+        "scheduler": components.scheduler.state_dict()
+        if components.scheduler is not None
+        else None,
+        "rng": capture_rng(components.train_generator),
+        "config": OmegaConf.to_container(components.cfg, resolve=True),  # the effective config
+        "overrides": list(components.overrides),
     }
 
 
@@ -114,9 +116,9 @@ def migrate_v1(checkpoint: dict[str, Any]) -> None:
         checkpoint["algorithm"] = renamed
 
 
-def load_weights(c: Components, checkpoint: dict[str, Any], source: str) -> None:
+def load_weights(components: Components, checkpoint: dict[str, Any], source: str) -> None:
     try:
-        c.algorithm.load_state_dict(checkpoint["algorithm"])
+        components.algorithm.load_state_dict(checkpoint["algorithm"])
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise MetacliError(
@@ -126,15 +128,15 @@ def load_weights(c: Components, checkpoint: dict[str, Any], source: str) -> None
         ) from None
 
 
-def restore(c: Components, checkpoint: dict[str, Any], source: str) -> LoopState:
-    load_weights(c, checkpoint, source)
+def restore(components: Components, checkpoint: dict[str, Any], source: str) -> LoopState:
+    load_weights(components, checkpoint, source)
     optimizer, scheduler = checkpoint["optimizer"], checkpoint["scheduler"]
     if checkpoint.get("format_version", 1) == 1:
-        optimizer, scheduler = split_groups(c.optimizer, optimizer, scheduler)
-    c.optimizer.load_state_dict(optimizer)
-    if c.scheduler is not None and scheduler is not None:
-        c.scheduler.load_state_dict(scheduler)
-    restore_rng(checkpoint["rng"], c.train_generator)
+        optimizer, scheduler = split_groups(components.optimizer, optimizer, scheduler)
+    components.optimizer.load_state_dict(optimizer)
+    if components.scheduler is not None and scheduler is not None:
+        components.scheduler.load_state_dict(scheduler)
+    restore_rng(checkpoint["rng"], components.train_generator)
     return LoopState(
         iteration=checkpoint["iteration"],
         best_metric=checkpoint["best_metric"],
@@ -208,6 +210,6 @@ def components_from(path: Path, device: str = "cpu") -> tuple[Components, dict[s
     checkpoint = load_checkpoint(path)
     config = OmegaConf.create(checkpoint["config"])
     config.device = {**config.get("device", {}), "name": device}
-    c = build(config, checkpoint.get("overrides", []))
-    load_weights(c, checkpoint, str(path))
-    return c, checkpoint
+    components = build(config, checkpoint.get("overrides", []))
+    load_weights(components, checkpoint, str(path))
+    return components, checkpoint

@@ -77,7 +77,7 @@ def force_swept_keys(args: list[str]) -> list[str]:
     ``++algo.key=...`` (force-add): the options without the key ignore it, with a warning
     in their log. A key that no swept option has is left to fail as a misspelling.
     """
-    from metacli.compose import multirun
+    from metacli.precheck import multirun
 
     if not multirun(args):
         return args
@@ -111,7 +111,7 @@ def prepare(command: str, args: list[str]) -> list[str]:
     """Arguments for Hydra; ``resume`` and ``ckpt_path`` replay the overrides of their run."""
     resume = value_of(args, "resume") if command == "train" else None
     if resume is not None:
-        from metacli.compose import multirun
+        from metacli.precheck import multirun
 
         if multirun(args):
             raise MetacliError(
@@ -178,11 +178,11 @@ def run_data(args: list[str]) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from metacli import data
+    from metacli import data_command
     from metacli.config import config_dir
 
     try:
-        action = data.check if args[0] == "check" else data.prepare
+        action = data_command.check if args[0] == "check" else data_command.prepare
         raise SystemExit(action(str(config_dir()), args[1:]))
     except (HydraException, OmegaConfBaseException, MetacliError) as err:
         print(f"metacli data {args[0]}: {err}", file=sys.stderr)
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     args = checked(command, args)
     nproc = value_of(args, "distributed.nproc")
-    from metacli.compose import informs, multirun
+    from metacli.precheck import informs, multirun
 
     one_job = not (multirun(args) or informs(args))  # a sweep, or --cfg/--help: no ranks
     if nproc is not None and nproc.isdigit() and int(nproc) > 1 and one_job:
@@ -268,7 +268,7 @@ def checked(command: str, args: list[str]) -> list[str]:
         check_overrides(args)
         args = force_swept_keys(args)
         args = prepare(command, args)
-        from metacli.compose import NothingToDo, precheck
+        from metacli.precheck import NothingToDo, precheck
 
         try:
             precheck(command, args)
@@ -284,8 +284,8 @@ def checked(command: str, args: list[str]) -> list[str]:
 def world_settings(command: str, args: list[str]) -> tuple[str, float]:
     """``distributed.backend`` and ``distributed.timeout_s`` as the config composes them
     (a preset may set them); their defaults where it does not compose, as rank 0 reports."""
-    from metacli.compose import compose, job_overrides
     from metacli.config import DistributedConfig
+    from metacli.precheck import compose, job_overrides
 
     try:
         settings = compose(command, job_overrides(prepare(command, args)) or []).distributed
@@ -301,7 +301,7 @@ def join_world(command: str, args: list[str]) -> list[str]:
     The world's size is what the launcher started: it is recorded as distributed.nproc.
     """
     from metacli import distributed
-    from metacli.compose import multirun
+    from metacli.precheck import multirun
 
     world = distributed.from_env()
     if multirun(args):
@@ -323,7 +323,7 @@ def join_world(command: str, args: list[str]) -> list[str]:
     if world.writer:
         try:
             args = checked(command, args)
-            from metacli.compose import run_dir
+            from metacli.precheck import run_dir
 
             if command in ("train", "test"):
                 args = [*args, f"hydra.run.dir={quote(run_dir(command, args))}"]

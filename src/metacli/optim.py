@@ -75,13 +75,13 @@ class NoDynamo:
             return undecorated(self._torch.step)(self, closure)
 
 
-class Adam(NoDynamo, TorchAdam):
+class OuterAdam(NoDynamo, TorchAdam):
     """``torch.optim.Adam``, the same numbers and state dict."""
 
     _torch = TorchAdam
 
 
-class SGD(NoDynamo, TorchSGD):
+class OuterSGD(NoDynamo, TorchSGD):
     """``torch.optim.SGD``, the same numbers and state dict."""
 
     _torch = TorchSGD

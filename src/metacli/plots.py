@@ -5,12 +5,12 @@
 - ``inner_steps.png``: the meta-test metric after 0..k inner steps (mean, 95% CI at k);
 - ``adaptation.png`` (1-D regression, e.g. sinusoids): test tasks with the true function,
   the support points and the model before and after adaptation (MAML's figure 2).
-An architecture search (``algo=metanas``) draws its cells into ``genotype.png``.
+An architecture search (``algo=metanas``) draws its cells into ``genotype.png``
+(``metacli.figures``).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import statistics
@@ -18,19 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from metacli.errors import MetacliError
-from metacli.extras import require_extra
+from metacli.figures import pyplot
 
 PANEL = (5.0, 3.6)  # inches per panel
-
-
-def pyplot() -> Any:
-    require_extra("plot", "plotting")
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def read_records(folder: Path) -> list[dict[str, Any]]:
@@ -196,17 +186,22 @@ def adaptation_figure(
     import torch
 
     from metacli.checkpoint import components_from
-    from metacli.engine.random import task_keys
+    from metacli.streams import task_keys
     from metacli.tasks.base import ClassificationTask, split_generator
 
-    c, _ = components_from(checkpoint_path)
-    regression = not isinstance(c.task, ClassificationTask) and tuple(c.task.input_shape) == (1,)
-    if not regression or not hasattr(c.task.cfg, "queries"):
+    components, _ = components_from(checkpoint_path)
+    regression = not isinstance(components.task, ClassificationTask) and tuple(
+        components.task.input_shape
+    ) == (1,)
+    if not regression or not hasattr(components.task.cfg, "queries"):
         return None
-    c.task.cfg.queries, c.task.cfg.test_queries = 200, None  # dense: the true function
-    if hasattr(c.task.cfg, "noise"):
-        c.task.cfg.noise = 0.0
-    batch = c.task.sample(tasks, "test", split_generator(c.run.seed, "test"))
+    components.task.cfg.queries, components.task.cfg.test_queries = (
+        200,
+        None,
+    )  # dense: the true function
+    if hasattr(components.task.cfg, "noise"):
+        components.task.cfg.noise = 0.0
+    batch = components.task.sample(tasks, "test", split_generator(components.run.seed, "test"))
     order = batch.query_x[..., 0].argsort(dim=1)  # [B, Q]: queries left to right
     sort = order.unsqueeze(-1)
     batch = type(batch)(
@@ -214,10 +209,10 @@ def adaptation_figure(
         batch.support_y,
         batch.query_x.gather(1, sort),
         batch.query_y.gather(1, sort),
-        task_keys(c.run.seed, "test", 0, 0, tasks),
+        task_keys(components.run.seed, "test", 0, 0, tasks),
     )
-    c.algorithm.eval()
-    evaluation = c.algorithm.evaluate(batch, predictions=True)
+    components.algorithm.eval()
+    evaluation = components.algorithm.evaluate(batch, predictions=True)
     if evaluation.predictions is None:
         return None
     with torch.no_grad():
@@ -246,49 +241,3 @@ def adaptation_figure(
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=7)
     return save(plt, fig, folder / "adaptation.png", f"{run_title(summary)}: {tasks} test tasks")
-
-
-def genotype_figure(genotype: dict[str, Any]) -> bytes | None:
-    """One drawing per cell type: inputs, nodes, each kept edge labelled with its operation
-    (None without matplotlib, the ``plot`` extra)."""
-    try:
-        plt = pyplot()
-    except MetacliError:
-        return None
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    for ax, kind in zip(axes, ("normal", "reduce"), strict=True):
-        nodes = len(genotype[kind])
-        where = {0: (0.0, 1.0), 1: (0.0, -1.0), nodes + 2: (nodes + 1.2, 0.0)}
-        for i in range(nodes):  # nodes on a zigzag, so that no edge runs through a node
-            where[i + 2] = (1.2 + i, 0.55 * (-1) ** i)
-        names = {0: "c_{k-2}", 1: "c_{k-1}", nodes + 2: "c_{k}"}
-        for i, node in enumerate(genotype[kind]):
-            for op, j in node:
-                (x0, y0), (x1, y1) = where[int(j)], where[i + 2]
-                bend = 0.25 if (i + int(j)) % 2 else -0.25
-                arrow = {"arrowstyle": "-|>", "shrinkA": 14, "shrinkB": 14, "lw": 1.1}
-                arrow["connectionstyle"] = f"arc3,rad={bend}"
-                ax.annotate("", (x1, y1), (x0, y0), arrowprops=arrow)
-                # the label near the middle of the bent edge, pushed off it
-                mx, my = (x0 + x1) / 2, (y0 + y1) / 2
-                dx, dy = x1 - x0, y1 - y0
-                mx, my = mx + bend * dy * 0.5, my - bend * dx * 0.5
-                ax.text(mx, my, str(op), fontsize=8, ha="center", va="center", color="darkred")
-            arrow = {"arrowstyle": "-|>", "shrinkA": 14, "shrinkB": 14, "ls": ":"}
-            ax.annotate("", where[nodes + 2], where[i + 2], arrowprops=arrow)
-        for index, (x, y) in where.items():
-            label = names.get(index, str(index - 2))
-            colour = "lightyellow" if index > 1 else "lightblue"
-            text = f"${label}$" if "_" in label else label
-            box = {"boxstyle": "round", "fc": colour}
-            ax.text(x, y, text, ha="center", va="center", bbox=box)
-        ax.set_title(f"{kind} cell")
-        ax.set_xlim(-0.5, nodes + 1.7)
-        ax.set_ylim(-1.5, 1.5)
-        ax.axis("off")
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()

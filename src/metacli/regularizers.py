@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from metacli.models.base import Model
-from metacli.updates.base import Params
+from metacli.params import Params
 
 REGULARIZERS = ("none", "l2", "path")
 

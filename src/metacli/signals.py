@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from metacli import distributed
+from metacli.errors import MetacliError
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -31,6 +32,14 @@ class StopNow(KeyboardInterrupt):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
         self.phase = phase  # what it interrupted
+
+
+class Interrupted(MetacliError):
+    """The user (Ctrl-C) or the scheduler (SIGTERM) stopped the run between two iterations."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 class Stopper:

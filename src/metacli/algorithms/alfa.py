@@ -24,7 +24,7 @@ from metacli.tasks.base import TaskDistribution
 
 
 @dataclass
-class ALFAAlgoConfig(MAMLConfig):
+class ALFAConfig(MAMLConfig):
     name: str = "alfa"
     update: str = "alfa"
     init: str = "learned"  # learned (MAML + ALFA) | random (ALFA from a random initialisation)
@@ -35,12 +35,12 @@ class ALFAAlgoConfig(MAMLConfig):
         require(self.init in ("learned", "random"), "algo.init", self.init, "learned or random")
 
 
-class ALFAAlgorithm(MAML, key="alfa"):
-    Config: ClassVar[type[AlgoConfig]] = ALFAAlgoConfig
-    cfg: ALFAAlgoConfig
+class ALFA(MAML, key="alfa"):
+    Config: ClassVar[type[AlgoConfig]] = ALFAConfig
+    cfg: ALFAConfig
     fixed_update = "alfa"
 
-    def __init__(self, cfg: ALFAAlgoConfig, model: Model, task: TaskDistribution) -> None:
+    def __init__(self, cfg: ALFAConfig, model: Model, task: TaskDistribution) -> None:
         super().__init__(cfg, model, task)
         if cfg.init == "random":  # no meta-gradient is computed for it, none applied
             model.requires_grad_(False)

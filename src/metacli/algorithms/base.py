@@ -20,18 +20,19 @@ from metacli import regularizers
 from metacli.config import require
 from metacli.engine.executor import STRATEGIES, TaskExecutor
 from metacli.engine.inner import InnerLoop, Step
-from metacli.engine.random import TaskRandom
 from metacli.errors import ConfigError
 from metacli.models.base import Model
 from metacli.models.fused import backward_once
+from metacli.params import Params
 from metacli.registry import Registered, lookup
 from metacli.regularizers import REGULARIZERS
+from metacli.streams import TaskRandom
 from metacli.tasks.base import TaskBatch, TaskDistribution
-from metacli.updates.base import Params, UpdateRule
+from metacli.updates.base import UpdateRule
 
 # How a training meta-batch is computed: the executor's per-task strategies, or "stacked":
 # every task one row of the same tensors with the meta-gradient written out
-# (metacli/engine/written.py), where the algorithm, model, loss and rule have it.
+# (metacli/engine/stacked_meta_gradient.py), where the algorithm, model, loss and rule have it.
 BATCHINGS = (*STRATEGIES, "stacked")
 
 # Keys of a train line in metrics.jsonl that named terms must not shadow.

@@ -20,9 +20,9 @@ from torch import Tensor
 from metacli.algorithms.base import AlgoConfig
 from metacli.algorithms.maml import MAML, MAMLConfig, TaskLoss
 from metacli.config import require
-from metacli.engine.random import TaskRandom
+from metacli.params import Params
+from metacli.streams import TaskRandom
 from metacli.tasks.base import TaskBatch
-from metacli.updates.base import Params
 
 
 @dataclass

@@ -21,10 +21,10 @@ from torch import Tensor
 from metacli.algorithms.base import Adaptive, AdaptiveConfig, AlgoConfig, MetaLoss
 from metacli.engine.executor import carrying
 from metacli.engine.inner import Step, last
-from metacli.engine.random import TaskRandom
-from metacli.engine.written import meta_gradient
+from metacli.engine.stacked_meta_gradient import meta_gradient
+from metacli.params import Params
+from metacli.streams import TaskRandom
 from metacli.tasks.base import TaskBatch
-from metacli.updates.base import Params
 
 TaskLoss = tuple[Tensor, Tensor, dict[str, Tensor]]  # loss, metric, named terms
 
@@ -78,9 +78,10 @@ class MAML(Adaptive, key="maml"):
         return self.mean_over_tasks(self.task_loss, batch, self.initial_params())
 
     def stacks(self) -> bool:
-        """The stacked path (``metacli.engine.written``) serves a support loss that is the
-        model's and the task's, both written out, a rule that is plain gradient descent,
-        no mini-batches, and nothing of the step a subclass's own. Decided once."""
+        """The stacked path (``metacli.engine.stacked_meta_gradient``) serves a support
+        loss that is the model's and the task's, both written out, a rule that is plain
+        gradient descent, no mini-batches, and nothing of the step a subclass's own.
+        Decided once."""
         decided = self.__dict__.get("_stacks")
         if decided is None:
             kind = type(self)

@@ -20,12 +20,12 @@ from torch import Tensor
 from metacli.algorithms.base import AlgoConfig
 from metacli.algorithms.maml import MAML, MAMLConfig
 from metacli.config import require
-from metacli.engine.random import TaskRandom
-from metacli.updates.base import Params
+from metacli.params import Params
+from metacli.streams import TaskRandom
 
 
 @dataclass
-class MetaLSTMAlgoConfig(MAMLConfig):
+class MetaLSTMConfig(MAMLConfig):
     name: str = "metalstm"
     update: str = "metalstm"
     first_order: bool = True  # the gradient and loss inputs are constants (the paper)
@@ -41,9 +41,9 @@ class MetaLSTMAlgoConfig(MAMLConfig):
         )
 
 
-class MetaLSTMAlgorithm(MAML, key="metalstm"):
-    Config: ClassVar[type[AlgoConfig]] = MetaLSTMAlgoConfig
-    cfg: MetaLSTMAlgoConfig
+class MetaLSTM(MAML, key="metalstm"):
+    Config: ClassVar[type[AlgoConfig]] = MetaLSTMConfig
+    cfg: MetaLSTMConfig
     fixed_update = "metalstm"
 
     def support_loss(

@@ -34,13 +34,13 @@ from metacli.algorithms.maml import MAML, MAMLConfig
 from metacli.algorithms.reptile import reptile_loss
 from metacli.config import require
 from metacli.engine.inner import Step
-from metacli.engine.random import TaskRandom
 from metacli.errors import ConfigError
+from metacli.figures import genotype_figure
 from metacli.models.base import Model
 from metacli.models.darts import KINDS, Darts
-from metacli.plots import genotype_figure
+from metacli.params import Params
+from metacli.streams import TaskRandom
 from metacli.tasks.base import TaskBatch, TaskDistribution
-from metacli.updates.base import Params
 
 META = ("reptile", "fomaml", "maml")
 

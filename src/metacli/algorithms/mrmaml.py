@@ -38,11 +38,11 @@ from metacli.algorithms.base import AlgoConfig, Evaluation, MetaLoss
 from metacli.algorithms.maml import MAML, MAMLConfig, TaskLoss
 from metacli.config import require
 from metacli.engine.inner import last
-from metacli.engine.random import TaskRandom
 from metacli.errors import ConfigError
 from metacli.models.base import Model
+from metacli.params import Params
+from metacli.streams import TaskRandom
 from metacli.tasks.base import TaskBatch, TaskDistribution
-from metacli.updates.base import Params
 
 VARIANTS = ("weights", "activations")
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "tanh": torch.tanh}

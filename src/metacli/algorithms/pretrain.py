@@ -15,9 +15,9 @@ from typing import ClassVar
 from torch import Tensor
 
 from metacli.algorithms.base import Adaptive, AdaptiveConfig, AlgoConfig, MetaLoss
-from metacli.engine.random import TaskRandom
+from metacli.params import Params
+from metacli.streams import TaskRandom
 from metacli.tasks.base import TaskBatch
-from metacli.updates.base import Params
 
 
 @dataclass

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metacli.algorithms.base import AlgoConfig, Evaluation, MetaAlgorithm, MetaLoss
-from metacli.engine.random import TaskRandom
 from metacli.errors import ConfigError
 from metacli.models.base import Model
 from metacli.models.fused import backward_once
+from metacli.streams import TaskRandom
 from metacli.tasks.base import ClassificationTask, TaskBatch, TaskDistribution
 
 Episode = Callable[..., tuple[Tensor, Tensor, dict[str, Tensor]]]

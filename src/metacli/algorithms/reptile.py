@@ -27,10 +27,10 @@ from torch import Tensor, nn
 
 from metacli.algorithms.base import Adaptive, AdaptiveConfig, AlgoConfig, MetaLoss
 from metacli.engine.inner import last
-from metacli.engine.random import TaskRandom
 from metacli.models.base import Model
+from metacli.params import Params
+from metacli.streams import TaskRandom
 from metacli.tasks.base import TaskBatch, TaskDistribution
-from metacli.updates.base import Params
 
 
 @dataclass

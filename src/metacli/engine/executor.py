@@ -6,7 +6,7 @@ Contract (what a task function may assume, and must respect):
   (the meta-parameters, say) are the same for every task; ``per_task`` tensors are
   sliced on axis 0 (a ``TaskBatch`` gives its four tensors). It returns tensors or
   nested dicts/tuples of tensors, which come back stacked on a new axis 0, in task order.
-- ``rng`` is the task's own random stream (``metacli.engine.random.TaskRandom``), keyed
+- ``rng`` is the task's own random stream (``metacli.streams.TaskRandom``), keyed
   by the seed, the stream (train/val/test), the iteration and the task's index only. It
   is the only source of randomness allowed: a draw from torch's global generator is an
   error under every strategy (vmap would refuse it; a loop or threads would make the
@@ -43,9 +43,9 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from metacli.engine.random import TaskRandom, task_keys
 from metacli.errors import MetacliError
 from metacli.models.base import Model
+from metacli.streams import TaskRandom, task_keys
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metacli.engine.random import TaskRandom
 from metacli.models.fused import backward_once
-from metacli.updates.base import Params, UpdateRule
+from metacli.params import Params
+from metacli.streams import TaskRandom
+from metacli.updates.base import UpdateRule
 
 # (params, step, names, want_loss) -> (support loss or None, its gradient for names) or None
 WrittenGradient = Callable[[Params, int, list[str], bool], tuple[Tensor | None, Params] | None]

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metacli.engine.random import TaskRandom
 from metacli.errors import ConfigError
 from metacli.registry import Registered
+from metacli.streams import TaskRandom
 
 NORMS = ("transductive", "per_step", "running", "none")
 # d loss / d output [N, out] and the names asked -> d loss / d params[name] for each
@@ -23,7 +23,7 @@ Backward = Callable[[Tensor, Collection[str]], dict[str, Tensor]]
 class StackedPass(Protocol):
     """One forward pass on a stack of tasks [T, N, ...] (weights shared, or one per task
     [T, ...]) and its backward passes written out (``MLPPass``), for the meta-gradient
-    computed by hand (``metacli.engine.written``)."""
+    computed by hand (``metacli.engine.stacked_meta_gradient``)."""
 
     output: Tensor  # [T, N, out]
 

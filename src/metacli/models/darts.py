@@ -30,10 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from metacli.config import require
-from metacli.engine.random import TaskRandom
 from metacli.errors import ConfigError
 from metacli.models.base import MetaBatchNorm, Model, ModelConfig
 from metacli.models.operations import OPS, Cell, Genotype, edge_count
+from metacli.streams import TaskRandom
 
 DARTS_OPS = [
     "sep_conv_3x3",

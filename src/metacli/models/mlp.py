@@ -153,7 +153,8 @@ class MLPPass:
     (differentiable: second-order meta-gradients may flow through it); ``tangent`` and
     ``tangent_backward`` give the directional derivatives of the output and of that
     gradient along a direction in weight space (Pearlmutter's R-operator): with the loss's
-    second derivative in between, a Hessian-vector product (``metacli.engine.written``).
+    second derivative in between, a Hessian-vector product
+    (``metacli.engine.stacked_meta_gradient``).
     """
 
     def __init__(self, model: MLP, params: dict[str, Tensor], x: Tensor) -> None:

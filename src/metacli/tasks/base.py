@@ -44,7 +44,7 @@ class TaskConfig:
 class TaskBatch:
     """A meta-batch of episodes; axis 0 is the task.
 
-    ``keys`` name each task's random stream (``metacli.engine.random``): the loop sets
+    ``keys`` name each task's random stream (``metacli.streams``): the loop sets
     them from the seed, the split, the iteration and the task's index; a batch without
     keys gets fixed ones from the executor.
     """
@@ -137,8 +137,9 @@ class TaskDistribution(Registered):
 
 class StackedLoss:
     """A task's loss written out over a stack of tasks (a leading task dimension T), for
-    the meta-gradient computed by hand (``metacli.engine.written``): each task's loss and
-    metric, and the first and second derivatives of each task's loss in its predictions."""
+    the meta-gradient computed by hand (``metacli.engine.stacked_meta_gradient``): each
+    task's loss and metric, and the first and second derivatives of each task's loss in
+    its predictions."""
 
     def fits(self, prediction: Tensor, target: Tensor) -> bool:
         """Whether these shapes are the ones written out below."""

@@ -23,13 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from metacli.config import require
-from metacli.engine.random import TaskRandom
-from metacli.updates.base import Params, UpdateConfig, UpdateRule, slot
+from metacli.params import Params
+from metacli.streams import TaskRandom
+from metacli.updates.base import UpdateConfig, UpdateRule, slot
 from metacli.updates.momentum import logit
 
 
 @dataclass
-class AdamConfig(UpdateConfig):
+class AdamRuleConfig(UpdateConfig):
     adam_lr: float | None = None  # null: the phase's inner learning rate
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
@@ -56,8 +57,8 @@ def safe_sqrt(x: Tensor) -> Tensor:
     return torch.where(positive, torch.where(positive, x, 1.0).sqrt(), 0.0)
 
 
-class Adam(UpdateRule, key="adam"):
-    Config = AdamConfig
+class AdamRule(UpdateRule, key="adam"):
+    Config = AdamRuleConfig
 
     def __init__(self, cfg: Any, params: Params, lr: float, steps: int) -> None:
         super().__init__(cfg, params, lr, steps)

@@ -27,12 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from metacli.config import require
-from metacli.engine.random import TaskRandom
-from metacli.updates.base import Params, UpdateConfig, UpdateRule, slot
+from metacli.params import Params
+from metacli.streams import TaskRandom
+from metacli.updates.base import UpdateConfig, UpdateRule, slot
 
 
 @dataclass
-class ALFAConfig(UpdateConfig):
+class ALFARuleConfig(UpdateConfig):
     alfa_weight_decay: float = 5e-4  # beta's start, in units of the inner learning rate
 
     def __post_init__(self) -> None:
@@ -50,8 +51,8 @@ def task_state(params: Params, grads: Params) -> Tensor:
     return torch.stack(means + [grads[n].detach().mean() for n in params])
 
 
-class ALFA(UpdateRule, key="alfa"):
-    Config = ALFAConfig
+class ALFARule(UpdateRule, key="alfa"):
+    Config = ALFARuleConfig
     exact = False  # the generator reads detached gradients (as the authors' code)
 
     def __init__(self, cfg: Any, params: Params, lr: float, steps: int) -> None:

@@ -28,11 +28,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from metacli.engine.random import TaskRandom
 from metacli.errors import ConfigError
+from metacli.params import Params
 from metacli.registry import Registered
-
-Params = dict[str, Tensor]
+from metacli.streams import TaskRandom
 
 
 @dataclass
@@ -91,7 +90,7 @@ class UpdateRule(nn.Module, Registered):
         """Where the rule is theta <- theta - alpha * grad (no state, no draws): each
         adapted tensor's alpha for the phase's ``lr``, a number or a tensor that broadcasts
         to it. Such rules may have their meta-gradient written out
-        (``metacli.engine.written``); None for any other rule."""
+        (``metacli.engine.stacked_meta_gradient``); None for any other rule."""
         return None
 
     def init(self, params: Params, lr: float, rng: TaskRandom) -> Any:

@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metacli.engine.random import TaskRandom
-from metacli.updates.base import Params, UpdateRule, slot
+from metacli.params import Params
+from metacli.streams import TaskRandom
+from metacli.updates.base import UpdateRule, slot
 
 
-class LSLR(UpdateRule, key="lslr"):
+class LSLRRule(UpdateRule, key="lslr"):
     def __init__(self, cfg: Any, params: Params, lr: float, steps: int) -> None:
         super().__init__(cfg, params, lr, steps)
         self.steps = steps

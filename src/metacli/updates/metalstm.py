@@ -30,12 +30,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metacli.config import require
-from metacli.engine.random import TaskRandom
-from metacli.updates.base import Params, UpdateConfig, UpdateRule
+from metacli.params import Params
+from metacli.streams import TaskRandom
+from metacli.updates.base import UpdateConfig, UpdateRule
 
 
 @dataclass
-class MetaLSTMConfig(UpdateConfig):
+class MetaLSTMRuleConfig(UpdateConfig):
     lstm_hidden: int = 20  # units of the first LSTM (the paper: 20)
     preprocess_p: float = 10.0  # p of the gradient/loss preprocessing
     # The gradient is divided by this before the LSTM sees it: the authors' learner divides
@@ -61,8 +62,8 @@ def preprocess(x: Tensor, p: float) -> Tensor:
     return torch.stack([magnitude, sign], dim=-1)
 
 
-class MetaLSTM(UpdateRule, key="metalstm"):
-    Config = MetaLSTMConfig
+class MetaLSTMRule(UpdateRule, key="metalstm"):
+    Config = MetaLSTMRuleConfig
     needs_loss = True
 
     def __init__(self, cfg: Any, params: Params, lr: float, steps: int) -> None:

@@ -15,8 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from metacli.config import require
-from metacli.engine.random import TaskRandom
-from metacli.updates.base import Params, UpdateConfig, UpdateRule, slot
+from metacli.params import Params
+from metacli.streams import TaskRandom
+from metacli.updates.base import UpdateConfig, UpdateRule, slot
 
 
 @dataclass
@@ -33,7 +34,7 @@ class MetaSGDRuleConfig(UpdateConfig):
         )
 
 
-class MetaSGD(UpdateRule, key="metasgd"):
+class MetaSGDRule(UpdateRule, key="metasgd"):
     Config = MetaSGDRuleConfig
 
     def __init__(self, cfg: Any, params: Params, lr: float, steps: int) -> None:

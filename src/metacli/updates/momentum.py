@@ -17,12 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from metacli.config import require
-from metacli.engine.random import TaskRandom
-from metacli.updates.base import Params, UpdateConfig, UpdateRule
+from metacli.params import Params
+from metacli.streams import TaskRandom
+from metacli.updates.base import UpdateConfig, UpdateRule
 
 
 @dataclass
-class MomentumConfig(UpdateConfig):
+class MomentumRuleConfig(UpdateConfig):
     momentum: float = 0.9
 
     def __post_init__(self) -> None:
@@ -34,8 +35,8 @@ def logit(value: float | list[float]) -> nn.Parameter:
     return nn.Parameter(torch.logit(torch.tensor(value, dtype=torch.get_default_dtype()), eps=1e-6))
 
 
-class Momentum(UpdateRule, key="momentum"):
-    Config = MomentumConfig
+class MomentumRule(UpdateRule, key="momentum"):
+    Config = MomentumRuleConfig
 
     def __init__(self, cfg: Any, params: Params, lr: float, steps: int) -> None:
         super().__init__(cfg, params, lr, steps)

@@ -10,10 +10,11 @@ from typing import Any
 
 from torch import Tensor
 
-from metacli.updates.base import Params, UpdateRule
+from metacli.params import Params
+from metacli.updates.base import UpdateRule
 
 
-class SGD(UpdateRule, key="sgd"):
+class SGDRule(UpdateRule, key="sgd"):
     def learn_hyperparameters(self, lr: float) -> None:
         self.learn_step_sizes(lr)
 

@@ -27,17 +27,18 @@ import torch
 from torch import Tensor, nn
 
 from metacli.config import merged_schema, require
-from metacli.engine.random import TaskRandom
 from metacli.errors import ConfigError
+from metacli.params import Params
 from metacli.registry import lookup
-from metacli.updates.base import Params, UpdateConfig, UpdateRule
+from metacli.streams import TaskRandom
+from metacli.updates.base import UpdateConfig, UpdateRule
 
 SAMPLING = ("gumbel", "expectation")
 TEST = ("sample", "argmax", "expectation")
 
 
 @dataclass
-class SpaceConfig(UpdateConfig):
+class SpaceRuleConfig(UpdateConfig):
     space: list[str] = field(default_factory=lambda: ["sgd", "momentum", "adam"])
     space_sampling: str = "gumbel"  # gumbel (one member per task) | expectation
     space_temperature: float = 1.0  # of the softmax over the members
@@ -85,8 +86,8 @@ def prefixed(member: str, key: str) -> str:
     return key if key.startswith(member) else f"{member}_{key}"
 
 
-class Space(UpdateRule, key="space"):
-    Config = SpaceConfig
+class SpaceRule(UpdateRule, key="space"):
+    Config = SpaceRuleConfig
     stochastic = True  # gumbel draws from the task's stream (harmless otherwise)
 
     @classmethod
@@ -94,11 +95,13 @@ class Space(UpdateRule, key="space"):
         """conf/update/space.yaml lists the default members' settings, so theirs are always
         accepted, with those of any other member named in ``algo.space``."""
         listed = node.get("space") if node is not None else None
-        names = [*SpaceConfig().space, *(str(m) for m in listed or [])]
-        # "space" itself: SpaceConfig's own check names the problem
+        names = [*SpaceRuleConfig().space, *(str(m) for m in listed or [])]
+        # "space" itself: SpaceRuleConfig's own check names the problem
         members = [n for n in dict.fromkeys(names) if n != "space"]
         parts = [member_class(m).Config for m in reversed(members)]
-        return merged_schema("SpaceWith" + "".join(m.title() for m in members), *parts, SpaceConfig)
+        return merged_schema(
+            "SpaceWith" + "".join(m.title() for m in members), *parts, SpaceRuleConfig
+        )
 
     def __init__(self, cfg: Any, params: Params, lr: float, steps: int) -> None:
         super().__init__(cfg, params, lr, steps)

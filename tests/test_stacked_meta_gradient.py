@@ -1,7 +1,8 @@
-"""The meta-gradient written out over a stack of tasks (``metacli.engine.written``) equals
-autograd's, in float64: the MLP's tangent passes give autograd's Hessian-vector products,
-the task losses' derivatives are autograd's, and every algorithm it serves gets the same
-meta-loss, metric and meta-gradient as the per-task path (vmap and autograd)."""
+"""The meta-gradient written out over a stack of tasks
+(``metacli.engine.stacked_meta_gradient``) equals autograd's, in float64: the MLP's tangent
+passes give autograd's Hessian-vector products, the task losses' derivatives are
+autograd's, and every algorithm it serves gets the same meta-loss, metric and
+meta-gradient as the per-task path (vmap and autograd)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 from metacli.build import build
-from metacli.engine import written as written_module
+from metacli.engine import stacked_meta_gradient
 from metacli.models import mlp
 from metacli.tasks.base import StackedCrossEntropy, StackedMSE
 from tests.conftest import TINY, compose_config, run_cli
@@ -143,7 +144,7 @@ def outcome(algo: str, task: list[str], written: bool) -> tuple[dict[str, Tensor
     batch = type(batch)(*(t.double() if t.is_floating_point() else t for t in batch.tensors()))
     c.algorithm.to(torch.float64)
     ran = [0]
-    inner = written_module.meta_gradient
+    inner = stacked_meta_gradient.meta_gradient
 
     def spy(*args: Any) -> Any:
         result = inner(*args)
