@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+
+from metacli.composition import compose
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -25,8 +26,8 @@ TIMING_FIELDS = ("wall_time", "it_per_s")
 
 
 def compose_config(*overrides: str, name: str = "train") -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=name, overrides=list(overrides))
+    """The config ``metacli <name> OVERRIDES`` runs (metacli's own composition)."""
+    return compose(name, list(overrides))
 
 
 def run_cli(
@@ -69,6 +70,17 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
 
 
 TINY = ("debug=tiny",)
+
+
+def options(group: str) -> list[str]:
+    """The options metacli ships for a config group: the registered components of algo,
+    task, model and update (their defaults are their Config dataclasses), the YAML files
+    of conf/<group>/ for the others."""
+    from metacli.registry import GROUPS, builtins
+
+    if group in GROUPS:
+        return list(builtins(group))
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
 @pytest.fixture

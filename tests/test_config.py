@@ -11,14 +11,10 @@ import torch
 from metacli.build import build, check, resolve_device
 from metacli.config import DeviceConfig
 from metacli.errors import ConfigError
-from tests.conftest import CONF, OMNIGLOT, compose_config
+from tests.conftest import CONF, OMNIGLOT, compose_config, options
 
 IMAGE_MODELS = ("conv4", "resnet12")
 CLASSIFIERS = ("protonet",)
-
-
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
 PAPER_ROW = re.compile(

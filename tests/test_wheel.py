@@ -35,7 +35,7 @@ def test_wheel_install_runs_from_anywhere(tmp_path: Path) -> None:
     )
     (wheel,) = dist.glob("metacli-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "metacli/conf/train.yaml" in names and "metacli/conf/algo/maml.yaml" in names
+    assert "metacli/conf/train.yaml" in names and "metacli/conf/optim/sgd.yaml" in names
     # A fresh virtual environment that installs the wheel itself and borrows only the
     # already-installed dependencies (torch, hydra, ...) from this one, through a .pth
     # file (which does not run the .pth of the editable install that lies there too).

@@ -20,30 +20,24 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metacli import distributed
-from metacli.algorithms.base import Adaptive, MetaAlgorithm
+from metacli.algorithms.base import MetaAlgorithm
 from metacli.config import (
     DeviceConfig,
     GroupConfig,
     OptimConfig,
     RunConfig,
     check_run_config,
-    merged_schema,
-    option_keys,
     to_typed,
 )
 from metacli.errors import ConfigError
 from metacli.models.base import Model
 from metacli.optim import OuterAdam, OuterSGD
-from metacli.registry import Registered, lookup
+from metacli.options import class_of, option_keys, schema_of
 from metacli.tasks.base import TaskDistribution, split_generator
-from metacli.updates.base import UpdateRule
 
 log = logging.getLogger(__name__)
-GROUP_BASES: dict[str, type[Registered]] = {
-    "task": TaskDistribution,
-    "model": Model,
-    "algo": MetaAlgorithm,
-}
+# The component sections, in the order they are checked (the first problem is reported).
+COMPONENT_GROUPS = ("task", "model", "algo")
 
 
 @dataclass
@@ -71,26 +65,19 @@ class Resolved:
     effective: DictConfig
 
 
-def schema_of(group: str, cls: Any, node: Any) -> type:
-    schema: type = cls.Config
-    if group == "algo" and issubclass(cls, Adaptive):
-        default = {f.name: f.default for f in dataclasses.fields(schema)}["update"]
-        chosen = str(node.get("update", default))
-        cls.check_rule(str(node.get("name")), chosen)  # before any other complaint
-        rule = lookup("update", chosen, UpdateRule)
-        rule_schema = rule.schema(node)  # the rule's settings come first, as before
-        schema = merged_schema(f"{schema.__name__}With{rule_schema.__name__}", rule_schema, schema)
-    return schema
+def typed_group(cfg: DictConfig, group: str) -> tuple[Any, Any]:
+    """The class of a component group's option and its section checked against its schema.
 
-
-def typed_group(cfg: DictConfig, group: str, base: type[Registered]) -> tuple[Any, Any]:
-    """The registered class of a component group and its config checked against its schema."""
+    The class is the one ``_target_`` names (a config file of the user's), else the one
+    registered under the section's ``name`` (``metacli.registry``).
+    """
     node = cfg.get(group)
     if node is None or node.get("name") is None:
         raise ConfigError(
             f"The config has no {group}.name. Select a {group} with {group}=<option>."
         )
-    cls: Any = lookup(group, str(node.name), base)
+    cls = class_of(group, node)
+    node = OmegaConf.masked_copy(node, [str(k) for k in node if k != "_target_"])
     schema = schema_of(group, cls, node)
     own = {f.name for f in dataclasses.fields(schema)}
     extra = [k for k in node if k not in own]
@@ -103,16 +90,29 @@ def typed_group(cfg: DictConfig, group: str, base: type[Registered]) -> tuple[An
             group,
             node.name,
         )
-        node = OmegaConf.masked_copy(node, [k for k in node if k not in foreign])
+        node = OmegaConf.masked_copy(node, [str(k) for k in node if k not in foreign])
     return cls, to_typed(schema, node, group)
+
+
+def import_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def section(group: str, cls: type, typed: Any) -> dict[str, Any]:
+    """A component's section of the effective config; a class from outside metacli (a
+    config file's ``_target_``, a plug-in) is recorded with its import path."""
+    values = dataclasses.asdict(typed)
+    if not cls.__module__.startswith("metacli."):
+        values["_target_"] = import_path(cls)
+    return values
 
 
 def resolve(cfg: DictConfig) -> Resolved:
     """Check the whole config and apply ``configure``; builds nothing."""
     run = check_run_config(cfg)
     classes, typed = {}, {}
-    for group, base in GROUP_BASES.items():
-        classes[group], typed[group] = typed_group(cfg, group, base)
+    for group in COMPONENT_GROUPS:
+        classes[group], typed[group] = typed_group(cfg, group)
     task_cfg, algo_cls, algo_cfg = typed["task"], classes["algo"], typed["algo"]
     test_ways = getattr(task_cfg, "test_ways", None)
     if algo_cls.uses_head and test_ways not in (None, getattr(task_cfg, "ways", None)):
@@ -122,7 +122,10 @@ def resolve(cfg: DictConfig) -> Resolved:
             f"algorithm without a head (algo=protonet)."
         )
     notes = algo_cls.configure(algo_cfg, typed["model"], run)
-    sections = {**dataclasses.asdict(run), **{g: dataclasses.asdict(t) for g, t in typed.items()}}
+    sections = {
+        **dataclasses.asdict(run),
+        **{g: section(g, classes[g], typed[g]) for g in COMPONENT_GROUPS},
+    }
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
     effective = OmegaConf.create({k: sections.get(str(k), v) for k, v in container.items()})

@@ -70,48 +70,11 @@ def value_of(args: list[str], key: str) -> str | None:
     return values[-1] if values and values[-1] not in ("", "null") else None
 
 
-def force_swept_keys(args: list[str]) -> list[str]:
-    """``algo.key=...`` in a sweep over ``algo=a,b`` where only some options have the key.
-
-    Hydra would stop the whole sweep at the first job lacking it, so the override becomes
-    ``++algo.key=...`` (force-add): the options without the key ignore it, with a warning
-    in their log. A key that no swept option has is left to fail as a misspelling.
-    """
-    from metacli.precheck import multirun
-
-    if not multirun(args):
-        return args
-    from metacli.config import option_keys
-
-    swept = {
-        key: value.split(",")
-        for key, value in (a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
-        if key in ("algo", "task", "model") and "," in value
-    }
-    out = []
-    for arg in args:
-        key, _, value = arg.partition("=")
-        group, _, sub = key.partition(".")
-        if value and not key.startswith(("+", "~")) and group in swept and sub:
-            known = option_keys(group)
-            options = [o for o in swept[group] if o in known]
-            lacking = [o for o in options if sub.split(".")[0] not in known[o]]
-            if lacking and len(lacking) < len(options):
-                print(
-                    f"metacli: {key} is not a setting of {group}={','.join(lacking)}; "
-                    f"applying it as ++{key}={value}, which those options ignore.",
-                    file=sys.stderr,
-                )
-                arg = f"++{arg}"
-        out.append(arg)
-    return out
-
-
 def prepare(command: str, args: list[str]) -> list[str]:
     """Arguments for Hydra; ``resume`` and ``ckpt_path`` replay the overrides of their run."""
     resume = value_of(args, "resume") if command == "train" else None
     if resume is not None:
-        from metacli.precheck import multirun
+        from metacli.composition import multirun
 
         if multirun(args):
             raise MetacliError(
@@ -136,16 +99,29 @@ def prepare(command: str, args: list[str]) -> list[str]:
     return args
 
 
-def train_task(cfg: Any) -> float:
-    from metacli.run import train
-
-    return train(cfg)
+def train_task(cfg: Any, prechecked: Any = None) -> float:
+    return job("train", cfg, prechecked)
 
 
-def test_task(cfg: Any) -> float:
-    from metacli.run import test
+def test_task(cfg: Any, prechecked: Any = None) -> float:
+    return job("test", cfg, prechecked)
 
-    return test(cfg)
+
+def job(command: str, cfg: Any, prechecked: Any) -> float:
+    """A Hydra job: its config as the checks resolved it, when the job composed the same."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from metacli import run
+    from metacli.composition import name_options
+
+    name_options(cfg, HydraConfig.get().runtime.choices)
+    resolved = None
+    if prechecked is not None and OmegaConf.to_container(cfg) == OmegaConf.to_container(
+        prechecked.cfg
+    ):
+        resolved = prechecked.resolved
+    return run.COMMANDS[command](cfg, resolved=resolved)
 
 
 # Module-level task functions: parallel launchers pickle them by reference, so their
@@ -157,14 +133,22 @@ TASKS = {"train": train_task, "test": test_task}
 warnings.filterwarnings("ignore", message=r"(?s).*validated against ConfigStore schema")
 
 
-def run_hydra(command: str, args: list[str]) -> None:
+def run_hydra(command: str, args: list[str], prechecked: Any = None) -> None:
+    """Hydra's main with metacli's configs and options; ``prechecked``: the one job's
+    config as the checks resolved it."""
     import hydra
 
     from metacli.config import config_dir
+    from metacli.options import register
 
+    register()
     sys.argv = [f"metacli {command}", *args]
     main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=command)
-    main(TASKS[command])()
+
+    def checked_job(cfg: Any) -> float:
+        return TASKS[command](cfg, prechecked)
+
+    main(checked_job if prechecked is not None else TASKS[command])()
 
 
 def run_data(args: list[str]) -> None:
@@ -179,11 +163,10 @@ def run_data(args: list[str]) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     from metacli import data_command
-    from metacli.config import config_dir
 
     try:
         action = data_command.check if args[0] == "check" else data_command.prepare
-        raise SystemExit(action(str(config_dir()), args[1:]))
+        raise SystemExit(action(args[1:]))
     except (HydraException, OmegaConfBaseException, MetacliError) as err:
         print(f"metacli data {args[0]}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -236,14 +219,14 @@ def main(argv: list[str] | None = None) -> None:
     if distributed.from_env().active:  # one rank of torchrun's (or the launcher's) world
         run_hydra(command, join_world(command, args))
         return
-    args = checked(command, args)
+    args, prechecked = checked(command, args)
     nproc = value_of(args, "distributed.nproc")
-    from metacli.precheck import informs, multirun
+    from metacli.composition import informs, multirun
 
     one_job = not (multirun(args) or informs(args))  # a sweep, or --cfg/--help: no ranks
     if nproc is not None and nproc.isdigit() and int(nproc) > 1 and one_job:
         raise SystemExit(distributed.launch(command, args, int(nproc)))
-    run_hydra(command, args)
+    run_hydra(command, args, prechecked)
 
 
 def entry() -> None:
@@ -261,34 +244,37 @@ def entry() -> None:
     os._exit(0)
 
 
-def checked(command: str, args: list[str]) -> list[str]:
-    """The arguments for Hydra, once the config they compose has passed every check; a
-    failed check is one paragraph and exit 2, nothing to do is said and exit 0."""
+def checked(command: str, args: list[str]) -> tuple[list[str], Any]:
+    """The arguments for Hydra, once the config they compose has passed every check, and a
+    single run's checked config; a failed check is one paragraph and exit 2, nothing to do
+    is said and exit 0."""
     try:
         check_overrides(args)
-        args = force_swept_keys(args)
-        args = prepare(command, args)
+        from metacli.composition import config_folders, settable
+
+        args = settable(command, prepare(command, config_folders(args)))
         from metacli.precheck import NothingToDo, precheck
 
         try:
-            precheck(command, args)
+            prechecked = precheck(command, args)
         except NothingToDo as done:
             print(f"metacli {command}: {done}")
             raise SystemExit(0) from None
     except MetacliError as err:
         print(f"metacli {command}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    return args
+    return args, prechecked
 
 
 def world_settings(command: str, args: list[str]) -> tuple[str, float]:
     """``distributed.backend`` and ``distributed.timeout_s`` as the config composes them
     (a preset may set them); their defaults where it does not compose, as rank 0 reports."""
+    from metacli.composition import compose, config_folders, job_overrides
     from metacli.config import DistributedConfig
-    from metacli.precheck import compose, job_overrides
 
     try:
-        settings = compose(command, job_overrides(prepare(command, args)) or []).distributed
+        overrides = job_overrides(prepare(command, config_folders(args))) or []
+        settings = compose(command, overrides).distributed
     except MetacliError:
         settings = DistributedConfig()
     return str(settings.backend), float(settings.timeout_s)
@@ -301,7 +287,7 @@ def join_world(command: str, args: list[str]) -> list[str]:
     The world's size is what the launcher started: it is recorded as distributed.nproc.
     """
     from metacli import distributed
-    from metacli.precheck import multirun
+    from metacli.composition import multirun
 
     world = distributed.from_env()
     if multirun(args):
@@ -322,8 +308,8 @@ def join_world(command: str, args: list[str]) -> list[str]:
     outcome: tuple[int, list[str]] = (0, [])
     if world.writer:
         try:
-            args = checked(command, args)
-            from metacli.precheck import run_dir
+            args = checked(command, args)[0]
+            from metacli.composition import run_dir
 
             if command in ("train", "test"):
                 args = [*args, f"hydra.run.dir={quote(run_dir(command, args))}"]

@@ -60,8 +60,8 @@ def require_ranges(section: str, config: Any, *keys: str) -> None:
 
 @dataclass
 class DeviceConfig:
-    name: str = "auto"
-    threads: int | None = None
+    name: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
+    threads: int | None = None  # torch CPU threads (null: see the top-level threads)
 
     def __post_init__(self) -> None:
         require(
@@ -116,8 +116,11 @@ class OptimConfig:
     step_size: int = 1000
     gamma: float = 0.5
     # Per-group settings, by the algorithm's group names: `model` (the initialisation),
-    # `update` (an update rule's learned rates), ...
-    groups: dict[str, GroupConfig] = field(default_factory=dict)
+    # `update` (an update rule's learned rates), `encoder` (MR-MAML's), `architecture`
+    # (MetaNAS's); each null: the settings above
+    groups: dict[str, GroupConfig] = field(
+        default_factory=lambda: {name: GroupConfig() for name in PARAM_GROUPS}
+    )
 
     def __post_init__(self) -> None:
         require(self.name in ("adam", "sgd"), "optim", self.name, "choose adam or sgd")
@@ -164,13 +167,15 @@ class OptimConfig:
 
 @dataclass
 class TrainLoopConfig:
-    iterations: int = 5000
-    meta_batch_size: int = 25
-    val_every: int = 500
-    log_every: int = 100
-    ckpt_every: int | None = None
-    grad_clip: float | None = None
-    grad_clamp: float | None = None  # clamp each meta-gradient element to [-c, c]
+    iterations: int = 5000  # outer (meta) updates
+    meta_batch_size: int = 25  # tasks per outer update
+    val_every: int = 500  # validate (and checkpoint) every N iterations
+    log_every: int = 100  # write a train line to metrics.jsonl every N iterations
+    ckpt_every: int | None = None  # write checkpoints/last.pt every N iterations (null: val_every)
+    grad_clip: float | None = None  # clip the meta-gradient's norm (null: off)
+    # clamp each meta-gradient element to [-c, c] (MAML's and MAML++'s code: 10 on
+    # mini-ImageNet; null: off)
+    grad_clamp: float | None = None
     on_nan: str = "stop"  # a NaN/Inf meta-loss or meta-gradient: stop, or skip the update
     nan_skips: int = 10  # with on_nan=skip: stop after more than this many in a row
 
@@ -208,8 +213,8 @@ class TrainLoopConfig:
 
 @dataclass
 class EvalConfig:
-    num_tasks: int = 100
-    batch_size: int = 100
+    num_tasks: int = 100  # fixed, seeded tasks (seed and split alone choose them)
+    batch_size: int = 100  # tasks adapted at once
 
     def check(self, section: str) -> None:
         require(self.num_tasks >= 1, f"{section}.num_tasks", self.num_tasks, "it must be >= 1")
@@ -255,7 +260,8 @@ class PublishedConfig:
 
 @dataclass
 class DataConfig:
-    root: str | None = None
+    root: str | None = None  # the dataset's folder (null: the METACLI_DATA variable)
+    # the decoded-dataset cache (null: METACLI_CACHE, else ~/.cache/metacli)
     cache_dir: str | None = None
 
 
@@ -264,7 +270,7 @@ OBJECTIVES = ("val", "test")
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"
+    name: str = "none"  # none (metrics.jsonl alone, always written) | tensorboard | mlflow
     tracking_uri: str | None = None  # mlflow
     experiment: str = "metacli"  # mlflow
 
@@ -292,12 +298,15 @@ class DistributedConfig:
 class RunConfig:
     """The top level: everything but the component groups, which the registry types."""
 
-    seed: int = 0
-    resume: str | None = None
-    ckpt_path: str | None = None
+    seed: int = 0  # fixes everything; 0 is a real seed
+    resume: str | None = None  # a run folder to continue in place from checkpoints/last.pt
+    ckpt_path: str | None = None  # the checkpoint `metacli test` meta-tests
+    # what a run returns to sweepers: val (the best validation metric) or test
     optimized_metric: str = "val"
+    # re-running a sweep: skip jobs whose folder holds a finished run of the same config,
+    # resume unfinished ones from their last checkpoint
     skip_finished: bool = False
-    threads: int | None = None
+    threads: int | None = None  # torch CPU threads (null: the cores, shared among local jobs)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -398,14 +407,3 @@ def config_dir() -> Path:
         f"metacli cannot find its configs: neither {package / 'conf'} nor "
         f"{package.parents[1] / 'conf'} holds train.yaml. Reinstall metacli."
     )
-
-
-def option_keys(group: str) -> dict[str, set[str]]:
-    """The top-level keys of each shipped option of a config group (conf/<group>/*.yaml)."""
-    import yaml
-
-    keys: dict[str, set[str]] = {}
-    for path in sorted((config_dir() / group).glob("*.yaml")):
-        node = yaml.safe_load(path.read_text(encoding="utf-8"))
-        keys[path.stem] = {str(k) for k in node} if isinstance(node, dict) else set()
-    return keys

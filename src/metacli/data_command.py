@@ -9,32 +9,31 @@ from __future__ import annotations
 import logging
 import time
 
-from hydra import compose, initialize_config_dir
 from rich.table import Table
 
 from metacli.build import typed_group
+from metacli.composition import compose, config_folders
 from metacli.console import CONSOLE
 from metacli.errors import MetacliError
 from metacli.tasks.base import TaskDistribution
 from metacli.tasks.images import ImageClassTask
 
 
-def load_task(config_dir: str, overrides: list[str]) -> TaskDistribution:
+def load_task(overrides: list[str]) -> TaskDistribution:
     import os
 
-    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    task_cls, task_cfg = typed_group(cfg, "task", TaskDistribution)
+    cfg = compose("train", overrides)
+    task_cls, task_cfg = typed_group(cfg, "task")
     root = cfg.data.root or os.environ.get("METACLI_DATA")
     return task_cls(task_cfg, root, cfg.data.cache_dir)
 
 
-def check(config_dir: str, overrides: list[str]) -> int:
+def check(overrides: list[str]) -> int:
     """Print what the dataset holds per split, and every problem found; 1 if any."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     problems: list[str] = []
     try:
-        task = load_task(config_dir, overrides)
+        task = load_task(config_folders(overrides))
     except MetacliError as err:
         CONSOLE.print(f"[red]problem:[/red] {err}", soft_wrap=True)
         return 1
@@ -69,12 +68,12 @@ def check(config_dir: str, overrides: list[str]) -> int:
     return 1 if problems else 0
 
 
-def prepare(config_dir: str, overrides: list[str]) -> int:
+def prepare(overrides: list[str]) -> int:
     """Build (or find) the dataset cache, so that runs and sweeps start at once."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     start = time.perf_counter()
     try:
-        task = load_task(config_dir, overrides)
+        task = load_task(config_folders(overrides))
     except MetacliError as err:
         CONSOLE.print(f"[red]problem:[/red] {err}", soft_wrap=True)
         return 1

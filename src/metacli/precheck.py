@@ -1,25 +1,33 @@
 """The checks that run before Hydra starts a job, so that no folder is made for nothing.
 
-``precheck`` composes the config the way Hydra will and checks it against the schemas: a
-misspelt key or option, an impossible value, or a resume that would change what a run
-is, stops here with one paragraph, before any run folder exists. Hydra's own messages
-("To append to your config use +...") are replaced by the closest valid key.
+``precheck`` composes the config the way Hydra will (``metacli.composition``) and checks it
+against the schemas: a misspelt key or option, an impossible value, or a resume that would
+change what a run is, stops here with one paragraph, before any run folder exists. An
+option of the user's that shadows a built-in one (a config file, a plug-in) is said here.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
-import re
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from metacli.config import config_dir, flatten
+from metacli.build import Resolved, resolve
+from metacli.composition import (
+    compose,
+    file_options,
+    folders_of,
+    job_overrides,
+    key_of,
+    multirun,
+)
+from metacli.config import flatten
 from metacli.errors import ConfigError, MetacliError
+from metacli.registry import GROUPS, builtins, plugins
 
-# Flags after which Hydra prints something and runs no job.
-INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "-p")
 # What a resume may change: how long it trains, how it is meta-tested, where it runs.
 RESUMABLE = (
     "train.iterations",
@@ -42,119 +50,6 @@ RESUMABLE = (
 
 class NothingToDo(MetacliError):
     """A resume of a finished run that adds nothing: said, and exit 0."""
-
-
-def closest(word: str, candidates: list[str]) -> str | None:
-    found = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
-    if found:
-        return found[0]
-    tail = word.rsplit(".", 1)[-1]  # the right leaf in another section: train.inner_lr
-    same = [c for c in candidates if c.rsplit(".", 1)[-1] == tail]
-    return same[0] if same else None
-
-
-def suggestion(word: str, candidates: list[str]) -> str:
-    near = closest(word, candidates)
-    return f" (did you mean {near}?)" if near else ""
-
-
-def key_of(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def multirun(args: list[str]) -> bool:
-    """Whether the arguments ask Hydra for a sweep."""
-    return any(a in ("-m", "--multirun") for a in args)
-
-
-def informs(args: list[str]) -> bool:
-    """Whether the arguments ask Hydra for information (--help, --cfg, ...), not a job."""
-    return any(a.split("=")[0] in INFO_FLAGS for a in args)
-
-
-def job_overrides(args: list[str]) -> list[str] | None:
-    """The overrides of the job Hydra would run first (a sweep's first values); None when
-    Hydra will run no job (--help, --cfg, ...) or the sweep cannot be expanded here."""
-    if informs(args):
-        return None
-    overrides = [
-        a for a in args if "=" in a and not a.startswith("-") and not key_of(a).startswith("hydra")
-    ]
-    if not multirun(args):
-        return overrides
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception:  # Hydra reports a malformed override better than we can
-        return None
-    first = []
-    for override in parsed:
-        if override.is_sweep_override():
-            if not override.is_discrete_sweep():
-                return None  # an interval for a sweeper to search
-            value = next(iter(override.sweep_string_iterator()))
-            first.append(f"{override.get_key_element()}={value}")
-        else:
-            first.append(override.input_line or "")
-    return first
-
-
-def compose(command: str, overrides: list[str]) -> DictConfig:
-    """The config Hydra will compose, with Hydra's errors made one paragraph."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        with initialize_config_dir(str(config_dir()), version_base="1.3", job_name="metacli"):
-            return hydra_compose(config_name=command, overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(explain(command, overrides, str(err))) from None
-
-
-def run_dir(command: str, args: list[str]) -> str:
-    """The run folder Hydra would make for these arguments (``${now:...}`` resolved now)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.utils import setup_globals
-
-    setup_globals()  # Hydra's ${now:...} resolver
-    given = [a for a in args if key_of(a) == "hydra.run.dir"]
-    overrides = [*(job_overrides(args) or []), *given[-1:]]
-    with initialize_config_dir(str(config_dir()), version_base="1.3", job_name="metacli"):
-        cfg = hydra_compose(config_name=command, overrides=overrides, return_hydra_config=True)
-    return str(OmegaConf.select(cfg, "hydra.run.dir"))
-
-
-def explain(command: str, overrides: list[str], message: str) -> str:
-    """Hydra's composition error, as the setting to fix and the closest valid one."""
-    missing = re.search(r"Could not find '([^']+)/([^']+)'", message)
-    if missing:
-        group, option = missing.groups()
-        options = sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
-        return (
-            f"{group}={option} is not an option{suggestion(option, options)}. The options of "
-            f"{group}: {', '.join(options)}."
-        )
-    bad = re.search(
-        r"Could not (?:override|append to config\. An item is already at) '([^']+)'", message
-    )
-    if bad:
-        key = bad.group(1)
-        others = [o for o in overrides if key_of(o) != key]
-        try:
-            keys = list(flatten(OmegaConf.to_container(compose(command, others))))
-        except ConfigError:
-            keys = []
-        if "already at" in message:
-            return f"{key} already exists: set it without the leading +, as {key}=..."
-        return (
-            f"{key} is not a setting{suggestion(key, keys)}. `metacli {command} --cfg job` "
-            f"prints every key."
-        )
-    return message.strip().splitlines()[0] + " Check that override (see `metacli train --help`)."
 
 
 def check_output_folder(command: str, args: list[str]) -> None:
@@ -191,18 +86,51 @@ def check_output_folder(command: str, args: list[str]) -> None:
             folder.rmdir()
 
 
-def precheck(command: str, args: list[str]) -> None:
-    """Compose and check the first job's config; a resume must not change the run."""
+@dataclass
+class Checked:
+    """A single run's config as the checks composed and resolved it (handed to its job, so
+    that the config is resolved once)."""
+
+    cfg: DictConfig
+    resolved: Resolved
+
+
+def shadowing(choices: dict[str, str], folders: list[Path]) -> list[str]:
+    """One notice per chosen option of the user's that shadows another of that name."""
+    notices = []
+    for group in GROUPS:
+        option = choices.get(group)
+        if not option:
+            continue
+        files = file_options(group, option, folders)
+        plugin = plugins(group).get(option)
+        shadowed = [
+            *(["the built-in option"] if option in builtins(group) else []),
+            *([f"the installed plug-in ({plugin})"] if plugin and files else []),
+        ]
+        mine = f"{files[0]}" if files else f"the installed plug-in {plugin}" if plugin else None
+        if mine and shadowed:
+            notices.append(
+                f"notice: {group}={option} is {mine}, which shadows {' and '.join(shadowed)} "
+                f"of that name. Rename your option to use both."
+            )
+    return notices
+
+
+def precheck(command: str, args: list[str]) -> Checked | None:
+    """Compose and check the first job's config; a resume must not change the run. A
+    single run's checked config is returned for its job."""
     overrides = job_overrides(args)
     if overrides is None:
-        return
+        return None
     check_output_folder(command, args)
-    cfg = compose(command, overrides)
+    cfg = compose(command, overrides, keep_hydra=True)
+    for notice in shadowing(dict(cfg.hydra.runtime.choices), folders_of(overrides)):
+        print(f"metacli {command}: {notice}", file=sys.stderr)
+    cfg = compose(command, overrides)  # (without Hydra's node, as the job gets it)
     if multirun(args):
-        return  # each job's values are checked in its job (a failed job is recorded)
-    from metacli.build import resolve
-
-    effective = resolve(cfg).effective
+        return None  # each job's values are checked in its job (a failed job is recorded)
+    resolved = resolve(cfg)
     if command == "test" and not cfg.get("ckpt_path"):
         raise ConfigError(
             "metacli test needs a checkpoint: add ckpt_path=<run folder>/checkpoints/best.pt "
@@ -210,7 +138,8 @@ def precheck(command: str, args: list[str]) -> None:
         )
     resume = cfg.get("resume") if command == "train" else None
     if resume:
-        check_resume(Path(str(resume)), effective)
+        check_resume(Path(str(resume)), resolved.effective)
+    return Checked(cfg, resolved)
 
 
 def check_resume(folder: Path, effective: DictConfig) -> None:

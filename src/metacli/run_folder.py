@@ -116,7 +116,10 @@ class RunFolder:
         hydra = HydraConfig.get()
         multirun = hydra.mode == RunMode.MULTIRUN
         root = Path(hydra.runtime.output_dir)
-        return cls(root, list(hydra.overrides.task), multirun, command, cfg, hydra)
+        # the user's config folders go with the overrides, so test and resume replay them
+        folders = [o for o in hydra.overrides.hydra if o.startswith("hydra.searchpath=")]
+        overrides = [*hydra.overrides.task, *folders]
+        return cls(root, overrides, multirun, command, cfg, hydra)
 
     # --- writing, each write either complete or not at all ---------------------------
     def write(self, path: Path, action: Callable[[], object]) -> None:

@@ -1,1 +1,1 @@
-"""Meta-learning algorithms: one module per ``conf/algo/<name>.yaml``."""
+"""Meta-learning algorithms (``algo=``): one module per option, registered by its name."""

@@ -27,6 +27,8 @@ from metacli.tasks.base import TaskDistribution
 class ALFAConfig(MAMLConfig):
     name: str = "alfa"
     update: str = "alfa"
+    inner_steps: int = 5  # the authors' number_of_training_steps_per_iter
+    test_inner_steps: int | None = None  # null: inner_steps, as the authors' evaluation
     init: str = "learned"  # learned (MAML + ALFA) | random (ALFA from a random initialisation)
     adapt_norm: bool = False  # the authors' code keeps batch norm out of the inner loop
 

@@ -240,11 +240,16 @@ INNER_LOSSES = ("mean", "sum", "sum_over_shots")
 
 @dataclass
 class AdaptiveConfig(AlgoConfig):
-    inner_lr: float = 0.01
-    inner_steps: int = 1
-    test_inner_steps: int | None = None  # null = inner_steps
+    inner_lr: float = 0.01  # alpha, the inner loop's step size
+    inner_steps: int = 1  # inner steps in meta-training
+    # inner steps at validation and meta-test, the metric logged after each (0..k); null:
+    # inner_steps. 10: MAML's sinusoid evaluation (Finn et al. 2017), which every
+    # algorithm of the family inherits unless its paper evaluates otherwise
+    test_inner_steps: int | None = 10
     test_inner_lr: float | None = None  # null = inner_lr
-    update: str = "sgd"  # the inner-loop update rule (metacli/updates/<name>.py)
+    # the inner-loop update rule: a built-in's name (metacli/updates/<name>.py), a plug-in's,
+    # or a class's import path
+    update: str = "sgd"
     regularizer: str = "none"  # none | l2 | path: Omega(initialisation), metacli/regularizers.py
     regularizer_weight: float = 0.0  # lambda in L_meta + lambda * Omega
     adapt_norm: bool = True  # whether batch-norm parameters adapt in the inner loop

@@ -40,7 +40,11 @@ from metacli.tasks.base import TaskBatch
 @dataclass
 class MAMLPPConfig(MAMLConfig):
     name: str = "mamlpp"
+    inner_lr: float = (
+        0.1  # the learned rates' start (the authors' Omniglot init_inner_loop_learning_rate)
+    )
     inner_steps: int = 5
+    test_inner_steps: int | None = 5  # the authors evaluate with the training's 5 steps
     update: str = "lslr"
     multi_step_loss: bool = True
     msl_iterations: int = 5000

@@ -28,6 +28,10 @@ from metacli.streams import TaskRandom
 class MetaLSTMConfig(MAMLConfig):
     name: str = "metalstm"
     update: str = "metalstm"
+    # updates per task (the authors' configs: 12 for 1-shot with batch 5, 8 for 5-shot with
+    # batch 25; the presets set them)
+    inner_steps: int = 5
+    test_inner_steps: int | None = None  # null: inner_steps (the LSTM is trained for that many)
     first_order: bool = True  # the gradient and loss inputs are constants (the paper)
     inner_batch_size: int | None = None  # support examples per update (null: all of them)
 

@@ -48,6 +48,8 @@ META = ("reptile", "fomaml", "maml")
 @dataclass
 class MetaNASConfig(MAMLConfig):
     name: str = "metanas"
+    inner_steps: int = 5
+    test_inner_steps: int | None = None  # null: inner_steps
     meta: str = "reptile"  # the meta-learner: reptile (MetaNAS) | fomaml | maml (T-NAS)
     adapt_alpha: bool = True  # the architecture weights adapt in the inner loop too
     warmup_iterations: int = 0  # outer steps in which only the weights w learn

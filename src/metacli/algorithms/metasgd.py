@@ -20,6 +20,7 @@ from metacli.algorithms.maml import MAML, MAMLConfig
 class MetaSGDConfig(MAMLConfig):
     name: str = "metasgd"
     update: str = "metasgd"
+    test_inner_steps: int | None = 1  # one step in training and test (Li et al. 2017)
 
 
 class MetaSGD(MAML, key="metasgd"):

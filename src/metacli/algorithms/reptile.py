@@ -36,6 +36,7 @@ from metacli.tasks.base import TaskBatch, TaskDistribution
 @dataclass
 class ReptileConfig(AdaptiveConfig):
     name: str = "reptile"
+    inner_lr: float = 0.02  # the plain SGD rate of the authors' sine-wave demo (reptile_sinusoid)
     inner_steps: int = 5
     # true: the update rule's state (Adam's moments and step count) carries over from
     # training task to training task, as the reference code's single TF optimizer does

@@ -1,1 +1,2 @@
-"""Models: one module per ``conf/model/<name>.yaml``; plain nn.Modules used functionally."""
+"""Models (``model=``): one module per option, registered by its name; plain nn.Modules
+used functionally."""

@@ -1,1 +1,1 @@
-"""Task distributions: one module per ``conf/task/<name>.yaml``."""
+"""Task distributions (``task=``): one module per option, registered by its name."""

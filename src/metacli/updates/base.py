@@ -17,7 +17,8 @@ phase's step size (``algo.inner_lr`` in training, ``algo.test_inner_lr`` at
 evaluation) and ``rng`` the task's random stream (draws need ``stochastic = True``). Both run
 inside the per-task executor, so they act on ONE task and must be written with tensor
 operations only (they run under ``vmap`` too). A rule's settings are keys of ``algo``
-declared by its ``Config`` dataclass; ``conf/update/<name>.yaml`` holds their defaults.
+declared by its ``Config`` dataclass, which holds their defaults (``update=<name>`` adds
+them to ``algo``; ``metacli.options``).
 """
 
 from __future__ import annotations

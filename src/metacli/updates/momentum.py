@@ -2,8 +2,8 @@
 
 v <- momentum * v + grad;  theta <- theta - lr * v   (v starts at zero), step for step
 what ``torch.optim.SGD(lr, momentum)`` does. ``metacli train update=momentum
-algo.momentum=0.5`` selects it with its setting; ``conf/update/momentum.yaml`` holds the
-default. The velocity lives in the per-task state, so tasks never share it. In the
+algo.momentum=0.5`` selects it with its setting (``MomentumRuleConfig`` holds the
+default). The velocity lives in the per-task state, so tasks never share it. In the
 optimizer space the step sizes (per adapted tensor) and the momentum are meta-learned,
 the momentum as sigmoid(logit) so that it stays in (0, 1).
 """

@@ -92,8 +92,8 @@ class SpaceRule(UpdateRule, key="space"):
 
     @classmethod
     def schema(cls, node: Any) -> type:
-        """conf/update/space.yaml lists the default members' settings, so theirs are always
-        accepted, with those of any other member named in ``algo.space``."""
+        """The space's settings and its default members' (``update=space`` lists them), so
+        theirs are always accepted, with those of any other member named in ``algo.space``."""
         listed = node.get("space") if node is not None else None
         names = [*SpaceRuleConfig().space, *(str(m) for m in listed or [])]
         # "space" itself: SpaceRuleConfig's own check names the problem

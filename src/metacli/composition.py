@@ -1,0 +1,298 @@
+"""Composing a config the way Hydra will, for the checks before a run and the Python API.
+
+- The user's config folders: ``--config-dir DIR`` becomes Hydra's ``hydra.searchpath``
+  override (``config_folders``), so the checks, every job of a sweep, ``--help`` and a
+  later ``test`` or ``resume`` (which replay a run's overrides) all see the same folders.
+- ``compose``: the config Hydra composes, each option of a config file with a
+  ``_target_`` named after its file, Hydra's errors made one paragraph.
+- ``settable``: a key that the selected option's class declares can be set on the command
+  line even where its config file does not list it (``++``), and in a sweep over options
+  a key that only some have applies to those (the others ignore it, said once).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from metacli.config import config_dir, flatten
+from metacli.errors import ConfigError
+from metacli.options import declared_keys, register
+from metacli.registry import GROUPS, available
+
+# Flags after which Hydra prints something and runs no job.
+INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "-p")
+CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
+SEARCHPATH = "hydra.searchpath"
+COMPONENT_SECTIONS = ("algo", "model", "task")  # the sections a config file's _target_ fills
+
+
+def key_of(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def multirun(args: list[str]) -> bool:
+    """Whether the arguments ask Hydra for a sweep."""
+    return any(a in ("-m", "--multirun") for a in args)
+
+
+def informs(args: list[str]) -> bool:
+    """Whether the arguments ask Hydra for information (--help, --cfg, ...), not a job."""
+    return any(a.split("=")[0] in INFO_FLAGS for a in args)
+
+
+def closest(word: str, candidates: list[str]) -> str | None:
+    found = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    if found:
+        return found[0]
+    tail = word.rsplit(".", 1)[-1]  # the right leaf in another section: train.inner_lr
+    same = [c for c in candidates if c.rsplit(".", 1)[-1] == tail]
+    return same[0] if same else None
+
+
+def suggestion(word: str, candidates: list[str]) -> str:
+    near = closest(word, candidates)
+    return f" (did you mean {near}?)" if near else ""
+
+
+# --- the user's config folders ---------------------------------------------------------
+def folders_of(args: list[str]) -> list[Path]:
+    """The config folders a ``hydra.searchpath=[file://...]`` override names."""
+    values = [a.split("=", 1)[1] for a in args if key_of(a) == SEARCHPATH]
+    if not values:
+        return []
+    listed = values[-1].strip().strip("[]")
+    entries = [e.strip().strip("'\"") for e in listed.split(",") if e.strip()]
+    return [Path(e.removeprefix("file://")) for e in entries]
+
+
+def searchpath(folders: list[Path]) -> str:
+    return f"{SEARCHPATH}=[{','.join(json.dumps(f'file://{f}') for f in folders)}]"
+
+
+def config_folders(args: list[str]) -> list[str]:
+    """``--config-dir DIR`` (``-cd DIR``, ``--config-dir=DIR``) as an absolute
+    ``hydra.searchpath`` override, merged with one given; each folder must exist."""
+    out: list[str] = []
+    folders: list[Path] = []
+    rest = iter(args)
+    for arg in rest:
+        flag, eq, value = arg.partition("=")
+        if flag in CONFIG_DIR_FLAGS:
+            given = value if eq else next(rest, None)
+            if not given:
+                raise ConfigError(f"{flag} needs a folder: {flag} DIR (e.g. --config-dir myconf).")
+            folders.append(Path(given).expanduser().resolve())
+        elif key_of(arg) != SEARCHPATH:
+            out.append(arg)
+    folders = [*folders_of(args), *folders]
+    for folder in folders:
+        if not folder.is_dir():
+            raise ConfigError(
+                f"The config folder {folder} (--config-dir, or hydra.searchpath, which a run "
+                f"records to replay with test and resume) does not exist. Give an existing "
+                f"folder with --config-dir DIR."
+            )
+    if not folders:
+        return out
+    # with the other overrides: Hydra's parser takes one run of them
+    at = next((i for i, a in enumerate(out) if "=" in a and not a.startswith("-")), len(out))
+    return [*out[:at], searchpath(list(dict.fromkeys(folders))), *out[at:]]
+
+
+def options_of(group: str, folders: list[Path]) -> list[str]:
+    """A group's options: the built-ins, the plug-ins and the files of each config folder."""
+    files = {p.stem for d in [config_dir(), *folders] for p in (d / group).glob("*.yaml")}
+    return sorted(files | (set(available(group)) if group in GROUPS else set()))
+
+
+def file_options(group: str, option: str, folders: list[Path]) -> list[Path]:
+    """The user's config files that define ``group=option``."""
+    return [
+        f / group / f"{option}.yaml" for f in folders if (f / group / f"{option}.yaml").is_file()
+    ]
+
+
+# --- composing ---------------------------------------------------------------------------
+def job_overrides(args: list[str]) -> list[str] | None:
+    """The overrides of the job Hydra would run first (a sweep's first values); None when
+    Hydra will run no job (--help, --cfg, ...) or the sweep cannot be expanded here."""
+    if informs(args):
+        return None
+    overrides = [
+        a
+        for a in args
+        if "=" in a
+        and not a.startswith("-")
+        and (not key_of(a).startswith("hydra") or key_of(a) == SEARCHPATH)
+    ]
+    if not multirun(args):
+        return overrides
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # Hydra reports a malformed override better than we can
+        return None
+    first = []
+    for override in parsed:
+        if override.is_sweep_override():
+            if not override.is_discrete_sweep():
+                return None  # an interval for a sweeper to search
+            value = next(iter(override.sweep_string_iterator()))
+            first.append(f"{override.get_key_element()}={value}")
+        else:
+            first.append(override.input_line or "")
+    return first
+
+
+def name_options(cfg: DictConfig, choices: Any) -> None:
+    """A section filled by a config file with a ``_target_`` is named after its file (the
+    option chosen), whatever ``name`` the file inherited."""
+    for group in COMPONENT_SECTIONS:
+        node, chosen = cfg.get(group), choices.get(group) if choices else None
+        if isinstance(node, DictConfig) and "_target_" in node and chosen:
+            with open_dict(node):
+                node.name = str(chosen)
+
+
+def hydra_compose(command: str, overrides: list[str]) -> DictConfig:
+    """Hydra's composition, with its own node (``hydra``): the raw errors."""
+    from hydra import compose as compose_config
+    from hydra import initialize_config_dir
+
+    register()
+    with initialize_config_dir(str(config_dir()), version_base="1.3", job_name="metacli"):
+        return compose_config(config_name=command, overrides=overrides, return_hydra_config=True)
+
+
+def compose(command: str, overrides: list[str], keep_hydra: bool = False) -> DictConfig:
+    """The config Hydra will compose, options named, with Hydra's errors made one
+    paragraph; ``keep_hydra`` keeps Hydra's node (choices, run folder)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = hydra_compose(command, overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(explain(command, overrides, str(err))) from None
+    name_options(cfg, cfg.hydra.runtime.choices)
+    if not keep_hydra:
+        with open_dict(cfg):
+            del cfg["hydra"]
+    return cfg
+
+
+def run_dir(command: str, args: list[str]) -> str:
+    """The run folder Hydra would make for these arguments (``${now:...}`` resolved now)."""
+    from hydra.core.utils import setup_globals
+
+    setup_globals()  # Hydra's ${now:...} resolver
+    given = [a for a in args if key_of(a) == "hydra.run.dir"]
+    cfg = hydra_compose(command, [*(job_overrides(args) or []), *given[-1:]])
+    return str(OmegaConf.select(cfg, "hydra.run.dir"))
+
+
+def explain(command: str, overrides: list[str], message: str) -> str:
+    """Hydra's composition error, as the setting to fix and the closest valid one."""
+    missing = re.search(r"Could not find '([^']+)/([^']+)'", message)
+    if missing:
+        group, option = missing.groups()
+        folders = folders_of(overrides)
+        options = options_of(group, folders)
+        where = (
+            f" (searched the built-in options and {', '.join(str(f) for f in folders)})"
+            if folders
+            else " (a folder of your own: --config-dir DIR with DIR/<group>/<option>.yaml)"
+        )
+        return (
+            f"{group}={option} is not an option{suggestion(option, options)}. The options of "
+            f"{group}: {', '.join(options)}{where}."
+        )
+    bad = re.search(
+        r"Could not (?:override|append to config\. An item is already at) '([^']+)'", message
+    )
+    if bad:
+        key = bad.group(1)
+        others = [o for o in overrides if key_of(o) != key]
+        try:
+            keys = list(flatten(OmegaConf.to_container(compose(command, others))))
+        except ConfigError:
+            keys = []
+        if "already at" in message:
+            return f"{key} already exists: set it without the leading +, as {key}=..."
+        return (
+            f"{key} is not a setting{suggestion(key, keys)}. `metacli {command} --cfg job` "
+            f"prints every key."
+        )
+    return message.strip().splitlines()[0] + " Check that override (see `metacli train --help`)."
+
+
+# --- keys the options declare --------------------------------------------------------------
+def component_key(arg: str) -> tuple[str, str] | None:
+    """(group, first key) of a plain ``algo.key=value`` override; None for anything else."""
+    if arg.startswith(("-", "+", "~")) or "=" not in arg:
+        return None
+    group, dot, rest = arg.split("=", 1)[0].partition(".")
+    return (group, rest.split(".")[0]) if dot and group in COMPONENT_SECTIONS else None
+
+
+def swept_options(args: list[str]) -> dict[str, list[str]]:
+    """The options of each component group a sweep runs (``algo=maml,anil``)."""
+    if not multirun(args):
+        return {}
+    return {
+        key: value.split(",")
+        for key, value in (a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
+        if key in COMPONENT_SECTIONS and "," in value
+    }
+
+
+def settable(command: str, args: list[str]) -> list[str]:
+    """The arguments with ``++`` before a component key that Hydra would refuse although
+    the option's class declares it (a config file need not list every inherited key), and
+    before a key that only some options of a sweep have (the others ignore it: said here,
+    and warned in their logs). A key that no option declares is left to fail by name."""
+    first = job_overrides(args)
+    plain = [a for a in args if component_key(a) is not None]
+    if first is None or not plain:
+        return args
+    base = [o for o in first if component_key(o) is None]
+    swept = swept_options(args)
+    try:
+        cfg = compose(command, base)
+        keys: dict[str, dict[str, tuple[set[str], set[str]]]] = {}
+        for group in sorted({found[0] for a in plain if (found := component_key(a))}):
+            keys[group] = {}
+            for option in swept.get(group) or [str(cfg[group].name)]:
+                node = cfg[group] if option not in swept.get(group, []) else None
+                if node is None:
+                    node = compose(command, [*base, f"{group}={option}"])[group]
+                keys[group][option] = (set(node), declared_keys(group, node))
+    except ConfigError:
+        return args  # the checks that follow name the problem
+    out = []
+    for arg in args:
+        found = component_key(arg)
+        if found is not None:
+            group, key = found
+            options = keys[group]
+            declaring = [o for o, (_, declared) in options.items() if key in declared]
+            if declaring and any(key not in listed for listed, _ in options.values()):
+                lacking = [o for o in options if o not in declaring]
+                if lacking:
+                    print(
+                        f"metacli: {group}.{key} is not a setting of {group}="
+                        f"{','.join(lacking)}; applying it as ++{arg}, which those options "
+                        f"ignore.",
+                        file=sys.stderr,
+                    )
+                arg = f"++{arg}"
+        out.append(arg)
+    return out
