@@ -1,13 +1,13 @@
-"""The contract every registered algorithm meets; a new algorithm is covered by registering it.
+"""The contract of metacli.contract, held by every registered component; a new one is
+covered by registering it.
 
-For each algorithm of ``metacli.algorithms`` (and ``noisy``, a test algorithm that draws
-noise inside every task; MAML with the optimizer space, drawn per task or in expectation;
-MetaNAS with architectures drawn per task): the three batching strategies give the same
-meta-gradients in float64 on a Conv-4 (MetaNAS: a small search network) with batch norm;
-a checkpoint round trip restores every state; 2N iterations equal N, a resume and N more;
-the same seed gives the same numbers; and where the meta-gradient is the true gradient of
-the meta-loss, it matches central finite differences (and, where it is first order,
-differs from them).
+Algorithms (and ``noisy``, a test algorithm that draws noise inside every task; MAML with
+the optimizer space, drawn per task or in expectation; MetaNAS with architectures drawn
+per task): the batching strategies agree in float64 on a Conv-4 with batch norm (MetaNAS:
+a small search network), 2N iterations equal N, a checkpoint and N more, seeds decide
+the numbers, and the meta-gradient matches finite differences where it is exact (differs
+where it is first order). Update rules, models and tasks: every check ``metacli check``
+runs on them, each option on a small workload.
 """
 
 from __future__ import annotations
@@ -22,14 +22,22 @@ from torch import Tensor
 
 from metacli.algorithms.base import AlgoConfig
 from metacli.algorithms.maml import MAML, MAMLConfig, TaskLoss
-from metacli.build import Components, build
-from metacli.checkpoint import LoopState, load_checkpoint, restore, save_checkpoint
-from metacli.loop import meta_train, sample
+from metacli.build import build
+from metacli.contract import (
+    CONV4,
+    SMOOTH,
+    Contract,
+    Result,
+    gradients,
+    run_checks,
+)
+from metacli.loop import sample
+from metacli.options import option_node
 from metacli.params import Params
-from metacli.registry import available
+from metacli.registry import available, builtins
 from metacli.streams import TaskRandom
-from tests.conftest import compose_config
-from tests.test_engine import Recorder
+from tests.conftest import OMNIGLOT, compose_config
+from tests.test_image_folder import make as image_folder
 
 
 @dataclass
@@ -64,29 +72,6 @@ ALGOS = [
     *available("algo"),
     *("noisy", "mrmaml-activations", "space", "space-expectation", "metanas-gumbel"),
 ]
-CONV4 = (
-    "task=synthetic",
-    "model=conv4",
-    "model.filters=3",
-    "task.image_size=16",
-    "task.ways=3",
-    "task.shots=2",
-    "task.queries=2",
-    "task.classes=8",
-)
-SMOOTH = (  # tanh MLP on tiny images: smooth, so finite differences are exact
-    "task=synthetic",
-    "model=mlp",
-    "model.hidden=[3]",
-    "model.activation=tanh",
-    "task.image_size=4",
-    "task.ways=3",
-    "task.shots=2",
-    "task.queries=2",
-    "task.classes=8",
-)
-
-
 # MR-MAML puts its own (fully connected) encoder before the model, so its model is an MLP
 # head on the bottleneck: no batch norm there.
 ENCODED = {
@@ -145,130 +130,35 @@ def config(algo: str, *overrides: str, workload: tuple[str, ...] = CONV4) -> lis
     return [*name, *inner, *msl, "device=cpu", "train.meta_batch_size=3", *workload, *overrides]
 
 
-def distinct_rates(c: Components) -> None:
-    """Learned rates all equal would hide a mix-up of tensors or steps."""
-    rates = getattr(c.algorithm, "learned_rates", dict)()
-    with torch.no_grad():
-        for k, rate in enumerate(rates.values()):
-            rate.mul_(1 + 0.3 * torch.sin(torch.arange(rate.numel()) + k).reshape(rate.shape))
+def contract_of(algo: str) -> Contract:
+    return Contract(config(algo), config(algo, workload=SMOOTH))
 
 
-def gradients(c: Components, batch: Any) -> tuple[Tensor, Tensor]:
-    c.algorithm.zero_grad()
-    out = c.algorithm.meta_loss(batch)
-    out.loss.backward()
-    values = torch.cat(
-        [out.loss.reshape(1), out.metric, *(t.reshape(1) for t in out.terms.values())]
-    )
-    grads = [
-        p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
-        for p in c.algorithm.parameters()
-    ]
-    return torch.cat(grads), values
-
-
-def state_of(c: Components) -> dict[str, Tensor]:
-    return {k: v.clone() for k, v in c.algorithm.state_dict().items()}
-
-
-def assert_same_state(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+def assert_held(result: Result) -> None:
+    assert result.held, f"{result.name}: {result.detail}"
 
 
 @pytest.mark.parametrize("algo", ALGOS)
-def test_vmap_loop_and_threads_agree_on_conv4_with_batch_norm(float64, algo: str) -> None:
-    results = {}
-    for strategy in ("loop", "vmap", "threads"):
-        c = build(compose_config(*config(algo, f"algo.batching={strategy}")))
-        assert c.algorithm.batching == strategy
-        assert c.model.norm_layers() or algo.startswith("mrmaml")
-        distinct_rates(c)
-        batch = sample(c)
-        grads, values = gradients(c, batch)
-        c.algorithm.eval()
-        evaluation = c.algorithm.evaluate(batch)
-        results[strategy] = (grads, values, evaluation.loss, evaluation.metric)
-    reference = results["loop"]
-    assert reference[0].norm() > 0
-    # threads compute what the loop computes; vmap normalises with plain mean/variance
-    # where the loop uses the fused kernel, so float64 rounding differs (up to 7e-10
-    # relative, measured: the space rule's expectation); vmap's known batch-norm error
-    # is 1e-2 relative, six orders of magnitude above this tolerance
-    for strategy, tolerance in (("vmap", 1e-8), ("threads", 1e-10)):
-        for ours, theirs in zip(results[strategy], reference, strict=True):
-            scale = max(theirs.norm().item(), 1e-12)
-            assert (ours - theirs).norm().item() / scale < tolerance, strategy
+def test_vmap_loop_and_threads_agree_on_conv4_with_batch_norm(algo: str) -> None:
+    assert_held(contract_of(algo).strategies())
 
 
 @pytest.mark.parametrize("algo", ALGOS)
-def test_resume_checkpoint_round_trip_and_seeds(tmp_path: Path, algo: str) -> None:
+def test_resume_checkpoint_round_trip_and_seeds(algo: str) -> None:
     """2N iterations equal N, a checkpoint written to disk and read back, and N more
-    (parameters, buffers, optimizer state and every logged number); the first N of a
-    second run with the same seed equal the first run's; another seed differs."""
-    overrides = ("train.iterations=4", "train.val_every=2", "train.log_every=2", "val.num_tasks=3")
-    cfg = compose_config(*config(algo, *overrides))
-    straight, recorder = build(cfg), Recorder()
-    meta_train(straight, recorder, LoopState())
-    first = build(cfg)
-    first.run.train.iterations = 2  # stop half way (the schedules still span 4)
-    half = Recorder()
-    meta_train(first, half, LoopState())
-    path = tmp_path / "last.pt"
-    save_checkpoint(path, half.checkpoints["last"])
-    resumed = build(cfg)
-    state = restore(resumed, load_checkpoint(path), str(path))
-    assert state.iteration == 2
-    assert_same_state(state_of(first), state_of(resumed))
-    ours, theirs = resumed.optimizer.state_dict(), first.optimizer.state_dict()
-    assert (
-        ours["param_groups"] == theirs["param_groups"]
-        and ours["state"].keys() == theirs["state"].keys()
-    )
-    for index, values in theirs["state"].items():
-        assert all(torch.equal(v, ours["state"][index][k]) for k, v in values.items())
-    rest = Recorder()
-    meta_train(resumed, rest, state)
-    assert_same_state(state_of(straight), state_of(resumed))
-
-    def numbers(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        drop = ("it_per_s", "wall_time")
-        return [{k: v for k, v in r.items() if k not in drop} for r in records]
-
-    assert numbers(half.records + rest.records) == numbers(recorder.records)
-    assert numbers(half.records) == numbers(recorder.records[: len(half.records)])  # same seed
-    other = build(compose_config(*config(algo, *overrides, "seed=1")))
-    other.run.train.iterations = 2
-    seeded = Recorder()
-    meta_train(other, seeded, LoopState())
-    assert numbers(seeded.records) != numbers(half.records)
+    (parameters, buffers, optimizer state and every logged number); the same seed gives
+    the same numbers, another seed others."""
+    contract = contract_of(algo)
+    assert_held(contract.resume())
+    assert_held(contract.seeds())
 
 
 @pytest.mark.parametrize("algo", ALGOS)
-def test_meta_gradient_matches_central_finite_differences(float64, algo: str) -> None:
-    c = build(compose_config(*config(algo, workload=SMOOTH)))
-    distinct_rates(c)
-    batch = sample(c)
-    analytic, _ = gradients(c, batch)
-    numeric, eps, index = torch.zeros_like(analytic), 1e-6, 0
-    with torch.no_grad():
-        for p in c.algorithm.parameters():
-            flat = p.view(-1)
-            for j in range(flat.numel()):
-                original = flat[j].item()
-                flat[j] = original + eps
-                plus = c.algorithm.meta_loss(batch).loss.item()
-                flat[j] = original - eps
-                minus = c.algorithm.meta_loss(batch).loss.item()
-                flat[j] = original
-                numeric[index] = (plus - minus) / (2 * eps)
-                index += 1
-    error = ((analytic - numeric).norm() / numeric.norm()).item()
-    if c.algorithm.exact_gradient:
-        assert error < 1e-6
-    else:  # first order: the dropped terms are far from zero, so the claim is checked too
-        assert error > 1e-3
+def test_meta_gradient_matches_central_finite_differences(algo: str) -> None:
+    """Along 8 random unit directions in float64; a first-order meta-gradient must differ."""
+    result = contract_of(algo).gradient(directions=8)
+    assert_held(result)
+    assert ("first order" in result.detail) != contract_of(algo).build().algorithm.exact_gradient
 
 
 def test_noise_drawn_inside_tasks_depends_on_the_task_alone(float64) -> None:
@@ -285,3 +175,71 @@ def test_noise_drawn_inside_tasks_depends_on_the_task_alone(float64) -> None:
     noisy.algorithm.outer_steps += 1  # the next iteration draws other noise for task 0
     later = sample(noisy)
     assert not torch.equal(later.keys, batch.keys)
+
+
+# --- update rules, models and tasks: what `metacli check` runs ---------------------------
+# A rule that is an algorithm's own (its default algo.update) is held to the contract with
+# that algorithm above; the others with MAML here.
+OWN_RULES = {str(option_node("algo", a).get("update")) for a in available("algo")} - {"sgd"}
+SMALL = {  # each option on a workload a unit test affords
+    ("model", "conv4"): ("model.filters=4",),
+    ("model", "resnet12"): ("model.widths=[2,2,2,2]",),
+    ("model", "darts"): (
+        "model.channels=2",
+        "model.cells=2",
+        "model.nodes=2",
+        "model.reductions=[1]",
+        "model.stem_multiplier=1",
+        "model.ops=[conv_3x3,max_pool_3x3,skip_connect,zero]",
+        "task.image_size=8",
+    ),
+    ("model", "genotype"): (
+        f"model.genotype={Path(__file__).parent / 'data' / 'genotype.json'}",
+        "task.image_size=8",
+    ),
+    ("task", "omniglot"): (f"data.root={OMNIGLOT}", "task.ways=3", "task.queries=2"),
+    ("task", "miniimagenet"): ("task.ways=2", "task.queries=2", "task.image_size=16"),
+    ("task", "image_folder"): ("task.ways=2", "task.queries=2", "task.image_size=8"),
+}
+CHECKED = [
+    *(("update", r) for r in builtins("update") if r not in OWN_RULES),
+    *(("model", m) for m in builtins("model")),
+    *(("task", t) for t in builtins("task")),
+]
+
+
+@pytest.mark.parametrize(("group", "option"), CHECKED)
+def test_update_rules_models_and_tasks_meet_the_contract(
+    tmp_path: Path, group: str, option: str
+) -> None:
+    given = list(SMALL.get((group, option), ()))
+    if option == "omniglot" and not (OMNIGLOT / "images_background.zip").is_file():
+        pytest.skip("real Omniglot is not here (tests/test_omniglot.py uses fixtures)")
+    if option == "miniimagenet":
+        from tests.test_miniimagenet import make as miniimagenet
+
+        given.append(f"data.root={miniimagenet(tmp_path / 'mini', 'folders')}")
+    if option == "image_folder":
+        root = image_folder(tmp_path / "folder", classes=12)
+        given += [f"data.root={root}", "task.ratios=[0.5,0.25,0.25]"]
+    results = run_checks(group, option, given)
+    assert {r.name for r in results} >= {"builds", "strategies", "resume", "gradient"}
+    failed = [f"{r.name}: {r.detail}" for r in results if r.held is False]
+    assert not failed, failed
+
+
+def test_the_contract_catches_a_wrong_meta_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not vacuous: a meta-gradient scaled by 1.01 fails the finite differences."""
+    contract = contract_of("maml")
+    original = MAML.meta_loss
+
+    def scaled(self: MAML, batch: Any) -> Any:
+        out = original(self, batch)
+        if torch.is_grad_enabled():
+            loss = out.loss
+            out.loss = loss + 0.01 * (loss - loss.detach())
+        return out
+
+    monkeypatch.setattr(MAML, "meta_loss", scaled)
+    result = contract.gradient()
+    assert result.held is False and "from finite differences" in result.detail

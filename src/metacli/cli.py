@@ -36,12 +36,15 @@ Commands:
           e.g. metacli compare outputs/multirun --format markdown --plot val.png
   plot    figures of one run, written into its folder (learning curves, inner steps,
           adaptation on regression tasks)   e.g. metacli plot outputs/train/<date>/<time>
+  check   the contract of one component, yours included (strategies agree, resume,
+          seeds, meta-gradient against finite differences)
+          e.g. metacli check algo=maml   metacli check --config-dir myconf model=mine
 
 Every command takes Hydra's flags: --help (config groups and options), --cfg job,
 --info, -m/--multirun, --config-dir DIR. See `metacli train --help`.
 """
 
-COMMANDS = ("train", "test", "data", "compare", "plot")
+COMMANDS = ("train", "test", "data", "compare", "plot", "check")
 DATA_ACTIONS = ("check", "prepare")
 # Keys that point at an earlier run: they are never replayed from it.
 RUN_KEYS = ("resume", "ckpt_path")
@@ -173,8 +176,15 @@ def run_data(args: list[str]) -> None:
 
 
 def run_tool(command: str, args: list[str]) -> None:
-    """compare and plot: plain argparse commands over run folders (no Hydra)."""
+    """compare, plot and check: commands that start no Hydra job."""
     try:
+        if command == "check":
+            if not args or args[0] in ("-h", "--help"):
+                print("usage: metacli check <group>=<option> [overrides] [--config-dir DIR]")
+                raise SystemExit(0 if args else 2)
+            from metacli import contract
+
+            raise SystemExit(contract.main(args))
         if command == "compare":
             from metacli import compare
 
@@ -210,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     if command == "data":
         run_data(args)
         return
-    if command in ("compare", "plot"):
+    if command in ("compare", "plot", "check"):
         run_tool(command, args)
         return
     from metacli import distributed

@@ -82,10 +82,24 @@ class MLP(Model, key="mlp"):
             layers = self.__dict__["_layers"] = [(f"{n}.weight", f"{n}.bias") for n in names]
         return layers
 
+    def plain(self) -> bool:
+        """Whether this network is the MLP that ``MLPPass`` writes out: MLP's forward over
+        linear layers and activations alone. A subclass that changes either (another
+        forward, other layers) runs through autograd and ``functional_call``."""
+        plain = self.__dict__.get("_plain")
+        if plain is None:  # the structure is fixed once built
+            kinds = (nn.Flatten, nn.Linear, *ACTIVATIONS.values())
+            plain = self.__dict__["_plain"] = type(self).forward is MLP.forward and all(
+                isinstance(m, kinds) for m in self.body
+            )
+        return bool(plain)
+
     def functional(
         self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor
     ) -> Tensor:
-        """The forward pass written out (1.2x faster sinusoid MAML than functional_call)."""
+        """The forward pass written out (faster than functional_call; docs/benchmarks.md)."""
+        if not self.plain():
+            return super().functional(params, buffers, x)
         return MLPPass(self, params, x).output
 
     def functional_backward(
@@ -97,7 +111,7 @@ class MLP(Model, key="mlp"):
         return None if written is None else (written.output, written.backward)
 
     def has_stacked_pass(self) -> bool:
-        return bool(self.cfg.written_backward)  # type: ignore[attr-defined]
+        return bool(self.cfg.written_backward) and self.plain()  # type: ignore[attr-defined]
 
     def stacked_pass(self, params: dict[str, Tensor], x: Tensor) -> MLPPass | None:
         return self.written_pass(params, x, 2)
@@ -106,7 +120,7 @@ class MLP(Model, key="mlp"):
         """The written pass on examples in ``dims`` leading dimensions ([N, ...] for one
         task, [T, N, ...] for a stack of tasks); None where ``model.written_backward`` is off
         or the examples are laid out otherwise."""
-        written = self.cfg.written_backward  # type: ignore[attr-defined]
+        written = self.cfg.written_backward and self.plain()  # type: ignore[attr-defined]
         if not written or x.dim() != len(self.input_shape) + dims:
             return None
         return MLPPass(self, params, x)
