@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metacli.algorithms.base import Adaptive
+from metacli.algorithms.adaptive import Adaptive
 from metacli.build import build, resolve
 from metacli.checkpoint import LoopState
 from metacli.engine.executor import TaskExecutor

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metacli.algorithms.base import minibatches
+from metacli.algorithms.adaptive import minibatches
 from metacli.algorithms.reptile import Reptile, ReptileConfig
 from metacli.config import merged_schema
 from metacli.errors import ConfigError

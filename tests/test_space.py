@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metacli.algorithms.base import Adaptive
+from metacli.algorithms.adaptive import Adaptive
 from metacli.build import Components, build
 from metacli.errors import ConfigError
 from metacli.loop import sample

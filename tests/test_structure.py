@@ -96,7 +96,7 @@ LAYERS = (
     ("running", ("evaluation", "loop", "loggers", "run_folder")),
     (
         "commands",
-        ("run", "precheck", "contract", "api", "compare", "plots", "sweep", "data_command"),
+        ("run", "precheck", "contract", "api", "comparison", "plots", "sweep", "data_command"),
     ),
     ("entry", ("cli", "__main__", "")),  # "": the package itself, the API's lazy facade
 )
@@ -134,7 +134,7 @@ def test_the_loop_never_imports_the_run_folder_and_figures_never_import_compare(
     graph = import_graph()
     assert "metacli.run" not in graph["metacli.loop"]
     assert "metacli.run_folder" not in graph["metacli.loop"]
-    assert "metacli.compare" not in graph["metacli.plots"]
+    assert "metacli.comparison" not in graph["metacli.plots"]
     importers = {name for name, targets in graph.items() if "metacli.cli" in targets}
     assert importers == {"metacli.__main__"}  # the command is imported by nothing else
 

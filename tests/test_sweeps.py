@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from metacli import compare, extras
+from metacli import comparison, extras
 from metacli.errors import MetacliError
 
 from .conftest import read_summary, run_cli
@@ -113,7 +113,7 @@ def test_compare_group_by_filter_sort_and_metric(
     used = [read_summary(Path(r)) for r in row["runs"]]
     assert sorted(s["seed"] for s in used) == [0, 1]
     assert row["metric"] == pytest.approx(statistics.fmean(s["test"]["mean"] for s in used))
-    assert compare.main([str(sweep), "--group-by", "task"]) == 0
+    assert comparison.main([str(sweep), "--group-by", "task"]) == 0
     assert "seeds run more than once (task=sinusoid)" in capsys.readouterr().out
     only = compare_json(str(sweep), "--filter", "algo=fomaml", cwd=cwd)["rows"]
     assert [r["algo"] for r in only] == ["fomaml"]
@@ -160,7 +160,7 @@ def test_one_seed_uses_the_runs_own_interval_and_broken_runs_are_listed(
     table = run_cli("compare", str(tree), cwd=tmp_path).stdout
     assert "3 run(s) not finished (1 crashed, 1 failed, 1 unreadable); --all lists them" in table
     assert "(boom)" not in table  # failed runs are hidden by default
-    assert compare.main([str(tree), "--all"]) == 0
+    assert comparison.main([str(tree), "--all"]) == 0
     listed = capsys.readouterr().out
     assert "failed: " in listed and "(boom)" in listed
 
@@ -297,10 +297,12 @@ def test_mlflow_logger(tmp_path: Path) -> None:
 
 
 def test_t_quantiles_and_mean_ci() -> None:
-    assert compare.t95(2) == 12.706 and compare.t95(11) == 2.228 and compare.t95(500) == 1.96
-    mean, half = compare.mean_ci([1.0, 2.0, 3.0])
+    assert (
+        comparison.t95(2) == 12.706 and comparison.t95(11) == 2.228 and comparison.t95(500) == 1.96
+    )
+    mean, half = comparison.mean_ci([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
-    assert compare.mean_ci([5.0]) == (5.0, None)
+    assert comparison.mean_ci([5.0]) == (5.0, None)
 
 
 @pytest.mark.slow  # end to end, several CLI runs: make test-full

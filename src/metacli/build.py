@@ -53,6 +53,14 @@ class Components:
     train_generator: torch.Generator  # the training task stream (checkpointed)
     overrides: list[str] = field(default_factory=list)  # the command line's, for checkpoints
 
+    def classes(self) -> dict[str, str]:
+        """The import path of each component's class (summary.json: what ran)."""
+        parts: dict[str, Any] = {"algo": self.algorithm, "task": self.task, "model": self.model}
+        rule = getattr(self.algorithm, "rule", None)
+        if rule is not None:
+            parts["update"] = rule
+        return {group: import_path(type(part)) for group, part in parts.items()}
+
 
 @dataclass
 class Resolved:
@@ -99,10 +107,11 @@ def import_path(cls: type) -> str:
 
 
 def section(group: str, cls: type, typed: Any) -> dict[str, Any]:
-    """A component's section of the effective config; a class from outside metacli (a
-    config file's ``_target_``, a plug-in) is recorded with its import path."""
+    """A component's section of the effective config; a class that its name does not find
+    (a config file's ``_target_``, a plug-in) is recorded with its import path, so that a
+    checkpoint rebuilds it."""
     values = dataclasses.asdict(typed)
-    if not cls.__module__.startswith("metacli."):
+    if not cls.__module__.startswith("metacli.") or getattr(cls, "key", None) != values["name"]:
         values["_target_"] = import_path(cls)
     return values
 

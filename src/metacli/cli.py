@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import re
 import sys
 import threading
 import warnings
@@ -46,60 +45,6 @@ Every command takes Hydra's flags: --help (config groups and options), --cfg job
 
 COMMANDS = ("train", "test", "data", "compare", "plot", "check")
 DATA_ACTIONS = ("check", "prepare")
-# Keys that point at an earlier run: they are never replayed from it.
-RUN_KEYS = ("resume", "ckpt_path")
-
-
-def override_key(arg: str) -> str | None:
-    """The key an override sets (``+a.b=1`` -> ``a.b``); None for flags and their values."""
-    if arg.startswith("-") or "=" not in arg:
-        return None
-    return arg.split("=", 1)[0].lstrip("+~")
-
-
-def quote(value: str) -> str:
-    return value if re.fullmatch(r"[\w./:-]+", value) else "'" + value.replace("'", r"\'") + "'"
-
-
-def replay(saved: list[str], args: list[str]) -> list[str]:
-    """The saved overrides of a run, minus those the new arguments set again, then the new ones."""
-    new_keys = {override_key(a) for a in args} - {None}
-    kept = [o for o in saved if override_key(o) not in new_keys and override_key(o) not in RUN_KEYS]
-    return kept + args
-
-
-def value_of(args: list[str], key: str) -> str | None:
-    values = [a.split("=", 1)[1] for a in args if override_key(a) == key]
-    return values[-1] if values and values[-1] not in ("", "null") else None
-
-
-def prepare(command: str, args: list[str]) -> list[str]:
-    """Arguments for Hydra; ``resume`` and ``ckpt_path`` replay the overrides of their run."""
-    resume = value_of(args, "resume") if command == "train" else None
-    if resume is not None:
-        from metacli.composition import multirun
-
-        if multirun(args):
-            raise MetacliError(
-                "resume continues one run; it cannot be combined with -m/--multirun."
-            )
-        folder = Path(resume)
-        last = folder / "checkpoints" / "last.pt"
-        if not last.is_file():
-            raise MetacliError(
-                f"resume={resume}: {folder} is not a run folder with a checkpoint "
-                f"(expected {last}). Set resume to a folder under outputs/train/."
-            )
-        from metacli.checkpoint import load_checkpoint
-
-        saved = [str(o) for o in load_checkpoint(last).get("overrides", [])]
-        return [*replay(saved, args), f"hydra.run.dir={quote(str(folder))}"]
-    ckpt_path = value_of(args, "ckpt_path") if command == "test" else None
-    if ckpt_path is not None:
-        from metacli.checkpoint import load_checkpoint
-
-        return replay(list(load_checkpoint(ckpt_path).get("overrides", [])), args)
-    return args
 
 
 def train_task(cfg: Any, prechecked: Any = None) -> float:
@@ -186,9 +131,9 @@ def run_tool(command: str, args: list[str]) -> None:
 
             raise SystemExit(contract.main(args))
         if command == "compare":
-            from metacli import compare
+            from metacli import comparison
 
-            raise SystemExit(compare.main(args))
+            raise SystemExit(comparison.main(args))
         if len(args) != 1 or args[0].startswith("-"):
             print("usage: metacli plot <run folder>", file=sys.stderr)
             raise SystemExit(2 if args != ["--help"] and args != ["-h"] else 0)
@@ -224,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         run_tool(command, args)
         return
     from metacli import distributed
+    from metacli.composition import value_of
 
     distributed.adopt_slurm_step(value_of(args, "distributed.nproc"))  # srun -n N metacli ...
     if distributed.from_env().active:  # one rank of torchrun's (or the launcher's) world
@@ -260,7 +206,7 @@ def checked(command: str, args: list[str]) -> tuple[list[str], Any]:
     is said and exit 0."""
     try:
         check_overrides(args)
-        from metacli.composition import config_folders, settable
+        from metacli.composition import config_folders, prepare, settable
 
         args = settable(command, prepare(command, config_folders(args)))
         from metacli.precheck import NothingToDo, precheck
@@ -279,7 +225,7 @@ def checked(command: str, args: list[str]) -> tuple[list[str], Any]:
 def world_settings(command: str, args: list[str]) -> tuple[str, float]:
     """``distributed.backend`` and ``distributed.timeout_s`` as the config composes them
     (a preset may set them); their defaults where it does not compose, as rank 0 reports."""
-    from metacli.composition import compose, config_folders, job_overrides
+    from metacli.composition import compose, config_folders, job_overrides, prepare
     from metacli.config import DistributedConfig
 
     try:
@@ -297,7 +243,7 @@ def join_world(command: str, args: list[str]) -> list[str]:
     The world's size is what the launcher started: it is recorded as distributed.nproc.
     """
     from metacli import distributed
-    from metacli.composition import multirun
+    from metacli.composition import multirun, override_key, quote
 
     world = distributed.from_env()
     if multirun(args):

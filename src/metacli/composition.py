@@ -1,5 +1,7 @@
 """Composing a config the way Hydra will, for the checks before a run and the Python API.
 
+- A run's own arguments: ``resume`` and ``ckpt_path`` replay the overrides of the run that
+  wrote the checkpoint (``prepare``), the new arguments winning.
 - The user's config folders: ``--config-dir DIR`` becomes Hydra's ``hydra.searchpath``
   override (``config_folders``), so the checks, every job of a sweep, ``--help`` and a
   later ``test`` or ``resume`` (which replay a run's overrides) all see the same folders.
@@ -21,8 +23,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from metacli.checkpoint import load_checkpoint
 from metacli.config import config_dir, flatten
-from metacli.errors import ConfigError
+from metacli.errors import ConfigError, MetacliError
 from metacli.options import declared_keys, register
 from metacli.registry import GROUPS, available
 
@@ -117,6 +120,57 @@ def file_options(group: str, option: str, folders: list[Path]) -> list[Path]:
     return [
         f / group / f"{option}.yaml" for f in folders if (f / group / f"{option}.yaml").is_file()
     ]
+
+
+# --- a run's own arguments (resume, test) -----------------------------------------------
+# Keys that point at an earlier run: they are never replayed from it.
+RUN_KEYS = ("resume", "ckpt_path")
+
+
+def override_key(arg: str) -> str | None:
+    """The key an override sets (``+a.b=1`` -> ``a.b``); None for flags and their values."""
+    if arg.startswith("-") or "=" not in arg:
+        return None
+    return arg.split("=", 1)[0].lstrip("+~")
+
+
+def quote(value: str) -> str:
+    return value if re.fullmatch(r"[\w./:-]+", value) else "'" + value.replace("'", r"\'") + "'"
+
+
+def replay(saved: list[str], args: list[str]) -> list[str]:
+    """The saved overrides of a run, minus those the new arguments set again, then the new ones."""
+    new_keys = {override_key(a) for a in args} - {None}
+    kept = [o for o in saved if override_key(o) not in new_keys and override_key(o) not in RUN_KEYS]
+    return kept + args
+
+
+def value_of(args: list[str], key: str) -> str | None:
+    values = [a.split("=", 1)[1] for a in args if override_key(a) == key]
+    return values[-1] if values and values[-1] not in ("", "null") else None
+
+
+def prepare(command: str, args: list[str]) -> list[str]:
+    """Arguments for Hydra; ``resume`` and ``ckpt_path`` replay the overrides of their run."""
+    resume = value_of(args, "resume") if command == "train" else None
+    if resume is not None:
+        if multirun(args):
+            raise MetacliError(
+                "resume continues one run; it cannot be combined with -m/--multirun."
+            )
+        folder = Path(resume)
+        last = folder / "checkpoints" / "last.pt"
+        if not last.is_file():
+            raise MetacliError(
+                f"resume={resume}: {folder} is not a run folder with a checkpoint "
+                f"(expected {last}). Set resume to a folder under outputs/train/."
+            )
+        saved = [str(o) for o in load_checkpoint(last).get("overrides", [])]
+        return [*replay(saved, args), f"hydra.run.dir={quote(str(folder))}"]
+    ckpt_path = value_of(args, "ckpt_path") if command == "test" else None
+    if ckpt_path is not None:
+        return replay(list(load_checkpoint(ckpt_path).get("overrides", [])), args)
+    return args
 
 
 # --- composing ---------------------------------------------------------------------------
@@ -222,7 +276,10 @@ def explain(command: str, overrides: list[str], message: str) -> str:
         key = bad.group(1)
         others = [o for o in overrides if key_of(o) != key]
         try:
-            keys = list(flatten(OmegaConf.to_container(compose(command, others))))
+            cfg = compose(command, others)
+            keys = list(flatten(OmegaConf.to_container(cfg)))
+            for group in COMPONENT_SECTIONS:  # what the options declare, listed or not
+                keys += [f"{group}.{k}" for k in declared_keys(group, cfg[group])]
         except ConfigError:
             keys = []
         if "already at" in message:

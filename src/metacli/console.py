@@ -51,6 +51,11 @@ def make_log_handler() -> logging.Handler:
     return handler
 
 
+def file_formatter() -> logging.Formatter:
+    """The format of ``metacli.log`` (conf/hydra/job_logging/metacli.yaml; the Python API)."""
+    return logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+
+
 class RunLogHandler(logging.Handler):
     """``metacli.log`` in the run folder, opened only once the run owns its folder.
 

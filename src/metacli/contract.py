@@ -174,7 +174,8 @@ class Contract:
         self.smooth = smooth if smooth is not None else overrides
 
     def build(self, *extra: str, smooth: bool = False) -> Components:
-        return build(compose("train", [*(self.smooth if smooth else self.overrides), *extra]))
+        overrides = [*(self.smooth if smooth else self.overrides), *extra]
+        return build(compose("train", settable("train", overrides)))
 
     def builds(self) -> Result:
         components = self.build()
@@ -212,7 +213,7 @@ class Contract:
         return Result("strategies", held, f"{detail} (relative; float64)")
 
     def resume(self) -> Result:
-        cfg = compose("train", [*self.overrides, *SHORT])
+        cfg = compose("train", settable("train", [*self.overrides, *SHORT]))
         straight, whole = build(cfg), MemoryRecorder()
         meta_train(straight, whole, LoopState())
         first, half = build(cfg), MemoryRecorder()
@@ -245,7 +246,8 @@ class Contract:
     def seeds(self) -> Result:
         runs = []
         for seed in (0, 0, 1):
-            components = build(compose("train", [*self.overrides, *SHORT, f"seed={seed}"]))
+            overrides = settable("train", [*self.overrides, *SHORT, f"seed={seed}"])
+            components = build(compose("train", overrides))
             components.run.train.iterations = 2
             recorder = MemoryRecorder()
             meta_train(components, recorder, LoopState())
@@ -278,7 +280,8 @@ class Contract:
                 exact.append((analytic @ flat).item())
         # over the directions together: one direction nearly orthogonal to the gradient
         # would leave only rounding in its ratio
-        ours, theirs = torch.tensor(exact), torch.tensor(numeric)
+        ours = torch.tensor(exact, dtype=torch.float64)
+        theirs = torch.tensor(numeric, dtype=torch.float64)
         error = relative(ours, theirs) if theirs.norm() > 0 else float(ours.norm() > 0)
         if components.algorithm.exact_gradient:
             return Result(
@@ -396,8 +399,7 @@ CHECKS: dict[str, tuple[str, ...]] = {
 
 def run_checks(group: str, option: str, given: list[str]) -> list[Result]:
     """Every check of ``group=option``; a check that raises is reported as failed."""
-    base, smooth = overrides_for(group, option, given)
-    contract = Contract(settable("train", base), settable("train", smooth))
+    contract = Contract(*overrides_for(group, option, given))
     results = []
     for name in CHECKS[group]:
         check: Callable[[], Result] = getattr(contract, name)

@@ -20,9 +20,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from omegaconf import OmegaConf
-
-from metacli.algorithms.base import Adaptive, MetaAlgorithm
+from metacli.algorithms.adaptive import Adaptive
+from metacli.algorithms.base import MetaAlgorithm
 from metacli.config import RunConfig, merged_schema
 from metacli.errors import ConfigError
 from metacli.models.base import Model
@@ -40,11 +39,30 @@ ROOT = "metacli_defaults"  # the node of the top-level sections (conf/train.yaml
 _registered: set[str] = set()
 
 
+def plain(value: Any) -> Any:
+    """A default as a YAML value (a nested config as its fields)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
 def defaults_of(schema: type) -> dict[str, Any]:
-    """A dataclass's fields and defaults as plain YAML values."""
-    container = OmegaConf.to_container(OmegaConf.structured(schema))
-    assert isinstance(container, dict)
-    return {str(k): v for k, v in container.items()}
+    """A dataclass's fields and their defaults as plain YAML values (its checks are not
+    run: a default may be a placeholder that a preset must replace)."""
+    out = {}
+    for f in dataclasses.fields(schema):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            value = "???"  # OmegaConf's mandatory value
+        out[f.name] = plain(value)
+    return out
 
 
 def schema_of(group: str, cls: Any, node: Any) -> type:

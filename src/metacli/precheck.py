@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metacli.build import Resolved, resolve
 from metacli.composition import (
@@ -127,7 +127,8 @@ def precheck(command: str, args: list[str]) -> Checked | None:
     cfg = compose(command, overrides, keep_hydra=True)
     for notice in shadowing(dict(cfg.hydra.runtime.choices), folders_of(overrides)):
         print(f"metacli {command}: {notice}", file=sys.stderr)
-    cfg = compose(command, overrides)  # (without Hydra's node, as the job gets it)
+    with open_dict(cfg):
+        del cfg["hydra"]  # (the config as the job gets it)
     if multirun(args):
         return None  # each job's values are checked in its job (a failed job is recorded)
     resolved = resolve(cfg)

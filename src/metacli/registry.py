@@ -74,8 +74,10 @@ def builtins(group: str) -> tuple[str, ...]:
     return tuple(sorted(name for name in names if _registers_itself(PACKAGES[group], name)))
 
 
+@functools.cache
 def plugins(group: str) -> dict[str, str]:
-    """Installed plug-ins: entry point name -> ``module:Class`` (group ``metacli.<group>``)."""
+    """Installed plug-ins: entry point name -> ``module:Class`` (group ``metacli.<group>``);
+    read once a process (reading them scans every installed distribution)."""
     return {ep.name: ep.value for ep in entry_points(group=f"metacli.{group}")}
 
 

@@ -133,6 +133,7 @@ def train(
             device=str(components.device),
             threads=threads,
             batching=components.algorithm.batching,  # what algo.batching=auto resolved to
+            classes=components.classes(),
             **distributed.described(),
         )
         if resuming:
@@ -230,6 +231,7 @@ def test(
             device=str(components.device),
             threads=threads,
             checkpoint=str(cfg.ckpt_path),
+            classes=components.classes(),
             **distributed.described(),
         )
         result = meta_test(components, folder, checkpoint["iteration"])

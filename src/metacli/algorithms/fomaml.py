@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from metacli.algorithms.base import AdaptiveConfig
+from metacli.algorithms.adaptive import AdaptiveConfig
 from metacli.algorithms.maml import MAML
 
 

@@ -18,7 +18,8 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import Tensor
 
-from metacli.algorithms.base import Adaptive, AdaptiveConfig, AlgoConfig, MetaLoss
+from metacli.algorithms.adaptive import Adaptive, AdaptiveConfig
+from metacli.algorithms.base import AlgoConfig, MetaLoss
 from metacli.engine.executor import carrying
 from metacli.engine.inner import Step, last
 from metacli.engine.stacked_meta_gradient import meta_gradient

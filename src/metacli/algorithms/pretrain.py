@@ -14,7 +14,8 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from metacli.algorithms.base import Adaptive, AdaptiveConfig, AlgoConfig, MetaLoss
+from metacli.algorithms.adaptive import Adaptive, AdaptiveConfig
+from metacli.algorithms.base import AlgoConfig, MetaLoss
 from metacli.params import Params
 from metacli.streams import TaskRandom
 from metacli.tasks.base import TaskBatch

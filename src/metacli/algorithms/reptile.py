@@ -25,7 +25,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from metacli.algorithms.base import Adaptive, AdaptiveConfig, AlgoConfig, MetaLoss
+from metacli.algorithms.adaptive import Adaptive, AdaptiveConfig
+from metacli.algorithms.base import AlgoConfig, MetaLoss
 from metacli.engine.inner import last
 from metacli.models.base import Model
 from metacli.params import Params

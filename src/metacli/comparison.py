@@ -442,19 +442,46 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
-    runs = find_runs(args.paths)
-    for condition in args.filter:
+@dataclass
+class Comparison:
+    rows: list[dict[str, Any]]  # one per configuration, best first per metric
+    unfinished: list[Run]  # runs that failed, were interrupted, crashed or still run
+    runs: list[Run]  # every run found (after the filters)
+
+
+def compare(
+    paths: list[Path],
+    group_by: list[str] | None = None,
+    sort: str | None = None,
+    reverse: bool = False,
+    filters: list[str] | None = None,
+    metric: str = "test",
+    command: str = "train",
+) -> Comparison:
+    """The rows of the runs below ``paths`` (what the command prints): grouped by
+    ``group_by`` keys (default: every setting that differs), ``filters`` as KEY=VALUE."""
+    if metric not in METRICS:
+        raise MetacliError(f"metric={metric!r}: choose one of {', '.join(METRICS)}.")
+    runs = find_runs(paths)
+    for condition in filters or []:
         key, sep, wanted = condition.partition("=")
         if not sep:
             raise MetacliError(f"--filter {condition!r}: write it as KEY=VALUE, e.g. algo=maml.")
         runs = [r for r in runs if matches(r, key, wanted)]
-    runs = [r for r in runs if r.params.get("command", "train") == args.command]
+    runs = [r for r in runs if r.params.get("command", "train") == command]
     finished = [r for r in runs if r.status == "finished"]
     unfinished = [r for r in runs if r.status != "finished"]
+    rows = sort_rows(aggregate(finished, group_by, metric), sort, reverse)
+    return Comparison(rows, unfinished, runs)
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
     keys = [k.strip() for k in args.group_by.split(",") if k.strip()] if args.group_by else None
-    rows = sort_rows(aggregate(finished, keys, args.metric), args.sort, args.reverse)
+    found = compare(
+        args.paths, keys, args.sort, args.reverse, args.filter, args.metric, args.command
+    )
+    rows, unfinished, runs = found.rows, found.unfinished, found.runs
     sys.stdout.write(render(rows, unfinished, args.format, args.all))
     if args.plot is not None:
         from metacli.plots import validation_curves
