@@ -164,18 +164,29 @@ def test_a_helper_module_is_not_an_option() -> None:
         build(compose_config("device=cpu", "task.name=images"))
 
 
-def test_the_readme_worked_examples_are_the_shipped_code() -> None:
-    """The code blocks of README's "Adding an algorithm" appear verbatim in the files."""
+def blocks(text: str, language: str) -> list[str]:
+    return [b.split("```", 1)[0] for b in text.split(f"```{language}\n")[1:]]
+
+
+def test_the_worked_examples_are_the_shipped_code() -> None:
+    """The code blocks of docs/architecture.md are the shipped components' code, and those
+    of the README's "Your own method" the examples/ project's, verbatim."""
     root = SOURCE.parents[1]
+    architecture = (root / "docs" / "architecture.md").read_text(encoding="utf-8")
+    shipped = "".join(
+        (SOURCE / name).read_text(encoding="utf-8")
+        for name in ("updates/momentum.py", "algorithms/hybrid.py", "tasks/sinusoid.py")
+    ) + (root / "examples" / "metacli_example" / "models.py").read_text(encoding="utf-8")
+    code = blocks(architecture, "python")
+    assert len(code) == 6 and all(block in shipped for block in code)
     readme = (root / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Adding an algorithm", 1)[1].split("\n## ", 1)[0]
-    blocks = section.split("```python\n")[1:]
-    shipped = {
-        "MomentumRule": SOURCE / "updates" / "momentum.py",
-        "Hybrid": SOURCE / "algorithms" / "hybrid.py",
-    }
-    assert len(blocks) == len(shipped)
-    for block in blocks:
-        code = block.split("```", 1)[0]
-        name = next(n for n in shipped if f"class {n}(" in code)
-        assert code in shipped[name].read_text(encoding="utf-8"), name
+    section = readme.split("## Your own method", 1)[1].split("\n## ", 1)[0]
+    example = root / "examples"
+    project = "".join(p.read_text(encoding="utf-8") for p in example.rglob("*.py"))
+    classes = [b for b in blocks(section, "python") if "def " in b or "class " in b]
+    assert len(classes) == 2 and all(block in project for block in classes)
+    configs = "".join(p.read_text(encoding="utf-8") for p in example.rglob("*.yaml"))
+    (yaml_block,) = blocks(section, "yaml")
+    assert all(line in configs for line in yaml_block.splitlines() if not line.startswith("#"))
+    (toml,) = blocks(section, "toml")
+    assert toml in (example / "pyproject.toml").read_text(encoding="utf-8")

@@ -2,9 +2,9 @@
 the target puts 1 - eps on the true class and eps / N on each of the N classes.
 
 A variant of a built-in algorithm: its ``Config`` adds one setting to MAML's, and
-``task_loss``, the loss of ONE task (the executor maps it over the meta-batch, under vmap,
-a loop or threads), replaces MAML's query loss. Everything else is MAML's: the inner loop,
-its update rule, evaluation, checkpoints.
+``query_loss``, the loss of ONE task's query predictions after its inner loop (metacli maps
+it over the meta-batch, under vmap, a loop or threads), replaces MAML's. Everything else is
+MAML's: the inner loop, its update rule, evaluation, checkpoints.
 """
 
 from __future__ import annotations
@@ -16,13 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metacli.algorithms.base import AlgoConfig
-from metacli.algorithms.maml import MAML, MAMLConfig, TaskLoss
+from metacli.algorithms.maml import MAML, MAMLConfig
 from metacli.config import require
-from metacli.engine.inner import last
 from metacli.errors import ConfigError
 from metacli.models.base import Model
-from metacli.params import Params
-from metacli.streams import TaskRandom
 from metacli.tasks.base import TaskDistribution
 
 
@@ -48,11 +45,5 @@ class SmoothedMAML(MAML):
             )
         super().__init__(cfg, model, task)
 
-    def task_loss(
-        self, rng: TaskRandom, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
-    ) -> TaskLoss:
-        adapted = last(self.train_steps_of(rng, params, sx, sy))
-        step = self.query_step(adapted.index)
-        prediction = self.forward_with(adapted.params, qx, step, once=True)
-        loss = F.cross_entropy(prediction, qy, label_smoothing=self.cfg.smoothing)
-        return loss, self.task.metric(prediction, qy).detach(), {}
+    def query_loss(self, prediction: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(prediction, target, label_smoothing=self.cfg.smoothing)

@@ -41,7 +41,7 @@ from metacli.composition import (
     multirun,
     prepare,
     quote,
-    settable,
+    settled,
     value_of,
 )
 from metacli.console import RunLogHandler, file_formatter, make_log_handler
@@ -102,7 +102,7 @@ def _run(
     folders = [config_dir] if isinstance(config_dir, (str, os.PathLike)) else config_dir or []
     args = [*(f"--config-dir={folder}" for folder in folders), *args]
     check_overrides(args)
-    args = settable(command, prepare(command, config_folders(args)))
+    args = prepare(command, config_folders(args))
     if run_dir is not None:
         if value_of(args, "hydra.run.dir") is not None:
             raise MetacliError("resume continues the run in its own folder: leave run_dir out.")
@@ -114,7 +114,7 @@ def _run(
             f"command (metacli {command} distributed.nproc={nproc} ...) or torchrun."
         )
     try:
-        checked = precheck(command, args)
+        args, checked = settled(command, args, lambda args: precheck(command, args))
     except NothingToDo:  # a finished run with nothing to add: its summary
         return read_json(Path(str(value_of(args, "resume"))) / "summary.json") or {}
     cfg = _job_config(command, args)

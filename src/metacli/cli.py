@@ -188,8 +188,9 @@ def main(argv: list[str] | None = None) -> None:
 def entry() -> None:
     """The ``metacli`` command: ``main``, then, where it returned normally and no other
     thread must be waited for, the end of the process without the interpreter's teardown
-    of every module (0.2-0.3 s once torch is imported: a tenth of a short sinusoid run).
-    The exit handlers run and the output is flushed first, so nothing written is lost."""
+    of every module (a noticeable part of a short run once torch is imported;
+    docs/benchmarks.md, "The sinusoid end to end"). The exit handlers run and the output
+    is flushed first, so nothing written is lost."""
     main()
     main_thread = threading.main_thread()
     if any(t.is_alive() and not t.daemon and t is not main_thread for t in threading.enumerate()):
@@ -206,13 +207,15 @@ def checked(command: str, args: list[str]) -> tuple[list[str], Any]:
     is said and exit 0."""
     try:
         check_overrides(args)
-        from metacli.composition import config_folders, prepare, settable
-
-        args = settable(command, prepare(command, config_folders(args)))
+        from metacli.composition import config_folders, prepare, settled
         from metacli.precheck import NothingToDo, precheck
 
         try:
-            prechecked = precheck(command, args)
+            args, prechecked = settled(
+                command,
+                prepare(command, config_folders(args)),
+                lambda args: precheck(command, args),
+            )
         except NothingToDo as done:
             print(f"metacli {command}: {done}")
             raise SystemExit(0) from None

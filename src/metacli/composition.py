@@ -7,9 +7,10 @@
   later ``test`` or ``resume`` (which replay a run's overrides) all see the same folders.
 - ``compose``: the config Hydra composes, each option of a config file with a
   ``_target_`` named after its file, Hydra's errors made one paragraph.
-- ``settable``: a key that the selected option's class declares can be set on the command
-  line even where its config file does not list it (``++``), and in a sweep over options
-  a key that only some have applies to those (the others ignore it, said once).
+- ``settled``, ``settable``: a key that the selected option's class declares can be set on
+  the command line even where its config file does not list it (``++``), and in a sweep
+  over options a key that only some have applies to those (the others ignore it, said
+  once).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import difflib
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -34,6 +36,7 @@ INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--
 CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
 SEARCHPATH = "hydra.searchpath"
 COMPONENT_SECTIONS = ("algo", "model", "task")  # the sections a config file's _target_ fills
+T = TypeVar("T")
 
 
 def key_of(override: str) -> str:
@@ -65,23 +68,28 @@ def suggestion(word: str, candidates: list[str]) -> str:
 
 
 # --- the user's config folders ---------------------------------------------------------
-def folders_of(args: list[str]) -> list[Path]:
-    """The config folders a ``hydra.searchpath=[file://...]`` override names."""
+def searchpath_entries(args: list[str]) -> list[str]:
+    """The entries of a ``hydra.searchpath=[...]`` override (``file://DIR``, ``pkg://...``)."""
     values = [a.split("=", 1)[1] for a in args if key_of(a) == SEARCHPATH]
     if not values:
         return []
     listed = values[-1].strip().strip("[]")
-    entries = [e.strip().strip("'\"") for e in listed.split(",") if e.strip()]
-    return [Path(e.removeprefix("file://")) for e in entries]
+    return [e.strip().strip("'\"") for e in listed.split(",") if e.strip()]
 
 
-def searchpath(folders: list[Path]) -> str:
-    return f"{SEARCHPATH}=[{','.join(json.dumps(f'file://{f}') for f in folders)}]"
+def folders_of(args: list[str]) -> list[Path]:
+    """The config folders (``file://`` entries) of a ``hydra.searchpath`` override."""
+    return [
+        Path(e.removeprefix("file://"))
+        for e in searchpath_entries(args)
+        if "://" not in e or e.startswith("file://")
+    ]
 
 
 def config_folders(args: list[str]) -> list[str]:
     """``--config-dir DIR`` (``-cd DIR``, ``--config-dir=DIR``) as an absolute
-    ``hydra.searchpath`` override, merged with one given; each folder must exist."""
+    ``hydra.searchpath`` override, merged with one given (its folders made absolute too,
+    so that a run's record replays from anywhere); each folder must exist."""
     out: list[str] = []
     folders: list[Path] = []
     rest = iter(args)
@@ -91,10 +99,11 @@ def config_folders(args: list[str]) -> list[str]:
             given = value if eq else next(rest, None)
             if not given:
                 raise ConfigError(f"{flag} needs a folder: {flag} DIR (e.g. --config-dir myconf).")
-            folders.append(Path(given).expanduser().resolve())
+            folders.append(Path(given))
         elif key_of(arg) != SEARCHPATH:
             out.append(arg)
-    folders = [*folders_of(args), *folders]
+    folders = [f.expanduser().resolve() for f in [*folders_of(args), *folders]]
+    others = [e for e in searchpath_entries(args) if "://" in e and not e.startswith("file://")]
     for folder in folders:
         if not folder.is_dir():
             raise ConfigError(
@@ -102,11 +111,13 @@ def config_folders(args: list[str]) -> list[str]:
                 f"records to replay with test and resume) does not exist. Give an existing "
                 f"folder with --config-dir DIR."
             )
-    if not folders:
+    if not folders and not others:
         return out
+    entries = [*(f"file://{f}" for f in dict.fromkeys(folders)), *others]
+    override = f"{SEARCHPATH}=[{','.join(json.dumps(e) for e in entries)}]"
     # with the other overrides: Hydra's parser takes one run of them
     at = next((i for i, a in enumerate(out) if "=" in a and not a.startswith("-")), len(out))
-    return [*out[:at], searchpath(list(dict.fromkeys(folders))), *out[at:]]
+    return [*out[:at], override, *out[at:]]
 
 
 def options_of(group: str, folders: list[Path]) -> list[str]:
@@ -216,14 +227,16 @@ def name_options(cfg: DictConfig, choices: Any) -> None:
                 node.name = str(chosen)
 
 
-def hydra_compose(command: str, overrides: list[str]) -> DictConfig:
-    """Hydra's composition, with its own node (``hydra``): the raw errors."""
+def hydra_compose(command: str, overrides: list[str], with_hydra: bool = True) -> DictConfig:
+    """Hydra's composition (with its own node, ``hydra``, if asked): the raw errors."""
     from hydra import compose as compose_config
     from hydra import initialize_config_dir
 
     register()
     with initialize_config_dir(str(config_dir()), version_base="1.3", job_name="metacli"):
-        return compose_config(config_name=command, overrides=overrides, return_hydra_config=True)
+        return compose_config(
+            config_name=command, overrides=overrides, return_hydra_config=with_hydra
+        )
 
 
 def compose(command: str, overrides: list[str], keep_hydra: bool = False) -> DictConfig:
@@ -233,11 +246,19 @@ def compose(command: str, overrides: list[str], keep_hydra: bool = False) -> Dic
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        cfg = hydra_compose(command, overrides)
+        cfg = hydra_compose(command, overrides, with_hydra=keep_hydra)
+        named = [g for g in COMPONENT_SECTIONS if "_target_" in (cfg.get(g) or {})]
+        if named and not keep_hydra:  # the options' names are Hydra's choices
+            cfg = hydra_compose(command, overrides)
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(explain(command, overrides, str(err))) from None
-    name_options(cfg, cfg.hydra.runtime.choices)
-    if not keep_hydra:
+        message = explain(command, overrides, str(err))
+        refused = re.search(r"Could not override '([^']+)'", str(err))
+        if refused and refused.group(1).split(".")[0] in COMPONENT_SECTIONS:
+            raise NotASetting(message) from None
+        raise ConfigError(message) from None
+    if "hydra" in cfg:
+        name_options(cfg, cfg.hydra.runtime.choices)
+    if not keep_hydra and "hydra" in cfg:
         with open_dict(cfg):
             del cfg["hydra"]
     return cfg
@@ -309,6 +330,24 @@ def swept_options(args: list[str]) -> dict[str, list[str]]:
         for key, value in (a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
         if key in COMPONENT_SECTIONS and "," in value
     }
+
+
+class NotASetting(ConfigError):
+    """Hydra refused to set a key of a component's section (it is not in the section)."""
+
+
+def settled(command: str, args: list[str], check: Callable[[list[str]], T]) -> tuple[list[str], T]:
+    """``check(args)`` (the checks before a run, a composition), with the arguments made
+    ``settable`` first in a sweep over options, or once a key was refused."""
+    if swept_options(args):
+        args = settable(command, args)
+    try:
+        return args, check(args)
+    except NotASetting:
+        fixed = settable(command, args)
+        if fixed == args:
+            raise
+    return fixed, check(fixed)
 
 
 def settable(command: str, args: list[str]) -> list[str]:

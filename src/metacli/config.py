@@ -103,7 +103,7 @@ class OptimConfig:
     # step, as when a reference builds a new optimizer each iteration (Yin et al.'s notebook).
     fresh_state: bool = False
     # True: torch's fused implementation, one kernel per step instead of a dozen multi-tensor
-    # operations: a tenth of a sinusoid MAML iteration; the same update to rounding
+    # operations (faster on small models: docs/benchmarks.md); the same update to rounding
     fused: bool = False
     momentum: float = 0.0
     nesterov: bool = False

@@ -34,11 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor
 
 from metacli.build import Components, build
 from metacli.checkpoint import LoopState, load_checkpoint, restore, save_checkpoint
-from metacli.composition import compose, config_folders, settable
+from metacli.composition import compose, config_folders, settled
 from metacli.errors import ConfigError, MetacliError
 from metacli.evaluation import fixed_tasks
 from metacli.loop import meta_train, sample
@@ -164,6 +165,11 @@ def numbers(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k not in drop} for r in records]
 
 
+def composed(overrides: list[str]) -> DictConfig:
+    """The config ``metacli train OVERRIDES`` would run."""
+    return settled("train", overrides, lambda args: compose("train", args))[1]
+
+
 # --- the checks ---------------------------------------------------------------------------
 class Contract:
     """The checks on one configuration: ``overrides`` compose it; ``smooth`` the one the
@@ -175,7 +181,7 @@ class Contract:
 
     def build(self, *extra: str, smooth: bool = False) -> Components:
         overrides = [*(self.smooth if smooth else self.overrides), *extra]
-        return build(compose("train", settable("train", overrides)))
+        return build(composed(overrides))
 
     def builds(self) -> Result:
         components = self.build()
@@ -213,7 +219,7 @@ class Contract:
         return Result("strategies", held, f"{detail} (relative; float64)")
 
     def resume(self) -> Result:
-        cfg = compose("train", settable("train", [*self.overrides, *SHORT]))
+        cfg = composed([*self.overrides, *SHORT])
         straight, whole = build(cfg), MemoryRecorder()
         meta_train(straight, whole, LoopState())
         first, half = build(cfg), MemoryRecorder()
@@ -246,8 +252,7 @@ class Contract:
     def seeds(self) -> Result:
         runs = []
         for seed in (0, 0, 1):
-            overrides = settable("train", [*self.overrides, *SHORT, f"seed={seed}"])
-            components = build(compose("train", overrides))
+            components = build(composed([*self.overrides, *SHORT, f"seed={seed}"]))
             components.run.train.iterations = 2
             recorder = MemoryRecorder()
             meta_train(components, recorder, LoopState())
@@ -379,7 +384,7 @@ def overrides_for(group: str, option: str, given: list[str]) -> tuple[list[str],
         base, smooth = [], []
     base = [*selection, *base, "device=cpu", "train.meta_batch_size=3"]
     smooth = [*selection, *smooth, "device=cpu", "train.meta_batch_size=3"]
-    cfg = compose("train", [*base, *given])
+    cfg = composed([*base, *given])
     keys = declared_keys("algo", cfg.algo)
     inner = [
         f"algo.{k}={v}"

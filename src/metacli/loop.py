@@ -68,7 +68,7 @@ def nonfinite(components: Components, loss: Tensor) -> str | None:
     """What is NaN or infinite after the backward pass: None when everything is finite.
 
     One check and one synchronisation per iteration over the loss and every gradient
-    (about 40 us for the sinusoid MLP); names are looked up only when something is wrong.
+    (docs/versus.md measures it); names are looked up only when something is wrong.
     """
     grads = [
         p.grad for g in components.optimizer.param_groups for p in g["params"] if p.grad is not None

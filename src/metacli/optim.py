@@ -2,10 +2,10 @@
 
 torch wraps ``add_param_group``, ``zero_grad``, ``step``, ``state_dict`` and
 ``load_state_dict`` in decorators that import ``torch._dynamo`` on their first call, so that
-``torch.compile`` can trace around them. That import takes 1.7 s here (measured with
-``python -X importtime``: a third of the time from the command to the first iteration of a
-sinusoid run) and buys nothing: metacli never compiles the outer step (``algo.compile``
-compiles the task computation). These subclasses call the undecorated functions, so the
+``torch.compile`` can trace around them. That import is a large part of the time from the
+command to the first iteration of a short run (docs/benchmarks.md, "The sinusoid end to
+end") and buys nothing: metacli never compiles the outer step (``algo.compile`` compiles
+the task computation). These subclasses call the undecorated functions, so the
 numbers, the state dict and what a scheduler sees are torch's own (tested bit for bit in
 tests/test_optim.py). Where ``torch._dynamo`` is already imported (a compiled run) or a
 compiler traces the step, torch's wrapped methods run instead.

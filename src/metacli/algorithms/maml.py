@@ -70,7 +70,12 @@ class MAML(Adaptive, key="maml"):
         step = self.query_step(adapted.index)
         prediction = self.forward_with(adapted.params, qx, step, once=True)
         terms = {k: v.detach() for k, v in self.rule.terms(adapted.state).items()}
-        return self.task.loss(prediction, qy), self.task.metric(prediction, qy).detach(), terms
+        return self.query_loss(prediction, qy), self.task.metric(prediction, qy).detach(), terms
+
+    def query_loss(self, prediction: Tensor, target: Tensor) -> Tensor:
+        """The loss of one task's query predictions after adaptation: the task's (a variant
+        of MAML may change it, and nothing else)."""
+        return self.task.loss(prediction, target)
 
     def meta_loss(self, batch: TaskBatch) -> MetaLoss:
         stacked = self.stacked_meta_loss(batch) if torch.is_grad_enabled() else None
@@ -90,6 +95,7 @@ class MAML(Adaptive, key="maml"):
                 self.cfg.batching in ("auto", "stacked")
                 and self.plain_support_loss
                 and kind.task_loss is MAML.task_loss
+                and kind.query_loss is MAML.query_loss
                 and kind.train_steps_of is MAML.train_steps_of
                 and kind.query_step is Adaptive.query_step
                 and self.cfg.inner_batch is None

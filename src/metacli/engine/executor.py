@@ -319,9 +319,9 @@ class TaskExecutor:
 class TaskThreads:
     """A pool of single-threaded workers, one per CPU thread torch may use.
 
-    On a CPU, small convolutions parallelise poorly inside one operator (measured: 2
-    threads make one task 1.5x faster, not 2x), so computing two tasks at a time, one
-    core each, beats one task at a time on two cores.
+    On a CPU, small convolutions parallelise poorly inside one operator (two threads make
+    one task far less than twice as fast: docs/benchmarks.md), so computing two tasks at a
+    time, one core each, beats one task at a time on two cores.
     """
 
     def __init__(self, model: Model) -> None:

@@ -14,9 +14,9 @@ gets its part of H_k u.
 
 Every task is one row of the same tensors (weights [T, ...] once adapted), so a
 meta-batch is one pass of about a hundred operations, with no autograd graph to record
-and walk and no vmap: 1.37-1.52x faster sinusoid iterations than vmap with the MLP's
-written inner gradients (docs/versus.md). The result equals autograd's to rounding
-(tests/test_written_meta_gradient.py, float64).
+and walk and no vmap: faster sinusoid iterations than vmap with the MLP's written inner
+gradients (measured in docs/versus.md). The result equals autograd's to rounding
+(tests/test_stacked_meta_gradient.py, float64).
 """
 
 from __future__ import annotations

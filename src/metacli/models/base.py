@@ -180,13 +180,13 @@ class Model(nn.Module, Registered):
 def fused_is_exact(x: Tensor) -> bool:
     """Whether PyTorch's fused batch norm may normalise ``x`` with its batch statistics.
 
-    Under ``vmap`` its second-order meta-gradient is silently wrong (about 1%, an open
-    functorch issue), so inside any ``torch.func`` transform, and in code being compiled,
-    the statistics come from plain tensor operations. Outside them (a per-task loop or
-    its threads) the fused kernel gives the same numbers and meta-gradients (tested
-    against the plain form in float64) and makes a Conv-4 MAML iteration about 1.4x
-    faster (docs/benchmarks.md). A single value per channel is left to the plain form,
-    which normalises it to zero where the fused kernel refuses it.
+    Under ``vmap`` its second-order meta-gradient is silently wrong (an open functorch
+    issue; docs/batchnorm.md), so inside any ``torch.func`` transform, and in code being
+    compiled, the statistics come from plain tensor operations. Outside them (a per-task
+    loop or its threads) the fused kernel gives the same numbers and meta-gradients
+    (tested against the plain form in float64), faster (README, Speed). A single value
+    per channel is left to the plain form, which normalises it to zero where the fused
+    kernel refuses it.
     """
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return False

@@ -101,7 +101,7 @@ class Conv4(Model, key="conv4"):
     def batching_for(self, device: torch.device, keeps_graphs: bool = True) -> str:
         """On a CPU, tasks that hold a graph run one at a time (``loop``): one graph in
         memory, as a per-task reference holds, where ``threads`` holds one per core for
-        1.1-1.4x the speed (docs/benchmarks.md); graph-free tasks (Reptile) overlap."""
+        more speed (docs/benchmarks.md); graph-free tasks (Reptile) overlap."""
         preferred = super().batching_for(device, keeps_graphs)
         return "loop" if preferred == "threads" and keeps_graphs else preferred
 

@@ -2,18 +2,18 @@
 one autograd node, for the passes whose graph is backpropagated once.
 
 Why: on a CPU the block's work on full-resolution activations, not its convolution,
-dominated an Omniglot MAML task. Profiled (one thread, one task of the Omniglot shape):
-the first block's max-pooling, batch norm, ReLU and their backward passes took about half
-of the task's 92 ms, PyTorch's NCHW max-pooling kernel alone 12.7 ms, where in
-channels-last memory it takes 1 ms. Autograd also keeps three full-size tensors per
-block: the convolution's output, the ReLU's output and int64 pooling indices.
+dominated an Omniglot MAML task: the first block's max-pooling, batch norm, ReLU and their
+backward passes took about half of it, PyTorch's NCHW max-pooling kernel most of all, far
+slower than in channels-last memory (the profile: docs/benchmarks.md). Autograd also keeps
+three full-size tensors per block: the convolution's output, the ReLU's output and int64
+pooling indices.
 
 As one node the block works in channels-last memory; pools before the ReLU (the same
 values and winners wherever gradient passes); keeps the convolution's output (or, for
-one-channel images, computes it again in the backward: about 1 ms) and int32 indices of
-the winners; and writes batch norm's backward in place in that output, since with the
+one-channel images, computes it again in the backward, which is cheap) and int32 indices
+of the winners; and writes batch norm's backward in place in that output, since with the
 gradient nonzero only at the winners it is an affine map of the output plus a scatter.
-The task took 66 ms instead of 92, and its peak memory fell (docs/benchmarks.md).
+The task is faster and its peak memory lower (docs/benchmarks.md).
 
 Its backward is not itself differentiable, and it reuses what it kept: backpropagating
 with ``create_graph=True`` or a second time raises. So it runs only where the caller
@@ -99,7 +99,7 @@ def normalized(
 def conv_norm_pool(*block: Any) -> Tensor:
     """The block without gradients (evaluation's query passes), from ``ConvNormPool``'s
     arguments: the same layers in channels-last memory, where PyTorch's max-pooling is
-    about ten times faster."""
+    much faster."""
     x, weight, bias, scale, shift, eps, ceil = block
     x, weight = channels_last(x), channels_last(weight)
     y = normalized(x, weight, bias, scale, shift, eps, keep=False)[0]

@@ -30,7 +30,7 @@ class MLPConfig(ModelConfig):
     init: str = "torch"
     init_std: float = 0.01
     # true: the inner loop's gradients come from the backward pass written out below
-    # (1.3x faster sinusoid MAML, same numbers to rounding); false: from autograd
+    # (faster, the same numbers to rounding: docs/versus.md); false: from autograd
     written_backward: bool = True
 
     def __post_init__(self) -> None:
@@ -194,8 +194,8 @@ class MLPPass:
 
     def _through(self, i: int, grad: Tensor) -> Tensor:
         """d loss / d activation output -> d loss / d layer i's linear output. (ReLU: times
-        a 0/1 gate, 4x cheaper than a select on this CPU; it differs from autograd's only
-        where the gradient is not finite.)"""
+        a 0/1 gate, cheaper than a select on a CPU; it differs from autograd's only where
+        the gradient is not finite.)"""
         if i >= self.activated:
             return grad
         if self.relu:
