@@ -320,3 +320,23 @@ def test_the_command_ends_fast_yet_runs_exit_handlers_and_waits_for_workers(
     assert result.stdout.startswith("unflushed line") and "metacli " in result.stdout
     assert (tmp_path / "handler").read_text() == "ran"
     assert (tmp_path / "worker").exists() == worker
+
+
+def test_a_run_resolves_its_config_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checks before Hydra resolve the config; the job takes that, not its own."""
+    from metacli import build, cli, precheck, run
+
+    calls: list[int] = []
+    original = build.resolve
+
+    def counted(cfg: Any) -> Any:
+        calls.append(1)
+        return original(cfg)
+
+    for module in (build, precheck, run):
+        monkeypatch.setattr(module, "resolve", counted)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["metacli"])
+    cli.main(["train", *TINY, "device=cpu", "hydra.run.dir=run"])
+    assert read_summary(tmp_path / "run")["status"] == "finished"
+    assert len(calls) == 1
