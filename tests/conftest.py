@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from omegaconf import DictConfig
 
 from metacli.composition import compose
@@ -75,18 +74,9 @@ TINY = ("debug=tiny",)
 def options(group: str) -> list[str]:
     """The options metacli ships for a config group: the registered components of algo,
     task, model and update (their defaults are their Config dataclasses), the YAML files
-    of conf/<group>/ for the others."""
+    of conf/<group>/ for the others. (Installed plug-ins are options too, not shipped.)"""
     from metacli.registry import GROUPS, builtins
 
     if group in GROUPS:
         return list(builtins(group))
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-@pytest.fixture
-def float64() -> Any:
-    """Default dtype float64 for the test (reference comparisons at 1e-10)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)

@@ -34,7 +34,7 @@ from metacli.contract import (
 from metacli.loop import sample
 from metacli.options import option_node
 from metacli.params import Params
-from metacli.registry import available, builtins
+from metacli.registry import builtins
 from metacli.streams import TaskRandom
 from tests.conftest import OMNIGLOT, compose_config
 from tests.test_image_folder import make as image_folder
@@ -69,7 +69,7 @@ class Noisy(MAML, key="noisy"):
 
 
 ALGOS = [
-    *available("algo"),
+    *builtins("algo"),
     *("noisy", "mrmaml-activations", "space", "space-expectation", "metanas-gumbel"),
 ]
 # MR-MAML puts its own (fully connected) encoder before the model, so its model is an MLP
@@ -180,7 +180,7 @@ def test_noise_drawn_inside_tasks_depends_on_the_task_alone(float64) -> None:
 # --- update rules, models and tasks: what `metacli check` runs ---------------------------
 # A rule that is an algorithm's default (sgd is MAML's) is held to the contract with that
 # algorithm above; the others with MAML here.
-OWN_RULES = {str(option_node("algo", a).get("update")) for a in available("algo")}
+OWN_RULES = {str(option_node("algo", a).get("update")) for a in builtins("algo")}
 SMALL = {  # each option on a workload a unit test affords
     ("model", "conv4"): ("model.filters=4",),
     ("model", "resnet12"): ("model.widths=[2,2,2,2]",),
