@@ -28,6 +28,17 @@ def require(ok: bool, key: str, value: Any, rule: str) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed: {rule}. Set {key} to a valid value.")
 
 
+def require_at_least(
+    key: str, value: Any, low: float, strict: bool = False, null: bool = False, what: str = "it"
+) -> None:
+    """``value`` >= ``low`` (> with ``strict``), or null where ``null`` allows it."""
+    ok = (null and value is None) or (
+        value is not None and (value > low if strict else value >= low)
+    )
+    rule = f"{what} must be {'>' if strict else '>='} {low:g}{' or null' if null else ''}"
+    require(ok, key, value, rule)
+
+
 @functools.cache
 def merged_schema(name: str, *parts: type) -> type:
     """One dataclass with the fields of ``parts`` (settings that land in one section, e.g. an
@@ -181,34 +192,14 @@ class TrainLoopConfig:
 
     def __post_init__(self) -> None:
         require(self.on_nan in ("stop", "skip"), "train.on_nan", self.on_nan, "choose stop or skip")
-        require(self.nan_skips >= 0, "train.nan_skips", self.nan_skips, "it must be >= 0")
-        require(self.iterations >= 0, "train.iterations", self.iterations, "it must be >= 0")
-        require(
-            self.meta_batch_size >= 1,
-            "train.meta_batch_size",
-            self.meta_batch_size,
-            "it must be >= 1",
-        )
-        require(self.val_every >= 1, "train.val_every", self.val_every, "it must be >= 1")
-        require(self.log_every >= 1, "train.log_every", self.log_every, "it must be >= 1")
-        require(
-            self.ckpt_every is None or self.ckpt_every >= 1,
-            "train.ckpt_every",
-            self.ckpt_every,
-            "it must be >= 1 or null",
-        )
-        require(
-            self.grad_clip is None or self.grad_clip > 0,
-            "train.grad_clip",
-            self.grad_clip,
-            "it must be > 0 or null",
-        )
-        require(
-            self.grad_clamp is None or self.grad_clamp > 0,
-            "train.grad_clamp",
-            self.grad_clamp,
-            "it must be > 0 or null",
-        )
+        require_at_least("train.nan_skips", self.nan_skips, 0)
+        require_at_least("train.iterations", self.iterations, 0)
+        require_at_least("train.meta_batch_size", self.meta_batch_size, 1)
+        require_at_least("train.val_every", self.val_every, 1)
+        require_at_least("train.log_every", self.log_every, 1)
+        require_at_least("train.ckpt_every", self.ckpt_every, 1, null=True)
+        require_at_least("train.grad_clip", self.grad_clip, 0, strict=True, null=True)
+        require_at_least("train.grad_clamp", self.grad_clamp, 0, strict=True, null=True)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from metacli import regularizers
 from metacli.algorithms.base import AlgoConfig, Evaluation, MetaAlgorithm
-from metacli.config import require
+from metacli.config import require, require_at_least
 from metacli.engine.inner import InnerLoop, Step
 from metacli.errors import ConfigError
 from metacli.models.base import Model
@@ -72,8 +72,7 @@ class AdaptiveConfig(AlgoConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for key in ("inner_batch", "test_inner_batch"):
-            value = getattr(self, key)
-            require(value is None or value >= 1, f"algo.{key}", value, "it must be >= 1 or null")
+            require_at_least(f"algo.{key}", getattr(self, key), 1, null=True)
         require(
             self.inner_loss in INNER_LOSSES,
             "algo.inner_loss",
@@ -86,25 +85,13 @@ class AdaptiveConfig(AlgoConfig):
             self.regularizer,
             f"choose one of {', '.join(REGULARIZERS)}",
         )
-        require(
-            self.regularizer_weight >= 0,
-            "algo.regularizer_weight",
-            self.regularizer_weight,
-            "it must be >= 0",
-        )
-        require(self.inner_lr > 0, "algo.inner_lr", self.inner_lr, "the learning rate must be > 0")
-        require(self.inner_steps >= 1, "algo.inner_steps", self.inner_steps, "it must be >= 1")
-        require(
-            self.test_inner_steps is None or self.test_inner_steps >= 0,
-            "algo.test_inner_steps",
-            self.test_inner_steps,
-            "it must be >= 0 or null",
-        )
-        require(
-            self.test_inner_lr is None or self.test_inner_lr > 0,
-            "algo.test_inner_lr",
-            self.test_inner_lr,
-            "the learning rate must be > 0 or null",
+        require_at_least("algo.regularizer_weight", self.regularizer_weight, 0)
+        lr = "the learning rate"
+        require_at_least("algo.inner_lr", self.inner_lr, 0, strict=True, what=lr)
+        require_at_least("algo.inner_steps", self.inner_steps, 1)
+        require_at_least("algo.test_inner_steps", self.test_inner_steps, 0, null=True)
+        require_at_least(
+            "algo.test_inner_lr", self.test_inner_lr, 0, strict=True, null=True, what=lr
         )
 
 

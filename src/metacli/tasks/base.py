@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from metacli.config import require
+from metacli.config import require, require_at_least
 from metacli.registry import Registered
 
 SPLITS = ("train", "val", "test")  # the task splits of every distribution
@@ -24,20 +24,10 @@ class TaskConfig:
     test_queries: int | None = None  # queries at validation/meta-test (null: queries)
 
     def __post_init__(self) -> None:
-        require(self.shots >= 1, "task.shots", self.shots, "it must be >= 1")
-        require(self.queries >= 1, "task.queries", self.queries, "it must be >= 1")
-        require(
-            self.test_queries is None or self.test_queries >= 1,
-            "task.test_queries",
-            self.test_queries,
-            "it must be >= 1 or null",
-        )
-        require(
-            self.test_shots is None or self.test_shots >= 1,
-            "task.test_shots",
-            self.test_shots,
-            "it must be >= 1 or null",
-        )
+        require_at_least("task.shots", self.shots, 1)
+        require_at_least("task.queries", self.queries, 1)
+        require_at_least("task.test_queries", self.test_queries, 1, null=True)
+        require_at_least("task.test_shots", self.test_shots, 1, null=True)
 
 
 @dataclass
