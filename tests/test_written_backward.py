@@ -115,7 +115,7 @@ def meta_gradient(algo: str, task: list[str], batching: str, written: bool) -> d
 def counted(net: Any) -> list[int]:
     """Count the calls of the model's written passes that returned one: per task
     (``functional_backward``) or on the stacked tasks (``stacked_pass``, whose meta-gradient
-    is written out too: tests/test_written_meta_gradient.py)."""
+    is written out too: tests/test_stacked_meta_gradient.py)."""
     calls = [0]
     for name in ("functional_backward", "stacked_pass"):
         inner = getattr(net, name)
