@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from omegaconf import DictConfig
 
 from metacli.composition import compose
@@ -80,3 +81,12 @@ def options(group: str) -> list[str]:
     if group in GROUPS:
         return list(builtins(group))
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.fixture
+def float64() -> Any:
+    """Default dtype float64 for the test (reference comparisons at 1e-10)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
