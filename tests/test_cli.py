@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import statistics
 import subprocess
 import sys
 import time
@@ -248,33 +250,67 @@ def test_default_train_learns_sinusoids_in_about_a_minute(tmp_path: Path) -> Non
     )
 
 
-def test_a_diverging_validation_is_reported_and_never_selected_as_best(tmp_path: Path) -> None:
+def tasks_table(run_dir: Path) -> list[dict[str, Any]]:
+    """tasks.csv as rows of typed values."""
+    rows = list(csv.DictReader((run_dir / "tasks.csv").open()))
+    return [
+        {
+            **r,
+            "iteration": int(r["iteration"]),
+            "task": int(r["task"]),
+            "step": int(r["step"]),
+            "metric": float(r["metric"]),
+        }
+        for r in rows
+    ]
+
+
+def test_diverged_tasks_are_counted_and_the_metric_is_over_the_others(tmp_path: Path) -> None:
+    """An evaluation step size of 0.5 makes some test tasks' inner loops overflow: the
+    meta-test is the mean over the finite ones, as tasks.csv recomputes it."""
+    run_cli("train", *TINY, "algo.test_inner_lr=0.5", cwd=tmp_path)
+    (run_dir,) = (tmp_path / "outputs" / "train").glob("*/*")
+    test = read_summary(run_dir)["test"]
+    rows = [r for r in tasks_table(run_dir) if r["split"] == "test"]
+    final = {r["task"]: r["metric"] for r in rows if r["step"] == test["inner_steps"]}
+    by_task: dict[int, list[float]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append(r["metric"])
+    finite = [final[k] for k, values in by_task.items() if all(map(math.isfinite, values))]
+    assert len(final) == test["num_tasks"] == 16
+    assert 0 < test["diverged_tasks"] == 16 - len(finite) < 16
+    assert test["mean"] == pytest.approx(statistics.fmean(finite), rel=1e-12)
+    assert not math.isfinite(test["raw_mean"])
+    log = (run_dir / "metacli.log").read_text()
+    assert f"on {len(finite)} of 16 tasks; {test['diverged_tasks']} diverged" in log
+
+
+def test_a_fully_diverged_validation_is_still_the_best_of_none(tmp_path: Path) -> None:
     # An evaluation step size of 1e3 makes every validation task's inner loop overflow
-    # while training (inner_lr 0.01) stays finite: no best.pt, the test uses last.pt.
+    # while training (inner_lr 0.01) stays finite: the first validation is kept as best.
     run_cli("train", *TINY, "algo.test_inner_lr=1000", cwd=tmp_path)
     (run_dir,) = (tmp_path / "outputs" / "train").glob("*/*")
     vals = [r for r in read_metrics(run_dir) if r["split"] == "val"]
-    assert vals and all(not math.isfinite(r["metric"]) for r in vals)
-    assert all(r["nonfinite_tasks"] == r["num_tasks"] == 8 for r in vals)
+    assert vals and all(math.isnan(r["metric"]) for r in vals)
+    assert all(r["diverged_tasks"] == r["num_tasks"] == 8 for r in vals)
     summary = read_summary(run_dir)
-    assert summary["best_val"] == {"metric": None, "iteration": None}
-    assert summary["test"]["checkpoint"] == "last" and summary["test"]["nonfinite_tasks"] == 16
-    assert not (run_dir / "checkpoints" / "best.pt").exists()
+    assert summary["best_val"]["iteration"] == 10 and summary["best_val"]["diverged_tasks"] == 8
+    assert summary["test"]["checkpoint"] == "best" and summary["test"]["diverged_tasks"] == 16
+    assert (run_dir / "checkpoints" / "best.pt").exists()
     log = (run_dir / "metacli.log").read_text()
-    assert "non-finite on 8 of 8 tasks" in log and "never selected as best" in log
-    assert "non-finite on 16 of 16 tasks" in log  # the meta-test's line
+    assert "on 0 of 8 tasks; 8 diverged" in log and "on 0 of 16 tasks; 16 diverged" in log
 
 
-def test_is_better_never_picks_a_non_finite_metric() -> None:
-    from types import SimpleNamespace
-
+def test_the_best_validation_has_the_fewest_diverged_tasks_then_the_best_metric() -> None:
     from metacli.evaluation import is_better
 
+    nan, inf = math.nan, math.inf
     for higher in (True, False):
-        c: Any = SimpleNamespace(task=SimpleNamespace(higher_is_better=higher))
-        assert not is_better(c, math.nan, None) and not is_better(c, math.inf, None)
-        assert not is_better(c, -math.inf, 1.0) and not is_better(c, math.inf, 1.0)
-        assert is_better(c, 2.0, None) and is_better(c, 2.0, 1.0) is higher
+        assert is_better(higher, nan, 8, None, None)  # the first validation, whatever it holds
+        assert is_better(higher, 9.0, 1, 1.0, 2) and not is_better(higher, 1.0, 2, 9.0, 1)
+        assert is_better(higher, 2.0, 0, 1.0, 0) is higher
+        assert not is_better(higher, nan, 0, 1.0, 0) and not is_better(higher, inf, 3, nan, 3)
+        assert is_better(higher, 5.0, 3, nan, 3)  # a number beats none
 
 
 def test_report_last_meta_tests_the_last_weights_besides_the_best(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from torch import Tensor
 from metacli.algorithms.adaptive import Adaptive
 from metacli.build import build, resolve
 from metacli.checkpoint import LoopState
+from metacli.contract import MemoryRecorder
 from metacli.engine.executor import TaskExecutor
 from metacli.engine.inner import last
 from metacli.errors import ConfigError, MetacliError
@@ -254,23 +255,7 @@ def test_parameter_groups_have_their_own_rates_and_no_decay_on_learned_rates() -
         build(compose_config("device=cpu", "+optim.groups.arch.lr=0.1"))
 
 
-class Recorder:
-    """An in-memory run folder for the loop."""
-
-    def __init__(self) -> None:
-        self.root = Path("memory")
-        self.records: list[dict[str, Any]] = []
-        self.checkpoints: dict[str, dict[str, Any]] = {}
-        self.files: dict[str, str] = {}
-
-    def log_metrics(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-
-    def save_checkpoint(self, name: str, checkpoint: dict[str, Any]) -> None:
-        self.checkpoints[name] = checkpoint
-
-    def write_text(self, name: str, text: str) -> None:
-        self.files[name] = text
+Recorder = MemoryRecorder  # an in-memory run folder for the loop
 
 
 def test_validation_and_end_of_training_hooks_run_and_are_recorded() -> None:

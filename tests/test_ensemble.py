@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -38,23 +39,31 @@ class Memory:
 
     def write_text(self, name: str, text: str | bytes) -> None: ...
 
+    def log_tasks(self, lines: list[str]) -> None: ...
+
+
+def validation(value: float, diverged: int) -> Any:
+    return SimpleNamespace(final=value, diverged=diverged)
+
 
 @pytest.mark.parametrize("task", ["synthetic", "sinusoid"])
 def test_the_k_best_validations_are_kept_ties_to_the_earlier_never_a_nan(task: str) -> None:
     c = build(compose_config(*TINY, f"task={task}", "test.ensemble_top_k=3", "device=cpu"))
     higher = c.task.higher_is_better  # accuracy: higher; MSE: lower
     sign = 1 if higher else -1
-    values = [0.5, 0.7, 0.6, 0.7, math.nan, 0.9, 0.4]  # validations at iterations 1..7
+    # validations at iterations 1..8 (metric over the finite tasks, diverged tasks)
+    values = [(0.5, 0), (0.7, 0), (0.6, 0), (0.7, 0), (math.nan, 8), (0.9, 0), (0.4, 0), (1.0, 1)]
     state, recorder = LoopState(), Memory()
-    for it, value in enumerate(values, start=1):
-        keep_top(c, recorder, state, it, sign * value)
-    # 0.9 (iteration 6), 0.7 (2), then the tie 0.7 (4) kept after the earlier one, over 0.6 (3)
+    for it, (value, diverged) in enumerate(values, start=1):
+        keep_top(c, recorder, state, it, validation(sign * value, diverged))
+    # 0.9 (iteration 6), 0.7 (2), then the tie 0.7 (4) kept after the earlier one, over 0.6
+    # (3); 1.0 (8) is the best metric, but over 7 of 8 tasks: a task diverged
     assert [int(it) for _, it in state.top] == [2, 4, 6]
     assert recorder.saved == [top_name(i) for i in (1, 2, 3, 4, 6)]
     assert recorder.removed == [top_name(1), top_name(3)]
     off = build(compose_config(*TINY, f"task={task}", "device=cpu"))
     quiet, none = LoopState(), Memory()
-    keep_top(off, none, quiet, 1, 0.5)
+    keep_top(off, none, quiet, 1, validation(0.5, 0))
     assert quiet.top == [] and none.saved == []
 
 

@@ -267,6 +267,9 @@ class Memory:
     def write_text(self, name: str, text: str) -> None:
         pass
 
+    def log_tasks(self, lines: list[str]) -> None:
+        pass
+
 
 def poisoned(c: Any, at: set[int]) -> None:
     """Make the meta-loss NaN at the given (1-based) iterations."""

@@ -32,8 +32,9 @@ class LoopState:
     """The training loop's own progress, saved with the weights."""
 
     iteration: int = 0  # outer updates done
-    best_metric: float | None = None
+    best_metric: float | None = None  # over the best validation's finite tasks
     best_iteration: int | None = None
+    best_diverged: int | None = None  # its diverged tasks (None: no validation yet)
     wall_time: float = 0.0  # seconds spent training, summed over resumed sessions
     # [validation metric, iteration] of the checkpoints kept in checkpoints/top/
     # (test.ensemble_top_k), in iteration order
@@ -49,6 +50,7 @@ def make(components: Components, state: LoopState) -> dict[str, Any]:
         "iteration": state.iteration,
         "best_metric": state.best_metric,
         "best_iteration": state.best_iteration,
+        "best_diverged": state.best_diverged,
         "wall_time": state.wall_time,
         "top": [list(entry) for entry in state.top],
         "algorithm": components.algorithm.state_dict(),
@@ -141,6 +143,10 @@ def restore(components: Components, checkpoint: dict[str, Any], source: str) -> 
         iteration=checkpoint["iteration"],
         best_metric=checkpoint["best_metric"],
         best_iteration=checkpoint["best_iteration"],
+        # (before it was recorded, only a validation with every task finite was kept)
+        best_diverged=checkpoint.get(
+            "best_diverged", None if checkpoint["best_metric"] is None else 0
+        ),
         wall_time=checkpoint["wall_time"],
         top=[list(entry) for entry in checkpoint.get("top", [])],
     )

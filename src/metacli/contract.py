@@ -86,9 +86,13 @@ class MemoryRecorder:
         self.records: list[dict[str, Any]] = []
         self.checkpoints: dict[str, dict[str, Any]] = {}
         self.files: dict[str, str | bytes] = {}
+        self.tasks: list[str] = []  # tasks.csv's rows
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+
+    def log_tasks(self, lines: list[str]) -> None:
+        self.tasks += lines
 
     def save_checkpoint(self, name: str, checkpoint: dict[str, Any]) -> None:
         self.checkpoints[name] = checkpoint

@@ -27,7 +27,7 @@ from metacli.signals import STOPPER
 from metacli.streams import task_keys
 from metacli.tasks.base import TaskBatch, split_generator
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 class Recorder(Protocol):
@@ -44,21 +44,31 @@ class Recorder(Protocol):
 
     def write_text(self, name: str, text: str | bytes) -> None: ...
 
+    def log_tasks(self, lines: list[str]) -> None:
+        """Append rows of ``tasks.csv`` (``TASKS_HEADER``'s columns)."""
+        ...
+
 
 @dataclass
 class EvalSummary:
-    """Query metric statistics over tasks after 0..k inner steps."""
+    """Query metric statistics over tasks after 0..k inner steps.
+
+    A task whose loss or metric is NaN or infinite at any step diverged (its inner loop
+    blew up): it is counted, and the statistics are over the tasks that stayed finite, so
+    one diverged task does not turn an evaluation into NaN. The mean over every task
+    (NaN or infinite where a task diverged) is kept as ``raw_mean``.
+    """
 
     metric_name: str
     num_tasks: int
-    metric_mean: list[float]  # [k+1]
+    metric_mean: list[float]  # [k+1], over the finite tasks
     metric_std: list[float]
-    metric_ci95: list[float]  # 1.96 * std / sqrt(n)
+    metric_ci95: list[float]  # 1.96 * std / sqrt(finite tasks)
     loss_mean: list[float]
-    per_task: list[float] = field(repr=False, default_factory=list)  # final metric of each task
-    # Tasks whose metric after adaptation is NaN or infinite (an inner loop that diverged):
-    # the mean is then non-finite too, and such an evaluation is never selected as best.
-    nonfinite: int = 0
+    # every task's metric after 0..k steps [n, k+1], for tasks.csv and paired statistics
+    per_task: Tensor = field(repr=False, default_factory=lambda: torch.zeros(0, 1))
+    diverged: int = 0  # tasks with a non-finite loss or metric at some step
+    raw_mean: list[float] = field(default_factory=list)  # over every task, diverged too
     higher_is_better: bool = True  # the task's direction (accuracy: higher; MSE: lower)
     # What each task adapted with, where the algorithm says (an architecture it drew)
     labels: list[str] = field(repr=False, default_factory=list)
@@ -66,21 +76,29 @@ class EvalSummary:
     @classmethod
     def from_tensors(cls, metric_name: str, loss: Tensor, metric: Tensor) -> EvalSummary:
         n = metric.shape[0]  # metric, loss: [n_tasks, k+1]
-        std = metric.std(dim=0, unbiased=True) if n > 1 else torch.zeros(metric.shape[1])
+        finite = torch.isfinite(metric).all(dim=1) & torch.isfinite(loss).all(dim=1)
+        kept, kept_loss, count = metric[finite], loss[finite], int(finite.sum())
+        std = kept.std(dim=0, unbiased=True) if count > 1 else torch.zeros(metric.shape[1])
+        mean = kept.mean(0) if count else torch.full((metric.shape[1],), math.nan)
         return cls(
             metric_name=metric_name,
             num_tasks=n,
-            metric_mean=metric.mean(0).tolist(),
+            metric_mean=mean.tolist(),
             metric_std=std.tolist(),
-            metric_ci95=(1.96 * std / math.sqrt(n)).tolist(),
-            loss_mean=loss.mean(0).tolist(),
-            per_task=metric[:, -1].tolist(),
-            nonfinite=int((~torch.isfinite(metric[:, -1])).sum()),
+            metric_ci95=(1.96 * std / math.sqrt(max(count, 1))).tolist(),
+            loss_mean=(kept_loss.mean(0) if count else mean).tolist(),
+            per_task=metric,
+            diverged=n - count,
+            raw_mean=metric.mean(0).tolist(),
         )
 
     @property
     def final(self) -> float:
         return self.metric_mean[-1]
+
+    @property
+    def finite_tasks(self) -> int:
+        return self.num_tasks - self.diverged
 
     def record(self, iteration: int, split: str) -> dict[str, Any]:
         """The metrics.jsonl line of a validation or meta-test."""
@@ -94,20 +112,23 @@ class EvalSummary:
             "metric_before": self.metric_mean[0],
             "metric_per_step": self.metric_mean,
             "num_tasks": self.num_tasks,
-            **({"nonfinite_tasks": self.nonfinite} if self.nonfinite else {}),
+            **self.divergence(),
             **({"distinct_labels": len(set(self.labels))} if self.labels else {}),
         }
 
-    def describe_nonfinite(self, validation: bool = False) -> str:
-        """'' when every task's metric is finite; else how many were not (and, for a
-        validation, that it is never selected as best)."""
-        if not self.nonfinite:
-            return ""
-        never = "; never selected as best" if validation else ""
-        return (
-            f"  [non-finite on {self.nonfinite} of {self.num_tasks} tasks: the inner loop "
-            f"diverged{never}]"
-        )
+    def divergence(self) -> dict[str, Any]:
+        """The diverged tasks' count and the raw mean, where a task diverged."""
+        if not self.diverged:
+            return {}
+        return {"diverged_tasks": self.diverged, "raw_mean": self.raw_mean[-1]}
+
+    def describe(self) -> str:
+        """The final metric for a log line: ``0.3700 ± 0.0500`` and, where tasks diverged,
+        ``on 598 of 600 tasks; 2 diverged``."""
+        text = f"{self.final:.4f} ± {self.metric_ci95[-1]:.4f}"
+        if self.diverged:
+            text += f" on {self.finite_tasks} of {self.num_tasks} tasks; {self.diverged} diverged"
+        return text
 
     def label_counts(self) -> dict[str, Any]:
         """How many tasks adapted with each label (most frequent first), if any."""
@@ -121,7 +142,7 @@ class EvalSummary:
             "metric_name": self.metric_name,
             "higher_is_better": self.higher_is_better,
             "num_tasks": self.num_tasks,
-            **({"nonfinite_tasks": self.nonfinite} if self.nonfinite else {}),
+            **self.divergence(),
             "inner_steps": len(self.metric_mean) - 1,
             "mean": self.metric_mean[-1],
             "std": self.metric_std[-1],
@@ -177,13 +198,49 @@ def evaluate(components: Components, split: str, num_tasks: int, batch_size: int
     return summary
 
 
-def is_better(components: Components, value: float, best: float | None) -> bool:
-    """Whether a validation metric beats the best so far; a NaN or infinite one never does."""
+def is_better(
+    higher: bool, value: float, diverged: int, best: float | None, best_diverged: int | None
+) -> bool:
+    """Whether a validation beats the best so far: fewer diverged tasks, then a better
+    metric over the finite ones (NaN where every task diverged, which any number beats).
+    The first validation is the best so far, whatever it holds."""
+    if best_diverged is None:
+        return True
+    if diverged != best_diverged:
+        return diverged < best_diverged
     if not math.isfinite(value):
         return False
-    if best is None:
+    if best is None or not math.isfinite(best):
         return True
-    return value > best if components.task.higher_is_better else value < best
+    return value > best if higher else value < best
+
+
+# tasks.csv: every evaluated task's metric after each inner step, for statistics of one's
+# own (compare's paired differences are computed from it)
+TASKS_HEADER = "split,iteration,seed,task,step,metric"
+
+
+def task_rows(result: EvalSummary, split: str, iteration: int, seed: int) -> list[str]:
+    """The ``tasks.csv`` rows of an evaluation (``repr``: every digit, nan and inf)."""
+    values = result.per_task.tolist()
+    return [
+        f"{split},{iteration},{seed},{task},{step},{metric!r}"
+        for task, row in enumerate(values)
+        for step, metric in enumerate(row)
+    ]
+
+
+def log(
+    components: Components,
+    recorder: Recorder,
+    result: EvalSummary,
+    iteration: int,
+    split: str,
+    **extra: Any,
+) -> None:
+    """An evaluation's metrics.jsonl line and its tasks.csv rows."""
+    recorder.log_metrics({**result.record(iteration, split), **extra})
+    recorder.log_tasks(task_rows(result, split, iteration, components.run.seed))
 
 
 def top_name(iteration: int) -> str:
@@ -236,17 +293,15 @@ def meta_test(
         result = evaluate(
             components, "test", components.run.test.num_tasks, components.run.test.batch_size
         )
-    recorder.log_metrics(result.record(iteration, split))
-    (log.warning if result.nonfinite else log.info)(
-        "%s on %d tasks: %s %.4f ± %.4f after %d steps (%.4f before adaptation)%s",
+    log(components, recorder, result, iteration, split)
+    (logger.warning if result.diverged else logger.info)(
+        "%s on %d tasks: %s %s after %d steps (%.4f before adaptation)",
         "meta-test" if split == "test" else "meta-test of the last weights",
         result.num_tasks,
         result.metric_name,
-        result.final,
-        result.metric_ci95[-1],
+        result.describe(),
         len(result.metric_mean) - 1,
         result.metric_mean[0],
-        result.describe_nonfinite(),
     )
     return result
 
@@ -262,26 +317,29 @@ def meta_test_ensemble(
     kept = [(int(it), checkpoints / f"{top_name(int(it))}.pt") for _, it in state.top]
     missing = [str(path) for _, path in kept if not path.exists()]
     if missing:
-        log.warning("ensemble: %s missing; the meta-test averages the others", ", ".join(missing))
+        logger.warning(
+            "ensemble: %s missing; the meta-test averages the others", ", ".join(missing)
+        )
     kept = [(it, path) for it, path in kept if path.exists()]
     if len(kept) < 2:
-        log.warning("ensemble: fewer than two validation checkpoints kept; no ensemble meta-test")
+        logger.warning(
+            "ensemble: fewer than two validation checkpoints kept; no ensemble meta-test"
+        )
         return None
     weights = [load_checkpoint(path)["algorithm"] for _, path in kept]
     with STOPPER.during("the meta-test"):
         result = evaluate_ensemble(
             components, weights, components.run.test.num_tasks, components.run.test.batch_size
         )
-    recorder.log_metrics({**result.record(state.iteration, "test_ensemble"), "members": len(kept)})
-    log.info(
+    log(components, recorder, result, state.iteration, "test_ensemble", members=len(kept))
+    logger.info(
         "meta-test of the mean prediction of the %d best validation checkpoints (iterations "
-        "%s) on %d tasks: %s %.4f ± %.4f after %d steps",
+        "%s) on %d tasks: %s %s after %d steps",
         len(kept),
         ", ".join(str(it) for it, _ in kept),
         result.num_tasks,
         result.metric_name,
-        result.final,
-        result.metric_ci95[-1],
+        result.describe(),
         len(result.metric_mean) - 1,
     )
     return {**result.as_dict(), "checkpoint_iterations": [it for it, _ in kept]}

@@ -17,13 +17,13 @@ import time
 import torch
 from torch import Tensor
 
-from metacli import distributed
+from metacli import distributed, evaluation
 from metacli.algorithms.base import MetaLoss
 from metacli.build import Components
 from metacli.checkpoint import LoopState, make
 from metacli.console import PROGRESS_LOGGER, progress_bar
 from metacli.errors import MetacliError
-from metacli.evaluation import Recorder, evaluate, is_better, top_name
+from metacli.evaluation import EvalSummary, Recorder, evaluate, is_better, top_name
 from metacli.signals import STOPPER, Interrupted
 from metacli.streams import task_keys
 from metacli.tasks.base import TaskBatch
@@ -285,32 +285,31 @@ def meta_train(components: Components, recorder: Recorder, state: LoopState) -> 
                         components.run.val.batch_size,
                     )
                 val_metric = val.final
-                improved = is_better(components, val.final, state.best_metric)
+                improved = is_better(
+                    components.task.higher_is_better,
+                    val.final,
+                    val.diverged,
+                    state.best_metric,
+                    state.best_diverged,
+                )
                 if improved:
                     state.best_metric, state.best_iteration = val.final, it
+                    state.best_diverged = val.diverged
                 hooked = components.algorithm.on_validation(it, val.final)
-                recorder.log_metrics(
-                    {
-                        **val.record(it, "val"),
-                        **learning_rates(components),
-                        **hooked,
-                        "wall_time": state.wall_time,
-                    }
-                )
+                extra = {**learning_rates(components), **hooked, "wall_time": state.wall_time}
+                evaluation.log(components, recorder, val, it, "val", **extra)
                 write_artifacts(components, recorder)
-                (log.warning if val.nonfinite else log.info)(
-                    "iter %d: val %s %.4f ± %.4f (before adaptation %.4f)%s%s",
+                (log.warning if val.diverged else log.info)(
+                    "iter %d: val %s %s (before adaptation %.4f)%s",
                     it,
                     name,
-                    val.final,
-                    val.metric_ci95[-1],
+                    val.describe(),
                     val.metric_mean[0],
                     "  [best]" if improved else "",
-                    val.describe_nonfinite(validation=True),
                 )
                 if improved:
                     save("best")
-                keep_top(components, recorder, state, it, val.final)
+                keep_top(components, recorder, state, it, val)
             if it == total:
                 ended = components.algorithm.on_train_end(it)
                 if ended:
@@ -336,15 +335,15 @@ def meta_train(components: Components, recorder: Recorder, state: LoopState) -> 
 
 
 def keep_top(
-    components: Components, recorder: Recorder, state: LoopState, it: int, value: float
+    components: Components, recorder: Recorder, state: LoopState, it: int, val: EvalSummary
 ) -> None:
     """Keep the ``test.ensemble_top_k`` best validation checkpoints (MAML++'s code keeps
     its 5 best epochs and averages their predictions at the meta-test). Ties keep the
-    earlier; a non-finite validation is never kept."""
+    earlier; a validation in which a task diverged is never kept."""
     k = components.run.test.ensemble_top_k
-    if k < 2 or not math.isfinite(value):
+    if k < 2 or val.diverged or not math.isfinite(val.final):
         return
-    entry = [value, it]
+    entry = [val.final, it]
     ranked = sorted(
         [*state.top, entry], key=lambda e: e[0], reverse=components.task.higher_is_better
     )

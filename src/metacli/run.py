@@ -183,7 +183,11 @@ def train(
             train_time_s=state.wall_time,
             it_per_s=state.iteration / state.wall_time if state.wall_time else None,
             wall_time_s=seconds,
-            best_val={"metric": state.best_metric, "iteration": state.best_iteration},
+            best_val={
+                "metric": state.best_metric,
+                "iteration": state.best_iteration,
+                **({"diverged_tasks": state.best_diverged} if state.best_diverged else {}),
+            },
             test={
                 **result.as_dict(),
                 "checkpoint": source if best.exists() else "last",

@@ -32,6 +32,7 @@ from metacli import __version__, distributed
 from metacli.checkpoint import load_checkpoint, save_checkpoint
 from metacli.console import open_run_logs
 from metacli.errors import MetacliError
+from metacli.evaluation import TASKS_HEADER
 from metacli.files import read_json, write_json, write_text
 from metacli.lock import FolderLock
 from metacli.signals import STOPPER, Interrupted, exit_code
@@ -40,7 +41,7 @@ log = logging.getLogger("metacli")
 GROUPS = ("algo", "update", "task", "model", "device", "optim", "logger", "experiment", "debug")
 # Keys that say where or how a run executes, not what it computes.
 RUN_ONLY_KEYS = ("resume", "ckpt_path", "skip_finished", "threads", "logger")
-RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoints")
+RUN_FILES = ("summary.json", "metrics.jsonl", "tasks.csv", "checkpoints")
 
 
 def git_commit() -> dict[str, Any]:
@@ -99,6 +100,7 @@ class RunFolder:
         self.sinks: list[Any] = []  # extra logging backends (metacli.loggers)
         self.checkpoints = root / "checkpoints"
         self.metrics_path = root / "metrics.jsonl"
+        self.tasks_path = root / "tasks.csv"
         self.summary_path = root / "summary.json"
         self.summary: dict[str, Any] = {}
         self.started = False
@@ -138,6 +140,14 @@ class RunFolder:
         self.write(self.metrics_path, lambda: append_line(self.metrics_path, json.dumps(record)))
         for sink in self.sinks:
             sink.log(record)
+
+    def log_tasks(self, lines: list[str]) -> None:
+        """Rows of tasks.csv (an evaluation's, appended whole or not at all)."""
+        if not lines:
+            return
+        new = not self.tasks_path.exists() or self.tasks_path.stat().st_size == 0
+        block = "\n".join([TASKS_HEADER, *lines] if new else lines)
+        self.write(self.tasks_path, lambda: append_line(self.tasks_path, block))
 
     def save_checkpoint(self, name: str, checkpoint: dict[str, Any]) -> None:
         path = self.checkpoints / f"{name}.pt"
@@ -197,20 +207,31 @@ class RunFolder:
         log.info("An earlier run in %s was moved to %s", self.root, archive)
 
     def rewind_metrics(self, iteration: int) -> None:
-        """On resume: drop lines written after the checkpoint, and the old meta-test line."""
-        if not self.writer or not self.metrics_path.exists():
+        """On resume: drop the lines of metrics.jsonl and the rows of tasks.csv written
+        after the checkpoint, and the old meta-test's."""
+        if not self.writer:
             return
-        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-        kept = []
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line torn by a kill
-                continue
-            if record.get("iteration", 0) <= iteration and record.get("split") != "test":
-                kept.append(line + "\n")
-        text = "".join(kept)
-        self.write(self.metrics_path, lambda: write_text(self.metrics_path, text))
+
+        def kept(split: Any, at: Any) -> bool:
+            return int(at or 0) <= iteration and split != "test"
+
+        if self.metrics_path.exists():
+            lines = []
+            for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line torn by a kill
+                    continue
+                if kept(record.get("split"), record.get("iteration")):
+                    lines.append(line + "\n")
+            text = "".join(lines)
+            self.write(self.metrics_path, lambda: write_text(self.metrics_path, text))
+        if self.tasks_path.exists():
+            header, *rows = self.tasks_path.read_text(encoding="utf-8").splitlines()
+            split_at = [row.split(",", 2) for row in rows]
+            rows = [r for r, f in zip(rows, split_at, strict=True) if len(f) == 3 and kept(*f[:2])]
+            table = "".join(line + "\n" for line in [header, *rows])
+            self.write(self.tasks_path, lambda: write_text(self.tasks_path, table))
 
     def write_config_files(self) -> None:
         """``.hydra/``: the composed config, the overrides and Hydra's own settings."""
