@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from metacli import comparison
+from metacli import tables
 
 
 def write(
@@ -59,7 +59,7 @@ def write(
 
 
 def rows_of(*argv: str, capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
-    assert comparison.main([*argv, "--format", "json"]) == 0
+    assert tables.main([*argv, "--format", "json"]) == 0
     return list(json.loads(capsys.readouterr().out)["rows"])
 
 
@@ -70,9 +70,9 @@ def test_a_seed_run_twice_counts_once(tmp_path: Path, capsys: pytest.CaptureFixt
     [row] = rows_of(str(tmp_path), capsys=capsys)
     assert row["seeds"] == 2  # seeds 0 and 1, not four runs
     assert row["metric"] == pytest.approx((2.0 + 4.0) / 2)  # the latest run of seed 0
-    assert row["std"] == pytest.approx(statistics.stdev([2.0, 4.0]))
+    assert row["sd_seeds"] == pytest.approx(statistics.stdev([2.0, 4.0]))
     assert sorted(Path(r).name for r in row["duplicate_seed_runs"]) == ["r0", "r2"]
-    comparison.main([str(tmp_path)])
+    tables.main([str(tmp_path)])
     assert "seeds run more than once" in capsys.readouterr().out
 
 
@@ -106,14 +106,14 @@ def test_each_metric_ranks_in_its_own_direction(
     assert mse == [0.1, 0.2, 0.3] and accuracy == [0.9, 0.7, 0.6]  # best first, each
     names = [r["metric_name"] for r in rows]
     assert names == sorted(names, key=names.index)  # a metric's rows stay together
-    comparison.main([str(tmp_path), "--format", "markdown"])
+    tables.main([str(tmp_path), "--format", "markdown"])
     out = capsys.readouterr().out
-    assert "mse (mean ± 95% CI, lower is better)" in out
-    assert "accuracy (mean ± 95% CI, higher is better)" in out
+    assert "meta-test mse (lower is better)" in out
+    assert "meta-test accuracy (higher is better)" in out
     assert sum(line.startswith("|---|") for line in out.splitlines()) == 2  # one per metric
 
 
-def test_the_figure_has_one_panel_per_metric(
+def test_the_figure_has_two_panels_per_metric(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pytest.importorskip("matplotlib")
@@ -124,10 +124,13 @@ def test_the_figure_has_one_panel_per_metric(
         lines = [{"iteration": i, "split": "val", "metric": 0.5 + i / 100} for i in (10, 20)]
         (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     figure = tmp_path / "val.png"
-    assert comparison.main([str(tmp_path), "--plot", str(figure)]) == 0
+    assert tables.main([str(tmp_path), "--plot", str(figure)]) == 0
     image = Image.open(figure)
-    assert set(image.text["Title"].split(", ")) == {"validation mse", "validation accuracy"}
-    assert image.size[0] > 1.8 * image.size[1]  # two panels side by side
+    assert set(image.text["Title"].split(", ")) == {
+        "mse by configuration",
+        "accuracy by configuration",
+    }
+    assert image.size == (1800, 1080)  # a row of two panels per metric, two metrics
 
 
 def test_a_presets_published_number_shows_next_to_its_runs(
@@ -141,7 +144,7 @@ def test_a_presets_published_number_shows_next_to_its_runs(
     assert rows["sinusoid"]["seeds"] == 2  # the block never splits rows
     assert rows["sinusoid"]["published"] == "0.35 (Finn et al. 2017)"
     assert rows["omniglot"]["published"] is None
-    assert comparison.main([str(tmp_path), "--format", "markdown"]) == 0
+    assert tables.main([str(tmp_path), "--format", "markdown"]) == 0
     table = capsys.readouterr().out
     mse_part, accuracy_part = table.split("accuracy", 1)
     assert "| published |" in mse_part and "| 0.35 (Finn et al. 2017) |" in mse_part

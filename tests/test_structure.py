@@ -85,7 +85,10 @@ def test_the_import_graph_check_runs_as_a_command() -> None:
 # of its own layer or of lower ones. A package stands for all its modules.
 LAYERS = (
     # what everything shares: errors, schemas, named tensors, per-task random streams
-    ("foundation", ("errors", "config", "params", "streams", "files", "extras", "figures")),
+    (
+        "foundation",
+        ("errors", "config", "params", "streams", "files", "extras", "figures", "stats"),
+    ),
     # the process around a run: locks, ranks, signals, the console, the registries
     ("infrastructure", ("lock", "distributed", "signals", "console", "registry")),
     ("components", ("models", "tasks", "updates")),
@@ -96,7 +99,10 @@ LAYERS = (
     ("running", ("evaluation", "loop", "loggers", "run_folder")),
     (
         "commands",
-        ("run", "precheck", "contract", "api", "comparison", "plots", "sweep", "data_command"),
+        (
+            *("run", "precheck", "contract", "api", "comparison", "tables", "plots"),
+            *("sweep", "data_command"),
+        ),
     ),
     ("entry", ("cli", "__main__", "")),  # "": the package itself, the API's lazy facade
 )

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from metacli import comparison, extras
+from metacli import extras, tables
 from metacli.errors import MetacliError
 
 from .conftest import read_summary, run_cli
@@ -70,10 +70,14 @@ def test_compare_aggregates_over_seeds_and_matches_the_summaries(sweep: Path) ->
         assert {s["groups"]["algo"] for s in summaries} == {algo}
         assert sorted(s["seed"] for s in summaries) == [0, 1]
         tests = [s["test"]["mean"] for s in summaries]
-        assert row["seeds"] == 2
+        assert row["seeds"] == row["finite_seeds"] == 2
         assert row["metric"] == pytest.approx(statistics.fmean(tests), abs=1e-12)
         # 95% CI across 2 seeds: t(0.975, df=1) = 12.706 times the standard error
-        assert row["ci95"] == pytest.approx(12.706 * statistics.stdev(tests) / math.sqrt(2))
+        assert row["ci95_seeds"] == pytest.approx(
+            12.7062047 * statistics.stdev(tests) / math.sqrt(2)
+        )
+        within = [s["test"]["ci95"] for s in summaries]  # each seed's over its tasks
+        assert row["ci95_tasks"] == pytest.approx(statistics.fmean(within))
         vals = [s["best_val"]["metric"] for s in summaries]
         assert row["best_val"] == pytest.approx(statistics.fmean(vals))
         assert row["iterations"] == 20
@@ -94,8 +98,8 @@ def test_compare_formats_print_the_same_numbers(sweep: Path) -> None:
     assert len(parsed) == 2
     assert markdown.splitlines()[1].startswith("|---|")
     for row in rows:
-        shown = f"{row['metric']:.4f} ± {row['ci95']:.4f}"
-        assert shown in table and shown in markdown
+        for shown in (f"{row['metric']:.4f}", f"{row['ci95_seeds']:.4f}"):
+            assert shown in table and shown in markdown
         line = next(p for p in parsed if p["algo"] == row["algo"])
         assert float(line["metric"]) == pytest.approx(row["metric"], rel=1e-12)
         assert int(line["seeds"]) == 2
@@ -113,7 +117,7 @@ def test_compare_group_by_filter_sort_and_metric(
     used = [read_summary(Path(r)) for r in row["runs"]]
     assert sorted(s["seed"] for s in used) == [0, 1]
     assert row["metric"] == pytest.approx(statistics.fmean(s["test"]["mean"] for s in used))
-    assert comparison.main([str(sweep), "--group-by", "task"]) == 0
+    assert tables.main([str(sweep), "--group-by", "task"]) == 0
     assert "seeds run more than once (task=sinusoid)" in capsys.readouterr().out
     only = compare_json(str(sweep), "--filter", "algo=fomaml", cwd=cwd)["rows"]
     assert [r["algo"] for r in only] == ["fomaml"]
@@ -153,14 +157,14 @@ def test_one_seed_uses_the_runs_own_interval_and_broken_runs_are_listed(
     (hidden / "summary.json").write_text(json.dumps(read_summary(single)))
     report = compare_json(str(tree), cwd=tmp_path)
     [row] = report["rows"]
-    assert row["seeds"] == 1
-    assert row["ci95"] == read_summary(single)["test"]["ci95"]
+    assert row["seeds"] == 1 and row["ci95_seeds"] is None and row["sd_seeds"] is None
+    assert row["ci95_tasks"] == read_summary(single)["test"]["ci95"]
     statuses = {Path(u["folder"]).name: u["status"] for u in report["unfinished"]}
     assert statuses == {"crashed": "crashed", "torn": "unreadable", "failed": "failed"}
     table = run_cli("compare", str(tree), cwd=tmp_path).stdout
     assert "3 run(s) not finished (1 crashed, 1 failed, 1 unreadable); --all lists them" in table
     assert "(boom)" not in table  # failed runs are hidden by default
-    assert comparison.main([str(tree), "--all"]) == 0
+    assert tables.main([str(tree), "--all"]) == 0
     listed = capsys.readouterr().out
     assert "failed: " in listed and "(boom)" in listed
 
@@ -294,15 +298,6 @@ def test_mlflow_logger(tmp_path: Path) -> None:
     assert found.info.status == "FINISHED"
     assert found.data.params["algo.name"] == "maml"
     assert found.data.metrics["test_metric"] == pytest.approx(read_summary(run)["test"]["mean"])
-
-
-def test_t_quantiles_and_mean_ci() -> None:
-    assert (
-        comparison.t95(2) == 12.706 and comparison.t95(11) == 2.228 and comparison.t95(500) == 1.96
-    )
-    mean, half = comparison.mean_ci([1.0, 2.0, 3.0])
-    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
-    assert comparison.mean_ci([5.0]) == (5.0, None)
 
 
 @pytest.mark.slow  # end to end, several CLI runs: make test-full

@@ -50,6 +50,7 @@ from metacli.extras import check_overrides
 from metacli.files import read_json
 from metacli.precheck import NothingToDo, precheck
 from metacli.run_folder import RunFolder
+from metacli.tables import plain
 from metacli.tasks.base import TaskBatch
 
 PathLike = str | os.PathLike[str]
@@ -291,15 +292,16 @@ def compare(paths: Sequence[PathLike] = ("outputs",), **options: Any) -> list[di
     """``metacli compare PATHS``: one row (a dict) per configuration of the runs below
     ``paths``. Options as the command's flags: ``group_by`` (a list of keys), ``sort``,
     ``reverse``, ``filters`` (["algo=maml", ...]), ``metric`` ("test" or "val"),
-    ``command`` ("train" or "test")."""
-    known = {"group_by", "sort", "reverse", "filters", "metric", "command"}
+    ``command`` ("train" or "test"), ``baseline`` (["algo=maml", ...]). NaN and infinite
+    values are None, as in ``--format json``."""
+    known = {"group_by", "sort", "reverse", "filters", "metric", "command", "baseline"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise MetacliError(
             f"metacli.compare has no option {unknown[0]!r}; the options are "
             f"{', '.join(sorted(known))}."
         )
-    group_by = options.pop("group_by", None)
-    if isinstance(group_by, str):
-        group_by = [k.strip() for k in group_by.split(",") if k.strip()]
-    return compare_runs([Path(p) for p in paths], group_by, **options).rows
+    for key in ("group_by", "baseline"):
+        if isinstance(options.get(key), str):
+            options[key] = [k.strip() for k in options[key].split(",") if k.strip()]
+    return list(plain(compare_runs([Path(p) for p in paths], **options).rows))

@@ -131,9 +131,9 @@ def run_tool(command: str, args: list[str]) -> None:
 
             raise SystemExit(contract.main(args))
         if command == "compare":
-            from metacli import comparison
+            from metacli import tables
 
-            raise SystemExit(comparison.main(args))
+            raise SystemExit(tables.main(args))
         if len(args) != 1 or args[0].startswith("-"):
             print("usage: metacli plot <run folder>", file=sys.stderr)
             raise SystemExit(2 if args != ["--help"] and args != ["-h"] else 0)

@@ -1,59 +1,62 @@
-"""`metacli compare`: every run below some folders, one row per configuration.
+"""`metacli compare`: every run below some folders, one row per configuration, and how the
+rows compare.
 
-A run is a folder with a summary.json (single runs and multirun jobs alike). Finished
-training runs (``--command test`` for meta-test runs) are grouped by their configuration
-without the seed (or by ``--group-by`` keys) and aggregated over distinct seeds: the
-meta-test metric's mean, its standard deviation and a 95% confidence interval across
-seeds (Student t), or the run's own over test tasks when there is one seed. A seed run
-twice counts once (the latest run; the others are reported, not pooled); runs of
-different lengths are never pooled; paths (``data.root``, ...) never split rows. Each
-metric gets its own table, ranked in its own direction (lower MSE, higher accuracy).
-Runs that failed, were interrupted, crashed or are still running are counted below the
-table (``--all`` lists them); a damaged summary never stops the command.
+A run is a folder with a summary.json (single runs and multirun jobs alike). Finished runs
+(``--command test`` for meta-test runs) are grouped by their configuration without the
+seed (or by ``--group-by`` keys); a seed run twice counts once (the latest run; the
+others are reported, not pooled); runs of different lengths never pool; paths, ``name``
+and ``tags`` never split rows. Each metric gets its own table, ranked in its own
+direction. Two kinds of uncertainty are never mixed:
+
+- **over seeds**: the mean, standard deviation and Student-t 95% interval of the seeds'
+  values, where at least two seeds have a finite one;
+- **over tasks, within a seed**: each run's own 95% interval over its test tasks (the
+  mean of the seeds' where there are several).
+
+Configurations with the same seed meet the same tasks, so each row is compared with the
+best row (or ``--baseline``) on paired data from the runs' ``tasks.csv``: per task within
+a seed, then over seeds (``metacli.stats.paired``).
+
+Nothing in a run's files stops the command: a run that failed, was interrupted, crashed,
+still runs, or whose summary is damaged or of another version, is counted below the
+table, and a value that is missing, NaN or infinite counts as no value.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import io
 import json
 import math
 import os
 import socket
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from metacli import stats
 from metacli.config import flatten
 from metacli.errors import MetacliError
 
-# Two-sided 95% Student t quantiles by degrees of freedom (beyond 30: the normal 1.96).
-T95_TEXT = """12.706 4.303 3.182 2.776 2.571 2.447 2.365 2.306 2.262 2.228 2.201 2.179 2.160
-    2.145 2.131 2.120 2.110 2.101 2.093 2.086 2.080 2.074 2.069 2.064 2.060 2.056 2.052 2.048
-    2.045 2.042"""
-T95 = [float(t) for t in T95_TEXT.split()]
 # Config keys that never distinguish configurations.
-IGNORED = ("seed", "hydra", "published")
+IGNORED = ("seed", "hydra", "published", "name", "tags")
 NAMES = {"algo": "algo.name", "task": "task.name", "model": "model.name"}
 METRICS = ("test", "val")
-FORMATS = ("table", "csv", "markdown", "json")
 LOWER_IS_BETTER = ("mse", "loss", "error", "nll")
+SIGNIFICANCE = 0.05  # rows whose paired p-value is at least this are not distinguishable
 
 
-def t95(samples: int) -> float:
-    df = samples - 1
-    return T95[df - 1] if 1 <= df <= len(T95) else 1.96
+def number(value: Any) -> float | None:
+    """A finite float, or None for anything else (missing, NaN, infinite, not a number)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
-def mean_ci(values: list[float]) -> tuple[float, float | None]:
-    """Mean and half-width of its 95% confidence interval (None for one value)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, t95(len(values)) * statistics.stdev(values) / math.sqrt(len(values))
+def section(summary: dict[str, Any], key: str) -> dict[str, Any]:
+    value = summary.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 @dataclass
@@ -62,31 +65,68 @@ class Run:
     status: str
     summary: dict[str, Any]
     params: dict[str, Any] = field(default_factory=dict)  # flattened config, without seed
+    reason: str = ""  # why a run is not compared
 
     @property
     def seed(self) -> Any:
         return self.summary.get("seed")
 
     def value(self, metric: str) -> float | None:
+        """The run's metric: its meta-test, or its best validation (None: none finite)."""
         if metric == "val":
-            value = (self.summary.get("best_val") or {}).get("metric")
-        else:
-            value = (self.summary.get("test") or {}).get("mean")
-        return None if value is None else float(value)
+            return number(section(self.summary, "best_val").get("metric"))
+        return number(section(self.summary, "test").get("mean"))
 
     def metric_name(self) -> str:
-        return str((self.summary.get("test") or {}).get("metric_name") or "metric")
+        return str(section(self.summary, "test").get("metric_name") or "metric")
 
     def higher_is_better(self) -> bool:
         """The task's direction, recorded with the meta-test (older runs: by its name)."""
-        recorded = (self.summary.get("test") or {}).get("higher_is_better")
+        recorded = section(self.summary, "test").get("higher_is_better")
         if isinstance(recorded, bool):
             return recorded
         return not any(w in self.metric_name().lower() for w in LOWER_IS_BETTER)
 
+    def tasks(self) -> tuple[int | None, int]:
+        """The meta-test's tasks and how many diverged (older runs: ``nonfinite_tasks``)."""
+        test = section(self.summary, "test")
+        total = test.get("num_tasks")
+        diverged = test.get("diverged_tasks", test.get("nonfinite_tasks", 0))
+        return (total if isinstance(total, int) else None), (
+            diverged if isinstance(diverged, int) else 0
+        )
+
+    def seconds(self, key: str) -> float | None:
+        return number(self.summary.get(key))
+
     @property
     def finished_at(self) -> str:
         return str(self.summary.get("finished_at") or "")
+
+    def per_task(self, metric: str) -> dict[int, float] | None:
+        """Each task's final-step metric from tasks.csv (NaN where it diverged): the
+        meta-test's, or the best validation's; None where the file has none."""
+        path = self.folder / "tasks.csv"
+        if not path.is_file():
+            return None
+        split = "val" if metric == "val" else "test"
+        wanted = section(self.summary, "best_val").get("iteration") if metric == "val" else None
+        rows: dict[int, dict[int, tuple[int, float]]] = {}  # iteration -> task -> (step, value)
+        try:
+            with path.open(newline="", encoding="utf-8") as handle:
+                for row in csv.DictReader(handle):
+                    if row.get("split") != split:
+                        continue
+                    at, task = int(row["iteration"]), int(row["task"])
+                    step, value = int(row["step"]), float(row["metric"])
+                    if step >= rows.setdefault(at, {}).get(task, (-1, 0.0))[0]:
+                        rows[at][task] = (step, value)
+        except (OSError, KeyError, TypeError, ValueError, csv.Error):
+            return None
+        if not rows:
+            return None
+        at = wanted if wanted in rows else max(rows)
+        return {task: value for task, (_, value) in rows[at].items()}
 
 
 def process_alive(summary: dict[str, Any]) -> bool | None:
@@ -109,13 +149,21 @@ def is_path(key: str) -> bool:
 
 
 def load_run(path: Path) -> Run:
+    """The run of a summary.json, whatever the file holds."""
     folder = path.parent
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(summary, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as err:
-        return Run(folder, "unreadable", {"error": f"summary.json: {err}"})
+        return Run(folder, "unreadable", {}, reason=f"summary.json: {err}")
+    try:
+        return described(folder, summary)
+    except Exception as err:  # a summary of another shape: reported, never fatal
+        return Run(folder, "unreadable", summary, reason=f"summary.json: {type(err).__name__}")
+
+
+def described(folder: Path, summary: dict[str, Any]) -> Run:
     status = str(summary.get("status", "unknown"))
     if status == "running" and process_alive(summary) is False:
         status = "crashed"  # killed without a chance to record it
@@ -127,14 +175,16 @@ def load_run(path: Path) -> Run:
             if k.split(".")[0] not in IGNORED and not is_path(k)
         }
     else:  # an older summary: the chosen groups and the overrides are all there is
-        params = {f"{g}.name": v for g, v in (summary.get("groups") or {}).items() if v}
+        params = {f"{g}.name": v for g, v in section(summary, "groups").items() if v}
         for override in summary.get("overrides") or []:
             key, _, value = str(override).partition("=")
-            if key.lstrip("+~") not in IGNORED and "/" not in key and not is_path(key):
-                params[key.lstrip("+~")] = value
+            key = key.lstrip("+~")
+            if key.split(".")[0] not in IGNORED and "/" not in key and not is_path(key):
+                params[key] = value
     params["command"] = summary.get("command", "train")
     params["iterations"] = summary.get("iterations")  # done: runs of other lengths never pool
-    return Run(folder, status, summary, params)
+    reason = str(summary.get("error") or "")
+    return Run(folder, status, summary, params, reason.splitlines()[0] if reason else "")
 
 
 def find_runs(paths: list[Path]) -> list[Run]:
@@ -160,9 +210,19 @@ def text(value: Any) -> str:
     return str(value)
 
 
+def labels(run: Run) -> dict[str, Any]:
+    """The run's ``name`` and ``tags`` (shown and filterable, never splitting rows)."""
+    config = section(run.summary, "config")
+    tags = config.get("tags")
+    return {"name": config.get("name"), "tags": list(tags) if isinstance(tags, list) else []}
+
+
 def matches(run: Run, key: str, wanted: str) -> bool:
     if key == "status":
         return run.status == wanted
+    if key in ("name", "tags"):
+        found = labels(run)[key]
+        return wanted in found if key == "tags" else str(found) == wanted
     value = run.seed if key == "seed" else run.params.get(NAMES.get(key, key))
     if value is None:
         return False
@@ -186,14 +246,18 @@ def group(runs: list[Run], keys: list[str] | None) -> dict[tuple[Any, ...], list
 
 
 def varying(groups: list[list[Run]]) -> list[str]:
-    """Hyperparameters whose values differ between configurations (shown as columns)."""
+    """The settings that tell configurations apart: those two configurations that both
+    have them set differently (a setting only some algorithms have is not one)."""
     keys = sorted({k for runs in groups for k in runs[0].params})
     shown = set(NAMES.values())
-    return [
-        k
-        for k in keys
-        if k not in shown and len({text(runs[0].params.get(k)) for runs in groups}) > 1
-    ]
+    out = []
+    for key in keys:
+        if key in shown or key in ("command", "iterations"):
+            continue
+        values = {text(runs[0].params[key]) for runs in groups if key in runs[0].params}
+        if len(values) > 1:
+            out.append(key)
+    return out
 
 
 def distinct_seeds(members: list[Run]) -> tuple[list[Run], list[Run]]:
@@ -205,6 +269,10 @@ def distinct_seeds(members: list[Run]) -> tuple[list[Run], list[Run]]:
     return kept, [r for r in members if r not in kept]
 
 
+def mean_of(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
 def aggregate(runs: list[Run], keys: list[str] | None, metric: str) -> list[dict[str, Any]]:
     groups = list(group(runs, keys).values())
     columns = keys if keys is not None else ["algo", "task", "model", *varying(groups)]
@@ -214,33 +282,43 @@ def aggregate(runs: list[Run], keys: list[str] | None, metric: str) -> list[dict
         members, duplicates = distinct_seeds(everyone)
         first = members[0]
         values = [v for v in (r.value(metric) for r in members) if v is not None]
-        mean, ci = mean_ci(values) if values else (None, None)
-        std = statistics.stdev(values) if len(values) > 1 else None
-        if len(members) == 1 and metric == "test":  # over test tasks
-            own = first.summary.get("test") or {}
-            ci = own.get("ci95") if ci is None else ci
-            std = own.get("std")
+        spread = stats.sd(values) if len(values) > 1 else None
+        within = [number(section(r.summary, "test").get("ci95")) for r in members]
+        tasks = [r.tasks() for r in members]
         row: dict[str, Any] = {c: first.params.get(NAMES.get(c, c)) for c in columns}
-        best_val = [v for v in (r.value("val") for r in members) if v is not None]
-        walls = [float(r.summary["wall_time_s"]) for r in members if r.summary.get("wall_time_s")]
-        speeds = [float(r.summary["it_per_s"]) for r in members if r.summary.get("it_per_s")]
-        iterations = [int(r.summary["iterations"]) for r in members if r.summary.get("iterations")]
+        names = {labels(r)["name"] for r in members} - {None}
+        tags = sorted({t for r in members for t in labels(r)["tags"]})
         row.update(
             {
-                "seeds": len(members),
+                **({"name": ", ".join(sorted(map(str, names)))} if names else {}),
+                **({"tags": tags} if tags else {}),
                 "metric_name": first.metric_name(),
                 "higher_is_better": first.higher_is_better(),
                 "metric_source": metric,
-                "metric": mean,
-                "ci95": ci,
-                "std": std,
-                "best_val": statistics.fmean(best_val) if best_val else None,
+                "seeds": len(members),
+                "finite_seeds": len(values),
+                "metric": mean_of(values),
+                "sd_seeds": spread,
+                "ci95_seeds": stats.mean_ci(values)[1] if len(values) > 1 else None,
+                "ci95_tasks": mean_of([c for c in within if c is not None])
+                if metric == "test"
+                else None,
+                "tasks": sum(t for t, _ in tasks if t is not None) or None,
+                "diverged": sum(d for _, d in tasks),
+                "best_val": mean_of([v for r in members if (v := r.value("val")) is not None]),
                 "published": published(first),
-                "iterations": max(iterations) if iterations else None,
-                "wall_time_s": statistics.fmean(walls) if walls else None,
-                "it_per_s": statistics.fmean(speeds) if speeds else None,
+                "iterations": max(
+                    (i for r in members if isinstance(i := r.summary.get("iterations"), int)),
+                    default=None,
+                ),
+                **{
+                    key: mean_of([s for r in members if (s := r.seconds(key)) is not None])
+                    for key in ("train_time_s", "eval_time_s", "wall_time_s", "startup_s")
+                },
+                "it_per_s": mean_of([s for r in members if (s := r.seconds("it_per_s"))]),
                 "runs": [str(r.folder) for r in members],
                 "duplicate_seed_runs": [str(r.folder) for r in duplicates],
+                "_members": members,  # (for the paired comparison; never printed)
             }
         )
         rows.append(row)
@@ -249,15 +327,87 @@ def aggregate(runs: list[Run], keys: list[str] | None, metric: str) -> list[dict
 
 def published(run: Run) -> str | None:
     """The paper's number the run's preset names (``published:``), as "value ± ci (source)"."""
-    block = (run.summary.get("config") or {}).get("published") or {}
-    value = block.get("value")
+    block = section(section(run.summary, "config"), "published")
+    value = number(block.get("value"))
     if value is None:
         return None
-    ci = block.get("ci95")
+    ci = number(block.get("ci95"))
     source = block.get("source")
     return (
         f"{value:g}" + (f" ± {ci:g}" if ci is not None else "") + (f" ({source})" if source else "")
     )
+
+
+def paired_to(reference: dict[str, Any], row: dict[str, Any], metric: str) -> dict[str, Any]:
+    """``row`` minus ``reference`` on the tasks both met: per task within each seed both
+    ran (tasks that diverged in either left out), then over seeds where there are at least
+    two, else over the one seed's tasks."""
+    mine = {text(r.seed): r for r in row["_members"]}
+    theirs = {text(r.seed): r for r in reference["_members"]}
+    per_seed: list[list[float]] = []
+    for seed in sorted(mine.keys() & theirs.keys()):
+        a, b = mine[seed].per_task(metric), theirs[seed].per_task(metric)
+        if a is None or b is None:
+            continue
+        both = [a[t] - b[t] for t in sorted(a.keys() & b.keys()) if math.isfinite(a[t] - b[t])]
+        if both:
+            per_seed.append(both)
+    if not per_seed:
+        return {"pairs": 0, "pairs_of": None}
+    if len(per_seed) > 1:
+        result, unit = stats.paired([statistics.fmean(d) for d in per_seed]), "seeds"
+    else:
+        result, unit = stats.paired(per_seed[0]), "tasks"
+    return {
+        "difference": result.difference,
+        "difference_ci95": result.ci95,
+        "p_value": result.p,
+        "t_p": result.t_p,
+        "wilcoxon_p": result.wilcoxon_p,
+        "p_test": "wilcoxon" if result.heavy_tailed else "t",
+        "pairs": result.n,
+        "pairs_of": unit,
+    }
+
+
+def compare_rows(rows: list[dict[str, Any]], metric: str, baseline: list[str] | None) -> None:
+    """Mark each metric's best row (or the ``baseline`` row) and compare every other row
+    with it on paired data; a row whose p-value is at least 5% is not distinguishable."""
+    for name in dict.fromkeys(r["metric_name"] for r in rows):
+        same = [r for r in rows if r["metric_name"] == name]
+        if baseline:
+            chosen = [r for r in same if all(row_matches(r, c) for c in baseline)]
+            if len(chosen) != 1:
+                raise MetacliError(
+                    f"--baseline {','.join(baseline)} matches {len(chosen)} rows of the "
+                    f"{name} table; give key=value pairs that pick exactly one."
+                )
+            reference = chosen[0]
+        else:
+            ranked = [r for r in same if r["metric"] is not None]
+            if not ranked:
+                continue
+            pick = max if same[0]["higher_is_better"] else min
+            reference = pick(ranked, key=lambda r: r["metric"])
+        for row in same:
+            row["reference"] = row is reference
+            row["best"] = row is reference and not baseline
+            if row is reference:
+                continue
+            row.update(paired_to(reference, row, metric))
+            p = row.get("p_value")
+            row["distinguishable"] = None if p is None else bool(p < SIGNIFICANCE)
+
+
+def row_matches(row: dict[str, Any], condition: str) -> bool:
+    key, _, wanted = condition.partition("=")
+    value = row.get(key)
+    if value is None:
+        return False
+    try:
+        return float(value) == float(wanted)
+    except (TypeError, ValueError):
+        return str(value).lower() == wanted.lower()
 
 
 def sort_rows(rows: list[dict[str, Any]], key: str | None, reverse: bool) -> list[dict[str, Any]]:
@@ -283,165 +433,6 @@ def sort_rows(rows: list[dict[str, Any]], key: str | None, reverse: bool) -> lis
     return out
 
 
-def cell(row: dict[str, Any], column: str) -> str:
-    value = row.get(column)
-    if column == "metric":
-        if value is None:
-            return "-"
-        ci = row.get("ci95")
-        return f"{value:.4f}" + ("" if ci is None else f" ± {ci:.4f}")
-    digits = {"best_val": 4, "std": 4, "wall_time_s": 1, "it_per_s": 1}
-    if column in digits and isinstance(value, float):
-        return f"{value:.{digits[column]}f}"
-    return text(value)
-
-
-RESULTS = [
-    "seeds",
-    "metric",
-    "std",
-    "best_val",
-    "published",
-    "iterations",
-    "wall_time_s",
-    "it_per_s",
-]
-HIDDEN = ["metric_name", "higher_is_better", "metric_source", "ci95", "runs", "duplicate_seed_runs"]
-
-
-def config_columns(rows: list[dict[str, Any]]) -> list[str]:
-    """The columns that say which configuration a row is."""
-    return [k for k in (rows[0] if rows else {}) if k not in (*RESULTS, *HIDDEN)]
-
-
-def display_columns(rows: list[dict[str, Any]]) -> list[str]:
-    fixed = list(RESULTS)
-    if rows[0]["metric_source"] == "val":
-        fixed.remove("best_val")  # it is the metric column
-    if all(r.get("published") is None for r in rows):
-        fixed.remove("published")  # no preset names a paper's number
-    return config_columns(rows) + fixed
-
-
-def header(column: str, rows: list[dict[str, Any]]) -> str:
-    if column == "metric":
-        source = "meta-test" if rows[0]["metric_source"] == "test" else "best val"
-        better = "higher" if rows[0]["higher_is_better"] else "lower"
-        return f"{source} {rows[0]['metric_name']} (mean ± 95% CI, {better} is better)"
-    if column == "std":
-        return "std across seeds" if rows[0]["seeds"] > 1 else "std"
-    return {"wall_time_s": "wall s", "it_per_s": "it/s", "best_val": "best val"}.get(column, column)
-
-
-def render(
-    rows: list[dict[str, Any]], unfinished: list[Run], fmt: str, show_all: bool = False
-) -> str:
-    """The comparison as table (rich), markdown, csv or json text."""
-    if fmt == "json":
-        return json.dumps(
-            {
-                "rows": rows,
-                "unfinished": [
-                    {"folder": str(r.folder), "status": r.status, "error": r.summary.get("error")}
-                    for r in unfinished
-                ],
-            },
-            indent=2,
-        )
-    if fmt == "csv":
-        buffer = io.StringIO()
-        if rows:
-            columns = [k for k in rows[0] if k not in ("runs", "duplicate_seed_runs")]
-            writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        return buffer.getvalue()
-    lines: list[str] = []
-    for name in dict.fromkeys(r["metric_name"] for r in rows):  # one table per metric
-        same = [r for r in rows if r["metric_name"] == name]
-        columns = display_columns(same)
-        if lines:
-            lines.append("")
-        if fmt == "markdown":
-            lines.append("| " + " | ".join(header(c, same) for c in columns) + " |")
-            lines.append("|" + "---|" * len(columns))
-            lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in same]
-        else:
-            lines.append(rich_table(same, columns))
-    if not rows:
-        lines.append("No finished runs.")
-    for row in rows:
-        if row["duplicate_seed_runs"]:
-            which = ", ".join(f"{k}={row[k]}" for k in config_columns([row]))
-            lines.append(
-                f"seeds run more than once ({which}): the latest run of each seed is used; "
-                f"not pooled: " + ", ".join(row["duplicate_seed_runs"])
-            )
-    if unfinished:
-        lines.append("")
-        counts: dict[str, int] = {}
-        for run in unfinished:
-            counts[run.status] = counts.get(run.status, 0) + 1
-        kinds = ", ".join(f"{n} {status}" for status, n in counts.items())
-        if not show_all:
-            lines.append(f"{len(unfinished)} run(s) not finished ({kinds}); --all lists them.")
-        else:
-            lines.append(f"{len(unfinished)} run(s) not finished ({kinds}):")
-            for run in unfinished:
-                error = str(run.summary.get("error") or "").splitlines()[:1]
-                lines.append(f"- {run.status}: {run.folder}" + (f" ({error[0]})" if error else ""))
-    return "\n".join(lines) + "\n"
-
-
-def rich_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table()
-    for column in columns:
-        numeric = column in RESULTS
-        table.add_column(header(column, rows), justify="right" if numeric else "left")
-    for row in rows:
-        table.add_row(*(cell(row, c) for c in columns))
-    console = Console(file=io.StringIO(), width=max(100, 20 * len(columns)), record=True)
-    console.print(table)
-    return console.export_text().rstrip("\n")
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="metacli compare",
-        description="Compare runs: one row per configuration, aggregated over seeds.",
-    )
-    p.add_argument("paths", nargs="*", type=Path, default=[Path("outputs")])
-    p.add_argument("--group-by", help="comma-separated keys (e.g. algo,algo.inner_lr)")
-    p.add_argument("--sort", help="a column (default: the metric, best first)")
-    p.add_argument("--reverse", action="store_true", help="reverse the sort order")
-    p.add_argument(
-        "--filter",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="keep runs whose config has KEY=VALUE (repeatable; also status=...)",
-    )
-    p.add_argument(
-        "--metric",
-        choices=METRICS,
-        default="test",
-        help="test: final meta-test metric; val: best validation metric",
-    )
-    p.add_argument(
-        "--command",
-        choices=("train", "test"),
-        default="train",
-        help="which runs: meta-training runs (default) or `metacli test` runs",
-    )
-    p.add_argument("--all", action="store_true", help="list runs that did not finish")
-    p.add_argument("--format", choices=FORMATS, default="table")
-    p.add_argument("--plot", type=Path, metavar="FILE.png", help="validation curves to a PNG")
-    return p
-
-
 @dataclass
 class Comparison:
     rows: list[dict[str, Any]]  # one per configuration, best first per metric
@@ -457,9 +448,11 @@ def compare(
     filters: list[str] | None = None,
     metric: str = "test",
     command: str = "train",
+    baseline: list[str] | None = None,
 ) -> Comparison:
     """The rows of the runs below ``paths`` (what the command prints): grouped by
-    ``group_by`` keys (default: every setting that differs), ``filters`` as KEY=VALUE."""
+    ``group_by`` keys (default: every setting that differs), ``filters`` as KEY=VALUE,
+    compared with the best row or the ``baseline`` row (KEY=VALUE conditions)."""
     if metric not in METRICS:
         raise MetacliError(f"metric={metric!r}: choose one of {', '.join(METRICS)}.")
     runs = find_runs(paths)
@@ -471,33 +464,6 @@ def compare(
     runs = [r for r in runs if r.params.get("command", "train") == command]
     finished = [r for r in runs if r.status == "finished"]
     unfinished = [r for r in runs if r.status != "finished"]
-    rows = sort_rows(aggregate(finished, group_by, metric), sort, reverse)
-    return Comparison(rows, unfinished, runs)
-
-
-def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
-    keys = [k.strip() for k in args.group_by.split(",") if k.strip()] if args.group_by else None
-    found = compare(
-        args.paths, keys, args.sort, args.reverse, args.filter, args.metric, args.command
-    )
-    rows, unfinished, runs = found.rows, found.unfinished, found.runs
-    sys.stdout.write(render(rows, unfinished, args.format, args.all))
-    if args.plot is not None:
-        from metacli.plots import validation_curves
-
-        try:
-            validation_curves(rows, config_columns(rows), args.plot)
-        except OSError as err:
-            raise MetacliError(
-                f"Cannot write the figure {args.plot}: {err.strerror or err}. Give --plot a "
-                f"file in a folder you can write."
-            ) from None
-        print(f"wrote {args.plot}", file=sys.stderr)
-    if not runs:
-        print(
-            f"metacli compare: no runs (summary.json) below {', '.join(map(str, args.paths))}",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    rows = aggregate(finished, group_by, metric)
+    compare_rows(rows, metric, baseline)
+    return Comparison(sort_rows(rows, sort, reverse), unfinished, runs)

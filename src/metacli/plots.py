@@ -46,54 +46,88 @@ def series(records: list[dict[str, Any]], split: str, key: str) -> tuple[list[in
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def validation_curves(rows: list[dict[str, Any]], label_keys: list[str], path: Path) -> None:
-    """Validation metric against iteration, one panel per metric (MSE and accuracy never
-    share an axis): one line per configuration (``metacli compare``'s rows, labelled by
-    ``label_keys``), the mean over its seeds with a band of one standard deviation (a
-    95% interval from 2-3 seeds would dwarf every difference)."""
+def comparison_figure(rows: list[dict[str, Any]], label_keys: list[str], path: Path) -> None:
+    """The figures of a comparison (``metacli compare``'s rows, labelled by ``label_keys``),
+    two panels per metric (MSE and accuracy never share an axis): the validation metric
+    against iteration, and the meta-test metric against inner steps; each line the mean
+    over a configuration's seeds, its band one standard deviation over them (a 95%
+    interval from 2-3 seeds would dwarf every difference)."""
     plt = pyplot()
     metrics = list(dict.fromkeys(str(r["metric_name"]) for r in rows)) or ["metric"]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(7.5 * len(metrics), 4.5), squeeze=False)
-    for ax, metric in zip(axes[0], metrics, strict=True):
-        for row in (r for r in rows if str(r["metric_name"]) == metric):
-            curve(ax, row, label_keys)
-        better = (
-            "higher"
-            if next((r["higher_is_better"] for r in rows if str(r["metric_name"]) == metric), True)
-            else "lower"
-        )
-        ax.set_xlabel("iteration")
-        ax.set_ylabel(f"validation {metric} ({better} is better)")
-        ax.set_title("mean over seeds, band: ± 1 standard deviation", fontsize=9)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7, loc="best")  # inside the axes, never cut off
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(15.0, 4.5 * len(metrics)), squeeze=False)
+    for (curves_ax, steps_ax), metric in zip(axes, metrics, strict=True):
+        same = [r for r in rows if str(r["metric_name"]) == metric]
+        for row in same:
+            curve(curves_ax, row, label_keys)
+            steps(steps_ax, row, label_keys)
+        better = "higher" if next((r["higher_is_better"] for r in same), True) else "lower"
+        curves_ax.set_xlabel("iteration")
+        curves_ax.set_ylabel(f"validation {metric} ({better} is better)")
+        steps_ax.set_xlabel("inner steps at the meta-test")
+        steps_ax.set_ylabel(f"meta-test {metric} ({better} is better)")
+        for ax in (curves_ax, steps_ax):
+            ax.set_title("mean over seeds, band: ± 1 standard deviation", fontsize=9)
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=7, loc="best")  # inside the axes, never cut off
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, metadata={"Title": ", ".join(f"validation {m}" for m in metrics)})
+    fig.savefig(
+        path, dpi=120, metadata={"Title": ", ".join(f"{m} by configuration" for m in metrics)}
+    )
     plt.close(fig)
 
 
-def curve(ax: Any, row: dict[str, Any], label_keys: list[str]) -> None:
-    curves: dict[int, list[float]] = {}
-    for folder in row["runs"]:
-        for it, value in zip(*series(read_records(Path(folder)), "val", "metric"), strict=True):
-            curves.setdefault(it, []).append(value)
-    if not curves:
-        return
-    its = sorted(curves)
-    means = [statistics.fmean(curves[i]) for i in its]
-    parts = [f"{k}={row[k]}" for k in label_keys if row.get(k) is not None]
-    label = ", ".join(parts) + f" ({row['seeds']} seeds)"
-    (line,) = ax.plot(its, means, label=label)
-    half = [statistics.stdev(curves[i]) if len(curves[i]) > 1 else 0.0 for i in its]
+def band(ax: Any, xs: list[int], samples: dict[int, list[float]], label: str) -> None:
+    """The mean of ``samples[x]`` against ``xs``, with a band of one standard deviation."""
+    means = [statistics.fmean(samples[x]) for x in xs]
+    (line,) = ax.plot(xs, means, label=label, marker="o" if len(xs) < 15 else None, ms=3)
+    half = [statistics.stdev(samples[x]) if len(samples[x]) > 1 else 0.0 for x in xs]
     ax.fill_between(
-        its,
+        xs,
         [m - h for m, h in zip(means, half, strict=True)],
         [m + h for m, h in zip(means, half, strict=True)],
         color=line.get_color(),
         alpha=0.2,
     )
+
+
+def label_of(row: dict[str, Any], label_keys: list[str], seeds: int) -> str:
+    parts = [f"{k}={row[k]}" for k in label_keys if row.get(k) is not None]
+    return ", ".join(parts) + f" ({seeds} seed{'s' * (seeds != 1)})"
+
+
+def steps(ax: Any, row: dict[str, Any], label_keys: list[str]) -> None:
+    """A configuration's meta-test metric after 0..k inner steps, over its seeds."""
+    per_step: dict[int, list[float]] = {}
+    for folder in row["runs"]:
+        summary = read_summary(Path(folder))
+        means = ((summary.get("test") or {}).get("per_step") or {}).get("mean") or []
+        for k, value in enumerate(means):
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                per_step.setdefault(k, []).append(float(value))
+    if per_step:
+        band(ax, sorted(per_step), per_step, label_of(row, label_keys, len(row["runs"])))
+
+
+def curve(ax: Any, row: dict[str, Any], label_keys: list[str]) -> None:
+    """A configuration's validation metric against iteration, over its seeds."""
+    curves: dict[int, list[float]] = {}
+    for folder in row["runs"]:
+        for it, value in zip(*series(read_records(Path(folder)), "val", "metric"), strict=True):
+            if math.isfinite(value):
+                curves.setdefault(it, []).append(value)
+    if curves:
+        band(ax, sorted(curves), curves, label_of(row, label_keys, len(row["runs"])))
+
+
+def read_summary(folder: Path) -> dict[str, Any]:
+    """summary.json, or nothing where it is missing or damaged."""
+    try:
+        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def run_title(summary: dict[str, Any]) -> str:
