@@ -67,6 +67,9 @@ def test_summary_holds_what_a_run_is_compared_by(trained: Path) -> None:
     assert summary["overrides"] == ["debug=tiny", "seed=3"] and summary["seed"] == 3
     assert summary["device"] == "cpu" and summary["torch_version"] == str(torch.__version__)
     assert "git_commit" in summary and summary["wall_time_s"] > 0
+    assert summary["segments"] == 1 and summary["eval_time_s"] > 0
+    assert summary["train_time_s"] + summary["eval_time_s"] < summary["wall_time_s"]
+    assert summary["name"] is None and summary["tags"] == []
     assert summary["iterations"] == 20
     test = summary["test"]
     n, per_step = test["num_tasks"], test["per_step"]

@@ -247,3 +247,19 @@ def test_damaged_and_foreign_summaries_never_stop_compare(
     assert tables.main([str(tmp_path), "--all"]) == 0
     listed = capsys.readouterr().out
     assert "unreadable" in listed and "list" in listed and "torn" in listed
+
+
+def test_metric_val_counts_the_seeds_with_a_finite_validation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    values = draws(0, 0.8)
+    run(tmp_path, "a0", "a", 0, values, best_val=0.61)
+    run(tmp_path, "a1", "a", 1, values, best_val=None)  # never a finite validation
+    run(tmp_path, "a2", "a", 2, values, best_val=0.65)
+    rows = rows_of(str(tmp_path), "--metric", "val", capsys=capsys)
+    assert (rows["a"]["seeds"], rows["a"]["finite_seeds"]) == (3, 2)
+    assert rows["a"]["metric"] == pytest.approx(0.63)
+    assert rows["a"]["sd_seeds"] == pytest.approx(statistics.stdev([0.61, 0.65]))
+    # the meta-test of the same runs: every seed has a value
+    rows = rows_of(str(tmp_path), capsys=capsys)
+    assert (rows["a"]["seeds"], rows["a"]["finite_seeds"]) == (3, 3)

@@ -35,7 +35,10 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
     run_cli("train", *common, "train.iterations=40", "hydra.run.dir=full", cwd=tmp_path)
     run_cli("train", *common, "train.iterations=20", "hydra.run.dir=half", cwd=tmp_path)
     first_half = read_metrics(tmp_path / "half")
+    before = read_summary(tmp_path / "half")
+    started = time.perf_counter()
     run_cli("train", "resume=half", "train.iterations=40", cwd=tmp_path)
+    resumed_in = time.perf_counter() - started
     full, resumed = tmp_path / "full", tmp_path / "half"
     assert_same_params(params(full), params(resumed))
     assert_same_params(params(full, "best"), params(resumed, "best"))
@@ -45,6 +48,13 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
     summary = read_summary(resumed)
     assert summary["status"] == "finished" and summary["resumed_from_iteration"] == 20
     assert summary["test"] == read_summary(full)["test"]
+    # times over both sessions: the wall time adds this session's to the first one's
+    assert before["segments"] == 1 and summary["segments"] == 2
+    assert before["wall_time_s"] < summary["wall_time_s"] < before["wall_time_s"] + resumed_in
+    assert summary["train_time_s"] > before["train_time_s"]
+    assert summary["eval_time_s"] > before["eval_time_s"]
+    assert summary["train_time_s"] + summary["eval_time_s"] < summary["wall_time_s"]
+    assert summary["it_per_s"] == pytest.approx(40 / summary["train_time_s"])
 
 
 def test_validation_and_test_tasks_do_not_depend_on_the_algorithm() -> None:
@@ -96,12 +106,15 @@ def test_interrupt_writes_last_checkpoint_and_resume_finishes(tmp_path: Path) ->
     assert f"Run folder: {tmp_path / 'run'}" in lines[0] and "Overrides: debug=tiny" in lines[1]
     summary = read_summary(tmp_path / "run")
     assert summary["status"] == "interrupted"
+    interrupted_wall = summary["wall_time_s"]
+    assert summary["segments"] == 1 and interrupted_wall > 0
     stopped_at = load_checkpoint(last)["iteration"]
     assert stopped_at >= 50
     assert all(r["iteration"] <= stopped_at for r in read_metrics(tmp_path / "run"))
     run_cli("train", "resume=run", f"train.iterations={stopped_at + 10}", cwd=tmp_path)
     summary = read_summary(tmp_path / "run")
     assert summary["status"] == "finished" and summary["iterations"] == stopped_at + 10
+    assert summary["segments"] == 2 and summary["wall_time_s"] > interrupted_wall
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:

@@ -58,6 +58,9 @@ def test_multirun_runs_every_combination_into_one_folder(sweep: Path) -> None:
         assert summary["status"] == "finished"
         # the train entry point returns optimized_metric (val: the best validation metric)
         assert summary["objective"] == summary["best_val"]["metric"]
+    # startup_s is each job's own: the first includes the process's imports, the next
+    # ones (the same process, the basic launcher) only their own building
+    assert all(jobs[j]["startup_s"] < jobs[0]["startup_s"] for j in (1, 2, 3))
 
 
 def test_compare_aggregates_over_seeds_and_matches_the_summaries(sweep: Path) -> None:

@@ -36,6 +36,7 @@ class LoopState:
     best_iteration: int | None = None
     best_diverged: int | None = None  # its diverged tasks (None: no validation yet)
     wall_time: float = 0.0  # seconds spent training, summed over resumed sessions
+    eval_time: float = 0.0  # of which in validations
     # [validation metric, iteration] of the checkpoints kept in checkpoints/top/
     # (test.ensemble_top_k), in iteration order
     top: list[list[float]] = field(default_factory=list)
@@ -52,6 +53,7 @@ def make(components: Components, state: LoopState) -> dict[str, Any]:
         "best_iteration": state.best_iteration,
         "best_diverged": state.best_diverged,
         "wall_time": state.wall_time,
+        "eval_time": state.eval_time,
         "top": [list(entry) for entry in state.top],
         "algorithm": components.algorithm.state_dict(),
         "optimizer": components.optimizer.state_dict(),
@@ -148,6 +150,7 @@ def restore(components: Components, checkpoint: dict[str, Any], source: str) -> 
             "best_diverged", None if checkpoint["best_metric"] is None else 0
         ),
         wall_time=checkpoint["wall_time"],
+        eval_time=checkpoint.get("eval_time", 0.0),
         top=[list(entry) for entry in checkpoint.get("top", [])],
     )
 

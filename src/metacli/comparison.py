@@ -212,9 +212,11 @@ def text(value: Any) -> str:
 
 def labels(run: Run) -> dict[str, Any]:
     """The run's ``name`` and ``tags`` (shown and filterable, never splitting rows)."""
-    config = section(run.summary, "config")
-    tags = config.get("tags")
-    return {"name": config.get("name"), "tags": list(tags) if isinstance(tags, list) else []}
+    name, tags = run.summary.get("name"), run.summary.get("tags")
+    return {
+        "name": name if isinstance(name, str) else None,
+        "tags": [str(t) for t in tags] if isinstance(tags, list) else [],
+    }
 
 
 def matches(run: Run, key: str, wanted: str) -> bool:

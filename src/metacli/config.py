@@ -298,6 +298,8 @@ class RunConfig:
     # resume unfinished ones from their last checkpoint
     skip_finished: bool = False
     threads: int | None = None  # torch CPU threads (null: the cores, shared among local jobs)
+    name: str | None = None  # a name of the run's, shown and filterable (compare, runs)
+    tags: list[str] = field(default_factory=list)  # labels of the run's, likewise
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -277,6 +277,7 @@ def meta_train(components: Components, recorder: Recorder, state: LoopState) -> 
                     log.warning(note)
                 bar.update(it, **{"it/s": round(rate or 0.0, 2)})
             if it % cfg.val_every == 0 or it == total:
+                began = time.perf_counter()
                 with STOPPER.during("validation", graceful=True):
                     val = evaluate(
                         components,
@@ -284,6 +285,7 @@ def meta_train(components: Components, recorder: Recorder, state: LoopState) -> 
                         components.run.val.num_tasks,
                         components.run.val.batch_size,
                     )
+                state.eval_time += time.perf_counter() - began
                 val_metric = val.final
                 improved = is_better(
                     components.task.higher_is_better,

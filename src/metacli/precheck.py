@@ -43,6 +43,8 @@ RESUMABLE = (
     "data.cache_dir",
     "optimized_metric",
     "skip_finished",
+    "name",
+    "tags",
     "resume",
     "ckpt_path",
 )

@@ -23,6 +23,14 @@ from metacli.run_folder import RunFolder, config_of
 from metacli.signals import STOPPER
 
 log = logging.getLogger("metacli")
+JOBS = [0]  # jobs begun in this process: a sweep's jobs after the first start warm
+
+
+def startup_of(begun: float) -> float | None:
+    """Seconds from the job's start to its first iteration: from the process's start
+    (imports included) for the first job of a process, from the job's own for the others."""
+    JOBS[0] += 1
+    return process_age() if JOBS[0] == 1 else time.perf_counter() - begun
 
 
 def objective(summary: dict[str, Any], which: str) -> float:
@@ -126,6 +134,8 @@ def train(
         if resuming:
             last = folder.checkpoints / "last.pt"
             state = restore(components, load_checkpoint(last), str(last))
+            earlier = read_json(folder.summary_path) or {}
+            folder.resumes(earlier, state)
         elif previous == "replace":
             folder.archive()
         folder.start(
@@ -150,8 +160,9 @@ def train(
             components.device,
             cfg.train.iterations,
         )
-        startup = process_age()
+        startup = startup_of(start)
         state = meta_train(components, folder, state)
+        testing = time.perf_counter()
         distributed.barrier()  # rank 0's checkpoints are on disk: every rank reads them
         if not (folder.checkpoints / "last.pt").exists():
             folder.save_checkpoint("last", make(components, state))
@@ -168,7 +179,9 @@ def train(
         ensemble = meta_test_ensemble(components, folder, state, folder.checkpoints)
         if ensemble is not None:
             extra["test_ensemble"] = ensemble
-        seconds = time.perf_counter() - start
+        now = time.perf_counter()
+        seconds, tested = now - start, now - testing  # this session's
+        training = state.wall_time - state.eval_time
         executor = components.algorithm.executor
         compiled: dict[str, Any] = {}
         if executor.compile:  # this session's compile time, apart from the iterations'
@@ -180,9 +193,10 @@ def train(
             iterations=state.iteration,
             startup_s=startup,
             **compiled,
-            train_time_s=state.wall_time,
-            it_per_s=state.iteration / state.wall_time if state.wall_time else None,
-            wall_time_s=seconds,
+            # over every session: the iterations alone, the validations and meta-tests
+            train_time_s=training,
+            eval_time_s=folder.earlier_eval_time + state.eval_time + tested,
+            it_per_s=state.iteration / training if training > 0 else None,
             best_val={
                 "metric": state.best_metric,
                 "iteration": state.best_iteration,
@@ -238,12 +252,14 @@ def test(
             classes=components.classes(),
             **distributed.described(),
         )
+        testing = time.perf_counter()
         result = meta_test(components, folder, checkpoint["iteration"])
-        seconds = time.perf_counter() - start
+        now = time.perf_counter()
+        seconds, tested = now - start, now - testing
         folder.finish(
             "finished",
             iterations=checkpoint["iteration"],
-            wall_time_s=seconds,
+            eval_time_s=tested,
             test={
                 **result.as_dict(),
                 "checkpoint": str(cfg.ckpt_path),

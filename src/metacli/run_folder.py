@@ -13,11 +13,13 @@ import datetime as dt
 import functools
 import json
 import logging
+import math
 import os
 import platform
 import shutil
 import signal
 import subprocess
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,7 +31,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from metacli import __version__, distributed
-from metacli.checkpoint import load_checkpoint, save_checkpoint
+from metacli.checkpoint import LoopState, load_checkpoint, save_checkpoint
 from metacli.console import open_run_logs
 from metacli.errors import MetacliError
 from metacli.evaluation import TASKS_HEADER
@@ -40,7 +42,7 @@ from metacli.signals import STOPPER, Interrupted, exit_code
 log = logging.getLogger("metacli")
 GROUPS = ("algo", "update", "task", "model", "device", "optim", "logger", "experiment", "debug")
 # Keys that say where or how a run executes, not what it computes.
-RUN_ONLY_KEYS = ("resume", "ckpt_path", "skip_finished", "threads", "logger")
+RUN_ONLY_KEYS = ("resume", "ckpt_path", "skip_finished", "threads", "logger", "name", "tags")
 RUN_FILES = ("summary.json", "metrics.jsonl", "tasks.csv", "checkpoints")
 
 
@@ -104,6 +106,11 @@ class RunFolder:
         self.summary_path = root / "summary.json"
         self.summary: dict[str, Any] = {}
         self.started = False
+        # wall time: this session's, from here, plus the earlier sessions' of a resumed run
+        self.began = time.perf_counter()
+        self.earlier_wall_time = 0.0
+        self.earlier_eval_time = 0.0  # what the restored checkpoint's eval_time misses
+        self.segment = 1
         self.existed = root.exists() and any(
             p.name != ".lock" for p in root.iterdir()
         )  # before this command: never removed
@@ -262,6 +269,8 @@ class RunFolder:
             "groups": {g: choices.get(g) for g in GROUPS},
             "overrides": self.overrides,
             "config": config_of(effective),
+            "name": effective.get("name"),
+            "tags": list(effective.get("tags") or []),
             "seed": effective.get("seed"),
             "torch_version": str(torch.__version__),
             "metacli_version": __version__,
@@ -359,8 +368,28 @@ class RunFolder:
         else:
             self.discard()
 
+    def resumes(self, earlier: dict[str, Any], state: LoopState) -> None:
+        """This session continues a run whose previous summary is ``earlier`` and whose
+        checkpoint held ``state``: its times, the least the earlier sessions took (a killed
+        session recorded none), count towards this session's."""
+
+        def recorded(key: str) -> float:
+            value = earlier.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                return float(value)
+            return 0.0
+
+        self.earlier_wall_time = max(recorded("wall_time_s"), state.wall_time)
+        # validations the checkpoint counts, and the earlier sessions' meta-tests
+        self.earlier_eval_time = max(recorded("eval_time_s"), state.eval_time) - state.eval_time
+        segments = earlier.get("segments")
+        self.segment = (segments if isinstance(segments, int) and segments > 0 else 1) + 1
+
     def finish(self, status: str, **fields: Any) -> None:
+        """Record how the run ended, with its wall time over every session (``segments``)."""
         now = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        fields.setdefault("wall_time_s", self.earlier_wall_time + time.perf_counter() - self.began)
+        fields.setdefault("segments", self.segment)
         for sink in self.sinks:
             sink.close(status)
         self.sinks = []
