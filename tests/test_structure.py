@@ -101,7 +101,7 @@ LAYERS = (
         "commands",
         (
             *("run", "precheck", "contract", "api", "comparison", "tables", "plots"),
-            *("sweep", "data_command"),
+            *("sweep", "data_command", "runs_command"),
         ),
     ),
     ("entry", ("cli", "__main__", "")),  # "": the package itself, the API's lazy facade

@@ -35,6 +35,9 @@ Commands:
           e.g. metacli compare outputs/multirun --format markdown --plot val.png
   plot    figures of one run, written into its folder (learning curves, inner steps,
           adaptation on regression tasks)   e.g. metacli plot outputs/train/<date>/<time>
+  runs    the runs below some folders (status, algorithm, seed, metric, age); rm removes
+          those a filter selects   e.g. metacli runs outputs --status failed
+               metacli runs rm outputs --status failed --status crashed --yes
   check   the contract of one component, yours included (strategies agree, resume,
           seeds, meta-gradient against finite differences)
           e.g. metacli check algo=maml   metacli check --config-dir myconf model=mine
@@ -43,7 +46,7 @@ Every command takes Hydra's flags: --help (config groups and options), --cfg job
 --info, -m/--multirun, --config-dir DIR. See `metacli train --help`.
 """
 
-COMMANDS = ("train", "test", "data", "compare", "plot", "check")
+COMMANDS = ("train", "test", "data", "compare", "plot", "check", "runs")
 DATA_ACTIONS = ("check", "prepare")
 
 
@@ -121,7 +124,7 @@ def run_data(args: list[str]) -> None:
 
 
 def run_tool(command: str, args: list[str]) -> None:
-    """compare, plot and check: commands that start no Hydra job."""
+    """compare, plot, check and runs: commands that start no Hydra job."""
     try:
         if command == "check":
             if not args or args[0] in ("-h", "--help"):
@@ -130,6 +133,10 @@ def run_tool(command: str, args: list[str]) -> None:
             from metacli import contract
 
             raise SystemExit(contract.main(args))
+        if command == "runs":
+            from metacli import runs_command
+
+            raise SystemExit(runs_command.main(args))
         if command == "compare":
             from metacli import tables
 
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     if command == "data":
         run_data(args)
         return
-    if command in ("compare", "plot", "check"):
+    if command in ("compare", "plot", "check", "runs"):
         run_tool(command, args)
         return
     from metacli import distributed
