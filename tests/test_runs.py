@@ -109,7 +109,8 @@ def test_compare_shows_and_filters_by_name_and_tags(
 
 
 def test_status_and_age_filters_and_rm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    root = tmp_path / "outputs"
+    # A long path: a folder is shown whole on its row, never folded or cut, however deep.
+    root = tmp_path / ("outputs_" + "x" * 150)
     hand_run(root / "ok", "finished", finished_at="2026-12-01T11:00:00+00:00")
     hand_run(root / "old", "failed", finished_at="2020-01-01T00:00:00+00:00", error="boom")
     hand_run(root / "dead", "running", pid=dead_pid())

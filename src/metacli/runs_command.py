@@ -142,12 +142,17 @@ def table(entries: list[Entry], now: dt.datetime) -> str:
     from rich.console import Console
     from rich.table import Table
 
+    rows = [describe(entry, now) for entry in entries]
     shown = Table()
     for column in COLUMNS:
-        shown.add_column(column, overflow="fold")
-    for entry in entries:
-        shown.add_row(*describe(entry, now))
-    console = Console(file=io.StringIO(), width=200, record=True)
+        shown.add_column(column, no_wrap=True)
+    for row in rows:
+        shown.add_row(*row)
+    # As wide as the widest row: a folder is copied from here, so it is never folded or cut.
+    widths = [
+        max([len(column)] + [len(row[i]) for row in rows]) for i, column in enumerate(COLUMNS)
+    ]
+    console = Console(file=io.StringIO(), width=sum(widths) + 3 * len(widths) + 1, record=True)
     console.print(shown)
     return console.export_text()
 
