@@ -257,13 +257,28 @@ class DataConfig:
 
 
 OBJECTIVES = ("val", "test")
+WANDB_MODES = ("offline", "online", "disabled")
 
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"  # none (metrics.jsonl alone, always written) | tensorboard | mlflow
+    # none (metrics.jsonl alone, always written) | tensorboard | mlflow | wandb
+    name: str = "none"
     tracking_uri: str | None = None  # mlflow
     experiment: str = "metacli"  # mlflow
+    mode: str | None = None  # wandb: offline | online | disabled (null: $WANDB_MODE, else offline)
+    project: str = "metacli"  # wandb
+    entity: str | None = None  # wandb (null: the logged-in user's)
+    group: str | None = None  # wandb: runs shown together (e.g. one sweep's)
+
+    def __post_init__(self) -> None:
+        require(
+            self.mode is None or self.mode in WANDB_MODES,
+            "logger.mode",
+            self.mode,
+            f"choose {', '.join(WANDB_MODES)}: offline writes <run>/wandb/ for `wandb sync` "
+            f"later, online logs to the W&B server",
+        )
 
 
 @dataclass

@@ -18,6 +18,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "optuna": ("hydra_plugins.hydra_optuna_sweeper", "the Hydra Optuna sweeper"),
     "tensorboard": ("tensorboard", "TensorBoard"),
     "mlflow": ("mlflow", "MLflow"),
+    "wandb": ("wandb", "Weights & Biases"),
     "plot": ("matplotlib", "matplotlib"),
 }
 
@@ -31,6 +32,7 @@ OPTIONS: dict[tuple[str, str | None], str] = {
     ("hparams_search", None): "optuna",
     ("logger", "tensorboard"): "tensorboard",
     ("logger", "mlflow"): "mlflow",
+    ("logger", "wandb"): "wandb",
 }
 
 

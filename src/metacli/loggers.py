@@ -1,4 +1,5 @@
-"""Logging backends besides metrics.jsonl (which is always written): TensorBoard, MLflow.
+"""Logging backends besides metrics.jsonl (which is always written): TensorBoard, MLflow,
+Weights & Biases.
 
 A sink gets every metrics.jsonl record as it is written and is closed with the run's
 final status. Records carry ``iteration`` and ``split`` (train, val, test); each other
@@ -8,12 +9,14 @@ number becomes a scalar ``<split>/<key>``.
 from __future__ import annotations
 
 import math
+import os
+import secrets
 from pathlib import Path
 from typing import Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
-from metacli.config import flatten
+from metacli.config import WANDB_MODES, flatten
 from metacli.errors import ConfigError
 from metacli.extras import require_extra
 
@@ -92,14 +95,89 @@ class MLflowSink:
         self.mlflow.end_run(status=state)
 
 
+def wandb_mode(cfg: DictConfig) -> str:
+    """logger.mode, else $WANDB_MODE, else offline: nothing reaches the network unless asked."""
+    mode = cfg.logger.get("mode") or os.environ.get("WANDB_MODE") or "offline"
+    if mode not in WANDB_MODES:
+        raise ConfigError(
+            f"WANDB_MODE={mode!r} in the environment is not a W&B mode; set logger.mode "
+            f"to one of {', '.join(WANDB_MODES)} (offline, the default, writes <run>/wandb/ "
+            f"for `wandb sync` later), or unset WANDB_MODE."
+        )
+    return str(mode)
+
+
+def wandb_run_id(root: Path) -> str:
+    """The W&B run id of this metacli run: made by its first session, kept in
+    ``<run>/wandb/run-id`` so that a resumed run goes on logging into the same W&B run."""
+    kept = root / "wandb" / "run-id"
+    if kept.is_file() and kept.read_text().strip():
+        return kept.read_text().strip()
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    run_id = secrets.token_hex(4)  # W&B's own ids are 8 characters of [a-z0-9]
+    kept.write_text(run_id + "\n")
+    return run_id
+
+
+class WandbSink:
+    """The W&B run of a metacli run, written into its folder (``<run>/wandb/``): the
+    config, every metric and named term by iteration, the run's name and tags and its
+    final status; offline unless logger.mode=online. Every session of a resumed run logs
+    into the same W&B run."""
+
+    def __init__(self, cfg: DictConfig, root: Path) -> None:
+        import wandb
+
+        mode = wandb_mode(cfg)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        assert isinstance(config, dict)
+        try:
+            self.run = wandb.init(
+                mode=mode,  # type: ignore[arg-type]
+                dir=str(root),
+                id=wandb_run_id(root),
+                resume="allow",
+                project=cfg.logger.project,
+                entity=cfg.logger.get("entity"),
+                group=cfg.logger.get("group"),
+                name=cfg.get("name") or f"{root.parent.name}/{root.name}",
+                tags=[str(tag) for tag in cfg.get("tags") or []],
+                config={str(k): v for k, v in config.items()},
+                settings=wandb.Settings(console="off", quiet=True, silent=True),
+            )
+        except Exception as err:  # no login, no network, a server refusing: one paragraph
+            raise ConfigError(
+                f"logger=wandb could not start a W&B run in mode {mode}: "
+                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}. Log in "
+                f"(wandb login, or WANDB_API_KEY) for logger.mode=online, or keep "
+                f"logger.mode=offline (the default) and run `wandb sync {root}/wandb/"
+                f"offline-run-*` later."
+            ) from None
+        self.run.summary["metacli/run_dir"] = str(root)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.run.log(scalars(record), step=int(record.get("iteration", 0)))
+
+    def close(self, status: str) -> None:
+        self.run.summary["metacli/status"] = status
+        self.run.finish(exit_code=0 if status == "finished" else 1)
+
+
+SINKS: dict[str, type[TensorBoardSink] | type[MLflowSink] | type[WandbSink]] = {
+    "tensorboard": TensorBoardSink,
+    "mlflow": MLflowSink,
+    "wandb": WandbSink,
+}
+
+
 def make_sinks(cfg: DictConfig, root: Path) -> list[Sink]:
     name = cfg.logger.name
     if name == "none":
         return []
-    if name not in ("tensorboard", "mlflow"):
+    if name not in SINKS:
         raise ConfigError(
             f"logger.name={name!r} is not a logging backend; choose logger=none, "
-            f"logger=tensorboard or logger=mlflow."
+            f"{', '.join(f'logger={n}' for n in SINKS)}."
         )
     require_extra(name, f"logger={name}")
-    return [TensorBoardSink(cfg, root) if name == "tensorboard" else MLflowSink(cfg, root)]
+    return [SINKS[name](cfg, root)]
