@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from metacli import tables
+from metacli import cli, tables
 
 
 def write(
@@ -131,6 +131,9 @@ def test_the_figure_has_two_panels_per_metric(
         "accuracy by configuration",
     }
     assert image.size == (1800, 1080)  # a row of two panels per metric, two metrics
+    cli.main(["plot", str(tmp_path)])  # `metacli plot` on a folder of runs: the same figure
+    assert f"wrote {tmp_path / 'comparison.png'}" in capsys.readouterr().out
+    assert Image.open(tmp_path / "comparison.png").text["Title"] == image.text["Title"]
 
 
 def test_a_presets_published_number_shows_next_to_its_runs(

@@ -537,7 +537,7 @@ CASES = [
         "plot of a folder that is not a run",
         "plot",
         "{empty}",
-        message="{empty} is not a run folder (no summary.json)",
+        message="{empty} is neither a run folder (no summary.json) nor a folder of finished",
     ),
     # --- commands -------------------------------------------------------------------------
     case(

@@ -258,8 +258,12 @@ def test_plots_are_written(sweep: Path, tmp_path: Path) -> None:
     for name in ("learning_curves.png", "inner_steps.png", "adaptation.png"):
         assert f"wrote {run / name}" in result.stdout
         assert (run / name).read_bytes().startswith(PNG) and (run / name).stat().st_size > 10_000
-    bad = run_cli("plot", str(tmp_path), cwd=tmp_path, check=False)
-    assert bad.returncode == 2 and "is not a run folder" in bad.stderr
+    result = run_cli("plot", str(sweep), cwd=tmp_path)
+    assert f"wrote {sweep / 'comparison.png'}" in result.stdout
+    assert (sweep / "comparison.png").read_bytes().startswith(PNG)
+    (tmp_path / "empty").mkdir()
+    bad = run_cli("plot", str(tmp_path / "empty"), cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "is neither a run folder" in bad.stderr
 
 
 @pytest.mark.slow  # end to end, several CLI runs: make test-full

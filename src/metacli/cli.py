@@ -34,7 +34,10 @@ Commands:
   compare one row per configuration of the runs below some folders, over seeds
           e.g. metacli compare outputs/multirun --format markdown --plot val.png
   plot    figures of one run, written into its folder (learning curves, inner steps,
-          adaptation on regression tasks)   e.g. metacli plot outputs/train/<date>/<time>
+          adaptation on regression tasks)   e.g. metacli plot outputs/train/<date>/<time>;
+          of a sweep or any folder of runs, its comparison.png (validation curves with
+          seed bands, the metric against inner steps, per configuration)
+          e.g. metacli plot outputs/multirun/<date>/<time>
   runs    the runs below some folders (status, algorithm, seed, metric, age); rm removes
           those a filter selects   e.g. metacli runs outputs --status failed
                metacli runs rm outputs --status failed --status crashed --yes
@@ -142,11 +145,18 @@ def run_tool(command: str, args: list[str]) -> None:
 
             raise SystemExit(tables.main(args))
         if len(args) != 1 or args[0].startswith("-"):
-            print("usage: metacli plot <run folder>", file=sys.stderr)
+            print("usage: metacli plot <run folder | folder of runs>", file=sys.stderr)
             raise SystemExit(2 if args != ["--help"] and args != ["-h"] else 0)
-        from metacli.plots import plot_run
+        folder = Path(args[0])
+        if (folder / "summary.json").is_file() or not folder.is_dir():
+            from metacli.plots import plot_run
 
-        for path in plot_run(Path(args[0])):
+            written = plot_run(folder)
+        else:
+            from metacli import tables
+
+            written = [tables.plot_runs(folder)]
+        for path in written:
             print(f"wrote {path}")
     except MetacliError as err:
         print(f"metacli {command}: {err}", file=sys.stderr)

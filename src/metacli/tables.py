@@ -335,6 +335,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def plot_runs(folder: Path) -> Path:
+    """``metacli plot`` on a folder of runs (a sweep, ``outputs/``): the comparison figure
+    of its configurations, as ``compare --plot`` draws it, into ``<folder>/comparison.png``."""
+    found = compare([folder], None, None, False, [], "test", "train", None)
+    if not found.rows:
+        raise MetacliError(
+            f"metacli plot: {folder} is neither a run folder (no summary.json) nor a folder "
+            f"of finished training runs. Give a run folder (outputs/train/<date>/<time>) or "
+            f"a sweep's folder (outputs/multirun/<date>/<time>)."
+        )
+    path = folder / "comparison.png"
+    from metacli.plots import comparison_figure
+
+    comparison_figure(found.rows, config_columns(found.rows), path)
+    return path
+
+
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     keys = [k.strip() for k in args.group_by.split(",") if k.strip()] if args.group_by else None
