@@ -152,3 +152,18 @@ def test_a_presets_published_number_shows_next_to_its_runs(
     mse_part, accuracy_part = table.split("accuracy", 1)
     assert "| published |" in mse_part and "| 0.35 (Finn et al. 2017) |" in mse_part
     assert "published" not in accuracy_part  # no number for that table: no column
+
+
+def test_the_figure_takes_a_log_scale_where_a_configuration_diverges(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from metacli.plots import pyplot, spans_orders
+
+    plt = pyplot()
+    fig, (diverged, calm, negative) = plt.subplots(1, 3)
+    diverged.plot([0, 1], [0.7, 0.6])
+    diverged.plot([0, 1], [0.8, 3e7])
+    calm.plot([0, 1], [0.7, 0.6])
+    calm.plot([0, 1], [0.8, 500.0])  # under three orders of magnitude
+    negative.plot([0, 1], [-1.0, 3e7])
+    assert [spans_orders(ax) for ax in (diverged, calm, negative)] == [True, False, False]
+    plt.close(fig)

@@ -111,7 +111,8 @@ def test_compare_shows_and_filters_by_name_and_tags(
 def test_status_and_age_filters_and_rm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # A long path: a folder is shown whole on its row, never folded or cut, however deep.
     root = tmp_path / ("outputs_" + "x" * 150)
-    hand_run(root / "ok", "finished", finished_at="2026-12-01T11:00:00+00:00")
+    test = {"mean": 0.37, "num_tasks": 600, "diverged_tasks": 2, "metric_name": "mse"}
+    hand_run(root / "ok", "finished", finished_at="2026-12-01T11:00:00+00:00", test=test)
     hand_run(root / "old", "failed", finished_at="2020-01-01T00:00:00+00:00", error="boom")
     hand_run(root / "dead", "running", pid=dead_pid())
     archive = hand_run(root / "ok" / ".replaced" / "2026-11-30_10-00-00", "finished")
@@ -119,6 +120,7 @@ def test_status_and_age_filters_and_rm(tmp_path: Path, capsys: pytest.CaptureFix
     statuses = {line.split()[1]: line for line in out.splitlines() if str(root) in line}
     assert set(statuses) == {"finished", "failed", "crashed", "replaced"}
     assert str(archive) in statuses["replaced"]
+    assert "0.37 (2 of 600 diverged)" in statuses["finished"]
 
     code, out, _ = runs(str(root), "--older-than", "2021-01-01", capsys=capsys)
     assert "old" in out and str(root / "ok") not in out

@@ -53,6 +53,8 @@ def comparison_figure(rows: list[dict[str, Any]], label_keys: list[str], path: P
     over a configuration's seeds, its band one standard deviation over them (a 95%
     interval from 2-3 seeds would dwarf every difference)."""
     plt = pyplot()
+    differing = [k for k in label_keys if len({str(r.get(k)) for r in rows}) > 1]
+    label_keys = differing or label_keys  # what is the same on every line goes unsaid
     metrics = list(dict.fromkeys(str(r["metric_name"]) for r in rows)) or ["metric"]
     fig, axes = plt.subplots(len(metrics), 2, figsize=(15.0, 4.5 * len(metrics)), squeeze=False)
     for (curves_ax, steps_ax), metric in zip(axes, metrics, strict=True):
@@ -66,7 +68,11 @@ def comparison_figure(rows: list[dict[str, Any]], label_keys: list[str], path: P
         steps_ax.set_xlabel("inner steps at the meta-test")
         steps_ax.set_ylabel(f"meta-test {metric} ({better} is better)")
         for ax in (curves_ax, steps_ax):
-            ax.set_title("mean over seeds, band: ± 1 standard deviation", fontsize=9)
+            title = "mean over seeds, band: ± 1 standard deviation"
+            if spans_orders(ax):
+                ax.set_yscale("log")
+                title += " (log scale)"
+            ax.set_title(title, fontsize=9)
             ax.grid(alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize=7, loc="best")  # inside the axes, never cut off
@@ -76,6 +82,13 @@ def comparison_figure(rows: list[dict[str, Any]], label_keys: list[str], path: P
         path, dpi=120, metadata={"Title": ", ".join(f"{m} by configuration" for m in metrics)}
     )
     plt.close(fig)
+
+
+def spans_orders(ax: Any) -> bool:
+    """Whether the lines' values are all positive and span more than three orders of
+    magnitude: a diverging configuration would flatten every other line on a linear axis."""
+    values = [float(y) for line in ax.lines for y in line.get_ydata()]
+    return bool(values) and min(values) > 0 and max(values) / min(values) > 1e3
 
 
 def band(ax: Any, xs: list[int], samples: dict[int, list[float]], label: str) -> None:

@@ -105,6 +105,9 @@ def describe(entry: Entry, now: dt.datetime) -> list[str]:
 
     value = number(section(run.summary, "test").get("mean"))
     metric = "-" if value is None else f"{run.metric_name()} {value:.4g}"
+    total, diverged = run.tasks()
+    if diverged:
+        metric += f" ({diverged} of {total} diverged)"
     days = entry.age_days(now)
     age = f"{days * 24:.1f} h" if days < 1 else f"{days:.1f} d"
     found = labels(run)
