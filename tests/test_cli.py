@@ -280,6 +280,8 @@ def test_diverged_tasks_are_counted_and_the_metric_is_over_the_others(tmp_path: 
     for r in rows:
         by_task.setdefault(r["task"], []).append(r["metric"])
     finite = [final[k] for k, values in by_task.items() if all(map(math.isfinite, values))]
+    marked = {r["task"] for r in rows if r["diverged"] == "1"}
+    assert marked == {k for k, values in by_task.items() if not all(map(math.isfinite, values))}
     assert len(final) == test["num_tasks"] == 16
     assert 0 < test["diverged_tasks"] == 16 - len(finite) < 16
     assert test["mean"] == pytest.approx(statistics.fmean(finite), rel=1e-12)

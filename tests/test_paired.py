@@ -263,3 +263,31 @@ def test_metric_val_counts_the_seeds_with_a_finite_validation(
     # the meta-test of the same runs: every seed has a value
     rows = rows_of(str(tmp_path), capsys=capsys)
     assert (rows["a"]["seeds"], rows["a"]["finite_seeds"]) == (3, 3)
+
+
+@pytest.mark.parametrize("with_column", [True, False])
+def test_a_task_that_diverged_at_some_step_is_left_out_of_the_pairs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], with_column: bool
+) -> None:
+    """Its last step may be finite again (an inf loss coming back to 3.9e36) or an accuracy
+    that a NaN model still scores: the ``diverged`` column, or in a file without one a
+    non-finite metric at some step, leaves it out of the pairs, as the evaluation did."""
+    values = {seed: draws(seed, 0.8) for seed in (0, 1)}
+    for seed in (0, 1):
+        run(tmp_path, f"a{seed}", "a", seed, values[seed])
+        folder = run(tmp_path, f"b{seed}", "b", seed, draws(50 + seed, 0.7))
+        rows = (folder / "tasks.csv").read_text().splitlines()
+        rows[0] += ",diverged" if with_column else ""
+        tail = ",0" if with_column else ""
+        rows[1:] = [row + tail for row in rows[1:]]
+        # task 3 diverged: at step 0 (no column) or by the column, yet finite at its end
+        bad = f"test,100,{seed},3,0,{'0.2,1' if with_column else 'inf'}"
+        rows[1 + 2 * 3] = bad
+        (folder / "tasks.csv").write_text("\n".join(rows) + "\n")
+    b = rows_of(str(tmp_path), capsys=capsys)["b"]
+    per_seed = []
+    for seed in (0, 1):
+        mine = draws(50 + seed, 0.7)
+        pairs = enumerate(zip(values[seed], mine, strict=True))
+        per_seed.append(statistics.fmean(m - a for t, (a, m) in pairs if t != 3))
+    assert b["pairs"] == 2 and b["difference"] == pytest.approx(statistics.fmean(per_seed))

@@ -104,8 +104,9 @@ class Run:
         return str(self.summary.get("finished_at") or "")
 
     def per_task(self, metric: str) -> dict[int, float] | None:
-        """Each task's final-step metric from tasks.csv (NaN where it diverged): the
-        meta-test's, or the best validation's; None where the file has none."""
+        """Each task's final-step metric from tasks.csv (NaN where it diverged: its
+        ``diverged`` column, or, in files without one, a non-finite metric at some step):
+        the meta-test's, or the best validation's; None where the file has none."""
         path = self.folder / "tasks.csv"
         if not path.is_file():
             return None
@@ -119,8 +120,13 @@ class Run:
                         continue
                     at, task = int(row["iteration"]), int(row["task"])
                     step, value = int(row["step"]), float(row["metric"])
-                    if step >= rows.setdefault(at, {}).get(task, (-1, 0.0))[0]:
+                    seen = rows.setdefault(at, {}).get(task)
+                    if row.get("diverged") == "1" or (seen and not math.isfinite(seen[1])):
+                        value = math.nan  # diverged once, diverged for good
+                    if seen is None or step >= seen[0]:
                         rows[at][task] = (step, value)
+                    elif not math.isfinite(value):
+                        rows[at][task] = (seen[0], math.nan)
         except (OSError, KeyError, TypeError, ValueError, csv.Error):
             return None
         if not rows:

@@ -67,6 +67,8 @@ class EvalSummary:
     loss_mean: list[float]
     # every task's metric after 0..k steps [n, k+1], for tasks.csv and paired statistics
     per_task: Tensor = field(repr=False, default_factory=lambda: torch.zeros(0, 1))
+    # [n]: whether the task's loss or metric was non-finite at some step
+    per_task_diverged: Tensor = field(repr=False, default_factory=lambda: torch.zeros(0))
     diverged: int = 0  # tasks with a non-finite loss or metric at some step
     raw_mean: list[float] = field(default_factory=list)  # over every task, diverged too
     higher_is_better: bool = True  # the task's direction (accuracy: higher; MSE: lower)
@@ -88,6 +90,7 @@ class EvalSummary:
             metric_ci95=(1.96 * std / math.sqrt(max(count, 1))).tolist(),
             loss_mean=(kept_loss.mean(0) if count else mean).tolist(),
             per_task=metric,
+            per_task_diverged=~finite,
             diverged=n - count,
             raw_mean=metric.mean(0).tolist(),
         )
@@ -216,15 +219,18 @@ def is_better(
 
 
 # tasks.csv: every evaluated task's metric after each inner step, for statistics of one's
-# own (compare's paired differences are computed from it)
-TASKS_HEADER = "split,iteration,seed,task,step,metric"
+# own (compare's paired differences are computed from it), and whether the task diverged
+# (its loss or metric non-finite at some step: an accuracy stays finite when the logits
+# do not, and a loss can come back from inf to a finite number)
+TASKS_HEADER = "split,iteration,seed,task,step,metric,diverged"
 
 
 def task_rows(result: EvalSummary, split: str, iteration: int, seed: int) -> list[str]:
     """The ``tasks.csv`` rows of an evaluation (``repr``: every digit, nan and inf)."""
     values = result.per_task.tolist()
+    diverged = result.per_task_diverged.tolist() or [False] * len(values)
     return [
-        f"{split},{iteration},{seed},{task},{step},{metric!r}"
+        f"{split},{iteration},{seed},{task},{step},{metric!r},{int(diverged[task])}"
         for task, row in enumerate(values)
         for step, metric in enumerate(row)
     ]
