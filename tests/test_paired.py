@@ -256,13 +256,21 @@ def test_metric_val_counts_the_seeds_with_a_finite_validation(
     run(tmp_path, "a0", "a", 0, values, best_val=0.61)
     run(tmp_path, "a1", "a", 1, values, best_val=None)  # never a finite validation
     run(tmp_path, "a2", "a", 2, values, best_val=0.65)
+    for name in ("a0", "a1", "a2"):  # 8 validation tasks, all of a1's diverged
+        path = tmp_path / name / "summary.json"
+        summary = json.loads(path.read_text())
+        summary["config"]["val"] = {"num_tasks": 8}
+        summary["best_val"]["diverged_tasks"] = 8 if name == "a1" else 0
+        path.write_text(json.dumps(summary))
     rows = rows_of(str(tmp_path), "--metric", "val", capsys=capsys)
     assert (rows["a"]["seeds"], rows["a"]["finite_seeds"]) == (3, 2)
+    assert (rows["a"]["diverged"], rows["a"]["tasks"]) == (8, 24)  # the validations' own
     assert rows["a"]["metric"] == pytest.approx(0.63)
     assert rows["a"]["sd_seeds"] == pytest.approx(statistics.stdev([0.61, 0.65]))
     # the meta-test of the same runs: every seed has a value
     rows = rows_of(str(tmp_path), capsys=capsys)
     assert (rows["a"]["seeds"], rows["a"]["finite_seeds"]) == (3, 3)
+    assert (rows["a"]["diverged"], rows["a"]["tasks"]) == (0, 3 * TASKS)
 
 
 @pytest.mark.parametrize("with_column", [True, False])

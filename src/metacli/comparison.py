@@ -87,8 +87,15 @@ class Run:
             return recorded
         return not any(w in self.metric_name().lower() for w in LOWER_IS_BETTER)
 
-    def tasks(self) -> tuple[int | None, int]:
-        """The meta-test's tasks and how many diverged (older runs: ``nonfinite_tasks``)."""
+    def tasks(self, metric: str = "test") -> tuple[int | None, int]:
+        """The meta-test's tasks and how many diverged (older runs: ``nonfinite_tasks``);
+        for ``val``, the best validation's."""
+        if metric == "val":
+            total = section(section(self.summary, "config"), "val").get("num_tasks")
+            diverged = section(self.summary, "best_val").get("diverged_tasks", 0)
+            return (total if isinstance(total, int) else None), (
+                diverged if isinstance(diverged, int) else 0
+            )
         test = section(self.summary, "test")
         total = test.get("num_tasks")
         diverged = test.get("diverged_tasks", test.get("nonfinite_tasks", 0))
@@ -292,7 +299,7 @@ def aggregate(runs: list[Run], keys: list[str] | None, metric: str) -> list[dict
         values = [v for v in (r.value(metric) for r in members) if v is not None]
         spread = stats.sd(values) if len(values) > 1 else None
         within = [number(section(r.summary, "test").get("ci95")) for r in members]
-        tasks = [r.tasks() for r in members]
+        tasks = [r.tasks(metric) for r in members]
         row: dict[str, Any] = {c: first.params.get(NAMES.get(c, c)) for c in columns}
         names = {labels(r)["name"] for r in members} - {None}
         tags = sorted({t for r in members for t in labels(r)["tags"]})

@@ -367,6 +367,7 @@ def main(argv: list[str]) -> int:
         baseline,
     )
     sys.stdout.write(render(found, args.format, args.all))
+    sys.stdout.flush()  # the table before any line on stderr
     if args.plot is not None:
         from metacli.plots import comparison_figure
 
