@@ -199,3 +199,37 @@ def test_runs_written_before_the_engine_resume_as_they_did(algo: str, tmp_path: 
     assert expected["test"]["checkpoint_iteration"] == 20  # its best weights were the last
     result = evaluate(c, "test", c.run.test.num_tasks, c.run.test.batch_size)
     assert result.final == pytest.approx(expected["test"]["mean"], rel=1e-4)
+
+
+def test_kill_9_at_any_instant_resumes_to_the_same_lines(tmp_path: Path) -> None:
+    """kill -9 mid-run (checkpoints every 10 iterations, train lines every 7: the stop falls
+    inside a line's window), then resume: every metrics.jsonl line equals the
+    uninterrupted run's, the summed train lines included."""
+    common = (
+        *TINY,
+        "train.iterations=300",
+        "train.val_every=10",
+        "train.log_every=7",
+        "val.num_tasks=2",
+        "threads=1",
+    )
+    run_cli("train", *common, "hydra.run.dir=full", cwd=tmp_path)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "metacli", "train", *common, "hydra.run.dir=killed"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    last = tmp_path / "killed" / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if last.exists() and load_checkpoint(last)["iteration"] >= 30:
+            break
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    stopped = load_checkpoint(last)["iteration"]
+    assert 30 <= stopped < 300, "the run ended before the kill: lengthen it"
+    assert read_summary(tmp_path / "killed")["status"] == "running"  # what kill -9 leaves
+    run_cli("train", "resume=killed", cwd=tmp_path)
+    assert read_metrics(tmp_path / "killed") == read_metrics(tmp_path / "full")

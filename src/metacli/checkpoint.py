@@ -40,6 +40,11 @@ class LoopState:
     # [validation metric, iteration] of the checkpoints kept in checkpoints/top/
     # (test.ensemble_top_k), in iteration order
     top: list[list[float]] = field(default_factory=list)
+    # the train line being summed (``Window.snapshot``: count and sums), so that a resumed
+    # run logs the same lines as an uninterrupted one; and the skipped non-finite updates
+    window: dict[str, Any] = field(default_factory=dict)
+    nan_skipped: int = 0
+    nan_in_a_row: int = 0
 
 
 def make(components: Components, state: LoopState) -> dict[str, Any]:
@@ -55,6 +60,9 @@ def make(components: Components, state: LoopState) -> dict[str, Any]:
         "wall_time": state.wall_time,
         "eval_time": state.eval_time,
         "top": [list(entry) for entry in state.top],
+        "window": state.window,
+        "nan_skipped": state.nan_skipped,
+        "nan_in_a_row": state.nan_in_a_row,
         "algorithm": components.algorithm.state_dict(),
         "optimizer": components.optimizer.state_dict(),
         "scheduler": components.scheduler.state_dict()
@@ -152,6 +160,9 @@ def restore(components: Components, checkpoint: dict[str, Any], source: str) -> 
         wall_time=checkpoint["wall_time"],
         eval_time=checkpoint.get("eval_time", 0.0),
         top=[list(entry) for entry in checkpoint.get("top", [])],
+        window=checkpoint.get("window") or {},  # (older checkpoints: an empty window)
+        nan_skipped=checkpoint.get("nan_skipped", 0),
+        nan_in_a_row=checkpoint.get("nan_in_a_row", 0),
     )
 
 

@@ -25,6 +25,7 @@ a temporary folder, and report what held.
 
 from __future__ import annotations
 
+import signal
 import tempfile
 import traceback
 from collections.abc import Callable, Iterator
@@ -44,6 +45,7 @@ from metacli.errors import ConfigError, MetacliError
 from metacli.evaluation import fixed_tasks
 from metacli.loop import meta_train, sample
 from metacli.options import declared_keys
+from metacli.signals import STOPPER, Interrupted
 from metacli.tasks.base import TaskBatch
 
 CHECKED_GROUPS = ("algo", "update", "model", "task")
@@ -227,8 +229,17 @@ class Contract:
         straight, whole = build(cfg), MemoryRecorder()
         meta_train(straight, whole, LoopState())
         first, half = build(cfg), MemoryRecorder()
-        first.run.train.iterations = 2  # stop half way (the schedules still span 4)
-        meta_train(first, half, LoopState())
+        # A stop requested as a SIGTERM does: after iteration 1, in the middle of the train
+        # line of iterations 1-2 (log_every 2), which the resumed run must complete.
+        STOPPER.requested = signal.SIGTERM
+        try:
+            meta_train(first, half, LoopState())
+        except Interrupted:
+            pass
+        finally:
+            STOPPER.requested, STOPPER.stopping = None, False
+        if half.checkpoints.get("last", {}).get("iteration") != 1:
+            return Result("resume", False, "a stop requested at iteration 1 was not honoured")
         with tempfile.TemporaryDirectory(prefix="metacli-check-") as folder:
             path = Path(folder) / "last.pt"
             save_checkpoint(path, half.checkpoints["last"])
@@ -248,10 +259,15 @@ class Contract:
         meta_train(resumed, rest, state)
         differs = same_state(state_of(straight), state_of(resumed))
         if differs is not None:
-            return Result("resume", False, f"2 + 2 iterations differ from 4 in {differs}")
+            return Result("resume", False, f"1 + 3 iterations differ from 4 in {differs}")
         if numbers(half.records + rest.records) != numbers(whole.records):
-            return Result("resume", False, "2 + 2 iterations log other numbers than 4")
-        return Result("resume", True, "4 iterations = 2, checkpoint on disk, 2 more (bit for bit)")
+            return Result("resume", False, "1 + 3 iterations log other lines than 4")
+        return Result(
+            "resume",
+            True,
+            "4 iterations = 1 (stopped as by SIGTERM), checkpoint on disk, 3 more: the same "
+            "state and metrics.jsonl lines, bit for bit",
+        )
 
     def seeds(self) -> Result:
         runs = []

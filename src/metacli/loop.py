@@ -13,6 +13,7 @@ import logging
 import math
 import signal
 import time
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -196,16 +197,17 @@ def meta_train(components: Components, recorder: Recorder, state: LoopState) -> 
     cfg = components.run.train
     total, ckpt_every = cfg.iterations, cfg.ckpt_every or cfg.val_every
     name = components.task.metric_name
-    window = Window()
+    window = Window(state.window)
     progress = Progress(total, state.iteration)
     session_start, wall_before = time.perf_counter(), state.wall_time
     val_metric: float | None = None
     loss: float | None = None  # of the last train line
     saved_at = state.iteration if state.iteration > 0 else None  # what last.pt holds
-    skipped, in_a_row = 0, 0
+    skipped, in_a_row = state.nan_skipped, state.nan_in_a_row
 
     def save(which: str) -> None:
         nonlocal saved_at
+        state.window, state.nan_skipped, state.nan_in_a_row = window.snapshot(), skipped, in_a_row
         recorder.save_checkpoint(which, make(components, state))
         if which == "last":
             saved_at = state.iteration
@@ -362,18 +364,29 @@ class Window:
     """Train-line statistics over the iterations since the last log line (kept on the
     device until logged, so logging does not synchronise every step)."""
 
-    def __init__(self) -> None:
+    def __init__(self, snapshot: dict[str, Any] | None = None) -> None:
+        """A new window, or the one a checkpoint holds (``snapshot``)."""
+        self.sums: dict[str, Tensor] = {}
         self.reset()
+        if snapshot:
+            self.sums = {key: value.clone() for key, value in snapshot["sums"].items()}
+            self.count = int(snapshot["count"])
 
     def reset(self) -> None:
-        self.sums: dict[str, Tensor] = {}
+        self.sums = {}
         self.count, self.start = 0, time.perf_counter()
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the window: its count and sums (as they are)."""
+        return {"count": self.count, "sums": {k: v.clone() for k, v in self.sums.items()}}
 
     def add(self, step: MetaLoss) -> None:
         values = {"loss": step.loss, "metric": step.metric, **step.terms}
         for key, value in values.items():
             total = self.sums.get(key)
-            self.sums[key] = value.detach() if total is None else total + value.detach()
+            value = value.detach()
+            # (a checkpoint's sums are read onto the CPU)
+            self.sums[key] = value if total is None else total.to(value.device) + value
         self.count += 1
 
     def record(self, iteration: int) -> dict[str, float]:
