@@ -215,6 +215,38 @@ def test_a_failed_write_keeps_the_previous_file_and_names_the_path(
     assert not list(folder.root.rglob("*.tmp"))
 
 
+def test_a_failed_write_names_only_checkpoints_that_exist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first last.pt cannot be written: the advice resumes from best.pt, the one
+    checkpoint there is; with none, it says so and does not offer a resume."""
+    folder = run_folder.RunFolder(tmp_path / "run", ["seed=0"])
+    folder.claim()
+    folder.start(compose_config(*TINY))
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    last = folder.checkpoints / "last.pt"
+    with monkeypatch.context() as patch:
+        patch.setattr(files.os, "fsync", full)
+        with pytest.raises(run_folder.WriteError) as nothing:
+            folder.save_checkpoint("last", {"format": "metacli", "iteration": 10})
+    message = str(nothing.value)
+    assert f"Cannot write {last}: No space left on device. It was not created." in message
+    assert "no checkpoint was written yet: run the command again" in message
+    assert "resume=" not in message and "intact" not in message
+    folder.save_checkpoint("best", {"format": "metacli", "iteration": 10})
+    with monkeypatch.context() as patch:
+        patch.setattr(files.os, "fsync", full)
+        with pytest.raises(run_folder.WriteError) as only_best:
+            folder.save_checkpoint("last", {"format": "metacli", "iteration": 10})
+    message = str(only_best.value)
+    assert "It was not created" in message and not last.exists()
+    assert "checkpoints/best.pt holds iteration 10. Continue with: metacli train " in message
+    assert f"resume={folder.root}" in message and "last.pt holds" not in message
+
+
 @pytest.mark.slow
 def test_a_full_disk_during_training_stops_with_the_path_and_keeps_last_pt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -42,9 +43,11 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
     full, resumed = tmp_path / "full", tmp_path / "half"
     assert_same_params(params(full), params(resumed))
     assert_same_params(params(full, "best"), params(resumed, "best"))
-    assert read_metrics(full) == read_metrics(resumed)
-    # The resumed run kept its first half (all but the old meta-test line) and continued.
-    assert read_metrics(resumed)[: len(first_half) - 1] == first_half[:-1]
+    # The resumed run kept its first half, the meta-test that ended it included, and
+    # continued with the uninterrupted run's lines.
+    assert read_metrics(resumed)[: len(first_half)] == first_half
+    assert first_half[-1]["split"] == "test" and first_half[-1]["iteration"] == 20
+    assert read_metrics(full) == [r for r in read_metrics(resumed) if r != first_half[-1]]
     summary = read_summary(resumed)
     assert summary["status"] == "finished" and summary["resumed_from_iteration"] == 20
     assert summary["test"] == read_summary(full)["test"]
@@ -233,3 +236,36 @@ def test_kill_9_at_any_instant_resumes_to_the_same_lines(tmp_path: Path) -> None
     assert read_summary(tmp_path / "killed")["status"] == "running"  # what kill -9 leaves
     run_cli("train", "resume=killed", cwd=tmp_path)
     assert read_metrics(tmp_path / "killed") == read_metrics(tmp_path / "full")
+
+
+def test_extending_a_finished_run_keeps_its_meta_tests(tmp_path: Path) -> None:
+    run_cli("train", *TINY, "hydra.run.dir=run", cwd=tmp_path)
+    first = read_summary(tmp_path / "run")
+    first_lines = [r for r in read_metrics(tmp_path / "run") if r["split"] == "test"]
+    run_cli("train", "resume=run", "train.iterations=30", cwd=tmp_path)
+    run_cli("train", "resume=run", "train.iterations=40", cwd=tmp_path)
+    summary = read_summary(tmp_path / "run")
+    assert summary["iterations"] == 40 and summary["test"]["checkpoint_iteration"] > 20
+    history = summary["earlier_tests"]
+    assert [t["iteration"] for t in history] == [20, 30]
+    assert history[0]["test"] == first["test"] and history[0]["finished_at"] == first["finished_at"]
+    tests = [r for r in read_metrics(tmp_path / "run") if r["split"] == "test"]
+    assert [r["iteration"] for r in tests] == [20, 30, 40] and tests[0] == first_lines[0]
+    with (tmp_path / "run" / "tasks.csv").open() as handle:
+        tested = {int(r["iteration"]) for r in csv.DictReader(handle) if r["split"] == "test"}
+    assert tested == {20, 30, 40}
+
+
+def test_a_run_whose_only_checkpoint_is_best_pt_resumes_from_it(tmp_path: Path) -> None:
+    """A full disk can stop a run before its first last.pt, after best.pt: best.pt holds
+    the whole state too, so the run continues from it (and metacli test reads it)."""
+    run_cli("train", *TINY, "train.iterations=40", "hydra.run.dir=full", cwd=tmp_path)
+    run_cli("train", *TINY, "train.iterations=10", "hydra.run.dir=run", cwd=tmp_path)
+    (tmp_path / "run" / "checkpoints" / "last.pt").unlink()
+    result = run_cli("train", "resume=run", "train.iterations=40", cwd=tmp_path)
+    assert "no checkpoints/last.pt: resuming from best.pt (iteration 10)" in (
+        result.stdout + result.stderr
+    )
+    summary = read_summary(tmp_path / "run")
+    assert summary["status"] == "finished" and summary["resumed_from_iteration"] == 10
+    assert_same_params(params(tmp_path / "full"), params(tmp_path / "run"))

@@ -74,6 +74,16 @@ def make(components: Components, state: LoopState) -> dict[str, Any]:
     }
 
 
+def resumable(run_folder: Path) -> Path | None:
+    """The checkpoint a run continues from: ``last.pt``, else ``best.pt`` (a run whose
+    first ``last.pt`` could not be written: both hold the whole state), else None."""
+    for name in ("last.pt", "best.pt"):
+        path = run_folder / "checkpoints" / name
+        if path.is_file():
+            return path
+    return None
+
+
 def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
     save_tensors(path, checkpoint)
 

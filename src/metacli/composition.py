@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from metacli.checkpoint import load_checkpoint
+from metacli.checkpoint import load_checkpoint, resumable
 from metacli.config import config_dir, flatten
 from metacli.errors import ConfigError, MetacliError
 from metacli.options import declared_keys, register
@@ -170,11 +170,12 @@ def prepare(command: str, args: list[str]) -> list[str]:
                 "resume continues one run; it cannot be combined with -m/--multirun."
             )
         folder = Path(resume)
-        last = folder / "checkpoints" / "last.pt"
-        if not last.is_file():
+        last = resumable(folder)
+        if last is None:
             raise MetacliError(
                 f"resume={resume}: {folder} is not a run folder with a checkpoint "
-                f"(expected {last}). Set resume to a folder under outputs/train/."
+                f"(expected {folder / 'checkpoints' / 'last.pt'}). Set resume to the folder "
+                f"of a training run (the one that holds its summary.json and checkpoints/)."
             )
         saved = [str(o) for o in load_checkpoint(last).get("overrides", [])]
         return [*replay(saved, args), f"hydra.run.dir={quote(str(folder))}"]

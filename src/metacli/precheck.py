@@ -147,10 +147,10 @@ def precheck(command: str, args: list[str]) -> Checked | None:
 
 def check_resume(folder: Path, effective: DictConfig) -> None:
     """Refuse a resume that changes what the run is; say when it has nothing to do."""
-    from metacli.checkpoint import load_checkpoint
+    from metacli.checkpoint import load_checkpoint, resumable
     from metacli.files import read_json
 
-    checkpoint = load_checkpoint(folder / "checkpoints" / "last.pt")
+    checkpoint = load_checkpoint(resumable(folder) or folder / "checkpoints" / "last.pt")
     old = flatten(checkpoint.get("config") or {})
     new = flatten(OmegaConf.to_container(effective, resolve=True))
     changed = sorted(

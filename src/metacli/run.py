@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metacli import distributed
 from metacli.build import Resolved, build, resolve
-from metacli.checkpoint import LoopState, load_checkpoint, load_weights, make, restore
+from metacli.checkpoint import LoopState, load_checkpoint, load_weights, make, restore, resumable
 from metacli.console import print_summary
 from metacli.errors import ConfigError
 from metacli.evaluation import EvalSummary, meta_test, meta_test_ensemble
@@ -132,8 +132,15 @@ def train(
         state = LoopState()
         resuming = bool(cfg.resume) or previous == "resumable"
         if resuming:
-            last = folder.checkpoints / "last.pt"
+            last = resumable(folder.root) or folder.checkpoints / "last.pt"
             state = restore(components, load_checkpoint(last), str(last))
+            if last.name != "last.pt":
+                log.warning(
+                    "%s has no checkpoints/last.pt: resuming from %s (iteration %d)",
+                    folder.root,
+                    last.name,
+                    state.iteration,
+                )
             earlier = read_json(folder.summary_path) or {}
             folder.resumes(earlier, state)
         elif previous == "replace":

@@ -31,7 +31,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from metacli import __version__, distributed
-from metacli.checkpoint import LoopState, load_checkpoint, save_checkpoint
+from metacli.checkpoint import LoopState, load_checkpoint, resumable, save_checkpoint
 from metacli.console import open_run_logs
 from metacli.errors import MetacliError
 from metacli.evaluation import TASKS_HEADER
@@ -43,6 +43,7 @@ log = logging.getLogger("metacli")
 GROUPS = ("algo", "update", "task", "model", "device", "optim", "logger", "experiment", "debug")
 # Keys that say where or how a run executes, not what it computes.
 RUN_ONLY_KEYS = ("resume", "ckpt_path", "skip_finished", "threads", "logger", "name", "tags")
+TEST_KEYS = ("test", "test_last", "test_ensemble")  # a meta-test's results in the summary
 RUN_FILES = ("summary.json", "metrics.jsonl", "tasks.csv", "checkpoints")
 
 
@@ -111,6 +112,8 @@ class RunFolder:
         self.earlier_wall_time = 0.0
         self.earlier_eval_time = 0.0  # what the restored checkpoint's eval_time misses
         self.segment = 1
+        # the meta-tests of the finished sessions this one extends, kept in the summary
+        self.earlier_tests: list[dict[str, Any]] = []
         self.existed = root.exists() and any(
             p.name != ".lock" for p in root.iterdir()
         )  # before this command: never removed
@@ -134,13 +137,14 @@ class RunFolder:
     def write(self, path: Path, action: Callable[[], object]) -> None:
         if not self.writer:
             return
+        existed = path.exists()
         try:
             action()
         except OSError as err:
+            before = "Its previous content is intact" if existed else "It was not created"
             raise WriteError(
-                f"Cannot write {path}: {err.strerror or err}. Its previous content is "
-                f"intact. Free disk space or fix the permissions of {path.parent}, then "
-                f"continue with: metacli train resume={self.root}"
+                f"Cannot write {path}: {err.strerror or err}. {before}. Free disk space or "
+                f"fix the permissions of {path.parent}; {self.continuation()}."
             ) from None
 
     def log_metrics(self, record: dict[str, Any]) -> None:
@@ -197,7 +201,7 @@ class RunFolder:
         if skip_finished and old is not None and old.get("config") == config:
             if old.get("status") == "finished":
                 return "finished"
-            if (self.checkpoints / "last.pt").exists():
+            if resumable(self.root) is not None:
                 return "resumable"
         return "replace"
 
@@ -219,8 +223,14 @@ class RunFolder:
         if not self.writer:
             return
 
+        tested = [t.get("iteration") for t in self.earlier_tests]
+        last_tested = max((t for t in tested if isinstance(t, int)), default=-1)
+
         def kept(split: Any, at: Any) -> bool:
-            return int(at or 0) <= iteration and split != "test"
+            """Up to the checkpoint; a meta-test only where it ended a finished session."""
+            return int(at or 0) <= iteration and (
+                not str(split).startswith("test") or int(at or 0) <= last_tested
+            )
 
         if self.metrics_path.exists():
             lines = []
@@ -279,6 +289,7 @@ class RunFolder:
             "host": platform.node(),
             "pid": os.getpid(),
             "started_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            **({"earlier_tests": self.earlier_tests} if self.earlier_tests else {}),
             **fields,
         }
         self.update_summary()
@@ -341,16 +352,17 @@ class RunFolder:
             self.lock.release()
 
     def stopped_now(self, signum: int, where: str) -> str:
-        last = self.checkpoints / "last.pt"
-        kept = read_checkpoint_iteration(last)
-        if kept is None:
-            saved = "no checkpoint was written; start the run again"
-        else:
-            saved = (
-                f"checkpoints/last.pt holds iteration {kept}. Continue with: "
-                f"metacli train resume={self.root}"
-            )
-        return f"Stopped by {signal.Signals(signum).name} during {where}; {saved}."
+        return f"Stopped by {signal.Signals(signum).name} during {where}; {self.continuation()}."
+
+    def continuation(self) -> str:
+        """How to go on from what the folder holds, said only of checkpoints that exist."""
+        checkpoint = resumable(self.root) if self.command == "train" else None
+        if checkpoint is None or (kept := read_checkpoint_iteration(checkpoint)) is None:
+            return "no checkpoint was written yet: run the command again"
+        return (
+            f"checkpoints/{checkpoint.name} holds iteration {kept}. Continue with: "
+            f"metacli train resume={self.root}"
+        )
 
     def end(self, status: str, **fields: Any) -> None:
         """Record the end of a started run; forget one that never started."""
@@ -384,6 +396,19 @@ class RunFolder:
         self.earlier_eval_time = max(recorded("eval_time_s"), state.eval_time) - state.eval_time
         segments = earlier.get("segments")
         self.segment = (segments if isinstance(segments, int) and segments > 0 else 1) + 1
+        history = earlier.get("earlier_tests")
+        self.earlier_tests = (
+            [t for t in history if isinstance(t, dict)] if isinstance(history, list) else []
+        )
+        if earlier.get("status") == "finished" and isinstance(earlier.get("test"), dict):
+            # extending a finished run: its meta-test stays recorded, never overwritten
+            self.earlier_tests.append(
+                {
+                    "iteration": earlier.get("iterations"),
+                    "finished_at": earlier.get("finished_at"),
+                    **{k: earlier[k] for k in TEST_KEYS if k in earlier},
+                }
+            )
 
     def finish(self, status: str, **fields: Any) -> None:
         """Record how the run ended, with its wall time over every session (``segments``)."""
