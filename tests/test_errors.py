@@ -59,6 +59,14 @@ def numeric(key: str, value: str, rule: str) -> Case:
     )
 
 
+def nonfinite(key: str, value: str) -> Case:
+    return t(
+        f"{key}={value}",
+        f"{key}={value}",
+        message=f"{key}={value} is not allowed: it must be a finite number",
+    )
+
+
 CASES = [
     # --- misspelt keys and options: the closest valid one -------------------------------
     t(
@@ -164,6 +172,46 @@ CASES = [
     numeric("task.shots", "0", "it must be >= 1"),
     numeric("task.queries", "0", "it must be >= 1"),
     numeric("task.noise", "-1.0", "it must be >= 0"),
+    # --- non-finite numbers: every float setting finite (inf only where it means a limit)
+    nonfinite("optim.lr", "inf"),
+    nonfinite("algo.inner_lr", "inf"),
+    nonfinite("task.noise", "inf"),
+    nonfinite("train.grad_clip", "inf"),
+    nonfinite("optim.weight_decay", "inf"),
+    t(
+        "a non-finite number inside a list",
+        "task.amplitude=[0.1,inf]",
+        message="task.amplitude=inf is not allowed: it must be a finite number",
+    ),
+    t(
+        "optim.betas with NaN",
+        "optim.betas=[0.9,nan]",
+        message="optim.betas=[0.9, nan] is not allowed: two numbers in [0, 1)",
+    ),
+    t(
+        "algo.lam=-inf (inf alone is its limit)",
+        "algo=hybrid",
+        "algo.lam=-inf",
+        message="algo.lam=-inf is not allowed: it must be >= 0",
+    ),
+    t(
+        "algo.lam=nan",
+        "algo=hybrid",
+        "algo.lam=nan",
+        message="algo.lam=nan is not allowed",
+    ),
+    t(
+        "a 1-way classification task",
+        "task=synthetic",
+        "task.ways=1",
+        message="task.ways=1 is not allowed: it must be >= 2 (a 1-way task has a single answer",
+    ),
+    t(
+        "a 1-way meta-test",
+        "task=synthetic",
+        "task.test_ways=1",
+        message="task.test_ways=1 is not allowed: it must be >= 2 or null",
+    ),
     t(
         "task.amplitude reversed",
         "task.amplitude=[5,1]",
@@ -285,7 +333,7 @@ CASES = [
         "task=synthetic",
         "model=conv4",
         "task.ways=0",
-        message="task.ways=0 is not allowed: it must be >= 1",
+        message="task.ways=0 is not allowed: it must be >= 2",
     ),
     t(
         "task.test_ways out of range",
@@ -293,7 +341,7 @@ CASES = [
         "model=conv4",
         "algo=protonet",
         "task.test_ways=0",
-        message="task.test_ways=0 is not allowed: it must be >= 1 or null",
+        message="task.test_ways=0 is not allowed: it must be >= 2 or null",
     ),
     t(
         "task.test_shots out of range",

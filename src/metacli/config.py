@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,37 @@ def require(ok: bool, key: str, value: Any, rule: str) -> None:
     """Raise a ConfigError naming ``key`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed: {rule}. Set {key} to a valid value.")
+
+
+# A float setting's field metadata where +inf means something (a limit, e.g. algo.lam=inf):
+# every other float setting must be finite, and NaN never is (``require_finite``).
+INF_ALLOWED = {"inf_allowed": True}
+
+
+def require_finite(value: Any, key: str, inf_allowed: bool = False) -> None:
+    """Every float in ``value`` (a dataclass, list or dict of them) is finite; +inf only
+    where the field's metadata allows it (``INF_ALLOWED``)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for part in dataclasses.fields(value):
+            inner = getattr(value, part.name)
+            require_finite(
+                inner,
+                f"{key}.{part.name}" if key else part.name,
+                bool(part.metadata.get("inf_allowed")),
+            )
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            require_finite(item, key, inf_allowed)
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            require_finite(item, f"{key}.{name}", inf_allowed)
+    elif (
+        isinstance(value, float)
+        and not math.isfinite(value)
+        and not (inf_allowed and value == math.inf)
+    ):
+        rule = "it must be a finite number" + (" or inf" if inf_allowed else "")
+        require(False, key, value, rule)
 
 
 def require_at_least(
@@ -358,7 +390,7 @@ def to_typed(schema: type, node: Any, key: str) -> Any:
     """
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
-        return OmegaConf.to_object(merged)
+        typed = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         where = f"{key}.{err.full_key}" if key and err.full_key else (key or err.full_key or "")
         reason = str(err).splitlines()[0]
@@ -378,6 +410,8 @@ def to_typed(schema: type, node: Any, key: str) -> Any:
             f"Invalid setting {where!r}: {reason}. Fix {where} in your overrides "
             f"or config files (see `metacli train --help`)."
         ) from None
+    require_finite(typed, key)
+    return typed
 
 
 def check_run_config(cfg: DictConfig) -> RunConfig:

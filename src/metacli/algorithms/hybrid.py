@@ -12,14 +12,14 @@ terms are logged (``task_loss``, ``maml_loss`` in metrics.jsonl).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from torch import Tensor
 
 from metacli.algorithms.base import AlgoConfig
 from metacli.algorithms.maml import MAML, MAMLConfig, TaskLoss
-from metacli.config import require
+from metacli.config import INF_ALLOWED, require
 from metacli.params import Params
 from metacli.streams import TaskRandom
 from metacli.tasks.base import TaskBatch
@@ -28,7 +28,8 @@ from metacli.tasks.base import TaskBatch
 @dataclass
 class HybridConfig(MAMLConfig):
     name: str = "hybrid"
-    lam: float = 1.0  # weight of the MAML (post-adaptation query) loss; inf: MAML's alone
+    # weight of the MAML (post-adaptation query) loss; inf: MAML's alone
+    lam: float = field(default=1.0, metadata=INF_ALLOWED)
     task_weight: float = 1.0  # weight of the multi-task loss of the un-adapted parameters
 
     def __post_init__(self) -> None:

@@ -225,12 +225,13 @@ class ClassificationConfig(TaskConfig):
             self.labels,
             "choose shuffled or fixed",
         )
-        require(self.ways >= 1, "task.ways", self.ways, "it must be >= 1")
+        one_way = "a 1-way task has a single answer, which every model scores 1.0 on"
+        require(self.ways >= 2, "task.ways", self.ways, f"it must be >= 2 ({one_way})")
         require(
-            self.test_ways is None or self.test_ways >= 1,
+            self.test_ways is None or self.test_ways >= 2,
             "task.test_ways",
             self.test_ways,
-            "it must be >= 1 or null",
+            f"it must be >= 2 or null ({one_way})",
         )
 
 
