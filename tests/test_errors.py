@@ -551,6 +551,55 @@ CASES = [
         "hydra.sweep.dir={file}",
         message="hydra.sweep.dir={file}: {file} is a file, not a folder",
     ),
+    # --- a sweep: every job checked before the first starts ------------------------------
+    t(
+        "a sweep's later value of the wrong type",
+        "-m",
+        "algo.inner_lr=0.1,abc",
+        message="The sweep's job with algo.inner_lr=abc cannot run, so no job was started: "
+        "Invalid setting 'algo.inner_lr'",
+    ),
+    t(
+        "a sweep's later value out of range",
+        "-m",
+        "seed=0,1,-1",
+        message="The sweep's job with seed=-1 cannot run, so no job was started: seed=-1 is "
+        "not allowed",
+    ),
+    t(
+        "a sweep's later non-finite value",
+        "-m",
+        "optim.lr=0.001,inf",
+        message="The sweep's job with optim.lr=inf cannot run, so no job was started: "
+        "optim.lr=inf is not allowed: it must be a finite number",
+    ),
+    t(
+        "a sweep's later option that does not fit",
+        "-m",
+        "task=synthetic",
+        "model=conv4",
+        "task.test_ways=3",
+        "algo=protonet,maml",
+        message="The sweep's job with algo=maml cannot run, so no job was started: "
+        "task.test_ways=3 differs from task.ways",
+    ),
+    t(
+        "a sweep's combination of two swept values",
+        "-m",
+        "task=synthetic",
+        "model=conv4",
+        "task.ways=2,5",
+        "task.test_ways=2,5",
+        "algo=maml",
+        message="The sweep's job with task.ways=2 task.test_ways=5 cannot run",
+    ),
+    t(
+        "a sweep's later value in a long sweep (value by value)",
+        "-m",
+        "seed=range(70)",
+        "algo.inner_lr=0.01,0",
+        message="The sweep's job with seed=0 algo.inner_lr=0 cannot run, so no job was started",
+    ),
     case(
         "compare of a path that does not exist",
         "compare",

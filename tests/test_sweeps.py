@@ -173,10 +173,11 @@ def test_one_seed_uses_the_runs_own_interval_and_broken_runs_are_listed(
 
 
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
-    _, result = run_sweep(tmp_path, "task.shots=0,5", check=False)
+    # (a config a check refuses stops the sweep before any job: tests/test_errors.py)
+    _, result = run_sweep(tmp_path, "optim.lr=1e30,0.001", check=False)
     assert result.returncode == 1
     assert "sweep: 2 jobs, 1 not finished" in result.stdout
-    assert "job 0 failed: task.shots=0 is not allowed" in result.stdout
+    assert "job 0 failed: The meta-loss (nan) is not finite at iteration 2" in result.stdout
     assert read_summary(tmp_path / "sweep" / "0")["status"] == "failed"
     assert read_summary(tmp_path / "sweep" / "1")["status"] == "finished"
     assert "Traceback" not in result.stdout + result.stderr
@@ -329,3 +330,40 @@ def test_sweeping_a_key_that_only_some_algorithms_have(tmp_path: Path) -> None:
         "train", "-m", "debug=tiny", *small, "algo.inner_lrr=0.1", cwd=tmp_path, check=False
     )
     assert typo.returncode != 0 and "inner_lrr" in typo.stdout + typo.stderr
+
+
+def test_ctrl_c_in_a_sweep_prints_its_table_and_the_command_that_continues_it(
+    tmp_path: Path,
+) -> None:
+    import shlex
+    import signal
+    import time
+
+    sweep = tmp_path / "sweep"
+    args = ["debug=tiny", "train.iterations=2000", "train.val_every=100", "seed=0,1"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "metacli", "train", "-m", *args, f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    last = sweep / "0" / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in output, output
+    assert "sweep: 2 jobs, 2 not finished" in output, output
+    assert "1 of the sweep's jobs never started" in output
+    assert read_summary(sweep / "0")["status"] == "interrupted" and not (sweep / "1").exists()
+    (line,) = [x for x in output.splitlines() if x.startswith("Continue the sweep with: ")]
+    command = shlex.split(line.removeprefix("Continue the sweep with: "))
+    assert command[:3] == ["metacli", "train", "-m"] and "skip_finished=true" in command
+    run_cli(*command[1:], cwd=tmp_path)  # job 0 resumed from its checkpoint, job 1 run
+    jobs = [read_summary(sweep / str(i)) for i in (0, 1)]
+    assert [j["status"] for j in jobs] == ["finished", "finished"]
+    assert jobs[0]["resumed_from_iteration"] > 0 and jobs[0]["iterations"] == 2000
+    assert "resumed_from_iteration" not in jobs[1] and jobs[1]["seed"] == 1

@@ -64,6 +64,7 @@ def test_task(cfg: Any, prechecked: Any = None) -> float:
 def job(command: str, cfg: Any, prechecked: Any) -> float:
     """A Hydra job: its config as the checks resolved it, when the job composed the same."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
     from metacli import run
@@ -75,7 +76,15 @@ def job(command: str, cfg: Any, prechecked: Any) -> float:
         prechecked.cfg
     ):
         resolved = prechecked.resolved
-    return run.COMMANDS[command](cfg, resolved=resolved)
+    try:
+        return run.COMMANDS[command](cfg, resolved=resolved)
+    except SystemExit as stop:  # a signal: in a sweep, the sweep's table and how to go on
+        hydra = HydraConfig.get()
+        if hydra.mode == RunMode.MULTIRUN and stop.code in (130, 143):
+            from metacli import sweep
+
+            sweep.interrupted(Path(hydra.sweep.dir), command)
+        raise
 
 
 # Module-level task functions: parallel launchers pickle them by reference, so their

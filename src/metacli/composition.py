@@ -16,7 +16,9 @@
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -189,6 +191,19 @@ def prepare(command: str, args: list[str]) -> list[str]:
 def job_overrides(args: list[str]) -> list[str] | None:
     """The overrides of the job Hydra would run first (a sweep's first values); None when
     Hydra will run no job (--help, --cfg, ...) or the sweep cannot be expanded here."""
+    jobs = sweep_jobs(args, limit=1)
+    return jobs[0] if jobs else None
+
+
+# A sweep of more jobs than this is checked value by value (each value of each swept key
+# once, with the first values of the others), not combination by combination.
+CHECKED_COMBINATIONS = 64
+
+
+def sweep_values(args: list[str]) -> list[list[str]] | None:
+    """Each override's values as ``key=value`` lines (one for an override that sweeps
+    nothing); None when Hydra will run no job (--help, --cfg, ...) or the sweep cannot be
+    expanded here (an interval for a sweeper)."""
     if informs(args):
         return None
     overrides = [
@@ -199,23 +214,42 @@ def job_overrides(args: list[str]) -> list[str] | None:
         and (not key_of(a).startswith("hydra") or key_of(a) == SEARCHPATH)
     ]
     if not multirun(args):
-        return overrides
+        return [[o] for o in overrides]
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception:  # Hydra reports a malformed override better than we can
         return None
-    first = []
+    choices: list[list[str]] = []
     for override in parsed:
         if override.is_sweep_override():
             if not override.is_discrete_sweep():
                 return None  # an interval for a sweeper to search
-            value = next(iter(override.sweep_string_iterator()))
-            first.append(f"{override.get_key_element()}={value}")
+            key = override.get_key_element()
+            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
         else:
-            first.append(override.input_line or "")
-    return first
+            choices.append([override.input_line or ""])
+    return choices
+
+
+def sweep_jobs(args: list[str], limit: int | None = None) -> list[list[str]] | None:
+    """The overrides of the jobs Hydra's basic sweeper would run, in its order (the
+    product of the swept values); past ``CHECKED_COMBINATIONS`` jobs or ``limit``, the
+    first job and one job per other value of each swept key (``sweep_values``: None)."""
+    choices = sweep_values(args)
+    if choices is None:
+        return None
+    count = math.prod(len(values) for values in choices)
+    if (limit is not None and limit < count) or count > CHECKED_COMBINATIONS:
+        first = [values[0] for values in choices]
+        jobs = [first] + [
+            [*first[:i], value, *first[i + 1 :]]
+            for i, values in enumerate(choices)
+            for value in values[1:]
+        ]
+        return jobs[:limit] if limit is not None else jobs
+    return [list(job) for job in itertools.product(*choices)]
 
 
 def name_options(cfg: DictConfig, choices: Any) -> None:

@@ -8,11 +8,14 @@ option of the user's that shadows a built-in one (a config file, a plug-in) is s
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metacli.build import Resolved, resolve
@@ -23,6 +26,7 @@ from metacli.composition import (
     job_overrides,
     key_of,
     multirun,
+    sweep_jobs,
 )
 from metacli.config import flatten
 from metacli.errors import ConfigError, MetacliError
@@ -132,7 +136,8 @@ def precheck(command: str, args: list[str]) -> Checked | None:
     with open_dict(cfg):
         del cfg["hydra"]  # (the config as the job gets it)
     if multirun(args):
-        return None  # each job's values are checked in its job (a failed job is recorded)
+        check_sweep(command, args, cfg)
+        return None
     resolved = resolve(cfg)
     if command == "test" and not cfg.get("ckpt_path"):
         raise ConfigError(
@@ -143,6 +148,49 @@ def precheck(command: str, args: list[str]) -> Checked | None:
     if resume:
         check_resume(Path(str(resume)), resolved.effective)
     return Checked(cfg, resolved)
+
+
+def check_sweep(command: str, args: list[str], first: DictConfig) -> None:
+    """Every job of a sweep is checked before the first starts: a bad value met hours into
+    a sweep is a sweep to run again. Each job's config is checked as its job would be; the
+    first error names the job's swept values.
+
+    ``first``: the first job's config. A job that differs from it only in values of plain
+    settings gets them set on a copy of it (about 0.1 s a job); one that chooses other
+    options (algo=..., a config group) is composed as Hydra will (about 0.3 s)."""
+    jobs = sweep_jobs(args) or []
+    swept = {key_of(o) for job in jobs for o in job if any(o not in other for other in jobs)}
+    parser = OverridesParser.create()
+    logging.disable(logging.WARNING)  # each job says its own notes when it runs
+    try:
+        for job in jobs:
+            changed = [o for o in job if o not in jobs[0]]
+            try:
+                cfg = with_values(first, [parser.parse_override(o) for o in changed])
+                resolve(cfg if cfg is not None else compose(command, job))
+            except MetacliError as err:
+                which = " ".join(o for o in job if key_of(o) in swept)
+                raise ConfigError(
+                    f"The sweep's job with {which} cannot run, so no job was started: {err}"
+                ) from None
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def with_values(cfg: DictConfig, overrides: list[Any]) -> DictConfig | None:
+    """``cfg`` with plain ``key=value`` overrides set (parsed by Hydra's grammar); None
+    where one chooses a config group, adds or deletes a key, or names a key ``cfg`` lacks."""
+    changed = OmegaConf.masked_copy(cfg, [str(k) for k in cfg])  # a copy, typed as cfg
+    for override in overrides:
+        key = override.get_key_element()
+        plain = override.package is None and not override.is_add() and not override.is_delete()
+        if not plain or override.is_force_add() or "/" in key:
+            return None
+        node = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if node is None or isinstance(node, DictConfig):  # a group, or a key cfg lacks
+            return None
+        OmegaConf.update(changed, key, override.value(), merge=False)
+    return changed
 
 
 def check_resume(folder: Path, effective: DictConfig) -> None:
