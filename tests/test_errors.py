@@ -421,7 +421,8 @@ CASES = [
         "train",
         *OMNIGLOT,
         "data.root={corrupt}",
-        message="Cannot read the image {corrupt}/images_background/Alpha/character01/0001_01.png",
+        message="Cannot read the image {corrupt}/images_background/Alpha/character01/0001_01.png"
+        ": cannot identify image file. Replace or remove that file.",
     ),
     case(
         "split_dir pointing nowhere",
@@ -430,6 +431,15 @@ CASES = [
         "task.split=vinyals",
         "task.split_dir={empty}",
         message="task.split_dir={empty}: {empty} lacks train.txt, val.txt, test.txt",
+    ),
+    case(
+        "a damaged line in a split file",
+        "train",
+        *OMNIGLOT,
+        "task.split=vinyals",
+        "task.split_dir={splits}",
+        message="{splits}/train.txt, line 2: 'Japan' is not a class of the form "
+        "<alphabet>/<character>/rot<degrees>",
     ),
     t(
         "mini-ImageNet without its files",
@@ -469,6 +479,13 @@ CASES = [
         "test",
         "ckpt_path={evil_ckpt}",
         message="holds Python objects besides tensors, which metacli never loads",
+    ),
+    case(
+        "a checkpoint of another model's shapes",
+        "test",
+        "ckpt_path={run}/checkpoints/best.pt",
+        "model.hidden=[8,8]",
+        message="does not fit the configured algo/model: size mismatch for model.",
     ),
     case(
         "another program's checkpoint",
@@ -550,6 +567,13 @@ CASES = [
         "seed=0,1",
         "hydra.sweep.dir={file}",
         message="hydra.sweep.dir={file}: {file} is a file, not a folder",
+    ),
+    t(
+        "an update rule's setting without its rule",
+        "algo.update=space",
+        "algo.space=[sgd,momentum,adam]",
+        message="algo.space is a setting of update=space, and no update rule is chosen. "
+        "Choose one as a group, update=space (not algo.update=...)",
     ),
     # --- a sweep: every job checked before the first starts ------------------------------
     t(
@@ -668,6 +692,11 @@ def places(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     with open(base / "evil.pt", "wb") as handle:
         pickle.dump({"format": "metacli", "payload": Case("x", (), "")}, handle, protocol=2)
     (base / "empty").mkdir()
+    splits = base / "splits"  # Prototypical Networks' split files, one line damaged
+    splits.mkdir()
+    (splits / "train.txt").write_text("Alpha/character01/rot000\nJapan\n")
+    (splits / "val.txt").write_text("Alpha/character01/rot090\n")
+    (splits / "test.txt").write_text("Alpha/character01/rot180\n")
     (base / "file.txt").write_text("not a folder\n")
     (base / "cwd").mkdir()
     return {
@@ -677,6 +706,7 @@ def places(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "corrupt": corrupt,
         "cache": base / "cache",
         "empty": base / "empty",
+        "splits": splits,
         "file": base / "file.txt",
         "truncated_ckpt": base / "truncated.pt",
         "foreign_ckpt": base / "foreign.pt",

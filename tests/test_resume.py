@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -269,3 +270,52 @@ def test_a_run_whose_only_checkpoint_is_best_pt_resumes_from_it(tmp_path: Path) 
     summary = read_summary(tmp_path / "run")
     assert summary["status"] == "finished" and summary["resumed_from_iteration"] == 10
     assert_same_params(params(tmp_path / "full"), params(tmp_path / "run"))
+
+
+def test_a_run_folder_travels_paths_and_genotype_with_it(tmp_path: Path) -> None:
+    """A relative data.root is recorded as the run resolved it, and model=genotype's
+    genotype.json is kept in the run folder: after the search folder is gone, the run is
+    tested and resumed from another directory, and a failed test leaves no folder."""
+    import shutil
+
+    from tests.test_image_folder import make
+
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    make(here / "images")
+    search = here / "search"
+    search.mkdir()
+    shutil.copy(Path(__file__).parent / "data" / "genotype.json", search / "genotype.json")
+    images = ("task=image_folder", "task.ways=2", "task.shots=1", "task.queries=2")
+    run_cli(
+        "train",
+        *TINY,
+        *images,
+        "task.image_size=8",
+        "task.ratios=[0.6,0.2,0.2]",
+        "data.root=images",
+        "model=genotype",
+        "model.genotype=search",
+        "hydra.run.dir=run",
+        cwd=here,
+    )
+    run = here / "run"
+    summary = read_summary(run)
+    assert summary["config"]["data"]["root"] == str(here / "images")
+    assert f"data.root={here / 'images'}" in summary["overrides"]
+    assert json.loads((run / "genotype.json").read_text()) == json.loads(
+        (Path(__file__).parent / "data" / "genotype.json").read_text()
+    )
+    shutil.rmtree(search)
+    elsewhere.mkdir()
+    tested = run_cli("test", f"ckpt_path={run / 'checkpoints' / 'best.pt'}", cwd=elsewhere)
+    assert "Traceback" not in tested.stdout + tested.stderr
+    run_cli("train", f"resume={run}", "train.iterations=30", cwd=elsewhere)
+    assert read_summary(run)["status"] == "finished" and read_summary(run)["iterations"] == 30
+    (here / "images").rename(here / "moved")  # the data gone: the test fails, cleanly
+    shutil.rmtree(elsewhere)
+    elsewhere.mkdir()
+    failed = run_cli(
+        "test", f"ckpt_path={run / 'checkpoints' / 'best.pt'}", cwd=elsewhere, check=False
+    )
+    assert failed.returncode == 2 and "Traceback" not in failed.stdout + failed.stderr
+    assert not list(elsewhere.iterdir())  # no outputs/test/ left behind

@@ -142,11 +142,16 @@ def load_weights(components: Components, checkpoint: dict[str, Any], source: str
     try:
         components.algorithm.load_state_dict(checkpoint["algorithm"])
     except RuntimeError as err:
-        first = str(err).splitlines()[0]
+        # PyTorch's lines after its first say what differs: missing, unexpected, or
+        # other shapes (size mismatch for head.weight: ... [5, 64] ... [20, 64])
+        lines = [line.strip().rstrip(".") for line in str(err).splitlines()[1:] if line.strip()]
+        found = "; ".join(lines) or str(err).splitlines()[0]
+        if len(found) > 600:
+            found = found[:600] + " ..."
         raise MetacliError(
-            f"The checkpoint {source} does not fit the configured algo/model "
-            f"({first}). Use the same algo and model settings as the run that "
-            f"wrote it."
+            f"The checkpoint {source} does not fit the configured algo/model: {found}. Use "
+            f"the same algo, model and task settings (task.ways sets the head) as the run "
+            f"that wrote it."
         ) from None
 
 

@@ -19,6 +19,7 @@ import difflib
 import itertools
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -62,6 +63,16 @@ def closest(word: str, candidates: list[str]) -> str | None:
     tail = word.rsplit(".", 1)[-1]  # the right leaf in another section: train.inner_lr
     same = [c for c in candidates if c.rsplit(".", 1)[-1] == tail]
     return same[0] if same else None
+
+
+def rule_owners(key: str) -> list[str]:
+    """The update rules whose own settings include ``key`` (``algo.<setting>``)."""
+    group, _, name = key.partition(".")
+    if group != "algo" or not name or "." in name:
+        return []
+    from metacli.options import option_keys
+
+    return sorted(rule for rule, keys in option_keys("update").items() if name in keys)
 
 
 def suggestion(word: str, candidates: list[str]) -> str:
@@ -163,8 +174,40 @@ def value_of(args: list[str], key: str) -> str | None:
     return values[-1] if values and values[-1] not in ("", "null") else None
 
 
+def is_path_key(key: str) -> bool:
+    """A setting that names a file or folder (data.root, data.cache_dir, resume, ckpt_path,
+    model.genotype, any ``*_dir`` or ``*_path``); Hydra's own are left to Hydra."""
+    last = key.rsplit(".", 1)[-1]
+    return not key.startswith("hydra") and (
+        last in ("root", "resume", "ckpt_path", "genotype") or last.endswith(("_dir", "_path"))
+    )
+
+
+def absolute_paths(args: list[str]) -> list[str]:
+    """Path settings made absolute, as this working directory resolves them, so that a
+    run records where its files are and ``metacli test``/``resume`` find them from any
+    directory (a sweep's comma-separated values, interpolations and null are left alone)."""
+    made = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        bare = value.strip("'\"")
+        if (
+            sep
+            and not arg.startswith("-")
+            and is_path_key(key.lstrip("+~"))
+            and bare not in ("", "null", "None")
+            and not any(c in bare for c in ",${}[]")
+            and not os.path.isabs(os.path.expanduser(bare))
+        ):
+            arg = f"{key}={quote(os.path.abspath(os.path.expanduser(bare)))}"
+        made.append(arg)
+    return made
+
+
 def prepare(command: str, args: list[str]) -> list[str]:
-    """Arguments for Hydra; ``resume`` and ``ckpt_path`` replay the overrides of their run."""
+    """Arguments for Hydra, path settings made absolute; ``resume`` and ``ckpt_path``
+    replay the overrides of their run."""
+    args = absolute_paths(args)
     resume = value_of(args, "resume") if command == "train" else None
     if resume is not None:
         if multirun(args):
@@ -180,11 +223,29 @@ def prepare(command: str, args: list[str]) -> list[str]:
                 f"of a training run (the one that holds its summary.json and checkpoints/)."
             )
         saved = [str(o) for o in load_checkpoint(last).get("overrides", [])]
-        return [*replay(saved, args), f"hydra.run.dir={quote(str(folder))}"]
+        return [*replay(carried(saved, folder), args), f"hydra.run.dir={quote(str(folder))}"]
     ckpt_path = value_of(args, "ckpt_path") if command == "test" else None
     if ckpt_path is not None:
-        return replay(list(load_checkpoint(ckpt_path).get("overrides", [])), args)
+        saved = [str(o) for o in load_checkpoint(ckpt_path).get("overrides", [])]
+        runs = [p for p in Path(ckpt_path).parents[:3] if (p / "summary.json").is_file()]
+        return replay(carried(saved, runs[0]) if runs else saved, args)
     return args
+
+
+# Settings that name a file a run folder keeps a copy of (``Model.carried``)
+CARRIED = {"model.genotype": "genotype.json"}
+
+
+def carried(saved: list[str], run: Path) -> list[str]:
+    """A run's saved overrides, with the copies its folder keeps in place of the files
+    they named (which may have moved since)."""
+    replaced = []
+    for override in saved:
+        copy = run / CARRIED.get(str(override_key(override)), "")
+        if override_key(override) in CARRIED and copy.is_file():
+            override = f"{override_key(override)}={quote(str(copy.resolve()))}"
+        replaced.append(override)
+    return replaced
 
 
 # --- composing ---------------------------------------------------------------------------
@@ -340,6 +401,13 @@ def explain(command: str, overrides: list[str], message: str) -> str:
             keys = []
         if "already at" in message:
             return f"{key} already exists: set it without the leading +, as {key}=..."
+        rules = rule_owners(key)
+        if rules and not any(key_of(o) == "update" for o in overrides):
+            return (
+                f"{key} is a setting of update={' or update='.join(rules)}, and no update "
+                f"rule is chosen. Choose one as a group, update={rules[0]} (not "
+                f"algo.update=...): that puts its settings into algo."
+            )
         return (
             f"{key} is not a setting{suggestion(key, keys)}. `metacli {command} --cfg job` "
             f"prints every key."

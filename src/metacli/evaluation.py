@@ -218,6 +218,11 @@ def is_better(
     return value > best if higher else value < best
 
 
+def after_steps(steps: int) -> str:
+    """``after 1 step``, ``after 5 steps``; nothing for none (ProtoNets adapt no weights)."""
+    return f"after {steps} step{'s' * (steps != 1)}" if steps else ""
+
+
 # tasks.csv: every evaluated task's metric after each inner step, for statistics of one's
 # own (compare's paired differences are computed from it), and whether the task diverged
 # (its loss or metric non-finite at some step: an accuracy stays finite when the logits
@@ -300,14 +305,16 @@ def meta_test(
             components, "test", components.run.test.num_tasks, components.run.test.batch_size
         )
     log(components, recorder, result, iteration, split)
+    steps = len(result.metric_mean) - 1
     (logger.warning if result.diverged else logger.info)(
-        "%s on %d tasks: %s %s after %d steps (%.4f before adaptation)",
+        "%s on %d tasks: %s %s %s",
         "meta-test" if split == "test" else "meta-test of the last weights",
         result.num_tasks,
         result.metric_name,
         result.describe(),
-        len(result.metric_mean) - 1,
-        result.metric_mean[0],
+        f"{after_steps(steps)} ({result.metric_mean[0]:.4f} before adaptation)"
+        if steps
+        else "(no inner steps)",
     )
     return result
 
@@ -340,12 +347,12 @@ def meta_test_ensemble(
     log(components, recorder, result, state.iteration, "test_ensemble", members=len(kept))
     logger.info(
         "meta-test of the mean prediction of the %d best validation checkpoints (iterations "
-        "%s) on %d tasks: %s %s after %d steps",
+        "%s) on %d tasks: %s %s %s",
         len(kept),
         ", ".join(str(it) for it, _ in kept),
         result.num_tasks,
         result.metric_name,
         result.describe(),
-        len(result.metric_mean) - 1,
+        after_steps(len(result.metric_mean) - 1) or "(no inner steps)",
     )
     return {**result.as_dict(), "checkpoint_iterations": [it for it, _ in kept]}

@@ -159,7 +159,7 @@ def plot_run(folder: Path) -> list[Path]:
     summary_path = folder / "summary.json"
     if not summary_path.is_file():
         raise MetacliError(
-            f"metacli plot: {folder} is not a run folder (no summary.json). Give a folder "
+            f"{folder} is not a run folder (no summary.json). Give a folder "
             f"under outputs/train/ or a multirun job folder."
         )
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
@@ -180,7 +180,7 @@ def plot_run(folder: Path) -> list[Path]:
             ax.grid(alpha=0.3)
         written.append(save(plt, fig, folder / "learning_curves.png", title))
     test = next((r for r in reversed(records) if r.get("split") == "test"), None)
-    if test is not None and test.get("metric_per_step"):
+    if test is not None and len(test.get("metric_per_step") or []) > 1:  # (not ProtoNets')
         per_step = test["metric_per_step"]
         fig, ax = plt.subplots(figsize=PANEL)
         ax.plot(range(len(per_step)), per_step, marker="o")
@@ -203,9 +203,7 @@ def plot_run(folder: Path) -> list[Path]:
     if figure is not None:
         written.append(figure)
     if not written:
-        raise MetacliError(
-            f"metacli plot: {folder} has nothing to plot yet (metrics.jsonl is empty or missing)."
-        )
+        raise MetacliError(f"{folder} has nothing to plot yet (metrics.jsonl is empty or missing).")
     return written
 
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metacli.build import Resolved, resolve
 from metacli.composition import (
+    CARRIED,
     compose,
     file_options,
     folders_of,
@@ -201,10 +202,14 @@ def check_resume(folder: Path, effective: DictConfig) -> None:
     checkpoint = load_checkpoint(resumable(folder) or folder / "checkpoints" / "last.pt")
     old = flatten(checkpoint.get("config") or {})
     new = flatten(OmegaConf.to_container(effective, resolve=True))
+    # the run folder's own copy of a file the run named (composition.carried) is that file
+    copies = {k: str((folder / name).resolve()) for k, name in CARRIED.items()}
     changed = sorted(
         k
         for k in old.keys() & new.keys()
-        if old[k] != new[k] and not any(k == a or k.startswith(a) for a in RESUMABLE if a)
+        if old[k] != new[k]
+        and not any(k == a or k.startswith(a) for a in RESUMABLE if a)
+        and new[k] != copies.get(k)
     )
     if changed:
         lines = "; ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)

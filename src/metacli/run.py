@@ -91,10 +91,11 @@ def report(
     if not folder.writer:  # a distributed run: rank 0 prints it
         return
     steps = len(result.metric_mean) - 1
-    rows = [
-        ("before adaptation (0 steps)", result.metric_mean[0], result.metric_ci95[0]),
-        (f"after {steps} inner step{'s' * (steps != 1)}", result.final, result.metric_ci95[-1]),
-    ]
+    first = "before adaptation (0 steps)" if steps else "no inner steps"  # (ProtoNets)
+    rows = [(first, result.metric_mean[0], result.metric_ci95[0])]
+    if steps:
+        label = f"after {steps} inner step{'s' * (steps != 1)}"
+        rows.append((label, result.final, result.metric_ci95[-1]))
     print_summary(
         f"{title}: {result.num_tasks} tasks",
         result.metric_name,
@@ -153,6 +154,8 @@ def train(
             classes=components.classes(),
             **distributed.described(),
         )
+        for name, text in components.model.carried().items():
+            folder.write_text(name, text)
         if resuming:
             folder.rewind_metrics(state.iteration)
             folder.update_summary(resumed_from_iteration=state.iteration)
@@ -259,6 +262,8 @@ def test(
             classes=components.classes(),
             **distributed.described(),
         )
+        for name, text in components.model.carried().items():
+            folder.write_text(name, text)
         testing = time.perf_counter()
         result = meta_test(components, folder, checkpoint["iteration"])
         now = time.perf_counter()

@@ -306,7 +306,14 @@ class RunFolder:
             return
         if created_lock:
             (self.root / ".lock").unlink(missing_ok=True)
-        for folder in (self.root, self.root.parent):
+        # The folder, its date folder, and, below the working directory, the empty folders
+        # above them (outputs/test/ of a first `metacli test` that failed): only if empty
+        here = Path.cwd().resolve()
+        root = self.root.resolve()
+        chain = [root, root.parent]
+        if here in root.parents:
+            chain = [p for p in (root, *root.parents) if here in p.parents]
+        for folder in chain:
             try:
                 folder.rmdir()  # only if empty: nothing else is ever removed
             except OSError:

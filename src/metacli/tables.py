@@ -341,7 +341,7 @@ def plot_runs(folder: Path) -> Path:
     found = compare([folder], None, None, False, [], "test", "train", None)
     if not found.rows:
         raise MetacliError(
-            f"metacli plot: {folder} is neither a run folder (no summary.json) nor a folder "
+            f"{folder} is neither a run folder (no summary.json) nor a folder "
             f"of finished training runs. Give a run folder (outputs/train/<date>/<time>) or "
             f"a sweep's folder (outputs/multirun/<date>/<time>)."
         )

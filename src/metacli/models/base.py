@@ -66,6 +66,11 @@ class Model(nn.Module, Registered):
     # The inputs it takes: "images" [C, H, W] (convolutions) or "any" shape (flattened).
     inputs: ClassVar[str] = "any"
 
+    def carried(self) -> dict[str, str]:
+        """Files the run folder keeps so that the run can be resumed and tested without
+        the files its settings name (``model=genotype``'s genotype.json): name -> text."""
+        return {}
+
     def __init__(self, cfg: ModelConfig, input_shape: tuple[int, ...], output_dim: int | None):
         super().__init__()
         self.cfg = cfg

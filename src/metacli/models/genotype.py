@@ -89,6 +89,10 @@ class GenotypeNet(Model, key="genotype"):
         self.feature_dim = features
         self.head = nn.Linear(features, output_dim) if output_dim else None
 
+    def carried(self) -> dict[str, str]:
+        # `metacli test` and `resume` of this run read it from the run folder
+        return {"genotype.json": json.dumps(self.genotype, indent=1) + "\n"}
+
     def features(self, x: Tensor) -> Tensor:
         s0 = s1 = self.stem(x)
         for cell in self.cells:

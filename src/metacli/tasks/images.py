@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,17 +51,28 @@ def cached(
         json.dumps({**key, "version": CACHE_VERSION}, sort_keys=True).encode()
     ).hexdigest()[:16]
     path = folder / f"{name}-{digest}.pt"
-    data = read_cache(path)
+    data = read_cache(path, say=False)  # (said below, once, where it is rebuilt)
     if data is not None:
         return data
+    lock = folder / f".{path.name}.lock"
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # what a failure removes
     try:
-        with FolderLock(folder / f".{path.name}.lock", f"building {path.name}", wait=True):
+        with FolderLock(lock, f"building {path.name}", wait=True):
             data = read_cache(path)  # built by the process we waited for
             if data is not None:
                 return data
             log.info("Building the %s cache in %s (once)", name, path)
-            data = build()
-            save_tensors(path, data)
+            try:
+                data = build()
+                save_tensors(path, data)
+            except BaseException:  # nothing left behind by a build that failed
+                lock.unlink(missing_ok=True)
+                for empty in made:
+                    try:
+                        empty.rmdir()
+                    except OSError:
+                        break
+                raise
     except OSError as err:
         raise MetacliError(
             f"Cannot write the dataset cache in {folder}: {err.strerror or err}. Set "
@@ -69,13 +81,14 @@ def cached(
     return data
 
 
-def read_cache(path: Path) -> dict[str, Any] | None:
+def read_cache(path: Path, say: bool = True) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
         return dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception:  # a cache file of another version, or damaged on disk
-        log.warning("Rebuilding the unreadable cache file %s", path)
+        if say:
+            log.warning("Rebuilding the unreadable cache file %s", path)
         return None
 
 
@@ -171,8 +184,12 @@ def decode_image(
             method = Image.Resampling.NEAREST if resample == "nearest" else Image.Resampling.LANCZOS
             image = image.resize((size, size), method)
     except Exception as err:
+        # (PIL names the in-memory buffer it read from, not the file: say what it found)
+        reason = (
+            re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err)) or type(err).__name__
+        )
         raise MetacliError(
-            f"Cannot read the image {name}: {err}. Replace or remove that file."
+            f"Cannot read the image {name}: {reason}. Replace or remove that file."
         ) from None
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     return pixels.view(size, size, channels).permute(2, 0, 1).contiguous()

@@ -291,8 +291,18 @@ class Omniglot(ImageClassTask, key="omniglot"):
         splits = {}
         for split in TASK_SPLITS:
             names = []
-            for line in (folder / f"{split}.txt").read_text().split():
+            path = folder / f"{split}.txt"
+            for number, line in enumerate(path.read_text().split("\n"), 1):
+                line = line.strip()
+                if not line:
+                    continue
                 character, _, rotation = line.rpartition("/")
+                if not character or not re.fullmatch(r"rot\d+", rotation):
+                    raise MetacliError(
+                        f"{path}, line {number}: {line!r} is not a class of the form "
+                        f"<alphabet>/<character>/rot<degrees> (e.g. "
+                        f"Alphabet_of_the_Magi/character01/rot000). Fix or replace the file."
+                    )
                 if character not in known:
                     raise MetacliError(
                         f"{folder / f'{split}.txt'} names the class {line}, but "
