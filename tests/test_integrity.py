@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -366,7 +367,7 @@ def test_on_nan_skip_skips_the_update_counts_it_and_stops_after_n_in_a_row(
 
 
 # --- progress --------------------------------------------------------------------------------
-def test_progress_is_timely_smoothed_and_warns_of_long_runs(
+def test_progress_is_timely_and_its_eta_leaves_out_the_warm_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     now = {"t": 0.0}
@@ -376,16 +377,30 @@ def test_progress_is_timely_smoothed_and_warns_of_long_runs(
     assert not progress.due(1)
     now["t"] = 2.5
     assert progress.due(3)  # the first line after two seconds
-    assert progress.update(3) == pytest.approx(3 / 2.5)
+    assert progress.update(3) == pytest.approx(3 / 2.5)  # a warm-up: slow first iterations
     now["t"] = 20.0
     assert not progress.due(20)  # then every 30 s (or every log_every iterations)
     now["t"] = 33.0
     assert progress.due(40)
-    rate = progress.update(40)  # 37 iterations in 30.5 s, folded in with weight 0.3
-    assert rate == pytest.approx(0.7 * 3 / 2.5 + 0.3 * 37 / 30.5)
+    assert progress.update(40) == pytest.approx(37 / 30.5)  # since the first line only
     note = progress.long_run_note(40)
     assert note is not None and "the remaining 99960 iterations take about" in note
     assert progress.long_run_note(41) is None  # said once
+
+
+def test_the_eta_counts_the_validations_to_come(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1,000 iterations at 10 it/s after a slow start, a 5 s validation every 100: the
+    ETA at iteration 100 is the 900 iterations left plus the 9 validations left."""
+    now = {"t": 0.0}
+    monkeypatch.setattr("metacli.loop.time.perf_counter", lambda: now["t"])
+    progress = Progress(total=1000, done=0, val_every=100)
+    now["t"] = 3.0
+    progress.update(2)  # the warm-up: 2 iterations in 3 s
+    now["t"] = 3.0 + 9.8 + 5.0  # 98 more iterations at 10 it/s, then a validation
+    progress.evaluated(5.0)
+    progress.update(100)
+    assert progress.rate == pytest.approx(10.0)
+    assert progress.eta(100) == pytest.approx(900 / 10 + 9 * 5.0)
 
 
 # --- memory ----------------------------------------------------------------------------------
@@ -410,3 +425,27 @@ def test_memory_is_steady_over_2000_second_order_iterations(tmp_path: Path) -> N
     meta_train(c, Sampler(tmp_path), LoopState())
     print(f"resident MB at 200: {resident[200]:.1f}, at 2000: {resident[2000]:.1f}")
     assert resident[2000] <= 1.10 * resident[200]
+
+
+def test_a_long_evaluation_says_how_far_it_is(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A line after 5 s, then every 30 s, with the tasks done, the rate and an ETA (a
+    clock that moves 20 s a reading: 16 tasks in batches of 4)."""
+    from metacli.console import PROGRESS_LOGGER
+    from metacli.evaluation import evaluate
+
+    c = build(compose_config(*TINY, "device=cpu"))
+    clock = {"t": 0.0}
+
+    def tick() -> float:
+        clock["t"] += 20.0
+        return clock["t"]
+
+    monkeypatch.setattr("metacli.evaluation.time.perf_counter", tick)
+    with caplog.at_level(logging.INFO, logger=PROGRESS_LOGGER):
+        evaluate(c, "test", 16, 4)
+    lines = [r.getMessage() for r in caplog.records if r.name == PROGRESS_LOGGER]
+    assert lines and lines[0] == "meta-test: its 16 tasks drawn; adapting to them"
+    assert any(line.startswith("meta-test: 8 of 16 tasks") for line in lines), lines
+    assert all("tasks/s  eta 0:" in line for line in lines[1:])

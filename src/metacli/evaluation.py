@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,11 +24,45 @@ from torch import Tensor
 from metacli import distributed
 from metacli.build import Components
 from metacli.checkpoint import LoopState, load_checkpoint
+from metacli.console import PROGRESS_LOGGER
 from metacli.signals import STOPPER
 from metacli.streams import task_keys
 from metacli.tasks.base import TaskBatch, split_generator
 
 logger = logging.getLogger(__name__)
+progress_log = logging.getLogger(PROGRESS_LOGGER)
+
+
+class TaskProgress:
+    """Progress lines of a long evaluation: after ``first`` seconds, then every
+    ``refresh`` (the README's promise: a line at least every 30 s, whatever the phase)."""
+
+    def __init__(self, what: str, total: int, first: float = 5.0, refresh: float = 30.0):
+        self.what, self.total, self.first, self.refresh = what, total, first, refresh
+        self.start = self.last = time.perf_counter()
+        self.lines = 0
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < (self.first if self.lines == 0 else self.refresh):
+            return
+        rate = done / (now - self.start)
+        if not done:
+            progress_log.info("%s: its %d tasks drawn; adapting to them", self.what, self.total)
+            self.last, self.lines = now, self.lines + 1
+            return
+        eta = int((self.total - done) / rate)
+        progress_log.info(
+            "%s: %d of %d tasks  %.1f tasks/s  eta %d:%02d:%02d",
+            self.what,
+            done,
+            self.total,
+            rate,
+            eta // 3600,
+            eta // 60 % 60,
+            eta % 60,
+        )
+        self.last, self.lines = now, self.lines + 1
 
 
 class Recorder(Protocol):
@@ -175,8 +210,11 @@ def evaluate(components: Components, split: str, num_tasks: int, batch_size: int
     """Adapt to ``num_tasks`` fixed tasks of ``split`` (seeded by seed and split alone);
     in a distributed run each rank adapts its share and the results are gathered in
     task order."""
+    what = {"val": "validation", "test": "meta-test"}.get(split, split)
+    progress = TaskProgress(what, num_tasks)
     share = distributed.WORLD.share(num_tasks)
     tasks = fixed_tasks(components, split, num_tasks)[share]
+    progress.update(0)  # (drawing many tasks can take a while)
     was_training = components.algorithm.training
     components.algorithm.eval()
     losses, metrics, labels = [], [], []
@@ -187,6 +225,7 @@ def evaluate(components: Components, split: str, num_tasks: int, batch_size: int
         losses.append(result.loss.detach().double().cpu())
         metrics.append(result.metric.detach().double().cpu())
         labels += result.labels or []
+        progress.update(min(start + batch_size, len(tasks.query_y)))
     components.algorithm.train(was_training)
     if distributed.WORLD.active:
         parts = distributed.gather((losses, metrics, labels))
@@ -269,7 +308,8 @@ def evaluate_ensemble(
     was_training = components.algorithm.training
     components.algorithm.eval()
     total: Tensor | None = None
-    for state_dict in weights:
+    progress = TaskProgress("meta-test of the ensemble", num_tasks * len(weights))
+    for member, state_dict in enumerate(weights):
         components.algorithm.load_state_dict(state_dict)
         chunks = []
         for start in range(0, num_tasks, batch_size):
@@ -278,6 +318,7 @@ def evaluate_ensemble(
             )
             assert result.predictions is not None
             chunks.append(result.predictions.detach().double().cpu())
+            progress.update(member * num_tasks + min(start + batch_size, num_tasks))
         predictions = torch.cat(chunks)  # [n, k+1, Q, ...]
         total = predictions if total is None else total + predictions
     components.algorithm.train(was_training)

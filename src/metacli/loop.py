@@ -153,31 +153,60 @@ def write_artifacts(components: Components, recorder: Recorder) -> None:
 
 class Progress:
     """Progress lines: every ``log_every`` iterations and at least every ``refresh``
-    seconds (the first after ``first`` seconds, so a slow run shows life at once); the
-    ETA comes from a smoothed rate; a projection beyond an hour is said once."""
+    seconds (the first after ``first`` seconds, so a slow run shows life at once); a
+    projection beyond an hour is said once.
 
-    def __init__(self, total: int, done: int, first: float = 2.0, refresh: float = 30.0) -> None:
-        self.total, self.first, self.refresh = total, first, refresh
+    The ETA is the remaining iterations at the training rate since the first line (the
+    first iterations, slower while caches and allocators warm up, left out once a later
+    line exists; validations left out), plus the remaining validations at the mean time
+    of those done (``val_every``)."""
+
+    def __init__(
+        self,
+        total: int,
+        done: int,
+        first: float = 2.0,
+        refresh: float = 30.0,
+        val_every: int | None = None,
+    ) -> None:
+        self.total, self.first, self.refresh, self.val_every = total, first, refresh, val_every
         self.start = self.last = time.perf_counter()
         self.start_it = self.last_it = done
-        self.rate: float | None = None  # iterations per second, smoothed
+        self.rate: float | None = None  # training iterations per second
         self.lines, self.warned = 0, False
+        self.eval_seconds, self.evals = 0.0, 0  # validations so far, and their time
+        self.mark: tuple[float, int, float] | None = None  # the first line: time, it, eval s
 
     def due(self, it: int) -> bool:
         wait = self.first if self.lines == 0 else self.refresh
         return time.perf_counter() - self.last >= wait
 
+    def evaluated(self, seconds: float) -> None:
+        """A validation took ``seconds``."""
+        self.eval_seconds += seconds
+        self.evals += 1
+
     def update(self, it: int) -> float | None:
-        """Fold the iterations since the last line into the rate; returns it."""
+        """The training rate at this line; returns it."""
         now = time.perf_counter()
-        if it > self.last_it and now > self.last:
-            rate = (it - self.last_it) / (now - self.last)
-            self.rate = rate if self.rate is None else 0.7 * self.rate + 0.3 * rate
+        since, done, evals = self.mark or (self.start, self.start_it, 0.0)
+        seconds = now - since - (self.eval_seconds - evals)
+        if it > done and seconds > 0:
+            self.rate = (it - done) / seconds
+        if self.mark is None and it > self.start_it:
+            self.mark = (now, it, self.eval_seconds)
         self.last, self.last_it, self.lines = now, it, self.lines + 1
         return self.rate
 
     def eta(self, it: int) -> float | None:
-        return None if not self.rate else (self.total - it) / self.rate
+        if not self.rate:
+            return None
+        remaining = (self.total - it) / self.rate
+        if self.val_every and self.evals:
+            left = self.total // self.val_every - it // self.val_every
+            left += 0 if self.total % self.val_every == 0 else 1  # the last iteration's
+            remaining += max(0, left) * self.eval_seconds / self.evals
+        return remaining
 
     def long_run_note(self, it: int) -> str | None:
         """Once, after 30 s or 50 iterations: the projected time if it exceeds an hour."""
@@ -198,7 +227,7 @@ def meta_train(components: Components, recorder: Recorder, state: LoopState) -> 
     total, ckpt_every = cfg.iterations, cfg.ckpt_every or cfg.val_every
     name = components.task.metric_name
     window = Window(state.window)
-    progress = Progress(total, state.iteration)
+    progress = Progress(total, state.iteration, val_every=cfg.val_every)
     session_start, wall_before = time.perf_counter(), state.wall_time
     val_metric: float | None = None
     loss: float | None = None  # of the last train line
@@ -264,11 +293,13 @@ def meta_train(components: Components, recorder: Recorder, state: LoopState) -> 
             if logged or progress.due(it):
                 rate = progress.update(it)
                 eta = progress.eta(it)
+                # between train lines, the mean loss of the line being summed
+                shown = loss if logged or not window.count else window.mean("loss")
                 progress_log.info(
                     "iter %d/%d  loss %s  val %s %s  %.2f it/s  eta %s",
                     it,
                     total,
-                    "-" if loss is None else f"{loss:.4f}",
+                    "-" if shown is None else f"{shown:.4f}",
                     name,
                     "-" if val_metric is None else f"{val_metric:.4f}",
                     rate or 0.0,
@@ -288,6 +319,7 @@ def meta_train(components: Components, recorder: Recorder, state: LoopState) -> 
                         components.run.val.batch_size,
                     )
                 state.eval_time += time.perf_counter() - began
+                progress.evaluated(time.perf_counter() - began)
                 val_metric = val.final
                 improved = is_better(
                     components.task.higher_is_better,
@@ -375,6 +407,11 @@ class Window:
     def reset(self) -> None:
         self.sums = {}
         self.count, self.start = 0, time.perf_counter()
+
+    def mean(self, key: str) -> float | None:
+        """The mean of ``key`` over the window so far (without starting a new one)."""
+        total = self.sums.get(key)
+        return None if total is None or not self.count else (total / self.count).item()
 
     def snapshot(self) -> dict[str, Any]:
         """What a checkpoint keeps of the window: its count and sums (as they are)."""
