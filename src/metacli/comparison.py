@@ -238,7 +238,11 @@ def matches(run: Run, key: str, wanted: str) -> bool:
     if key in ("name", "tags"):
         found = labels(run)[key]
         return wanted in found if key == "tags" else str(found) == wanted
-    value = run.seed if key == "seed" else run.params.get(NAMES.get(key, key))
+    return same_value(run.seed if key == "seed" else run.params.get(NAMES.get(key, key)), wanted)
+
+
+def same_value(value: Any, wanted: str) -> bool:
+    """A filter's match: numbers by value (0.1 = 1e-1), other values by their text."""
     if value is None:
         return False
     try:
@@ -416,13 +420,7 @@ def compare_rows(rows: list[dict[str, Any]], metric: str, baseline: list[str] | 
 
 def row_matches(row: dict[str, Any], condition: str) -> bool:
     key, _, wanted = condition.partition("=")
-    value = row.get(key)
-    if value is None:
-        return False
-    try:
-        return float(value) == float(wanted)
-    except (TypeError, ValueError):
-        return str(value).lower() == wanted.lower()
+    return same_value(row.get(key), wanted)
 
 
 def sort_rows(rows: list[dict[str, Any]], key: str | None, reverse: bool) -> list[dict[str, Any]]:
