@@ -575,6 +575,114 @@ CASES = [
         message="algo.space is a setting of update=space, and no update rule is chosen. "
         "Choose one as a group, update=space (not algo.update=...)",
     ),
+    # --- types, non-finite values and signs, more of them -----------------------------
+    t("a seed that is not a number", "seed=abc", message="Invalid setting 'seed': Value 'abc'"),
+    t(
+        "a fractional iteration count",
+        "train.iterations=1.5",
+        message="Invalid setting 'train.iterations': Value '1.5' of type 'float' could not be "
+        "converted to Integer",
+    ),
+    t(
+        "a fractional task count",
+        "test.num_tasks=1.5",
+        message="Invalid setting 'test.num_tasks': Value '1.5'",
+    ),
+    t("optim.lr=nan", "optim.lr=nan", message="optim.lr=nan is not allowed"),
+    t("algo.inner_lr=-inf", "algo.inner_lr=-inf", message="algo.inner_lr=-inf is not allowed"),
+    t("task.noise=nan", "task.noise=nan", message="task.noise=nan is not allowed"),
+    t(
+        "optim.betas of one number",
+        "optim.betas=[0.9]",
+        message="optim.betas=[0.9] is not allowed: two numbers in [0, 1)",
+    ),
+    t("an unknown device", "device=tpu", message="device=tpu is not an option (did you mean cpu?)"),
+    t("negative threads", "threads=-1", message="threads=-1 is not allowed: it must be >= 1"),
+    t(
+        "negative inner steps",
+        "algo.inner_steps=-1",
+        message="algo.inner_steps=-1 is not allowed: it must be >= 1",
+    ),
+    # --- files that are not what a setting needs ------------------------------------------
+    case(
+        "ckpt_path that is a folder",
+        "test",
+        "ckpt_path={empty}",
+        message="No checkpoint at {empty}",
+    ),
+    case(
+        "ckpt_path that is a text file",
+        "test",
+        "ckpt_path={file}",
+        message="Cannot read the checkpoint {file}: it is truncated or not a PyTorch file",
+    ),
+    case(
+        "resume of a file",
+        "train",
+        "resume={file}",
+        message="resume={file}: {file} is not a run folder with a checkpoint",
+    ),
+    t(
+        "model.genotype that is not a genotype",
+        "task=synthetic",
+        "model=genotype",
+        "model.genotype={file}",
+        message="model.genotype='{file}': {file} is not a genotype",
+    ),
+    t(
+        "model=genotype without model.genotype",
+        "task=synthetic",
+        "model=genotype",
+        message="model=genotype needs model.genotype: the run folder of an architecture search",
+    ),
+    case(
+        "plot of a file",
+        "plot",
+        "{file}",
+        message="{file} is not a run folder (no summary.json)",
+    ),
+    # --- the tools' own options --------------------------------------------------------------
+    case(
+        "compare in a format it does not write",
+        "compare",
+        "{run}",
+        "--format",
+        "xml",
+        message="argument --format: invalid choice: 'xml'",
+    ),
+    case(
+        "runs with an unknown status",
+        "runs",
+        "{run}",
+        "--status",
+        "nosuch",
+        message="--status nosuch: choose among finished, failed, interrupted, crashed",
+    ),
+    case(
+        "runs older than a word",
+        "runs",
+        "{run}",
+        "--older-than",
+        "yesterday",
+        message="--older-than 'yesterday': give a number of days (e.g. 7) or a date",
+    ),
+    case(
+        "runs rm with a filter without a value",
+        "runs",
+        "rm",
+        "{run}",
+        "--filter",
+        "algo",
+        message="--filter 'algo': write it as KEY=VALUE, e.g. algo=maml.",
+    ),
+    case(
+        "compare by a metric it does not know",
+        "compare",
+        "{run}",
+        "--metric",
+        "best",
+        message="argument --metric: invalid choice: 'best'",
+    ),
     # --- a sweep: every job checked before the first starts ------------------------------
     t(
         "a sweep's later value of the wrong type",
