@@ -367,3 +367,25 @@ def test_ctrl_c_in_a_sweep_prints_its_table_and_the_command_that_continues_it(
     assert [j["status"] for j in jobs] == ["finished", "finished"]
     assert jobs[0]["resumed_from_iteration"] > 0 and jobs[0]["iterations"] == 2000
     assert "resumed_from_iteration" not in jobs[1] and jobs[1]["seed"] == 1
+
+
+def test_the_sweep_table_says_crashed_for_a_job_whose_process_is_gone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import datetime as dt
+    import platform
+
+    from metacli import sweep as sweep_module
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for job, status in (("0", "finished"), ("1", "running")):
+        (tmp_path / job).mkdir()
+        summary = {"status": status, "overrides": [f"seed={job}"], "pid": dead.pid}
+        (tmp_path / job / "summary.json").write_text(
+            json.dumps({**summary, "host": platform.node(), "objective": 0.5})
+        )
+    started = dt.datetime.now().astimezone()
+    assert sweep_module.print_table(tmp_path, started) == 1
+    out = capsys.readouterr().out
+    assert "crashed" in out and "running" not in out

@@ -17,6 +17,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 
+from metacli.comparison import process_alive
 from metacli.composition import sweep_values
 from metacli.console import CONSOLE
 from metacli.files import read_json
@@ -80,6 +81,8 @@ def print_table(sweep_dir: Path, started: dt.datetime, total: int | None = None)
     common = set.intersection(*every) if every else set()
     for folder, summary in zip(folders, summaries, strict=True):
         status = str(summary.get("status", "no summary"))
+        if status == "running" and process_alive(summary) is False:
+            status = "crashed"  # killed (kill -9, out of memory) before it could say so
         if status == "finished" and skipped(summary, started):
             status = "skipped (finished before)"
         note = str(summary.get("error") or "").splitlines()[0:1]
