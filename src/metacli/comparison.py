@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from metacli import stats
-from metacli.config import flatten
+from metacli.config import flatten, is_path_key
 from metacli.errors import MetacliError
 
 # Config keys that never distinguish configurations.
@@ -156,9 +156,9 @@ def process_alive(summary: dict[str, Any]) -> bool | None:
 
 
 def is_path(key: str) -> bool:
-    """Where files are, not what ran: never a reason to split rows."""
-    last = key.rsplit(".", 1)[-1]
-    return last in ("root", "resume", "ckpt_path") or last.endswith(("_dir", "_path"))
+    """Where files are, not what ran: never a reason to split rows (model.genotype names
+    which architecture ran, so it does)."""
+    return is_path_key(key) and not key.endswith("genotype")
 
 
 def load_run(path: Path) -> Run:

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metacli.checkpoint import load_checkpoint, resumable
-from metacli.config import config_dir, flatten
+from metacli.config import config_dir, flatten, is_path_key
 from metacli.errors import ConfigError, MetacliError
 from metacli.options import declared_keys, register
 from metacli.registry import GROUPS, available
@@ -172,15 +172,6 @@ def replay(saved: list[str], args: list[str]) -> list[str]:
 def value_of(args: list[str], key: str) -> str | None:
     values = [a.split("=", 1)[1] for a in args if override_key(a) == key]
     return values[-1] if values and values[-1] not in ("", "null") else None
-
-
-def is_path_key(key: str) -> bool:
-    """A setting that names a file or folder (data.root, data.cache_dir, resume, ckpt_path,
-    model.genotype, any ``*_dir`` or ``*_path``); Hydra's own are left to Hydra."""
-    last = key.rsplit(".", 1)[-1]
-    return not key.startswith("hydra") and (
-        last in ("root", "resume", "ckpt_path", "genotype") or last.endswith(("_dir", "_path"))
-    )
 
 
 def absolute_paths(args: list[str]) -> list[str]:

@@ -23,6 +23,15 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from metacli.errors import ConfigError
 
 
+def is_path_key(key: str) -> bool:
+    """A setting that names a file or folder (data.root, data.cache_dir, resume, ckpt_path,
+    model.genotype, any ``*_dir`` or ``*_path``); Hydra's own are left to Hydra."""
+    last = key.rsplit(".", 1)[-1]
+    return not key.startswith("hydra") and (
+        last in ("root", "resume", "ckpt_path", "genotype") or last.endswith(("_dir", "_path"))
+    )
+
+
 def require(ok: bool, key: str, value: Any, rule: str) -> None:
     """Raise a ConfigError naming ``key`` unless ``ok``."""
     if not ok:

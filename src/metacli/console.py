@@ -28,6 +28,12 @@ CONSOLE = Console()
 PROGRESS_LOGGER = "metacli.progress"
 
 
+def hms(seconds: float) -> str:
+    """A duration as h:mm:ss (an ETA in progress lines)."""
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 class _NotProgress(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return record.name != PROGRESS_LOGGER

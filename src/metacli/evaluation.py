@@ -24,7 +24,7 @@ from torch import Tensor
 from metacli import distributed
 from metacli.build import Components
 from metacli.checkpoint import LoopState, load_checkpoint
-from metacli.console import PROGRESS_LOGGER
+from metacli.console import PROGRESS_LOGGER, hms
 from metacli.signals import STOPPER
 from metacli.streams import task_keys
 from metacli.tasks.base import TaskBatch, split_generator
@@ -51,16 +51,13 @@ class TaskProgress:
             progress_log.info("%s: its %d tasks drawn; adapting to them", self.what, self.total)
             self.last, self.lines = now, self.lines + 1
             return
-        eta = int((self.total - done) / rate)
         progress_log.info(
-            "%s: %d of %d tasks  %.1f tasks/s  eta %d:%02d:%02d",
+            "%s: %d of %d tasks  %.1f tasks/s  eta %s",
             self.what,
             done,
             self.total,
             rate,
-            eta // 3600,
-            eta // 60 % 60,
-            eta % 60,
+            hms((self.total - done) / rate),
         )
         self.last, self.lines = now, self.lines + 1
 

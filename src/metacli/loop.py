@@ -22,7 +22,7 @@ from metacli import distributed, evaluation
 from metacli.algorithms.base import MetaLoss
 from metacli.build import Components
 from metacli.checkpoint import LoopState, make
-from metacli.console import PROGRESS_LOGGER, progress_bar
+from metacli.console import PROGRESS_LOGGER, hms, progress_bar
 from metacli.errors import MetacliError
 from metacli.evaluation import EvalSummary, Recorder, evaluate, is_better, top_name
 from metacli.signals import STOPPER, Interrupted
@@ -218,7 +218,7 @@ class Progress:
         self.warned = True
         return (
             f"At {self.rate:.2f} it/s the remaining {self.total - it} iterations take about "
-            f"{_eta(eta)} (h:mm:ss); lower train.iterations for a shorter run."
+            f"{hms(eta)} (h:mm:ss); lower train.iterations for a shorter run."
         )
 
 
@@ -303,7 +303,7 @@ def meta_train(components: Components, recorder: Recorder, state: LoopState) -> 
                     name,
                     "-" if val_metric is None else f"{val_metric:.4f}",
                     rate or 0.0,
-                    "-" if eta is None else _eta(eta),
+                    "-" if eta is None else hms(eta),
                 )
                 note = progress.long_run_note(it)
                 if note:
@@ -432,8 +432,3 @@ class Window:
         means = {key: (value / self.count).item() for key, value in self.sums.items()}
         self.reset()
         return {**means, "it_per_s": speed}
-
-
-def _eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
