@@ -276,7 +276,9 @@ def test_validation_and_end_of_training_hooks_run_and_are_recorded() -> None:
 
 
 def test_mamlpp_records_the_settings_that_ran(tmp_path: Path) -> None:
-    run_cli("train", *TINY, "algo=mamlpp", "hydra.run.dir=p", cwd=tmp_path)
+    run_cli(
+        "train", *TINY, "algo=mamlpp", "algo.on_regression=true", "hydra.run.dir=p", cwd=tmp_path
+    )
     summary = json.loads((tmp_path / "p" / "summary.json").read_text())
     assert summary["config"]["optim"]["scheduler"] == "cosine"
     assert (tmp_path / "p" / ".hydra" / "config.yaml").read_text().count("scheduler: none") == 1

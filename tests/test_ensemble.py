@@ -4,6 +4,7 @@ checkpoints (HowToTrainYourMAMLPytorch, ``evaluated_test_set_using_the_best_mode
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -39,7 +40,7 @@ class Memory:
 
     def write_text(self, name: str, text: str | bytes) -> None: ...
 
-    def log_tasks(self, lines: list[str]) -> None: ...
+    def log_tasks(self, lines: Iterable[str]) -> None: ...
 
 
 def validation(value: float, diverged: int) -> Any:

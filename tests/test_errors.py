@@ -732,6 +732,86 @@ CASES = [
         "algo.inner_lr=0.01,0",
         message="The sweep's job with seed=0 algo.inner_lr=0 cannot run, so no job was started",
     ),
+    # --- sizes that cannot fit: refused before any work, from the shapes -----------------
+    t(
+        "an outsized meta-batch",
+        "train.meta_batch_size=100000000",
+        message="Lower train.meta_batch_size (now 100,000,000; at most",
+    ),
+    t(
+        "an outsized network",
+        "model.hidden=[100000000,100000000]",
+        message="The model alone does not fit: make the model smaller "
+        "(model.hidden=[100000000, 100000000])",
+    ),
+    t(
+        "a meta-test of more tasks than could ever help",
+        "test.num_tasks=100000000",
+        message="test.num_tasks=100000000 is not allowed: it must be at most 10,000,000",
+    ),
+    t(
+        "a validation of more tasks than could ever help",
+        "val.num_tasks=10000001",
+        message="val.num_tasks=10000001 is not allowed: it must be at most 10,000,000",
+    ),
+    t(
+        "too many validation tasks adapted at once",
+        "val.num_tasks=10000000",
+        "val.batch_size=10000000",
+        "model.hidden=[2000,2000]",
+        message="Lower val.batch_size (now 10,000,000; at most",
+    ),
+    t(
+        "images too large for a convolutional network",
+        "task=synthetic",
+        "model=conv4",
+        "task.image_size=100000",
+        message="The model alone does not fit: make the model smaller (model.filters=64, or "
+        "task.image_size=100000, which sizes its layers)",
+    ),
+    t(
+        "a sweep's later outsized value",
+        "-m",
+        "train.meta_batch_size=4,100000000",
+        message="The sweep's job with train.meta_batch_size=100000000 cannot run, so no job "
+        "was started: metacli train needs about",
+    ),
+    case(
+        "a meta-test of a checkpoint with too many tasks at once",
+        "test",
+        "ckpt_path={run}/checkpoints/best.pt",
+        "test.num_tasks=10000000",
+        "test.batch_size=10000000",
+        message="metacli test needs about",
+    ),
+    # --- combinations that cannot work ----------------------------------------------------
+    t(
+        "MAML++'s learned rates on a regression task",
+        "algo=mamlpp",
+        message="algo=mamlpp learns its inner rates per layer and step (algo.update=lslr), "
+        "and on a regression task (task=sinusoid) they grow until the sharpest tasks diverge",
+    ),
+    t(
+        "ALFA on a regression task",
+        "algo=alfa",
+        message="algo=alfa generates its inner learning rates and weight decays per task and "
+        "step, and on a regression task (task=sinusoid) they overshoot",
+    ),
+    t(
+        "a sweep's later algorithm that does not fit the task",
+        "-m",
+        "algo=maml,mamlpp",
+        message="The sweep's job with algo=mamlpp cannot run, so no job was started: "
+        "algo=mamlpp learns its inner rates",
+    ),
+    t(
+        "an image model behind MR-MAML's encoder",
+        "algo=mrmaml",
+        "task=synthetic",
+        "model=conv4",
+        message="algo=mrmaml encodes each image into a vector of shape (5,) before the model, "
+        "but model=conv4 takes images",
+    ),
     case(
         "compare of a path that does not exist",
         "compare",

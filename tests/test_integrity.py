@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 import time
+import types
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from metacli.build import build
 from metacli.checkpoint import LoopState, load_checkpoint
 from metacli.errors import MetacliError
 from metacli.lock import FolderLock
-from metacli.loop import NonFinite, Progress, meta_train, nonfinite
+from metacli.loop import NonFinite, Progress, described, meta_train, nonfinite
 from metacli.signals import StopNow, Stopper
 from metacli.tasks.images import cached
 from tests.conftest import TINY, compose_config, read_summary, run_cli
@@ -300,7 +302,7 @@ class Memory:
     def write_text(self, name: str, text: str) -> None:
         pass
 
-    def log_tasks(self, lines: list[str]) -> None:
+    def log_tasks(self, lines: Iterable[str]) -> None:
         pass
 
 
@@ -401,6 +403,37 @@ def test_the_eta_counts_the_validations_to_come(monkeypatch: pytest.MonkeyPatch)
     progress.update(100)
     assert progress.rate == pytest.approx(10.0)
     assert progress.eta(100) == pytest.approx(900 / 10 + 9 * 5.0)
+
+
+def test_a_progress_line_shows_every_logged_term() -> None:
+    assert described({}, "mse") == "loss -"  # a resumed run before its first line
+    # regression: the metric is the loss, said once
+    assert described({"loss": 0.5, "metric": 0.5}, "mse") == "loss 0.5000"
+    line = described({"loss": 1.2, "metric": 0.625, "kl": 0.01234, "beta": 2.0}, "accuracy")
+    assert line == "loss 1.2000  accuracy 0.6250  kl 0.01234  beta 2"
+    many = {"loss": 1.0, "metric": 0.5, **{f"edge{i}": float(i) for i in range(10)}}
+    assert described(many, "accuracy").endswith("edge3 3  +6 terms in metrics.jsonl")
+
+
+def test_data_decoding_says_how_far_it_is(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Off a terminal: a line every 10% and at least every 30 s, with a rate and ETA."""
+    from metacli import console
+
+    now = {"t": 0.0}
+    monkeypatch.setattr("metacli.console.time.perf_counter", lambda: now["t"])
+    monkeypatch.setattr(console, "CONSOLE", types.SimpleNamespace(is_terminal=False))
+    items = list(range(1000))
+    caplog.set_level(logging.INFO, logger=console.PROGRESS_LOGGER)
+    for item in console.track(items, "Decoding"):
+        now["t"] += 0.5 if item < 50 else 0.001  # the first 5%: slow (a cold disk)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "Decoding: 0/1000"
+    assert "Decoding: 1/1000" not in lines
+    slow = [line for line in lines if line.startswith("Decoding: 2") and "/s" in line]
+    assert slow, lines  # past 30 s inside the first 10%: a line with its rate and ETA
+    assert lines[-1] == "Decoding: 1000/1000" and "Decoding: 100/1000" in " ".join(lines)
 
 
 # --- memory ----------------------------------------------------------------------------------

@@ -169,6 +169,26 @@ def test_a_run_written_before_the_engine_is_meta_tested_by_the_command(tmp_path:
     assert read_summary(tmp_path / "t")["test"]["mean"] == pytest.approx(before["mean"], rel=1e-6)
 
 
+def test_a_mamlpp_sinusoid_run_made_before_the_refusal_is_tested_and_resumed(
+    tmp_path: Path,
+) -> None:
+    """New MAML++ runs with learned rates on a regression task are refused
+    (docs/defaults.md); one made before (tests/data/v1_runs/mamlpp, at bbc4d5d) is
+    meta-tested (and resumed) as it was."""
+    run = materialize(Path(__file__).parent / "data" / "v1_runs" / "mamlpp", tmp_path / "mamlpp")
+    tested = run_cli(
+        "test", f"ckpt_path={run}/checkpoints/last.pt", "hydra.run.dir=t", cwd=tmp_path
+    )
+    assert read_summary(tmp_path / "t")["status"] == "finished", tested.stderr
+    from metacli.build import resolve
+    from metacli.precheck import check_new_run
+    from tests.conftest import compose_config
+
+    check_new_run(resolve(compose_config("algo=mamlpp")), "train", resuming=True)  # no error
+    refused = run_cli("train", "debug=tiny", "algo=mamlpp", cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and "algo.on_regression=true" in refused.stderr
+
+
 @pytest.mark.parametrize("algo", ["metasgd", "mamlpp"])
 def test_runs_written_before_the_engine_resume_as_they_did(algo: str, tmp_path: Path) -> None:
     """tests/data/v1_runs: a 10-iteration run (checkpoint format 1, `debug=tiny algo=<algo>

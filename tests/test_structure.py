@@ -90,12 +90,12 @@ LAYERS = (
         ("errors", "config", "params", "streams", "files", "extras", "figures", "stats"),
     ),
     # the process around a run: locks, ranks, signals, the console, the registries
-    ("infrastructure", ("lock", "distributed", "signals", "console", "registry")),
+    ("infrastructure", ("lock", "distributed", "signals", "console", "registry", "machine")),
     ("components", ("models", "tasks", "updates")),
     ("engine", ("engine", "regularizers")),
     ("algorithms", ("algorithms",)),
     # from a config to built components, and back from a checkpoint
-    ("assembly", ("options", "optim", "build", "checkpoint", "composition")),
+    ("assembly", ("options", "optim", "build", "checkpoint", "composition", "resources")),
     ("running", ("evaluation", "loop", "loggers", "run_folder")),
     (
         "commands",

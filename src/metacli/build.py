@@ -130,6 +130,7 @@ def resolve(cfg: DictConfig) -> Resolved:
             f"adapts a {task_cfg.ways}-way linear head. Set task.test_ways=null, or use an "
             f"algorithm without a head (algo=protonet)."
         )
+    check_model_inputs(classes, typed)
     notes = algo_cls.configure(algo_cfg, typed["model"], run)
     sections = {
         **dataclasses.asdict(run),
@@ -139,6 +140,23 @@ def resolve(cfg: DictConfig) -> Resolved:
     assert isinstance(container, dict)
     effective = OmegaConf.create({k: sections.get(str(k), v) for k, v in container.items()})
     return Resolved(run, classes, typed, notes, effective)
+
+
+def check_model_inputs(classes: dict[str, Any], typed: dict[str, Any]) -> None:
+    """An image model behind an algorithm that hands it vectors (MR-MAML's encoder): say
+    so, rather than the task's inputs (which are images)."""
+    task_shape = classes["task"].shape_of(typed["task"])
+    if classes["model"].inputs != "images" or task_shape is None or len(task_shape) != 3:
+        return
+    algo = typed["algo"]
+    shape = tuple(classes["algo"].model_input_shape(algo, tuple(task_shape)))
+    if len(shape) != 3:
+        model = typed["model"].name
+        raise ConfigError(
+            f"algo={algo.name} encodes each image into a vector of shape {shape} before the "
+            f"model, but model={model} takes images [channels, height, width]. Choose "
+            f"model=mlp with algo={algo.name}, or another algorithm for model={model}."
+        )
 
 
 def check(cfg: DictConfig) -> None:

@@ -243,6 +243,9 @@ class TrainLoopConfig:
         require_at_least("train.grad_clamp", self.grad_clamp, 0, strict=True, null=True)
 
 
+MAX_TASKS = 10_000_000  # val.num_tasks and test.num_tasks
+
+
 @dataclass
 class EvalConfig:
     num_tasks: int = 100  # fixed, seeded tasks (seed and split alone choose them)
@@ -250,6 +253,13 @@ class EvalConfig:
 
     def check(self, section: str) -> None:
         require(self.num_tasks >= 1, f"{section}.num_tasks", self.num_tasks, "it must be >= 1")
+        require(
+            self.num_tasks <= MAX_TASKS,
+            f"{section}.num_tasks",
+            self.num_tasks,
+            f"it must be at most {MAX_TASKS:,} (a mean over that many tasks is already "
+            f"known to a few thousandths of its spread; more only takes time)",
+        )
         require(self.batch_size >= 1, f"{section}.batch_size", self.batch_size, "it must be >= 1")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ T = TypeVar("T")
 CONSOLE = Console()
 # Periodic progress lines: always in metacli.log; on a terminal the bar shows them instead.
 PROGRESS_LOGGER = "metacli.progress"
+REFRESH = 30.0  # seconds between progress lines, at most (the README's promise)
 
 
 def hms(seconds: float) -> str:
@@ -145,12 +147,17 @@ def track(items: Sequence[T], description: str) -> Iterator[T]:
         yield from rich_track(items, description=description, console=CONSOLE)
         return
     log = logging.getLogger(PROGRESS_LOGGER)
-    step = max(len(items) // 10, 1)
+    step, total = max(len(items) // 10, 1), len(items)
+    start = last = time.perf_counter()
     for i, item in enumerate(items):
-        if i % step == 0:
-            log.info("%s: %d/%d", description, i, len(items))
+        now = time.perf_counter()
+        if i % step == 0 or now - last >= REFRESH:  # every 10%, and at least every 30 s
+            rate = i / (now - start) if i and now > start else None
+            eta = f", {rate:.0f}/s, eta {hms((total - i) / rate)}" if rate else ""
+            log.info("%s: %d/%d%s", description, i, total, eta)
+            last = now
         yield item
-    log.info("%s: %d/%d", description, len(items), len(items))
+    log.info("%s: %d/%d", description, total, total)
 
 
 @contextmanager

@@ -28,7 +28,7 @@ from __future__ import annotations
 import signal
 import tempfile
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +93,7 @@ class MemoryRecorder:
     def log_metrics(self, record: dict[str, Any]) -> None:
         self.records.append(record)
 
-    def log_tasks(self, lines: list[str]) -> None:
+    def log_tasks(self, lines: Iterable[str]) -> None:
         self.tasks += lines
 
     def save_checkpoint(self, name: str, checkpoint: dict[str, Any]) -> None:

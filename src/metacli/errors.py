@@ -7,3 +7,14 @@ class MetacliError(Exception):
 
 class ConfigError(MetacliError):
     """A setting is missing, misspelt, of the wrong type or impossible."""
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation that failed (host or device memory)."""
+    text = str(err)
+    return (
+        isinstance(err, MemoryError)
+        or type(err).__name__ == "OutOfMemoryError"  # torch's, for a device
+        or "can't allocate memory" in text  # torch's CPU allocator
+        or "out of memory" in text.lower()
+    )

@@ -14,6 +14,7 @@ import collections
 import logging
 import math
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -76,7 +77,7 @@ class Recorder(Protocol):
 
     def write_text(self, name: str, text: str | bytes) -> None: ...
 
-    def log_tasks(self, lines: list[str]) -> None:
+    def log_tasks(self, lines: Iterable[str]) -> None:
         """Append rows of ``tasks.csv`` (``TASKS_HEADER``'s columns)."""
         ...
 
@@ -214,15 +215,23 @@ def evaluate(components: Components, split: str, num_tasks: int, batch_size: int
     progress.update(0)  # (drawing many tasks can take a while)
     was_training = components.algorithm.training
     components.algorithm.eval()
-    losses, metrics, labels = [], [], []
-    for start in range(0, len(tasks.query_y), batch_size):
+    count = len(tasks.query_y)
+    # written into one tensor each: small results kept between a chunk's large transients
+    # would fragment the heap (RSS tripled over 300,000 sinusoid tasks; docs/memory.md)
+    loss, metric = torch.empty(0), torch.empty(0)
+    labels: list[str] = []
+    for start in range(0, count, batch_size):
         result = components.algorithm.evaluate(
             tasks[start : start + batch_size].to(components.device)
         )
-        losses.append(result.loss.detach().double().cpu())
-        metrics.append(result.metric.detach().double().cpu())
+        if not start:
+            loss = torch.empty(count, *result.loss.shape[1:], dtype=torch.float64)
+            metric = torch.empty(count, *result.metric.shape[1:], dtype=torch.float64)
+        loss[start : start + batch_size] = result.loss.detach()
+        metric[start : start + batch_size] = result.metric.detach()
         labels += result.labels or []
-        progress.update(min(start + batch_size, len(tasks.query_y)))
+        progress.update(min(start + batch_size, count))
+    losses, metrics = ([loss], [metric]) if count else ([], [])
     components.algorithm.train(was_training)
     if distributed.WORLD.active:
         parts = distributed.gather((losses, metrics, labels))
@@ -266,15 +275,18 @@ def after_steps(steps: int) -> str:
 TASKS_HEADER = "split,iteration,seed,task,step,metric,diverged"
 
 
-def task_rows(result: EvalSummary, split: str, iteration: int, seed: int) -> list[str]:
-    """The ``tasks.csv`` rows of an evaluation (``repr``: every digit, nan and inf)."""
-    values = result.per_task.tolist()
-    diverged = result.per_task_diverged.tolist() or [False] * len(values)
-    return [
-        f"{split},{iteration},{seed},{task},{step},{metric!r},{int(diverged[task])}"
-        for task, row in enumerate(values)
-        for step, metric in enumerate(row)
-    ]
+def task_rows(result: EvalSummary, split: str, iteration: int, seed: int) -> Iterator[str]:
+    """The ``tasks.csv`` rows of an evaluation (``repr``: every digit, nan and inf), made
+    as they are written: a meta-test of millions of tasks holds them as floats only."""
+    count, block = result.per_task.shape[0], 10000
+    diverged = result.per_task_diverged
+    for start in range(0, count, block):
+        values = result.per_task[start : start + block].tolist()
+        flags = diverged[start : start + block].tolist() if diverged.numel() else []
+        for offset, row in enumerate(values):
+            flag = int(flags[offset]) if flags else 0
+            for step, metric in enumerate(row):
+                yield f"{split},{iteration},{seed},{start + offset},{step},{metric!r},{flag}"
 
 
 def log(

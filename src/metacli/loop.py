@@ -25,6 +25,7 @@ from metacli.checkpoint import LoopState, make
 from metacli.console import PROGRESS_LOGGER, hms, progress_bar
 from metacli.errors import MetacliError
 from metacli.evaluation import EvalSummary, Recorder, evaluate, is_better, top_name
+from metacli.machine import LoadWatch
 from metacli.signals import STOPPER, Interrupted
 from metacli.streams import task_keys
 from metacli.tasks.base import TaskBatch
@@ -228,9 +229,10 @@ def meta_train(components: Components, recorder: Recorder, state: LoopState) -> 
     name = components.task.metric_name
     window = Window(state.window)
     progress = Progress(total, state.iteration, val_every=cfg.val_every)
+    watch = LoadWatch(torch.get_num_threads())
     session_start, wall_before = time.perf_counter(), state.wall_time
     val_metric: float | None = None
-    loss: float | None = None  # of the last train line
+    means: dict[str, float] = {}  # of the last train line
     saved_at = state.iteration if state.iteration > 0 else None  # what last.pt holds
     skipped, in_a_row = state.nan_skipped, state.nan_in_a_row
 
@@ -276,7 +278,7 @@ def meta_train(components: Components, recorder: Recorder, state: LoopState) -> 
             if logged and window.count:
                 record = window.record(it)
                 speed = record.pop("it_per_s")
-                loss = record["loss"]
+                means = dict(record)
                 recorder.log_metrics(
                     {
                         "iteration": it,
@@ -293,13 +295,16 @@ def meta_train(components: Components, recorder: Recorder, state: LoopState) -> 
             if logged or progress.due(it):
                 rate = progress.update(it)
                 eta = progress.eta(it)
-                # between train lines, the mean loss of the line being summed
-                shown = loss if logged or not window.count else window.mean("loss")
+                crowded = watch.check(rate)
+                if crowded:
+                    log.warning(crowded)
+                # between train lines, the means of the line being summed
+                shown = means if logged or not window.count else window.means()
                 progress_log.info(
-                    "iter %d/%d  loss %s  val %s %s  %.2f it/s  eta %s",
+                    "iter %d/%d  %s  val %s %s  %.2f it/s  eta %s",
                     it,
                     total,
-                    "-" if shown is None else f"{shown:.4f}",
+                    described(shown, name),
                     name,
                     "-" if val_metric is None else f"{val_metric:.4f}",
                     rate or 0.0,
@@ -392,6 +397,24 @@ def keep_top(
         recorder.remove_checkpoint(top_name(int(old)))
 
 
+SHOWN_TERMS = 4  # named terms a progress line shows; metrics.jsonl holds them all
+
+
+def described(means: dict[str, float], metric_name: str) -> str:
+    """A progress line's training part: the loss, the metric where it is not the loss
+    itself, and the named terms (``MetaLoss.terms``), the first few of many."""
+    if "loss" not in means:
+        return "loss -"
+    parts = [f"loss {means['loss']:.4f}"]
+    if "metric" in means and means["metric"] != means["loss"]:
+        parts.append(f"{metric_name} {means['metric']:.4f}")
+    terms = [k for k in means if k not in ("loss", "metric")]
+    parts += [f"{k} {means[k]:.4g}" for k in terms[:SHOWN_TERMS]]
+    if len(terms) > SHOWN_TERMS:
+        parts.append(f"+{len(terms) - SHOWN_TERMS} terms in metrics.jsonl")
+    return "  ".join(parts)
+
+
 class Window:
     """Train-line statistics over the iterations since the last log line (kept on the
     device until logged, so logging does not synchronise every step)."""
@@ -412,6 +435,10 @@ class Window:
         """The mean of ``key`` over the window so far (without starting a new one)."""
         total = self.sums.get(key)
         return None if total is None or not self.count else (total / self.count).item()
+
+    def means(self) -> dict[str, float]:
+        """Every mean of the window so far (without starting a new one)."""
+        return {key: (total / self.count).item() for key, total in self.sums.items()}
 
     def snapshot(self) -> dict[str, Any]:
         """What a checkpoint keeps of the window: its count and sums (as they are)."""

@@ -32,6 +32,7 @@ from metacli.composition import (
 from metacli.config import flatten
 from metacli.errors import ConfigError, MetacliError
 from metacli.registry import GROUPS, builtins, plugins
+from metacli.resources import check_memory
 
 # What a resume may change: how long it trains, how it is meta-tested, where it runs.
 RESUMABLE = (
@@ -139,13 +140,14 @@ def precheck(command: str, args: list[str]) -> Checked | None:
     if multirun(args):
         check_sweep(command, args, cfg)
         return None
+    resume = cfg.get("resume") if command == "train" else None
     resolved = resolve(cfg)
+    check_new_run(resolved, command, bool(resume))
     if command == "test" and not cfg.get("ckpt_path"):
         raise ConfigError(
             "metacli test needs a checkpoint: add ckpt_path=<run folder>/checkpoints/best.pt "
             "(or last.pt)."
         )
-    resume = cfg.get("resume") if command == "train" else None
     if resume:
         check_resume(Path(str(resume)), resolved.effective)
     return Checked(cfg, resolved)
@@ -168,7 +170,8 @@ def check_sweep(command: str, args: list[str], first: DictConfig) -> None:
             changed = [o for o in job if o not in jobs[0]]
             try:
                 cfg = with_values(first, [parser.parse_override(o) for o in changed])
-                resolve(cfg if cfg is not None else compose(command, job))
+                resolved = resolve(cfg if cfg is not None else compose(command, job))
+                check_new_run(resolved, command, resuming=False)
             except MetacliError as err:
                 which = " ".join(o for o in job if key_of(o) in swept)
                 raise ConfigError(
@@ -176,6 +179,15 @@ def check_sweep(command: str, args: list[str], first: DictConfig) -> None:
                 ) from None
     finally:
         logging.disable(logging.NOTSET)
+
+
+def check_new_run(resolved: Resolved, command: str, resuming: bool) -> None:
+    """What a run about to start needs: memory that fits, and, for a new training run,
+    a task its algorithm's settings fit (``MetaAlgorithm.check_task``: a run already
+    made is resumed and tested as it was)."""
+    check_memory(resolved, command)
+    if command == "train" and not resuming:
+        resolved.classes["algo"].check_task(resolved.typed["algo"], resolved.classes["task"])
 
 
 def with_values(cfg: DictConfig, overrides: list[Any]) -> DictConfig | None:

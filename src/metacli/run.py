@@ -12,13 +12,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from metacli import distributed
+from metacli import distributed, machine
 from metacli.build import Resolved, build, resolve
 from metacli.checkpoint import LoopState, load_checkpoint, load_weights, make, restore, resumable
 from metacli.console import print_summary
 from metacli.errors import ConfigError
 from metacli.evaluation import EvalSummary, meta_test, meta_test_ensemble
 from metacli.files import read_json
+from metacli.models.base import Model
 from metacli.run_folder import RunFolder, config_of
 from metacli.signals import STOPPER
 
@@ -56,33 +57,35 @@ def process_age() -> float | None:
         return None
 
 
-def set_threads(cfg: DictConfig, hydra: Any) -> int:
-    """Torch CPU threads: ``threads``, else the cores a launcher gives each job (``hydra``:
-    Hydra's node, with the launcher's settings; None outside Hydra).
+def set_threads(cfg: DictConfig, hydra: Any, model: Model) -> tuple[int, str]:
+    """Torch CPU threads and why: ``threads`` (or ``device.threads``), else chosen for the
+    work and the machine (``metacli.machine``) within the cores a launcher gives each job
+    (``hydra``: Hydra's node, with the launcher's settings; None outside Hydra).
 
     Parallel local jobs each taking every core would oversubscribe the CPU, so the cores
     are divided by joblib's n_jobs, or set from submitit's cpus_per_task / Ray's num_cpus.
     """
     import torch
 
-    threads = cfg.get("threads")
-    if not threads:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        cores = cores or os.cpu_count() or 1
-        launcher = hydra.launcher if hydra is not None else OmegaConf.create()
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # ranks sharing this machine
-        ray = OmegaConf.select(launcher, "ray.remote.num_cpus", default=None)
-        n_jobs = launcher.get("n_jobs")
-        if launcher.get("cpus_per_task") or ray:
-            threads = int(launcher.get("cpus_per_task") or ray)
-        elif n_jobs:
-            jobs = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib: -1 = all
-            threads = max(1, cores // jobs)
-        elif distributed.WORLD.active and local > 1:
-            threads = max(1, cores // local)
+    threads = cfg.get("threads") or OmegaConf.select(cfg, "device.threads", default=None)
     if threads:
         torch.set_num_threads(int(threads))
-    return torch.get_num_threads()
+        return torch.get_num_threads(), f"{threads}: set by threads"
+    share = machine.affinity_cores()
+    launcher = hydra.launcher if hydra is not None else OmegaConf.create()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # ranks sharing this machine
+    ray = OmegaConf.select(launcher, "ray.remote.num_cpus", default=None)
+    n_jobs = launcher.get("n_jobs")
+    if launcher.get("cpus_per_task") or ray:
+        share = int(launcher.get("cpus_per_task") or ray)
+    elif n_jobs:
+        jobs = n_jobs if n_jobs > 0 else max(1, share + 1 + n_jobs)  # joblib: -1 = all
+        share = max(1, share // jobs)
+    elif distributed.WORLD.active and local > 1:
+        share = max(1, share // local)
+    threads, why = machine.choose(share, model.few_threads())
+    torch.set_num_threads(threads)
+    return torch.get_num_threads(), why
 
 
 def report(
@@ -128,8 +131,8 @@ def train(
             log.info("skip_finished: %s already holds a finished run of this config", folder.root)
             folder.discard()
             return objective(summary, cfg.optimized_metric)
-        threads = set_threads(cfg, folder.hydra)
         components = build(resolved, folder.overrides)
+        threads, threads_why = set_threads(cfg, folder.hydra, components.model)
         state = LoopState()
         resuming = bool(cfg.resume) or previous == "resumable"
         if resuming:
@@ -150,6 +153,7 @@ def train(
             components.cfg,
             device=str(components.device),
             threads=threads,
+            threads_chosen=threads_why,
             batching=components.algorithm.batching,  # what algo.batching=auto resolved to
             classes=components.classes(),
             **distributed.described(),
@@ -248,8 +252,8 @@ def test(
                 "metacli test needs a checkpoint: add ckpt_path=<run folder>/"
                 "checkpoints/best.pt (or last.pt)."
             )
-        threads = set_threads(cfg, folder.hydra)
         components = build(resolved, folder.overrides)
+        threads, threads_why = set_threads(cfg, folder.hydra, components.model)
         checkpoint = load_checkpoint(cfg.ckpt_path)
         load_weights(components, checkpoint, str(cfg.ckpt_path))
         if previous is not None:
@@ -258,6 +262,7 @@ def test(
             components.cfg,
             device=str(components.device),
             threads=threads,
+            threads_chosen=threads_why,
             checkpoint=str(cfg.ckpt_path),
             classes=components.classes(),
             **distributed.described(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import itertools
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ import signal
 import subprocess
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from metacli import __version__, distributed
 from metacli.checkpoint import LoopState, load_checkpoint, resumable, save_checkpoint
 from metacli.console import open_run_logs
-from metacli.errors import MetacliError
+from metacli.errors import MetacliError, out_of_memory
 from metacli.evaluation import TASKS_HEADER
 from metacli.files import read_json, write_json, write_text
 from metacli.lock import FolderLock
@@ -152,13 +153,11 @@ class RunFolder:
         for sink in self.sinks:
             sink.log(record)
 
-    def log_tasks(self, lines: list[str]) -> None:
+    def log_tasks(self, lines: Iterable[str]) -> None:
         """Rows of tasks.csv (an evaluation's, appended whole or not at all)."""
-        if not lines:
-            return
         new = not self.tasks_path.exists() or self.tasks_path.stat().st_size == 0
-        block = "\n".join([TASKS_HEADER, *lines] if new else lines)
-        self.write(self.tasks_path, lambda: append_line(self.tasks_path, block))
+        rows = itertools.chain([TASKS_HEADER], lines) if new else lines
+        self.write(self.tasks_path, lambda: append_lines(self.tasks_path, rows))
 
     def save_checkpoint(self, name: str, checkpoint: dict[str, Any]) -> None:
         path = self.checkpoints / f"{name}.pt"
@@ -350,6 +349,20 @@ class RunFolder:
                 raise SystemExit(2) from None
         except Exception as err:
             STOPPER.stopping = True
+            if out_of_memory(err):  # more than the estimate before the run (docs/memory.md)
+                message = (
+                    f"Ran out of memory during {getattr(err, 'phase', STOPPER.phase)}: "
+                    f"{str(err).splitlines()[0]} "
+                    f"Lower train.meta_batch_size, val.batch_size and test.batch_size, or "
+                    f"the model's size; {self.continuation()}."
+                )
+                log.error(message)
+                self.end("failed", error=message)
+                if self.raises:
+                    raise MetacliError(message) from None
+                if not self.multirun:
+                    raise SystemExit(2) from None
+                return
             message = f"{type(err).__name__}: {err}"
             self.end("failed", error=message, traceback=traceback.format_exc())
             if not self.multirun:
@@ -433,14 +446,26 @@ class RunFolder:
 
 def append_line(path: Path, line: str) -> None:
     """One line appended whole, or the file left as it was (a failed write is cut off)."""
-    data = (line + "\n").encode()
+    append_lines(path, [line])
+
+
+def append_lines(path: Path, lines: Iterable[str], chunk: int = 65536) -> None:
+    """Lines appended whole, or the file left as it was (a failed write is cut off);
+    written ``chunk`` lines at a time, so that millions of rows never sit in memory
+    at once. Nothing is written where there are no lines."""
+    iterator = iter(lines)
+    batches = iter(lambda: list(itertools.islice(iterator, chunk)), [])
+    first = next(batches, None)
+    if first is None:
+        return
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         size = os.fstat(fd).st_size
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            for batch in itertools.chain([first], batches):
+                view = memoryview(("\n".join(batch) + "\n").encode())
+                while view:
+                    view = view[os.write(fd, view) :]
         except OSError:
             os.ftruncate(fd, size)
             raise

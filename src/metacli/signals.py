@@ -92,6 +92,10 @@ class Stopper:
         self.phase, self.graceful = phase, graceful
         try:
             yield
+        except Exception as err:  # the innermost phase, for the message of an error
+            if not hasattr(err, "phase"):
+                err.phase = phase  # type: ignore[attr-defined]
+            raise
         finally:
             self.phase, self.graceful = before
 

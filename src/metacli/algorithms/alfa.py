@@ -19,6 +19,7 @@ from torch import nn
 from metacli.algorithms.base import AlgoConfig
 from metacli.algorithms.maml import MAML, MAMLConfig
 from metacli.config import require
+from metacli.errors import ConfigError
 from metacli.models.base import Model
 from metacli.tasks.base import TaskDistribution
 
@@ -31,6 +32,7 @@ class ALFAConfig(MAMLConfig):
     test_inner_steps: int | None = None  # null: inner_steps, as the authors' evaluation
     init: str = "learned"  # learned (MAML + ALFA) | random (ALFA from a random initialisation)
     adapt_norm: bool = False  # the authors' code keeps batch norm out of the inner loop
+    on_regression: bool = False  # true: run on a regression task, which check_task refuses
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -41,6 +43,20 @@ class ALFA(MAML, key="alfa"):
     Config: ClassVar[type[AlgoConfig]] = ALFAConfig
     cfg: ALFAConfig
     fixed_update = "alfa"
+
+    @classmethod
+    def check_task(cls, cfg: AlgoConfig, task_cls: type) -> None:
+        assert isinstance(cfg, ALFAConfig)
+        if not getattr(task_cls, "is_classification", True) and not cfg.on_regression:
+            task = getattr(task_cls, "key", task_cls.__name__)
+            raise ConfigError(
+                f"algo=alfa generates its inner learning rates and weight decays per task "
+                f"and step, and on a regression task (task={task}) they overshoot: on the "
+                f"sinusoid seed 2 reached an infinite meta-loss at iteration 162 and seed 0 "
+                f"barely adapted (docs/defaults.md). ALFA is the authors' recipe for "
+                f"few-shot classification. On a regression task choose algo=maml or "
+                f"algo=metasgd, or set algo.on_regression=true to run ALFA anyway."
+            )
 
     def __init__(self, cfg: ALFAConfig, model: Model, task: TaskDistribution) -> None:
         super().__init__(cfg, model, task)

@@ -109,6 +109,25 @@ class MetaAlgorithm(nn.Module, Registered):
         return []
 
     @classmethod
+    def check_task(cls, cfg: AlgoConfig, task_cls: type) -> None:
+        """Refuse (ConfigError) a new training run on a task distribution that this
+        algorithm's settings do not fit; by default every task fits. Checked before the
+        run starts (``metacli.precheck``), never for a resume or a meta-test of a run
+        already made."""
+
+    @classmethod
+    def second_order(cls, cfg: AlgoConfig) -> bool:
+        """Whether training keeps every inner step's graph for the meta-gradient (from the
+        settings alone, for the memory estimate: ``metacli.resources``)."""
+        return cls.keeps_graphs and cls.inner_loop and not getattr(cfg, "first_order", True)
+
+    @classmethod
+    def holds_query(cls, cfg: AlgoConfig) -> bool:
+        """Whether training differentiates the query pass (MAML's query loss; Reptile
+        and pretraining only log theirs)."""
+        return cls.keeps_graphs
+
+    @classmethod
     def model_input_shape(cls, cfg: AlgoConfig, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The input shape the model is built for (the task's, unless the algorithm puts
         something before the model: MR-MAML's encoder)."""

@@ -32,6 +32,7 @@ from torch import Tensor
 from metacli.algorithms.base import AlgoConfig, MetaLoss
 from metacli.algorithms.maml import MAML, MAMLConfig, TaskLoss
 from metacli.config import require
+from metacli.errors import ConfigError
 from metacli.params import Params
 from metacli.streams import TaskRandom
 from metacli.tasks.base import TaskBatch
@@ -52,6 +53,8 @@ class MAMLPPConfig(MAMLConfig):
     per_step_bn: bool = True
     cosine_outer_lr: bool = True
     adapt_norm: bool = False  # the reference keeps the per-step norm parameters out
+    # true: learned rates (update=lslr) on a regression task, which check_task refuses
+    on_regression: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,6 +84,23 @@ class MAMLPP(MAML, key="mamlpp"):
     Config: ClassVar[type[AlgoConfig]] = MAMLPPConfig
     cfg: MAMLPPConfig
     weights: list[float] | None = None  # this meta-batch's MSL weights (None: final step only)
+
+    @classmethod
+    def check_task(cls, cfg: AlgoConfig, task_cls: type) -> None:
+        assert isinstance(cfg, MAMLPPConfig)
+        classifies = getattr(task_cls, "is_classification", True)
+        if cfg.update == "lslr" and not classifies and not cfg.on_regression:
+            task = getattr(task_cls, "key", task_cls.__name__)
+            raise ConfigError(
+                f"algo=mamlpp learns its inner rates per layer and step (algo.update=lslr), "
+                f"and on a regression task (task={task}) they grow until the sharpest "
+                f"tasks diverge: on the sinusoid 2 of 3 seeds reached an infinite "
+                f"meta-loss, from algo.inner_lr=0.1 and from 0.01 (docs/defaults.md). "
+                f"MAML++ is the authors' recipe for Omniglot and mini-ImageNet. On a "
+                f"regression task set algo.update=sgd algo.inner_lr=0.01 (a fixed rate; "
+                f"MAML++'s other parts stay), choose algo=maml or algo=metasgd, or set "
+                f"algo.on_regression=true to learn the rates anyway."
+            )
 
     @classmethod
     def configure(cls, cfg: AlgoConfig, model_cfg: Any, run_cfg: Any) -> list[str]:

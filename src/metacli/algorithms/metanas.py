@@ -103,6 +103,14 @@ class MetaNAS(MAML, key="metanas"):
         self.start_temperature = float(model.temperature)
 
     # --- what the meta-learner is -------------------------------------------------------
+    @classmethod
+    def second_order(cls, cfg: AlgoConfig) -> bool:
+        return isinstance(cfg, MetaNASConfig) and cfg.meta == "maml"
+
+    @classmethod
+    def holds_query(cls, cfg: AlgoConfig) -> bool:
+        return isinstance(cfg, MetaNASConfig) and cfg.meta != "reptile"
+
     def use_first_order(self) -> bool:
         return self.cfg.meta != "maml"
 

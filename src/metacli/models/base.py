@@ -113,6 +113,11 @@ class Model(nn.Module, Registered):
         written out for this model (the meta-gradient then comes from autograd)."""
         return None
 
+    def few_threads(self) -> bool:
+        """Whether this network's steps are so small that one CPU thread runs them fastest
+        (the default ``threads``: ``metacli.machine``)."""
+        return False
+
     def batching_for(self, device: torch.device, keeps_graphs: bool = True) -> str:
         """``auto``'s strategy on this device; ``keeps_graphs``: whether each task holds
         an autograd graph until its backward (``MetaAlgorithm.keeps_graphs``)."""

@@ -16,6 +16,7 @@ from metacli.models.base import Backward, Model, ModelConfig
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 INITS = ("torch", "glorot", "truncated_normal")
+SMALL = 100_000  # parameters up to which one thread is fastest (docs/threads.md)
 
 
 @dataclass
@@ -72,6 +73,9 @@ class MLP(Model, key="mlp"):
                     std = cfg.init_std
                     nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
                 nn.init.zeros_(layer.bias)
+
+    def few_threads(self) -> bool:
+        return sum(p.numel() for p in self.parameters()) <= SMALL
 
     def layers(self) -> list[tuple[str, str]]:
         """(weight, bias) names of the linear layers in order; the body's are followed by

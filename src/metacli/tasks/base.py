@@ -86,12 +86,29 @@ class TaskDistribution(Registered):
     is_classification: ClassVar[bool] = False  # labels 0..N-1 and a cross-entropy loss
     # ``loss`` and ``metric`` written out over a stack of tasks (None: not written out)
     stacked_loss: ClassVar[StackedLoss | None] = None
+    # images a dataset decodes into its uint8 cache (metacli.resources; None: not known)
+    stored_images: ClassVar[int | None] = None
 
     def __init__(
         self, cfg: TaskConfig, data_root: str | None = None, cache_folder: str | None = None
     ) -> None:
         self.cfg = cfg
         self.data_root = data_root
+        shape = self.shape_of(cfg)
+        if shape is not None:
+            self.input_shape = shape
+
+    @classmethod
+    def shape_of(cls, cfg: TaskConfig) -> tuple[int, ...] | None:
+        """An example's input shape from the settings alone, before any data is read (the
+        memory estimate, ``metacli.resources``); None: known only from the data."""
+        shape = getattr(cls, "input_shape", None)
+        return tuple(shape) if shape is not None else None
+
+    @classmethod
+    def outputs_of(cls, cfg: TaskConfig) -> int:
+        """The width of the model's head from the settings alone."""
+        return int(getattr(cls, "output_dim", 1))
 
     def shots(self, split: str) -> int:
         """Support size: meta-test (and validation, which mirrors it) may use other shots."""
@@ -247,6 +264,11 @@ class ClassificationTask(TaskDistribution):
     @property
     def output_dim(self) -> int:  # type: ignore[override]
         return self.cfg.ways
+
+    @classmethod
+    def outputs_of(cls, cfg: TaskConfig) -> int:
+        assert isinstance(cfg, ClassificationConfig)
+        return cfg.ways
 
     def ways(self, split: str) -> int:
         if split != "train" and self.cfg.test_ways is not None:

@@ -18,7 +18,7 @@ import torch
 from metacli.config import require
 from metacli.console import track
 from metacli.errors import MetacliError
-from metacli.tasks.base import SPLITS, ClassificationConfig
+from metacli.tasks.base import SPLITS, ClassificationConfig, TaskConfig
 from metacli.tasks.images import (
     ClassSet,
     ImageClassTask,
@@ -57,6 +57,11 @@ class ImageFolderConfig(ClassificationConfig):
 class ImageFolder(ImageClassTask, key="image_folder"):
     Config = ImageFolderConfig
     cfg: ImageFolderConfig
+
+    @classmethod
+    def shape_of(cls, cfg: TaskConfig) -> tuple[int, ...]:
+        assert isinstance(cfg, ImageFolderConfig)
+        return (cfg.channels, cfg.image_size, cfg.image_size)
 
     def __init__(
         self, cfg: ImageFolderConfig, data_root: str | None = None, cache_folder: str | None = None
@@ -99,7 +104,6 @@ class ImageFolder(ImageClassTask, key="image_folder"):
         }
         data = cached(cache_dir(cache_folder), "image_folder", key, build)
         self.images = data["images"]
-        self.input_shape = (cfg.channels, cfg.image_size, cfg.image_size)
         rows, start = {}, 0  # each class's images, in the order they were decoded
         for name, paths in data["classes"].items():
             rows[name] = list(range(start, start + len(paths)))

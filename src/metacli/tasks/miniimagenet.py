@@ -27,7 +27,7 @@ import torch
 from metacli.config import require
 from metacli.console import track
 from metacli.errors import MetacliError
-from metacli.tasks.base import SPLITS, ClassificationConfig
+from metacli.tasks.base import SPLITS, ClassificationConfig, TaskConfig
 from metacli.tasks.images import (
     ClassSet,
     ImageClassTask,
@@ -174,6 +174,12 @@ def read_split(layout: str, place: Any, root: Path, size: int) -> dict[str, Any]
 class MiniImageNet(ImageClassTask, key="miniimagenet"):
     Config = MiniImageNetConfig
     cfg: MiniImageNetConfig
+    stored_images = 60000  # 100 classes, 600 images each
+
+    @classmethod
+    def shape_of(cls, cfg: TaskConfig) -> tuple[int, ...]:
+        assert isinstance(cfg, MiniImageNetConfig)
+        return (3, cfg.image_size, cfg.image_size)
 
     def __init__(
         self, cfg: MiniImageNetConfig, data_root: str | None = None, cache_folder: str | None = None
@@ -208,7 +214,6 @@ class MiniImageNet(ImageClassTask, key="miniimagenet"):
             build,
         )
         self.images = data["images"]
-        self.input_shape = (3, cfg.image_size, cfg.image_size)
         if cfg.normalize == "imagenet":
             self.mean = torch.tensor(MEAN).view(3, 1, 1)
             self.std = torch.tensor(STD).view(3, 1, 1)

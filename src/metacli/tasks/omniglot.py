@@ -32,7 +32,7 @@ from metacli.config import require
 from metacli.console import track
 from metacli.errors import MetacliError
 from metacli.tasks.base import SPLITS as TASK_SPLITS
-from metacli.tasks.base import ClassificationConfig
+from metacli.tasks.base import ClassificationConfig, TaskConfig
 from metacli.tasks.images import (
     RESAMPLING,
     ClassSet,
@@ -193,6 +193,12 @@ def load(root: Path, size: int, cache: Path, resample: str = "lanczos") -> dict[
 class Omniglot(ImageClassTask, key="omniglot"):
     Config = OmniglotConfig
     cfg: OmniglotConfig
+    stored_images = 32460  # 1623 characters, 20 drawings each
+
+    @classmethod
+    def shape_of(cls, cfg: TaskConfig) -> tuple[int, ...]:
+        assert isinstance(cfg, OmniglotConfig)
+        return (1, cfg.image_size, cfg.image_size)
 
     def __init__(
         self, cfg: OmniglotConfig, data_root: str | None = None, cache_folder: str | None = None
@@ -208,7 +214,6 @@ class Omniglot(ImageClassTask, key="omniglot"):
         data = load(self.root, cfg.image_size, cache_dir(cache_folder), cfg.resize)
         self.layout = str(data["layout"])
         self.images = data["images"]  # type: ignore[assignment]
-        self.input_shape = (1, cfg.image_size, cfg.image_size)
         self.characters: list[str] = list(data["characters"])  # type: ignore[call-overload]
         self.character_set: list[str] = list(data["sets"])  # type: ignore[call-overload]
         self.class_images: list[list[int]] = [list(i) for i in data["indices"]]  # type: ignore[attr-defined]

@@ -87,6 +87,11 @@ class NonExclusiveSinusoid(TaskDistribution, key="sinusoid_nonexclusive"):
     stacked_loss = StackedMSE()
     higher_is_better = False
 
+    @classmethod
+    def shape_of(cls, cfg: TaskConfig) -> tuple[int, ...]:
+        assert isinstance(cfg, NonExclusiveSinusoidConfig)
+        return (1 + cfg.amplitudes,)
+
     def __init__(
         self,
         cfg: NonExclusiveSinusoidConfig,
@@ -94,7 +99,6 @@ class NonExclusiveSinusoid(TaskDistribution, key="sinusoid_nonexclusive"):
         cache_folder: str | None = None,
     ) -> None:
         super().__init__(cfg, data_root)
-        self.input_shape = (1 + cfg.amplitudes,)
         low, high = cfg.amplitude
         self.amplitude_values = torch.linspace(low, high, cfg.amplitudes)
 

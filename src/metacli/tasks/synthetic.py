@@ -19,6 +19,7 @@ from metacli.tasks.base import (
     ClassificationConfig,
     ClassificationTask,
     TaskBatch,
+    TaskConfig,
     choose_classes,
     episodes,
     split_generator,
@@ -51,11 +52,15 @@ class Synthetic(ClassificationTask, key="synthetic"):
     Config = SyntheticConfig
     cfg: SyntheticConfig
 
+    @classmethod
+    def shape_of(cls, cfg: TaskConfig) -> tuple[int, ...]:
+        assert isinstance(cfg, SyntheticConfig)
+        return (cfg.channels, cfg.image_size, cfg.image_size)
+
     def __init__(
         self, cfg: SyntheticConfig, data_root: str | None = None, cache_folder: str | None = None
     ) -> None:
         super().__init__(cfg, data_root)
-        self.input_shape = (cfg.channels, cfg.image_size, cfg.image_size)
         coarse = max(cfg.image_size // 4, 2)
         self.templates = {}
         for split in SPLITS:
