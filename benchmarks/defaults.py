@@ -37,7 +37,7 @@ def run(algo: str, seed: int) -> str:
                 "-m",
                 "metacli",
                 "train",
-                f"algo={algo}",
+                algo if "=" in algo else f"algo={algo}",
                 f"seed={seed}",
                 "threads=1",
                 f"hydra.run.dir={folder}/run",
