@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metacli.algorithms.anil import ANIL, ANILConfig
+from metacli.algorithms.boil import BOIL, BOILConfig
 from metacli.algorithms.maml import MAML, MAMLConfig
 from metacli.algorithms.mamlpp import MAMLPP, MAMLPPConfig, msl_weights
 from metacli.algorithms.metasgd import MetaSGD, MetaSGDConfig
@@ -22,6 +23,7 @@ from metacli.algorithms.protonet import ProtoNet, ProtoNetConfig
 from metacli.algorithms.reptile import Reptile, ReptileConfig
 from metacli.build import build
 from metacli.engine.inner import last
+from metacli.errors import ConfigError
 from metacli.evaluation import evaluate
 from metacli.loop import meta_step
 from metacli.models.conv4 import Conv4, Conv4Config
@@ -131,6 +133,67 @@ def test_anil_meta_gradient_and_frozen_body(batching: str) -> None:
     for name, value in params.items():
         changed = not torch.equal(adapted[name], value)
         assert changed == (name in head), name
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop", "threads"])
+def test_boil_meta_gradient_and_frozen_head(batching: str) -> None:
+    """BOIL on a Conv-4 with batch norm: the body adapts, the head does not, and the
+    meta-gradient (the head's included) is the reference's with the head's inner rate 0."""
+    task, model, batch = classification()
+    cfg = BOILConfig(inner_lr=LR, inner_steps=STEPS, batching=batching)
+    boil = BOIL(cfg, model, task)
+    ours = grads_of(model, boil.meta_loss(batch).loss)
+    names = [n for n, _ in model.named_parameters()]
+    body = [n for n in names if not n.startswith("head.")]
+    ref = grads_of(model, reference_maml(model, batch, F.cross_entropy, body, lambda n, s: LR))
+    assert_close_dicts(ours, ref, 1e-8)
+    assert ours["head.weight"].abs().sum() > 0  # the head learns in the outer loop
+    params = dict(model.named_parameters())
+    rng = TaskRandom(torch.tensor(0))
+    steps = boil.adapt(params, batch.support_x[0], batch.support_y[0], STEPS, LR, False, rng)
+    adapted = last(steps).params
+    for name, value in params.items():
+        assert (not torch.equal(adapted[name], value)) == (name in body), name
+
+
+@pytest.mark.parametrize(
+    ("adapt", "adapt_norm", "expected"),
+    [
+        ("all", True, lambda n: True),
+        ("head", True, lambda n: n.startswith("head.")),
+        ("body", True, lambda n: not n.startswith("head.")),
+        ("body", False, lambda n: not n.startswith("head.") and ".norm." not in n),
+        (
+            ["blocks.3.*", "head.bias"],
+            True,
+            lambda n: n.startswith("blocks.3.") or n == "head.bias",
+        ),
+    ],
+)
+def test_adapt_selects_the_inner_loop_parameters(adapt, adapt_norm, expected) -> None:  # type: ignore[no-untyped-def]
+    """algo.adapt on MAML: the selected parameters move in the inner loop, the others
+    do not, and the meta-gradient is the reference's adapting exactly those."""
+    task, model, batch = classification(tasks=2)
+    cfg = MAMLConfig(inner_lr=LR, inner_steps=STEPS, adapt=adapt, adapt_norm=adapt_norm)
+    maml = MAML(cfg, model, task)
+    names = [n for n, _ in model.named_parameters()]
+    chosen = [n for n in names if expected(n)]
+    assert maml.adapted_names() == chosen
+    ours = grads_of(model, maml.meta_loss(batch).loss)
+    ref = grads_of(model, reference_maml(model, batch, F.cross_entropy, chosen, lambda n, s: LR))
+    assert_close_dicts(ours, ref, 1e-8)
+
+
+def test_adapt_rejects_what_selects_nothing() -> None:
+    task, model, _ = classification()
+    with pytest.raises(ConfigError, match=r"matches none of the parameters of model=conv4: "):
+        MAML(MAMLConfig(adapt=["encoder.*"]), model, task)
+    task, headless, _ = classification(head=False)
+    with pytest.raises(ConfigError, match=r"algo\.adapt=body splits the model at its linear head"):
+        MAML(MAMLConfig(adapt="body"), headless, task)
+    for bad in ("bodies", []):
+        with pytest.raises(ConfigError, match=r"algo\.adapt"):
+            MAMLConfig(adapt=bad)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("batching", ["vmap", "loop", "threads"])

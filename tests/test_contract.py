@@ -71,6 +71,7 @@ class Noisy(MAML, key="noisy"):
 ALGOS = [
     *builtins("algo"),
     *("noisy", "mrmaml-activations", "space", "space-expectation", "metanas-gumbel"),
+    "adapt-patterns",  # MAML adapting a list of parameter-name patterns (algo.adapt)
 ]
 # MR-MAML puts its own (fully connected) encoder before the model, so its model is an MLP
 # head on the bottleneck: no batch norm there.
@@ -104,6 +105,10 @@ def config(algo: str, *overrides: str, workload: tuple[str, ...] = CONV4) -> lis
     inner = [] if algo == "protonet" else ["algo.inner_steps=2", "algo.inner_lr=0.1"]
     inner += ["algo.test_inner_steps=2"] if algo not in ("protonet",) else []
     name = ["algo=maml", "algo.name=noisy"] if algo == "noisy" else [f"algo={algo}"]
+    if algo == "adapt-patterns":  # the last block's convolution and the head's bias
+        name = ["algo=maml", "algo.adapt=[blocks.3.conv.*,head.bias]"]
+        if workload is not CONV4:
+            name = ["algo=maml", "algo.adapt=[body.1.weight,head.bias]"]
     if algo.startswith("space"):  # MAML with the optimizer space, drawn or in expectation
         sampling = "expectation" if algo.endswith("expectation") else "gumbel"
         name = ["algo=maml", "update=space", "algo.adam_lr=0.05"]

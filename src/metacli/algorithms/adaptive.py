@@ -8,6 +8,7 @@ subclass it; ``AdaptiveConfig`` holds the settings they share.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -44,6 +45,42 @@ def minibatches(rng: TaskRandom, examples: int, batch: int, steps: int) -> Tenso
 # tasks have one "class": sum_over_shots is their mean (S = K), as MAML's mse.
 INNER_LOSSES = ("mean", "sum", "sum_over_shots")
 
+# Which parameters the inner loop updates (``algo.adapt``): every one; the linear head
+# alone (ANIL); everything but the head (BOIL); or a list of name patterns (fnmatch's
+# ``*`` and ``?``, e.g. ``[blocks.3.*, head.*]``) matched against the model's parameter
+# names (``metacli train --cfg job`` does not list them; ``metacli check`` does not
+# either: the error of a pattern that matches nothing names them all).
+ADAPT_MODES = ("all", "head", "body")
+
+
+def select(names: list[str], adapt: Any, model: str) -> list[str]:
+    """The names among ``names`` that ``algo.adapt`` selects (see ADAPT_MODES); a
+    ConfigError where the selection is empty or the model has no head to split at."""
+    head = [n for n in names if n.startswith("head.")]
+    if adapt == "all":
+        return names
+    if adapt in ("head", "body"):
+        if not head:
+            raise ConfigError(
+                f"algo.adapt={adapt} splits the model at its linear head, but {model} has "
+                f"none (it is built without one for this algorithm). Use algo.adapt=all, "
+                f"or a list of parameter-name patterns."
+            )
+        return head if adapt == "head" else [n for n in names if n not in head]
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in adapt)]
+    if not chosen:
+        raise ConfigError(
+            f"algo.adapt={list(adapt)} matches none of the parameters of {model}: "
+            f"{', '.join(names)}. Give patterns of these names (* matches any text), "
+            f"or algo.adapt=all | head | body."
+        )
+    return chosen
+
+
+def squared_distance(params: Params, anchor: Params) -> Tensor:
+    """||params - anchor||^2 over the tensors of ``anchor``."""
+    return torch.stack([(params[n] - a).pow(2).sum() for n, a in anchor.items()]).sum()
+
 
 @dataclass
 class AdaptiveConfig(AlgoConfig):
@@ -59,6 +96,7 @@ class AdaptiveConfig(AlgoConfig):
     update: str = "sgd"
     regularizer: str = "none"  # none | l2 | path: Omega(initialisation), metacli/regularizers.py
     regularizer_weight: float = 0.0  # lambda in L_meta + lambda * Omega
+    adapt: Any = "all"  # all | head | body | [name patterns]: see ADAPT_MODES
     adapt_norm: bool = True  # whether batch-norm parameters adapt in the inner loop
     inner_loss: str = "mean"  # the support loss the inner loop descends: see INNER_LOSSES
     # Examples per inner step in training / at evaluation (null: all of them), drawn as
@@ -71,6 +109,22 @@ class AdaptiveConfig(AlgoConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.adapt, (list, tuple)):
+            self.adapt = [str(pattern) for pattern in self.adapt]
+            require(
+                bool(self.adapt) and all(p.strip() for p in self.adapt),
+                "algo.adapt",
+                self.adapt,
+                "give at least one parameter-name pattern, e.g. algo.adapt=[head.*]",
+            )
+        else:
+            require(
+                self.adapt in ADAPT_MODES,
+                "algo.adapt",
+                self.adapt,
+                f"choose one of {', '.join(ADAPT_MODES)}, or a list of parameter-name "
+                f"patterns, e.g. algo.adapt=[head.*]",
+            )
         for key in ("inner_batch", "test_inner_batch"):
             require_at_least(f"algo.{key}", getattr(self, key), 1, null=True)
         require(
@@ -109,6 +163,8 @@ class Adaptive(MetaAlgorithm):
     trains_rule: ClassVar[bool] = True
     # The update rule that IS the method (the LSTM meta-learner, ALFA); None: any rule.
     fixed_update: ClassVar[str | None] = None
+    # lambda of the proximal term the inner loop adds at validation and meta-test (iMAML)
+    test_proximal: float = 0.0
 
     def __init__(self, cfg: AdaptiveConfig, model: Model, task: TaskDistribution) -> None:
         self.check_rule(cfg.name, cfg.update)
@@ -159,13 +215,14 @@ class Adaptive(MetaAlgorithm):
             )
 
     def adapted_names(self) -> list[str]:
-        """The parameters the inner loop updates: all but the batch-norm ones unless
-        ``algo.adapt_norm`` (ANIL: the head)."""
+        """The parameters the inner loop updates: those ``algo.adapt`` selects, less the
+        batch-norm ones unless ``algo.adapt_norm``."""
         names = [n for n, _ in self.model.named_parameters()]
+        chosen = select(names, self.cfg.adapt, f"model={self.model.cfg.name}")
         if self.cfg.adapt_norm:
-            return names
+            return chosen
         norm = set(self.model.norm_names())
-        return [n for n in names if n not in norm]
+        return [n for n in chosen if n not in norm]
 
     def adapted(self, params: Params) -> Params:
         names = self.__dict__.get("_adapted")
@@ -225,12 +282,16 @@ class Adaptive(MetaAlgorithm):
         keep_loss: bool = False,
         batch: int | None = None,
         state: Any = None,
+        proximal: float = 0.0,
     ) -> Iterator[Step]:
         """The inner loop on one task's support set ``x`` [S, ...], ``y`` [S, ...] (on the
         task's own draws of a stochastic model: an architecture it samples), each step on
-        ``batch`` of its examples (None: all), the rule started from ``state`` if given."""
+        ``batch`` of its examples (None: all), the rule started from ``state`` if given.
+        ``proximal``: lambda of a term (lambda / 2) ||phi - phi_0||^2 added to the support
+        loss, phi_0 the adapted parameters where the loop starts (iMAML's inner problem)."""
         if self.model.stochastic:
             params = {**params, **self.model.draw(rng)}
+        anchor = {n: p.detach() for n, p in self.adapted(params).items()} if proximal else {}
         order = None
         if batch is not None and batch != x.shape[0]:
             order = minibatches(rng, x.shape[0], batch, steps)  # [steps, batch]
@@ -239,12 +300,21 @@ class Adaptive(MetaAlgorithm):
             return (x, y) if order is None else (x[order[step]], y[order[step]])
 
         def loss(p: Params, step: int) -> Tensor:
-            return self.support_loss(p, *examples(step), step, rng)
+            value = self.support_loss(p, *examples(step), step, rng)
+            if not anchor:
+                return value
+            return value + 0.5 * proximal * squared_distance(p, anchor)
 
         def written(
             p: Params, step: int, names: list[str], want_loss: bool
         ) -> tuple[Tensor | None, Params] | None:
-            return self.written_gradient(p, *examples(step), names, want_loss)
+            found = self.written_gradient(p, *examples(step), names, want_loss)
+            if found is None or not anchor:
+                return found
+            value, grads = found
+            if value is not None:
+                value = value + 0.5 * proximal * squared_distance(p, anchor)
+            return value, {n: g + proximal * (p[n] - anchor[n]) for n, g in grads.items()}
 
         by_hand = written if self.plain_support_loss else None
         return self.inner.run(
@@ -274,6 +344,7 @@ class Adaptive(MetaAlgorithm):
             rng,
             batch=self.test_batch,
             state=state,
+            proximal=self.test_proximal,
         )
         return self.measure(steps, qx, qy, sx)
 
