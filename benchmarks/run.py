@@ -308,6 +308,20 @@ def ratio(base: list[float], ours: list[float]) -> dict[str, float]:
     }
 
 
+def alternating(steps: dict[str, Any], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each step over ``rounds`` rounds, the steps taking turns within each
+    round, after one warm-up call each (for steps of a second or more: a whole step a turn)."""
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 # Seconds each side of an interleaved comparison runs per turn (whole steps). A
 # millisecond step alternating one by one with a 14 ms neighbour would be timed with
 # caches that the neighbour emptied, which no run meets; a turn of 20 ms keeps each warm.

@@ -195,8 +195,9 @@ def test_paper_presets_name_their_published_number_and_select_on_600_tasks() -> 
 
 
 def test_paper_row_presets_are_what_their_names_say_and_cover_every_algorithm() -> None:
-    """experiment=<algo>_<task>_<ways>w<shots>s: that algorithm, task and test setting
-    (ProtoNets trains with more ways than it tests), its paper cited."""
+    """experiment=<algo>_<task>_<ways>w<shots>s: that algorithm (or update rule, for a
+    method that is one: metacurvature), task and test setting (ProtoNets trains with more
+    ways than it tests), its paper cited."""
     rows: dict[str, set[str]] = {}
     for preset in options("experiment"):
         name = PAPER_ROW.fullmatch(preset)
@@ -205,14 +206,18 @@ def test_paper_row_presets_are_what_their_names_say_and_cover_every_algorithm() 
         cfg = compose_config(f"experiment={preset}")
         ways = cfg.task.test_ways or cfg.task.ways
         shots = cfg.task.test_shots or cfg.task.shots
-        assert (cfg.algo.name, cfg.task.name) == (name["algo"], name["task"]), preset
+        rule = cfg.algo.get("update")
+        method = rule if name["algo"] == rule else cfg.algo.name
+        assert (method, cfg.task.name) == (name["algo"], name["task"]), preset
         assert (ways, shots) == (int(name["ways"]), int(name["shots"])), preset
         assert cfg.published.source, preset
         assert cfg.algo.name != "reptile" or cfg.algo.transductive == preset.endswith("ive")
         rows.setdefault(name["algo"], set()).add(name["task"])
-    for algo in ("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "protonet"):
+    both = ("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "protonet", "imaml")
+    for algo in (*both, "metacurvature"):
         assert rows[algo] == {"omniglot", "miniimagenet"}, algo
-    assert sum(len(r) for r in rows.values()) == 14
+    assert rows["boil"] == rows["cavia"] == {"miniimagenet"}
+    assert sum(len(r) for r in rows.values()) == 20
 
 
 def test_maml_reference_code_settings_in_the_omniglot_and_miniimagenet_presets() -> None:

@@ -855,6 +855,67 @@ CASES = [
         message="unknown command 'fit'; choose one of: train, test, data, compare, plot",
     ),
     case("data without an action", "data", message="metacli data: choose one of: check, prepare"),
+    # --- which parameters adapt, and the gradient-based family's own settings -----------
+    t(
+        "an adapt mode that is not one",
+        "algo.adapt=bodies",
+        message="algo.adapt='bodies' is not allowed: choose one of all, head, body, or a list",
+    ),
+    t(
+        "adapt patterns that match no parameter",
+        "algo.adapt=[encoder.*]",
+        message="matches none of the parameters of model=mlp: body.1.weight, body.1.bias",
+    ),
+    t(
+        "iMAML without a proximal term",
+        "algo=imaml",
+        "algo.lam=0",
+        message="algo.lam=0.0 is not allowed",
+    ),
+    t(
+        "negative CG steps",
+        "algo=imaml",
+        "algo.cg_steps=-1",
+        message="algo.cg_steps=-1 is not allowed",
+    ),
+    t(
+        "negative lambda damping",
+        "algo=imaml",
+        "algo.lam_damping=-1",
+        message="algo.lam_damping=-1.0 is not allowed",
+    ),
+    t(
+        "iMAML with a learned rule",
+        "algo=imaml",
+        "update=metasgd",
+        message="algo=imaml cannot learn the parameters of algo.update=metasgd",
+    ),
+    t(
+        "Reptile with meta-curvature",
+        "algo=reptile",
+        "update=metacurvature",
+        message="algo=reptile cannot learn the parameters of algo.update=metacurvature",
+    ),
+    t(
+        "CAVIA on a model without a context",
+        "algo=cavia",
+        "task=synthetic",
+        "model=resnet12",
+        message="algo=cavia adapts context parameters that model=resnet12 does not take",
+    ),
+    t(
+        "CAVIA FiLM of a block that does not exist",
+        "algo=cavia",
+        "algo.context_in=[5]",
+        message="algo.context_in=[5] is not allowed",
+    ),
+    t(
+        "a context that conditions nothing",
+        "task=synthetic",
+        "model=conv4",
+        "model.context=3",
+        message="model.film=[] is not allowed: give the blocks the context conditions",
+    ),
 ]
 
 

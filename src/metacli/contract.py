@@ -147,6 +147,7 @@ def gradients(components: Components, batch: Any) -> tuple[Tensor, Tensor]:
     grads = [
         p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
         for p in algorithm.parameters()
+        if p.requires_grad  # meta-parameters (a model's context is not one: CAVIA's)
     ]
     return torch.cat(grads), values
 
@@ -291,7 +292,7 @@ class Contract:
             distinct_rates(components)
             batch = batch_of(components)
             analytic, _ = gradients(components, batch)
-            params: list[Tensor] = list(components.algorithm.parameters())
+            params: list[Tensor] = [p for p in components.algorithm.parameters() if p.requires_grad]
             generator = torch.Generator().manual_seed(0)
             exact, numeric = [], []
             for _ in range(directions):

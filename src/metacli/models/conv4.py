@@ -11,7 +11,7 @@ Reptile's mini-ImageNet network), ``valid`` as 'VALID' (a floor: ... 21 -> 10 ->
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,13 @@ class Conv4Config(ModelConfig):
     norm_scale: bool = True
     readout: str = "auto"  # auto (strided: mean, else flatten) | mean | flatten
     pool_padding: str = "valid"  # valid (floor) | same (ceiling, TF's 'SAME')
+    # context parameters (CAVIA, algo=cavia): zeros, never meta-learned, adapted per task
+    # by an inner loop that selects them; they condition the blocks listed in ``film``
+    # (1-4) by FiLM, a linear map (``film_hidden``: 1 adds a hidden layer of 2 x filters
+    # and ReLU) to a scale and shift per channel after the norm and pooling, before ReLU
+    context: int = 0
+    film: list[int] = field(default_factory=list)
+    film_hidden: int = 0
 
     def __post_init__(self) -> None:
         require(self.filters >= 1, "model.filters", self.filters, "it must be >= 1")
@@ -54,6 +61,20 @@ class Conv4Config(ModelConfig):
         )
         require(self.norm in NORMS, "model.norm", self.norm, f"choose one of {', '.join(NORMS)}")
         require(self.norm_steps >= 1, "model.norm_steps", self.norm_steps, "it must be >= 1")
+        require(self.context >= 0, "model.context", self.context, "it must be >= 0")
+        require(
+            all(b in (1, 2, 3, 4) for b in self.film) and len(set(self.film)) == len(self.film),
+            "model.film",
+            self.film,
+            "list blocks among 1, 2, 3, 4, each once",
+        )
+        require(
+            bool(self.film) == bool(self.context),
+            "model.film",
+            self.film,
+            "give the blocks the context conditions (e.g. [3]) exactly when model.context > 0",
+        )
+        require(self.film_hidden in (0, 1), "model.film_hidden", self.film_hidden, "0 or 1")
 
 
 class ConvBlock(nn.Module):
@@ -76,6 +97,15 @@ class ConvBlock(nn.Module):
             return ConvNormPool.apply(*args, norm.eps, self.ceil)
         x = F.relu(self.norm(self.conv(x)))
         return x if self.strided else F.max_pool2d(x, 2, ceil_mode=self.ceil)
+
+    def conditioned(self, x: Tensor, film: Tensor) -> Tensor:
+        """The block with a FiLM of its pooled, normalised output: ``film`` [2 x channels]
+        is a scale then a shift per channel, applied before the ReLU (CAVIA's order)."""
+        y = self.norm(self.conv(x))
+        if not self.strided:
+            y = F.max_pool2d(y, 2, ceil_mode=self.ceil)
+        scale, shift = film.reshape(2, -1, 1, 1)
+        return F.relu(scale * y + shift)
 
     def fuses(self, x: Tensor) -> bool:
         """Whether this pass takes the block of models/fused.py: declared by the caller
@@ -112,6 +142,15 @@ class Conv4(Model, key="conv4"):
         self.blocks = nn.Sequential(
             *(ConvBlock(channels if i == 0 else cfg.filters, cfg.filters, cfg) for i in range(4))
         )
+        self.films = nn.ModuleDict()
+        if cfg.context:
+            self.context = nn.Parameter(torch.zeros(cfg.context), requires_grad=False)
+            for block in cfg.film:
+                width = 2 * cfg.filters
+                layers: list[nn.Module] = [nn.Linear(cfg.context, width)]
+                if cfg.film_hidden:
+                    layers += [nn.ReLU(), nn.Linear(width, width)]
+                self.films[str(block)] = nn.Sequential(*layers)
         try:
             with torch.no_grad():
                 self.feature_dim = self.features(torch.zeros(2, *input_shape)).shape[-1]
@@ -124,7 +163,14 @@ class Conv4(Model, key="conv4"):
         self.head = nn.Linear(self.feature_dim, output_dim) if output_dim else None
 
     def features(self, x: Tensor) -> Tensor:  # [N, C, H, W] -> [N, D]
-        x = self.blocks(x)
+        if not self.films:
+            x = self.blocks(x)
+        blocks: list[ConvBlock] = list(self.blocks) if self.films else []  # type: ignore[arg-type]
+        for i, block in enumerate(blocks, start=1):
+            if str(i) in self.films:
+                x = block.conditioned(x, self.films[str(i)](self.context))
+            else:
+                x = block(x)
         return x.mean(dim=(2, 3)) if self.mean else x.flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -33,6 +33,9 @@ class MLPConfig(ModelConfig):
     # true: the inner loop's gradients come from the backward pass written out below
     # (faster, the same numbers to rounding: docs/versus.md); false: from autograd
     written_backward: bool = True
+    # context parameters concatenated to the input (CAVIA, algo=cavia): zeros, never
+    # meta-learned, adapted per task by an inner loop that selects them (algo.adapt)
+    context: int = 0
 
     def __post_init__(self) -> None:
         require(
@@ -49,6 +52,7 @@ class MLPConfig(ModelConfig):
         )
         require(self.init in INITS, "model.init", self.init, f"choose one of {', '.join(INITS)}")
         require(self.init_std > 0, "model.init_std", self.init_std, "must be > 0")
+        require(self.context >= 0, "model.context", self.context, "it must be >= 0")
 
 
 class MLP(Model, key="mlp"):
@@ -57,9 +61,11 @@ class MLP(Model, key="mlp"):
     def __init__(self, cfg: MLPConfig, input_shape: tuple[int, ...], output_dim: int | None):
         super().__init__(cfg, input_shape, output_dim)
         self.input_shape = tuple(input_shape)
-        widths = [math.prod(input_shape), *cfg.hidden]
+        self.context_size = cfg.context
+        widths = [math.prod(input_shape) + cfg.context, *cfg.hidden]
         self.in_dim = widths[0]
-        layers: list[nn.Module] = [nn.Flatten(start_dim=-len(input_shape))]
+        # with a context the forward pass flattens the inputs itself, to append it
+        layers: list[nn.Module] = [nn.Flatten(start_dim=-1 if cfg.context else -len(input_shape))]
         for width_in, width_out in itertools.pairwise(widths):
             layers += [nn.Linear(width_in, width_out), ACTIVATIONS[cfg.activation]()]
         self.body = nn.Sequential(*layers)
@@ -73,6 +79,8 @@ class MLP(Model, key="mlp"):
                     std = cfg.init_std
                     nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
                 nn.init.zeros_(layer.bias)
+        if cfg.context:
+            self.context = nn.Parameter(torch.zeros(cfg.context), requires_grad=False)
 
     def few_threads(self) -> bool:
         return sum(p.numel() for p in self.parameters()) <= SMALL
@@ -93,8 +101,10 @@ class MLP(Model, key="mlp"):
         plain = self.__dict__.get("_plain")
         if plain is None:  # the structure is fixed once built
             kinds = (nn.Flatten, nn.Linear, *ACTIVATIONS.values())
-            plain = self.__dict__["_plain"] = type(self).forward is MLP.forward and all(
-                isinstance(m, kinds) for m in self.body
+            plain = self.__dict__["_plain"] = (
+                type(self).forward is MLP.forward
+                and not self.context_size
+                and all(isinstance(m, kinds) for m in self.body)
             )
         return bool(plain)
 
@@ -140,6 +150,9 @@ class MLP(Model, key="mlp"):
         return units.sum()
 
     def forward(self, x: Tensor) -> Tensor:  # [N, *input_shape] -> [N, output_dim]
+        if self.context_size:
+            x = x.flatten(start_dim=x.dim() - len(self.input_shape))
+            x = torch.cat([x, self.context.expand(*x.shape[:-1], -1)], dim=-1)
         features = self.body(x)
         return self.head(features) if self.head is not None else features
 
