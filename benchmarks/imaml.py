@@ -36,7 +36,10 @@ from memory import peak_rss
 from metacli.build import build
 from metacli.composition import compose
 from metacli.loop import sample
-from run import WORKLOADS, alternating, ratio
+from run import ROOT, WORKLOADS, alternating, ratio
+
+sys.path.insert(0, str(ROOT))
+from tests.test_imaml import textbook_cg
 
 BATCH = 8  # tasks per meta-batch: the paper's 32 at a quarter, for a CPU
 SETTINGS = [
@@ -102,19 +105,7 @@ def reference_step(components: Any, batch: Any, optimizer: torch.optim.Optimizer
             hv = torch.cat([g.reshape(-1) for g in hvp])
             return (1.0 + cfg.cg_damping) * v + hv / (cfg.lam + cfg.lam_damping)
 
-        x = torch.zeros_like(b)
-        r = b - evaluator(x)
-        p = r.clone()
-        for _ in range(cfg.cg_steps):
-            rdotr = r.dot(r)
-            ap = evaluator(p)
-            alpha = rdotr / p.dot(ap)
-            x = x + alpha * p
-            r = r - alpha * ap
-            p = r + (r.dot(r) / rdotr) * p
-            if r.dot(r) < 1e-10:
-                break
-        meta_grad += x / len(batch)
+        meta_grad += textbook_cg(evaluator, b, cfg.cg_steps) / len(batch)
     offset = 0
     for p in model.parameters():
         p.grad = meta_grad[offset : offset + p.numel()].view_as(p).clone()

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,6 +92,21 @@ def flat(tensors: list[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
+def textbook_cg(evaluator: Callable[[Tensor], Tensor], b: Tensor, steps: int) -> Tensor:
+    """imaml_dev's ``cg_solve`` on flat vectors (from zero, no early stop)."""
+    x = torch.zeros_like(b)
+    r = b - evaluator(x)
+    p = r.clone()
+    for _ in range(steps):
+        rdotr = r.dot(r)
+        ap = evaluator(p)
+        alpha = rdotr / p.dot(ap)
+        x = x + alpha * p
+        r = r - alpha * ap
+        p = r + (r.dot(r) / rdotr) * p
+    return x
+
+
 def reference_imaml(model: MLP, batch: TaskBatch, cfg: IMAMLConfig) -> dict[str, Tensor]:
     """imaml_dev's structure, task by task: SGD steps on a copy of the weights (here on the
     regularised loss), the query gradient as a flat vector, A v = (1 + damping) v +
@@ -123,17 +140,7 @@ def reference_imaml(model: MLP, batch: TaskBatch, cfg: IMAMLConfig) -> dict[str,
             hv = flat(list(torch.autograd.grad((g * v).sum(), fast)))
             return (1.0 + cfg.cg_damping) * v + hv / (cfg.lam + cfg.lam_damping)
 
-        x = torch.zeros_like(b)
-        r = b - evaluator(x)
-        p = r.clone()
-        for _ in range(cfg.cg_steps):
-            rdotr = r.dot(r)
-            ap = evaluator(p)
-            alpha = rdotr / p.dot(ap)
-            x = x + alpha * p
-            r = r - alpha * ap
-            p = r + (r.dot(r) / rdotr) * p
-        total = total + x / len(batch)
+        total = total + textbook_cg(evaluator, b, cfg.cg_steps) / len(batch)
     out, offset = {}, 0
     for name, t in zip(names, theta, strict=True):
         out[name] = total[offset : offset + t.numel()].view_as(t)

@@ -37,6 +37,8 @@ from metacli.tasks.base import TaskBatch, TaskDistribution
 
 # per task: the meta-gradient, the query loss and metric, the logged terms
 TaskGradient = tuple[Params, Tensor, Tensor, dict[str, Tensor]]
+# u -> (H u, H_(w, phi) u): the support loss's Hessian times u, for and across the adapted
+HessianTimes = Callable[[Params], tuple[Params, Params]]
 
 
 @dataclass
@@ -138,21 +140,15 @@ class IMAML(Adaptive, key="imaml"):
         fast = self.adapted(phi)
         fixed = {n: p for n, p in phi.items() if n not in fast and n in self.trained}
 
-        def query(weights: Params) -> tuple[Tensor, Tensor]:
-            prediction = self.forward_with({**phi, **weights}, qx, step)
-            return self.task.loss(prediction, qy), prediction
-
-        weights = {**fast, **fixed}
-        g, (query_loss, prediction) = torch.func.grad_and_value(query, has_aux=True)(weights)
-
-        def support_gradient(a: Params, w: Params) -> Params:
-            def inner(a: Params) -> Tensor:
-                return self.support_loss({**phi, **w, **a}, sx, sy, step, rng)
-
-            return torch.func.grad(inner)(a)
-
+        derivatives = (
+            self.functional_derivatives
+            if self.executor.functional_grads
+            else self.autograd_derivatives
+        )
+        g, query_loss, prediction, hessian_times = derivatives(
+            phi, fast, fixed, (sx, sy, qx, qy), step, rng
+        )
         scale = cfg.lam + cfg.lam_damping
-        hessian_times = torch.func.vjp(support_gradient, fast, fixed)[1]
         g_fast = {n: g[n] for n in fast}
         residual = torch.zeros_like(query_loss)
         if cfg.cg_steps == 0:
@@ -172,6 +168,70 @@ class IMAML(Adaptive, key="imaml"):
         terms = {"cg_residual": residual.detach(), "phi_distance": distance.sqrt().detach()}
         metric = self.task.metric(prediction, qy).detach()
         return grads, query_loss.detach(), metric, terms
+
+    def functional_derivatives(
+        self,
+        phi: Params,
+        fast: Params,
+        fixed: Params,
+        data: tuple[Tensor, Tensor, Tensor, Tensor],
+        step: int,
+        rng: TaskRandom,
+    ) -> tuple[Params, Tensor, Tensor, HessianTimes]:
+        """The query loss's gradient for ``fast`` and ``fixed``, the loss, the predictions,
+        and u -> (H u, H_(w, phi) u) of the support loss, by ``torch.func`` (under vmap)."""
+        sx, sy, qx, qy = data
+
+        def query(weights: Params) -> tuple[Tensor, Tensor]:
+            prediction = self.forward_with({**phi, **weights}, qx, step)
+            return self.task.loss(prediction, qy), prediction
+
+        g, (loss, prediction) = torch.func.grad_and_value(query, has_aux=True)({**fast, **fixed})
+
+        def support_gradient(a: Params, w: Params) -> Params:
+            def inner(a: Params) -> Tensor:
+                return self.support_loss({**phi, **w, **a}, sx, sy, step, rng)
+
+            return torch.func.grad(inner)(a)
+
+        return g, loss, prediction, torch.func.vjp(support_gradient, fast, fixed)[1]
+
+    def autograd_derivatives(
+        self,
+        phi: Params,
+        fast: Params,
+        fixed: Params,
+        data: tuple[Tensor, Tensor, Tensor, Tensor],
+        step: int,
+        rng: TaskRandom,
+    ) -> tuple[Params, Tensor, Tensor, HessianTimes]:
+        """The same by plain autograd, one task at a time: the query pass in its
+        single-backward form (``once``), the support gradient's graph kept for the
+        Hessian-vector products."""
+        sx, sy, qx, qy = data
+        with torch.enable_grad():
+            leaves = {n: p.detach().requires_grad_() for n, p in {**fast, **fixed}.items()}
+            prediction = self.forward_with({**phi, **leaves}, qx, step, once=True)
+            loss = self.task.loss(prediction, qy)
+            found = torch.autograd.grad(loss, list(leaves.values()), materialize_grads=True)
+            g = dict(zip(leaves, found, strict=True))
+            support = self.support_loss({**phi, **leaves}, sx, sy, step, rng)
+            inputs = [leaves[n] for n in fast]
+            first = torch.autograd.grad(support, inputs, create_graph=True)
+
+        def hessian_times(u: Params) -> tuple[Params, Params]:
+            with torch.enable_grad():
+                found = torch.autograd.grad(
+                    first,
+                    list(leaves.values()),
+                    grad_outputs=[u[n] for n in fast],
+                    retain_graph=True,
+                    materialize_grads=True,
+                )
+            by_name = dict(zip(leaves, found, strict=True))
+            return {n: by_name[n] for n in fast}, {n: by_name[n] for n in fixed}
+
+        return g, loss.detach(), prediction.detach(), hessian_times
 
     @property
     def trained(self) -> set[str]:
