@@ -104,3 +104,11 @@ def test_context_starts_at_zero_for_every_task() -> None:
 def test_cavia_needs_a_model_with_a_context() -> None:
     with pytest.raises(ConfigError, match="algo=cavia adapts context parameters"):
         build(compose_config("algo=cavia", "task=synthetic", "model=resnet12"))
+    with pytest.raises(ConfigError, match=r"Set algo\.context_params=7 instead"):
+        build(compose_config("algo=cavia", "model.context=7"))
+    with pytest.raises(ConfigError, match=r"Set algo\.context_in=\[2\] instead"):
+        build(
+            compose_config(
+                "algo=cavia", "task=synthetic", "model=conv4", "model.context=5", "model.film=[2]"
+            )
+        )

@@ -48,8 +48,7 @@ INNER_LOSSES = ("mean", "sum", "sum_over_shots")
 # Which parameters the inner loop updates (``algo.adapt``): every one; the linear head
 # alone (ANIL); everything but the head (BOIL); or a list of name patterns (fnmatch's
 # ``*`` and ``?``, e.g. ``[blocks.3.*, head.*]``) matched against the model's parameter
-# names (``metacli train --cfg job`` does not list them; ``metacli check`` does not
-# either: the error of a pattern that matches nothing names them all).
+# names; a pattern that matches nothing stops the run with all of them listed.
 ADAPT_MODES = ("all", "head", "body")
 
 

@@ -60,6 +60,18 @@ class CAVIA(MAML, key="cavia"):
                 f"not take. Use model=mlp (the context joins the input) or model=conv4 "
                 f"(FiLM of the blocks in algo.context_in)."
             )
+        given: dict[str, tuple[Any, Any, Any, str]] = {
+            "context": (model_cfg.context, 0, cfg.context_params, "context_params")
+        }
+        if hasattr(model_cfg, "film"):
+            given["film"] = (list(model_cfg.film), [], list(cfg.context_in), "context_in")
+        for key, (value, default, wanted, setting) in given.items():
+            if value not in (default, wanted):  # set on the model by hand: say where it goes
+                raise ConfigError(
+                    f"algo=cavia sets model.{key} from algo.{setting} ({wanted}), but "
+                    f"model.{key}={value} was given. Set algo.{setting}={value} instead, "
+                    f"and leave model.{key} out."
+                )
         model_cfg.context = cfg.context_params
         notes = [f"cavia: {cfg.context_params} context parameters (model.context)"]
         if hasattr(model_cfg, "film"):
