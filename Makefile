@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 # Optional extras installed for development and tests (mlflow and ray: by hand).
-EXTRAS ?= dev,plot,joblib,submitit,optuna,tensorboard,wandb
+EXTRAS ?= dev,plot,joblib,submitit,optuna,tensorboard,wandb,qpth,sklearn
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 

@@ -14,7 +14,7 @@ import re
 from metacli.config import config_dir
 from metacli.precheck import compose
 
-ROW = re.compile(r"[a-z]+_(omniglot|miniimagenet)_\d+w\d+s(_transductive)?|[a-z]+_sinusoid")
+ROW = re.compile(r"[a-z0-9_]+?_(omniglot|miniimagenet)_\d+w\d+s(_transductive)?|[a-z]+_sinusoid")
 # What ran here, by preset (docs/RESULTS.md, "Runs"); every other preset has not run.
 RUNS = {
     "maml_sinusoid": "full budget: 0.36 ± 0.04 after 10 steps",
@@ -55,6 +55,8 @@ def main() -> None:
             continue
         cfg = compose("train", [f"experiment={path.stem}"])
         budget = f"{cfg.train.iterations:,} x {cfg.train.meta_batch_size}"
+        if cfg.algo.name in ("baseline", "baselinepp", "rfs"):  # mini-batches of images
+            budget = f"{cfg.train.iterations:,} x {cfg.algo.batch_size} images"
         accuracy = cfg.task.name != "sinusoid"
         published = number(cfg.published.value, cfg.published.ci95, accuracy)
         source = cfg.published.source or "-"

@@ -14,11 +14,22 @@ from metacli.errors import ConfigError
 from tests.conftest import CONF, OMNIGLOT, compose_config, options
 
 IMAGE_MODELS = ("conv4", "resnet12")
-CLASSIFIERS = ("protonet",)
+# algorithms that only classify (composed on synthetic images, not the sinusoid)
+CLASSIFIERS = (
+    "protonet",
+    "matchingnet",
+    "relationnet",
+    "r2d2",
+    "metaoptnet",
+    "baseline",
+    "baselinepp",
+    "rfs",
+)
 
 
 PAPER_ROW = re.compile(
-    r"(?P<algo>[a-z]+)_(?P<task>omniglot|miniimagenet)_(?P<ways>\d+)w(?P<shots>\d+)s"
+    r"(?P<algo>[a-z0-9]+)(?P<variant>_ridge)?_(?P<task>omniglot|miniimagenet)"
+    r"_(?P<ways>\d+)w(?P<shots>\d+)s"
     r"(_transductive)?"
 )
 
@@ -32,7 +43,7 @@ def first_rows() -> set[str]:
         row = PAPER_ROW.fullmatch(option)
         if row is not None:
             size = (int(row["ways"]), int(row["shots"]), option)  # the smallest setting
-            key = (row["algo"], row["task"])
+            key = (row["algo"] + (row["variant"] or ""), row["task"])
             first[key] = min(first.get(key, size), size)
     return {option for _, _, option in first.values()}
 
@@ -75,6 +86,7 @@ STANDIN_EXPERIMENTS = {
 SMALL_SEARCH = ("model.channels=2", "model.cells=2", "model.nodes=2", "task.image_size=8")
 COMPANIONS = {  # options that need others to build quickly
     ("algo", "metanas"): ("task=synthetic", "model=darts", *SMALL_SEARCH),
+    ("algo", "relationnet"): ("task=synthetic", "model=conv4", "model.pool_blocks=2"),
     ("model", "darts"): ("task=synthetic", *SMALL_SEARCH),
     ("model", "genotype"): (
         "task=synthetic",
@@ -132,9 +144,11 @@ def compose_check_build(group: str, run_all: bool) -> None:
         if row and not run_all and option not in BUILT_ROWS:
             continue
         components = build(cfg)
-        batch = components.task.sample(2, "train", torch.Generator().manual_seed(0))
-        out = components.algorithm.meta_loss(batch)
-        assert torch.isfinite(out.loss) and out.metric.shape == (2,), (group, option)
+        algorithm = components.algorithm
+        batch = algorithm.training_batch(components.task, 2, torch.Generator().manual_seed(0))
+        out = algorithm.meta_loss(batch)
+        tasks = 2 if algorithm.episodic else 1  # (one mini-batch of images)
+        assert torch.isfinite(out.loss) and out.metric.shape == (tasks,), (group, option)
 
 
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "mps"])
@@ -217,7 +231,12 @@ def test_paper_row_presets_are_what_their_names_say_and_cover_every_algorithm() 
     for algo in (*both, "metacurvature"):
         assert rows[algo] == {"omniglot", "miniimagenet"}, algo
     assert rows["boil"] == rows["cavia"] == {"miniimagenet"}
-    assert sum(len(r) for r in rows.values()) == 20
+    baselines = ("matchingnet", "relationnet", "r2d2", "metaoptnet", "baseline", "baselinepp")
+    for algo in (*baselines, "rfs"):
+        assert rows[algo] == {"miniimagenet"}, algo
+    ridge = compose_config("experiment=metaoptnet_ridge_miniimagenet_5w1s")
+    assert (ridge.algo.name, ridge.algo.head) == ("metaoptnet", "ridge")
+    assert sum(len(r) for r in rows.values()) == 27
 
 
 def test_maml_reference_code_settings_in_the_omniglot_and_miniimagenet_presets() -> None:

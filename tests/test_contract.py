@@ -72,6 +72,7 @@ ALGOS = [
     *builtins("algo"),
     *("noisy", "mrmaml-activations", "space", "space-expectation", "metanas-gumbel"),
     "adapt-patterns",  # MAML adapting a list of parameter-name patterns (algo.adapt)
+    "rfs-distill",  # RFS with a born-again generation (a boundary inside the short runs)
 ]
 # MR-MAML puts its own (fully connected) encoder before the model, so its model is an MLP
 # head on the bottleneck: no batch norm there.
@@ -101,9 +102,34 @@ SEARCH_SMOOTH = (  # one cell of one node: few weights to perturb
 )
 
 
-def config(algo: str, *overrides: str, workload: tuple[str, ...] = CONV4) -> list[str]:
-    inner = [] if algo == "protonet" else ["algo.inner_steps=2", "algo.inner_lr=0.1"]
-    inner += ["algo.test_inner_steps=2"] if algo not in ("protonet",) else []
+# Algorithms without an inner loop: a head on the embeddings, or non-episodic training.
+HEADS = ("protonet", "r2d2", "metaoptnet", "matchingnet", "relationnet")
+NON_EPISODIC = ("baseline", "baselinepp", "rfs")
+# Relation Networks compare feature maps: a Conv-4 that keeps them (tiny maps, and no batch
+# norm or pooling in the network for the finite differences).
+MAPS = {
+    "CONV4": ("model=conv4", "model.filters=3", "model.pool_blocks=2"),
+    "SMOOTH": ("model=conv4", "model.filters=2", "model.pool_blocks=0", "model.norm=none"),
+}
+
+
+def config(algo: str, *overrides_given: str, workload: tuple[str, ...] = CONV4) -> list[str]:
+    overrides = overrides_given
+    if algo == "rfs-distill":
+        algo, overrides = "rfs", ("algo.distill_generations=1", *overrides)
+    headless = algo in HEADS or algo in NON_EPISODIC
+    inner = [] if headless else ["algo.inner_steps=2", "algo.inner_lr=0.1"]
+    inner += [] if headless else ["algo.test_inner_steps=2"]
+    if algo == "relationnet":
+        maps = MAPS["CONV4" if workload is CONV4 else "SMOOTH"]
+        workload = (*(w for w in workload if not w.startswith("model")), *maps)
+    if algo == "metaoptnet":  # the QP solved to convergence: its answer exact to rounding,
+        # on more features than support examples (a singular kernel is ill-conditioned)
+        inner += ["algo.qp_iterations=50", "algo.test_qp_iterations=50"]
+        overrides = ("model.filters=8",) if workload is CONV4 else ("model.hidden=[8]",)
+        overrides = (*overrides, *overrides_given)
+    if algo in NON_EPISODIC:  # small training batches, short fine-tuning
+        inner += ["algo.batch_size=6", "algo.finetune_epochs=2"]
     name = ["algo=maml", "algo.name=noisy"] if algo == "noisy" else [f"algo={algo}"]
     if algo == "adapt-patterns":  # the last block's convolution and the head's bias
         name = ["algo=maml", "algo.adapt=[blocks.3.conv.*,head.bias]"]

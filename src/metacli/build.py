@@ -253,6 +253,14 @@ def make_scheduler(
         )
     if cfg.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    if cfg.scheduler == "multistep":  # the rate times factors[k] from milestones[k] on
+        milestones, factors = list(cfg.milestones), list(cfg.factors)
+
+        def stepped(it: int) -> float:
+            passed = sum(it >= m for m in milestones)
+            return 1.0 if passed == 0 else factors[passed - 1]
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, stepped)
     return None
 
 

@@ -133,7 +133,17 @@ class DeviceConfig:
 # The outer optimizer's parameter groups an algorithm may have: the initialisation, and
 # an update rule's learned parameters (rates, a learned optimizer's weights), and an
 # encoder the algorithm meta-learns besides the model (MR-MAML).
-PARAM_GROUPS = ("model", "update", "encoder", "architecture")
+PARAM_GROUPS = (
+    "model",
+    "update",
+    "encoder",
+    "architecture",
+    "adjust",  # R2D2's scale, bias (and lambda)
+    "scale",  # MetaOptNet's scale
+    "fce",  # Matching Networks' context LSTMs
+    "relation",  # Relation Networks' relation module
+    "classifier",  # the non-episodic baselines' training classifier
+)
 
 
 @dataclass
@@ -167,6 +177,10 @@ class OptimConfig:
     epoch_iterations: int | None = None
     step_size: int = 1000
     gamma: float = 0.5
+    # multistep: from iteration milestones[k] on, the rate is lr x factors[k] (MetaOptNet's
+    # 1, 0.06, 0.012, 0.0024 at epochs 20, 40, 50; RFS's 0.1 and 0.01 at 60 and 80)
+    milestones: list[int] = field(default_factory=list)
+    factors: list[float] = field(default_factory=list)
     # Per-group settings, by the algorithm's group names: `model` (the initialisation),
     # `update` (an update rule's learned rates), `encoder` (MR-MAML's), `architecture`
     # (MetaNAS's); each null: the settings above
@@ -187,10 +201,25 @@ class OptimConfig:
         require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "it must be >= 0")
         require(0 <= self.momentum < 1, "optim.momentum", self.momentum, "it must be in [0, 1)")
         require(
-            self.scheduler in ("none", "cosine", "linear", "step"),
+            self.scheduler in ("none", "cosine", "linear", "step", "multistep"),
             "optim.scheduler",
             self.scheduler,
-            "choose none, cosine, linear or step",
+            "choose none, cosine, linear, step or multistep",
+        )
+        require(
+            len(self.milestones) == len(self.factors)
+            and list(self.milestones) == sorted(set(self.milestones))
+            and all(m >= 1 for m in self.milestones)
+            and all(f > 0 for f in self.factors),
+            "optim.milestones",
+            list(self.milestones),
+            "increasing iterations >= 1, one positive optim.factors entry each",
+        )
+        require(
+            self.scheduler != "multistep" or bool(self.milestones),
+            "optim.milestones",
+            list(self.milestones),
+            "optim.scheduler=multistep needs milestones (and optim.factors)",
         )
         require(
             0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr, "it must be in [0, optim.lr]"

@@ -115,6 +115,17 @@ def batch_of(components: Components) -> TaskBatch:
     return TaskBatch(sx, sy, qx, qy, batch.keys)
 
 
+def episodes_of(components: Components, batch: TaskBatch) -> TaskBatch:
+    """What ``evaluate`` is checked on: the training batch, or for an algorithm that
+    trains on mini-batches of images (not episodes), validation episodes."""
+    if components.algorithm.episodic:
+        return batch
+    tasks = fixed_tasks(components, "val", len(batch.support_x) + 2)
+    dtype = torch.get_default_dtype()
+    sx, sy, qx, qy = (t.to(dtype) if t.is_floating_point() else t for t in tasks.tensors())
+    return TaskBatch(sx, sy, qx, qy, tasks.keys)
+
+
 @contextmanager
 def float64() -> Iterator[None]:
     previous = torch.get_default_dtype()
@@ -210,7 +221,7 @@ class Contract:
                 batch = batch_of(components)
                 grads, values = gradients(components, batch)
                 components.algorithm.eval()
-                evaluation = components.algorithm.evaluate(batch)
+                evaluation = components.algorithm.evaluate(episodes_of(components, batch))
                 results[strategy] = (grads, values, evaluation.loss, evaluation.metric)
         reference = results["loop"]
         if reference[0].norm() == 0:

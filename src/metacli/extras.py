@@ -20,6 +20,8 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "mlflow": ("mlflow", "MLflow"),
     "wandb": ("wandb", "Weights & Biases"),
     "plot": ("matplotlib", "matplotlib"),
+    "qpth": ("qpth", "qpth, the differentiable QP solver MetaOptNet's SVM head uses"),
+    "sklearn": ("sklearn", "scikit-learn, whose logistic regression RFS tests with"),
 }
 
 # (config group, option) -> extra; None as option: every option of the group

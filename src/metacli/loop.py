@@ -52,7 +52,9 @@ def sample(components: Components) -> TaskBatch:
     """The next training meta-batch; task i of iteration t draws from the random stream
     (seed, train, t, i), so its draws survive a resume and do not depend on the batching."""
     size = components.run.train.meta_batch_size
-    batch = components.task.sample(size, "train", components.train_generator).to(components.device)
+    generator = components.train_generator
+    batch = components.algorithm.training_batch(components.task, size, generator)
+    batch = batch.to(components.device)
     if not components.algorithm.executor.stochastic:  # nothing draws: no keys needed
         return batch
     keys = task_keys(
@@ -124,6 +126,12 @@ def distributed_objective(components: Components, batch: TaskBatch) -> MetaLoss:
     The sum of the weighted objectives is the one-process objective (a penalty on the
     meta-parameters too: the weights sum to one).
     """
+    if not components.algorithm.episodic:
+        raise MetacliError(
+            f"algo={components.algorithm.cfg.name} trains on mini-batches of images, which "
+            f"distributed training does not split between processes yet. Run it in one "
+            f"process (distributed.nproc=1)."
+        )
     size = len(batch.query_y)
     share = distributed.WORLD.share(size)
     weight = (share.stop - share.start) / size

@@ -83,6 +83,9 @@ class MetaAlgorithm(nn.Module, Registered):
     keeps_graphs: ClassVar[bool] = True
     # True: a task draws from its random stream (``rng``); see TaskExecutor's contract.
     stochastic: ClassVar[bool] = False
+    # False: training takes mini-batches of images with global labels (``training_batch``)
+    # instead of episodes; validation and meta-test stay episodic.
+    episodic: ClassVar[bool] = True
     outer_steps: Tensor
 
     def __init__(self, cfg: AlgoConfig, model: Model, task: TaskDistribution) -> None:
@@ -134,6 +137,12 @@ class MetaAlgorithm(nn.Module, Registered):
         return input_shape
 
     # --- what the loop calls --------------------------------------------------------------
+    def training_batch(
+        self, task: TaskDistribution, size: int, generator: torch.Generator
+    ) -> TaskBatch:
+        """The next training batch: ``size`` episodes (``train.meta_batch_size``)."""
+        return task.sample(size, "train", generator)
+
     def meta_loss(self, batch: TaskBatch) -> MetaLoss:
         raise NotImplementedError
 

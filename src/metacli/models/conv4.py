@@ -37,6 +37,9 @@ class Conv4Config(ModelConfig):
     norm_scale: bool = True
     readout: str = "auto"  # auto (strided: mean, else flatten) | mean | flatten
     pool_padding: str = "valid"  # valid (floor) | same (ceiling, TF's 'SAME')
+    # how many leading blocks max-pool: 2 keeps the last two blocks' resolution, the
+    # feature maps Relation Networks compare (CloserLook's Conv4NP: 84 -> 21 x 21)
+    pool_blocks: int = 4
     # context parameters (CAVIA, algo=cavia): zeros, never meta-learned, adapted per task
     # by an inner loop that selects them; they condition the blocks listed in ``film``
     # (1-4) by FiLM, a linear map (``film_hidden``: 1 adds a hidden layer of 2 x filters
@@ -60,6 +63,7 @@ class Conv4Config(ModelConfig):
             "choose valid or same",
         )
         require(self.norm in NORMS, "model.norm", self.norm, f"choose one of {', '.join(NORMS)}")
+        require(0 <= self.pool_blocks <= 4, "model.pool_blocks", self.pool_blocks, "0 to 4")
         require(self.norm_steps >= 1, "model.norm_steps", self.norm_steps, "it must be >= 1")
         require(self.context >= 0, "model.context", self.context, "it must be >= 0")
         require(
@@ -78,9 +82,11 @@ class Conv4Config(ModelConfig):
 
 
 class ConvBlock(nn.Module):
-    def __init__(self, channels_in: int, channels_out: int, cfg: Conv4Config) -> None:
+    def __init__(
+        self, channels_in: int, channels_out: int, cfg: Conv4Config, pool: bool = True
+    ) -> None:
         super().__init__()
-        self.strided = cfg.strided
+        self.pool = pool and not cfg.strided
         self.ceil = cfg.pool_padding == "same"
         self.conv = nn.Conv2d(
             channels_in, channels_out, 3, stride=2 if cfg.strided else 1, padding=1
@@ -96,13 +102,13 @@ class ConvBlock(nn.Module):
                 return conv_norm_pool(*args, norm.eps, self.ceil)
             return ConvNormPool.apply(*args, norm.eps, self.ceil)
         x = F.relu(self.norm(self.conv(x)))
-        return x if self.strided else F.max_pool2d(x, 2, ceil_mode=self.ceil)
+        return F.max_pool2d(x, 2, ceil_mode=self.ceil) if self.pool else x
 
     def conditioned(self, x: Tensor, film: Tensor) -> Tensor:
         """The block with a FiLM of its pooled, normalised output: ``film`` [2 x channels]
         is a scale then a shift per channel, applied before the ReLU (CAVIA's order)."""
         y = self.norm(self.conv(x))
-        if not self.strided:
+        if self.pool:
             y = F.max_pool2d(y, 2, ceil_mode=self.ceil)
         scale, shift = film.reshape(2, -1, 1, 1)
         return F.relu(scale * y + shift)
@@ -113,7 +119,7 @@ class ConvBlock(nn.Module):
         statistics from the fused kernel (outside any transform)."""
         return (
             backpropagated_once()
-            and not self.strided
+            and self.pool
             and self.norm.batch_statistics()
             and self.norm.affine
             and fused_is_exact(x)
@@ -140,7 +146,12 @@ class Conv4(Model, key="conv4"):
         channels = input_shape[0]
         self.mean = cfg.readout == "mean" or (cfg.readout == "auto" and cfg.strided)
         self.blocks = nn.Sequential(
-            *(ConvBlock(channels if i == 0 else cfg.filters, cfg.filters, cfg) for i in range(4))
+            *(
+                ConvBlock(
+                    channels if i == 0 else cfg.filters, cfg.filters, cfg, i < cfg.pool_blocks
+                )
+                for i in range(4)
+            )
         )
         self.films = nn.ModuleDict()
         if cfg.context:
@@ -154,6 +165,8 @@ class Conv4(Model, key="conv4"):
         try:
             with torch.no_grad():
                 self.feature_dim = self.features(torch.zeros(2, *input_shape)).shape[-1]
+                # the last block's feature maps [C, h, w], which ``readout: flatten`` flattens
+                self.map_shape = tuple(self.blocks(torch.zeros(2, *input_shape)).shape[1:])
         except RuntimeError:
             raise ConfigError(
                 f"Inputs of shape {tuple(input_shape)} are too small for conv4: "

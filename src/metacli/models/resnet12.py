@@ -2,7 +2,8 @@
 
 Four residual blocks of widths 64-160-320-640; each is three 3x3 convolutions with batch
 norm and leaky ReLU (slope 0.1), a 1x1 convolution shortcut, and 2x2 max-pooling; the
-features are averaged over space (640-d), then a linear head. DropBlock regularisation
+features are averaged over space (640-d; ``readout: flatten`` keeps the maps, as
+MetaOptNet), then a linear head. DropBlock regularisation
 of MetaOptNet is not included. Batch norm is ``MetaBatchNorm`` (see conv4).
 """
 
@@ -24,8 +25,17 @@ class ResNet12Config(ModelConfig):
     widths: list[int] = field(default_factory=lambda: [64, 160, 320, 640])
     norm: str = "transductive"
     norm_steps: int = 6
+    # mean: features averaged over space (640-d); flatten: the last block's maps
+    # flattened (MetaOptNet's network: no global average pooling, 16,000-d at 84 x 84)
+    readout: str = "mean"
 
     def __post_init__(self) -> None:
+        require(
+            self.readout in ("mean", "flatten"),
+            "model.readout",
+            self.readout,
+            "choose mean or flatten",
+        )
         require(
             len(self.widths) == 4 and min(self.widths) >= 1,
             "model.widths",
@@ -72,14 +82,20 @@ class ResNet12(Model, key="resnet12"):
         self.blocks = nn.Sequential(
             *(ResidualBlock(a, b, cfg) for a, b in itertools.pairwise(widths))
         )
-        self.feature_dim = cfg.widths[-1]
+        side = [int(n) for n in input_shape[1:]]
+        for _ in range(4):  # each block halves the resolution (floor)
+            side = [n // 2 for n in side]
+        self.map_shape = (cfg.widths[-1], *side)
+        self.flatten = cfg.readout == "flatten"
+        self.feature_dim = cfg.widths[-1] * (side[0] * side[1] if self.flatten else 1)
         self.head = nn.Linear(self.feature_dim, output_dim) if output_dim else None
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="leaky_relu")
 
-    def features(self, x: Tensor) -> Tensor:  # [N, C, H, W] -> [N, 640]
-        return self.blocks(x).mean(dim=(2, 3))
+    def features(self, x: Tensor) -> Tensor:  # [N, C, H, W] -> [N, 640] (mean)
+        maps = self.blocks(x)
+        return maps.flatten(1) if self.flatten else maps.mean(dim=(2, 3))
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.features(x)

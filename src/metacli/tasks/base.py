@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from metacli.config import require, require_at_least
+from metacli.errors import ConfigError
 from metacli.registry import Registered
 
 SPLITS = ("train", "val", "test")  # the task splits of every distribution
@@ -280,6 +281,28 @@ class ClassificationTask(TaskDistribution):
 
     def metric(self, prediction: Tensor, target: Tensor) -> Tensor:
         return (prediction.argmax(dim=-1) == target).to(prediction.dtype).mean()
+
+    # --- non-episodic training (Baseline, Baseline++, RFS) ----------------------------------
+    def train_classes(self) -> int:
+        """Classes of the training split: the global labels 0..n-1 of ``sample_examples``."""
+        raise ConfigError(
+            f"task={self.cfg.name} cannot serve non-episodic training (mini-batches of "
+            f"images with their classes' global labels), which algo=baseline, baselinepp "
+            f"and rfs train with. Choose task=omniglot, miniimagenet, image_folder or "
+            f"synthetic."
+        )
+
+    def sample_examples(self, size: int, generator: torch.Generator, augment: bool) -> TaskBatch:
+        """A mini-batch of ``size`` training images drawn uniformly from all the training
+        classes, labelled by class (0..train_classes()-1): one "task" whose support is the
+        batch and whose query is empty. ``augment``: random crops, flips, colour jitter."""
+        self.train_classes()  # (says why this task cannot)
+        raise NotImplementedError
+
+
+def examples_batch(x: Tensor, y: Tensor) -> TaskBatch:
+    """A non-episodic mini-batch (images [N, ...], labels [N]) as a one-task TaskBatch."""
+    return TaskBatch(x[None], y[None], x[None, :0], y[None, :0])
 
 
 def choose_classes(

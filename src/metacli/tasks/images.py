@@ -24,7 +24,13 @@ from torch import Tensor
 from metacli.errors import MetacliError
 from metacli.files import save_tensors
 from metacli.lock import FolderLock
-from metacli.tasks.base import ClassificationTask, TaskBatch, choose_classes, episodes
+from metacli.tasks.base import (
+    ClassificationTask,
+    TaskBatch,
+    choose_classes,
+    episodes,
+    examples_batch,
+)
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -164,6 +170,62 @@ class ImageClassTask(ClassificationTask):
             if mask.any():
                 images[mask] = torch.rot90(images[mask], k, dims=(-2, -1))
         return episodes((images - self.mean) / self.std, shots)
+
+    def train_classes(self) -> int:
+        return len(self.splits["train"])
+
+    def sample_examples(self, size: int, generator: torch.Generator, augment: bool) -> TaskBatch:
+        classes = self.splits["train"]
+        if "_examples" not in self.__dict__:  # every (class, image) pair of the split, once
+            valid = classes.indices >= 0
+            self.__dict__["_examples"] = (valid.nonzero()[:, 0], classes.indices[valid])
+        class_of, image_of = self.__dict__["_examples"]
+        pick = torch.randint(len(class_of), (size,), generator=generator)
+        labels = class_of[pick]
+        images = self.images[image_of[pick]].float().div_(255)  # [N, C, H, W]
+        turns = classes.turns[labels]
+        for k in (1, 2, 3):
+            mask = turns == k
+            if mask.any():
+                images[mask] = torch.rot90(images[mask], k, dims=(-2, -1))
+        if augment:
+            images = augmented(images, generator)
+        return examples_batch((images - self.mean) / self.std, labels)
+
+
+def augmented(images: Tensor, generator: torch.Generator, jitter: float = 0.4) -> Tensor:
+    """The training augmentation of the non-episodic baselines, on images in [0, 1]
+    [N, C, H, W]: a random crop of the image padded by zeros (8 pixels at 84 x 84, scaled
+    with the size: RFS's ``RandomCrop(84, padding=8)``), a horizontal flip with probability
+    1/2, and on colour images brightness, contrast and saturation each scaled by a factor
+    drawn from [1 - jitter, 1 + jitter] (``ColorJitter(0.4, 0.4, 0.4)``)."""
+    n, channels, height, width = images.shape
+    pad = max(1, round(8 * height / 84))
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(2 * pad + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(height))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(width))[:, None, None, :]
+    out = padded[
+        torch.arange(n)[:, None, None, None],
+        torch.arange(channels)[None, :, None, None],
+        rows,
+        cols,
+    ]
+    flip = torch.rand(n, generator=generator) < 0.5
+    out[flip] = out[flip].flip(-1)
+    if channels == 3 and jitter > 0:
+
+        def factor() -> Tensor:
+            return (1 + jitter * (2 * torch.rand(n, generator=generator) - 1)).view(n, 1, 1, 1)
+
+        gray = (out * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        out = (out * factor()).clamp(0, 1)  # brightness
+        mean = gray.mean(dim=(2, 3), keepdim=True)
+        out = (mean + factor() * (out - mean)).clamp(0, 1)  # contrast
+        gray = (out * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        out = (gray + factor() * (out - gray)).clamp(0, 1)  # saturation
+    return out
 
 
 RESAMPLING = ("lanczos", "nearest")

@@ -22,8 +22,10 @@ from metacli.tasks.base import (
     TaskConfig,
     choose_classes,
     episodes,
+    examples_batch,
     split_generator,
 )
+from metacli.tasks.images import augmented
 
 
 @dataclass
@@ -79,3 +81,14 @@ class Synthetic(ClassificationTask, key="synthetic"):
         noise = torch.randn(num_tasks, ways, per_class, *self.input_shape, generator=generator)
         images = templates.unsqueeze(2) + self.cfg.noise * noise  # [B, ways, S+Q, C, H, W]
         return episodes(images, shots)
+
+    def train_classes(self) -> int:
+        return self.cfg.classes
+
+    def sample_examples(self, size: int, generator: torch.Generator, augment: bool) -> TaskBatch:
+        labels = torch.randint(self.cfg.classes, (size,), generator=generator)
+        noise = torch.randn(size, *self.input_shape, generator=generator)
+        images = self.templates["train"][labels] + self.cfg.noise * noise
+        if augment:  # (crops and flips; the templates are not images in [0, 1])
+            images = augmented(images, generator, jitter=0.0)
+        return examples_batch(images, labels)
