@@ -28,17 +28,13 @@ from metacli.algorithms.baseline import cosine_scale, linear_init
 from metacli.algorithms.heads import ridge_scores
 from metacli.algorithms.metaoptnet import svm_cs_dual
 from metacli.build import build
+from metacli.contract import IMAGES as CONTRACT_IMAGES
 from metacli.loop import sample
 from metacli.streams import TaskRandom, task_keys
 from tests.conftest import compose_config
 
 IMAGES = (
-    "task=synthetic",
-    "task.image_size=16",
-    "task.ways=3",
-    "task.shots=2",
-    "task.queries=2",
-    "task.classes=8",
+    *CONTRACT_IMAGES,  # 3-way 2-shot synthetic 16 x 16 images, 8 classes a split
     "model=conv4",
     "model.filters=4",
     "device=cpu",
@@ -202,7 +198,7 @@ def finetune_reference(
     lr 0.01, momentum 0.9, dampening 0.9, weight decay 0.001, batches of 4)."""
     dim = support.shape[1]
     weight, bias = linear_init(1, ways, dim, [rng])
-    layer = nn.Linear(dim, ways, bias=not cosine).double()
+    layer = nn.Linear(dim, ways, bias=not cosine).to(support.dtype)
     with torch.no_grad():
         layer.weight.copy_(weight[0])
         if not cosine:
@@ -356,3 +352,33 @@ def test_every_baseline_learns_and_compare_pairs_them_with_protonets(
     for algo in runs:
         if algo != "protonet":
             assert (rows[algo]["pairs"], rows[algo]["pairs_of"]) == (40, "tasks"), algo
+
+
+@pytest.mark.parametrize(
+    "algo", ["matchingnet", "relationnet", "r2d2", "metaoptnet", "baseline", "baselinepp", "rfs"]
+)
+def test_each_method_runs_on_resnet12(algo: str) -> None:
+    """Every backbone that exists: ResNet-12 (its maps kept for Relation Networks)."""
+    extra = ["model.readout=flatten", "task.image_size=64"] if algo == "relationnet" else []
+    images = [o for o in IMAGES if not o.startswith(("model", "task.image_size"))]
+    overrides = ["model=resnet12", "model.widths=[2,2,2,3]", "task.image_size=32", *extra]
+    c = build(compose_config(f"algo={algo}", *images, *overrides))
+    out = c.algorithm.meta_loss(sample(c))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    grads = [p.grad for p in c.algorithm.model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    c.algorithm.eval()
+    tasks = c.task.sample(2, "val", torch.Generator().manual_seed(0))
+    tasks = tasks.with_keys(task_keys(0, "val", 0, 0, 2))
+    evaluation = c.algorithm.evaluate(tasks)
+    assert evaluation.metric.shape == (2, 1) and torch.isfinite(evaluation.loss).all()
+
+
+def test_distributed_training_refuses_mini_batches_of_images_with_the_fix() -> None:
+    from metacli.errors import MetacliError
+    from metacli.loop import distributed_objective
+
+    c = components("baseline")
+    with pytest.raises(MetacliError, match=re.escape("distributed.nproc=1")):
+        distributed_objective(c, sample(c))

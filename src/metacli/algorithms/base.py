@@ -23,7 +23,7 @@ from metacli.models.base import Model
 from metacli.models.fused import backward_once
 from metacli.params import Params
 from metacli.registry import Registered
-from metacli.tasks.base import TaskBatch, TaskDistribution
+from metacli.tasks.base import ClassificationTask, TaskBatch, TaskDistribution
 
 # How a training meta-batch is computed: the executor's per-task strategies, or "stacked":
 # every task one row of the same tensors with the meta-gradient written out
@@ -49,6 +49,17 @@ class AlgoConfig:
             self.batching,
             f"choose one of {', '.join(BATCHINGS)}",
         )
+
+
+def classification_task(task: TaskDistribution, algo: str) -> ClassificationTask:
+    """``task`` for an algorithm that only classifies, or the error that says so."""
+    if not isinstance(task, ClassificationTask):
+        raise ConfigError(
+            f"algo={algo} classifies; task={task.cfg.name} is not a classification task. "
+            f"Choose a classification task (task=omniglot, miniimagenet, image_folder, "
+            f"synthetic)."
+        )
+    return task
 
 
 @dataclass

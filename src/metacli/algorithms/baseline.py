@@ -22,7 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metacli.algorithms.base import AlgoConfig, Evaluation, MetaAlgorithm, MetaLoss
+from metacli.algorithms.base import (
+    AlgoConfig,
+    Evaluation,
+    MetaAlgorithm,
+    MetaLoss,
+    classification_task,
+)
 from metacli.config import require, require_at_least
 from metacli.errors import ConfigError
 from metacli.models.base import Model
@@ -123,12 +129,7 @@ class Baseline(MetaAlgorithm, key="baseline"):
 
     def __init__(self, cfg: BaselineConfig, model: Model, task: TaskDistribution) -> None:
         super().__init__(cfg, model, task)
-        if not isinstance(task, ClassificationTask):
-            raise ConfigError(
-                f"algo={cfg.name} classifies; task={task.cfg.name} is not a classification "
-                f"task. Choose task=omniglot, miniimagenet, image_folder or synthetic."
-            )
-        self.classes = task
+        self.classes = classification_task(task, cfg.name)
         dim = getattr(model, "feature_dim", None)
         if dim is None:
             raise ConfigError(
@@ -137,7 +138,7 @@ class Baseline(MetaAlgorithm, key="baseline"):
             )
         self.feature_dim = int(dim)
         self.input_shape = tuple(task.input_shape)
-        self.classifier = Classifier(self.feature_dim, task.train_classes(), self.cosine)
+        self.classifier = Classifier(self.feature_dim, self.classes.train_classes(), self.cosine)
 
     def training_batch(
         self, task: TaskDistribution, size: int, generator: torch.Generator

@@ -19,12 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metacli.algorithms.base import AlgoConfig, Evaluation, MetaAlgorithm, MetaLoss
-from metacli.errors import ConfigError
+from metacli.algorithms.base import (
+    AlgoConfig,
+    Evaluation,
+    MetaAlgorithm,
+    MetaLoss,
+    classification_task,
+)
 from metacli.models.base import Model
 from metacli.models.fused import backward_once
 from metacli.streams import TaskRandom
-from metacli.tasks.base import ClassificationTask, TaskBatch, TaskDistribution
+from metacli.tasks.base import TaskBatch, TaskDistribution
 
 
 def one_hot(labels: Tensor, ways: int, dtype: torch.dtype) -> Tensor:
@@ -74,13 +79,7 @@ class HeadAlgorithm(MetaAlgorithm):
 
     def __init__(self, cfg: AlgoConfig, model: Model, task: TaskDistribution) -> None:
         super().__init__(cfg, model, task)
-        if not isinstance(task, ClassificationTask):
-            raise ConfigError(
-                f"algo={cfg.name} classifies; task={task.cfg.name} is not a classification "
-                f"task. Choose a classification task (task=omniglot, miniimagenet, "
-                f"image_folder, synthetic)."
-            )
-        self.classes = task
+        self.classes = classification_task(task, cfg.name)
 
     # --- what a method defines ------------------------------------------------------------
     def head(self, support: Tensor, support_y: Tensor, query: Tensor, ways: int) -> Tensor:

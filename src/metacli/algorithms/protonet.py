@@ -16,12 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metacli.algorithms.base import AlgoConfig, Evaluation, MetaAlgorithm, MetaLoss
-from metacli.errors import ConfigError
+from metacli.algorithms.base import (
+    AlgoConfig,
+    Evaluation,
+    MetaAlgorithm,
+    MetaLoss,
+    classification_task,
+)
 from metacli.models.base import Model
 from metacli.models.fused import backward_once
 from metacli.streams import TaskRandom
-from metacli.tasks.base import ClassificationTask, TaskBatch, TaskDistribution
+from metacli.tasks.base import TaskBatch, TaskDistribution
 
 Episode = Callable[..., tuple[Tensor, Tensor, dict[str, Tensor]]]
 
@@ -45,12 +50,7 @@ class ProtoNet(MetaAlgorithm, key="protonet"):
 
     def __init__(self, cfg: ProtoNetConfig, model: Model, task: TaskDistribution) -> None:
         super().__init__(cfg, model, task)
-        if not isinstance(task, ClassificationTask):
-            raise ConfigError(
-                f"algo=protonet classifies; task={task.cfg.name} is not a "
-                f"classification task. Choose a classification task."
-            )
-        self.classes = task
+        self.classes = classification_task(task, cfg.name)
 
     def logits(self, sx: Tensor, sy: Tensor, qx: Tensor, ways: int) -> Tensor:
         # One forward pass over support and query together, as in Snell et al.'s code.
