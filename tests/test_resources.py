@@ -199,3 +199,17 @@ def test_the_summary_records_the_thread_choice(tmp_path: Path) -> None:
     assert summary["threads_chosen"].startswith("1: a small network")
     run_cli("train", "debug=tiny", "threads=2", f"hydra.run.dir={tmp_path / 'two'}", cwd=tmp_path)
     assert read_summary(tmp_path / "two")["threads_chosen"] == "2: set by threads"
+
+
+def test_a_heads_own_memory_is_counted_per_task() -> None:
+    """Relation Networks score every (class, query) pair of a task at once: 200 ways
+    make 3,000 x 200 pairs of feature maps per task, which the estimate counts (and
+    refuses on this machine) while the network's own passes alone would look small."""
+    small = ("task=synthetic", "task.image_size=28", "model=conv4", "model.pool_blocks=2")
+    base = needs_of("algo=relationnet", *small)
+    wide = needs_of("algo=relationnet", *small, "task.ways=200", "task.classes=200")
+    pairs = (200 * 15 * 200) / (5 * 15 * 5)  # pairs per task, against the default's
+    assert wide["test.batch_size"] > 0.5 * pairs * base["test.batch_size"]
+    assert sum(wide.values()) > 1e12  # a terabyte: refused before anything runs
+    protonet = needs_of("algo=protonet", "task=synthetic", "task.image_size=28", "model=conv4")
+    assert protonet["test.batch_size"] < base["test.batch_size"] / 10  # no pairs there

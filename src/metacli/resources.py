@@ -122,6 +122,7 @@ class ModelShapes:
     kept: int  # bytes an example's forward pass leaves for its backward
     transient: int  # the most bytes alive at once in an example's pass without a graph
     input_shape: tuple[int, ...]
+    features: tuple[int, ...]  # an example's output (or the maps a head compares)
     training_batching: str  # how a meta-batch's tasks run (vmap: all at once)
     evaluation_batching: str
     written: bool  # its backward pass is written out (Model.functional_backward)
@@ -153,6 +154,7 @@ def model_shapes(resolved: Resolved, device: torch.device) -> ModelShapes:
         with counting:
             output = model.functional(weights, buffers, inputs)
             kept = counting.live
+            features = tuple(getattr(model, "map_shape", None) or output.shape[1:])
             del output
         per_example.append((kept if graph else counting.peak) // examples)
     choice = getattr(algo_cfg, "batching", "auto")
@@ -168,6 +170,7 @@ def model_shapes(resolved: Resolved, device: torch.device) -> ModelShapes:
         kept=per_example[0],
         transient=per_example[1],
         input_shape=input_shape,
+        features=tuple(int(n) for n in features),
         training_batching=batching(algo_cls.keeps_graphs),
         evaluation_batching=batching(False),
     )
@@ -200,16 +203,22 @@ def estimate(resolved: Resolved, device: torch.device, command: str = "train") -
         train = split == "train"
         shots = task_cfg.shots if train else task_cfg.test_shots or task_cfg.shots
         queries = task_cfg.queries if train else task_cfg.test_queries or task_cfg.queries
-        ways = 1  # regression: shots are points
-        if task_cls.is_classification:
-            ways = task_cfg.ways if train else task_cfg.test_ways or task_cfg.ways
-        return shots * ways, queries * ways
+        return shots * ways_of(split), queries * ways_of(split)
 
+    def ways_of(split: str) -> int:
+        if not task_cls.is_classification:
+            return 1  # regression: shots are points
+        return int(task_cfg.ways if split == "train" else task_cfg.test_ways or task_cfg.ways)
+
+    def head(split: str) -> int:
+        """What a task's head makes beyond the network (Relation Networks' pairs, ...)."""
+        return algo_cls.head_bytes(algo_cfg, ways_of(split), *examples(split), model.features)
+
+    algo_cls = resolved.classes["algo"]
     steps = int(getattr(algo_cfg, "inner_steps", 1) or 0)
     test_steps = getattr(algo_cfg, "test_inner_steps", None)
     test_steps = steps if test_steps is None else int(test_steps)
     support, query = examples("train")
-    algo_cls = resolved.classes["algo"]
     second_order = algo_cls.second_order(algo_cfg)
     kept_steps = max(steps, 1) if second_order else 1
     query_pass = model.kept if algo_cls.holds_query(algo_cfg) else model.transient
@@ -233,7 +242,8 @@ def estimate(resolved: Resolved, device: torch.device, command: str = "train") -
             "train.meta_batch_size",
             f"a meta-batch of {batch:,} tasks",
             fixed=0 if together else in_flight(model.training_batching, batch) * training,
-            each=train_task + (training if together else 0),
+            # a head runs on every task of the batch at once (and its graph is kept)
+            each=train_task + (training if together else 0) + AUTOGRAD_GRAPH * head("train"),
             count=batch,
             phase=True,
         ),
@@ -256,7 +266,7 @@ def estimate(resolved: Resolved, device: torch.device, command: str = "train") -
                 f"{split}.batch_size",
                 f"{chunk:,} {name} tasks adapted at once",
                 fixed=0 if together else in_flight(model.evaluation_batching, chunk) * evaluation,
-                each=evaluation if together else 0,
+                each=(evaluation if together else 0) + head("test"),
                 count=chunk,
                 phase=True,
             )

@@ -142,6 +142,15 @@ class MetaAlgorithm(nn.Module, Registered):
         return cls.keeps_graphs
 
     @classmethod
+    def head_bytes(
+        cls, cfg: AlgoConfig, ways: int, support: int, queries: int, features: tuple[int, ...]
+    ) -> int:
+        """Bytes one task's head makes beyond the network's passes (the memory estimate,
+        ``metacli.resources``): ``support`` and ``queries`` examples of ``ways`` classes,
+        each embedded as ``features`` (the model's output, or its maps: ``map_shape``)."""
+        return 0
+
+    @classmethod
     def model_input_shape(cls, cfg: AlgoConfig, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The input shape the model is built for (the task's, unless the algorithm puts
         something before the model: MR-MAML's encoder)."""

@@ -12,6 +12,7 @@ the settings and the deviations.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -84,6 +85,17 @@ class MatchingNet(HeadAlgorithm, key="matchingnet"):
                     f"choose model=conv4 or resnet12."
                 )
             self.context = ContextEmbedding(int(dim))
+
+    @classmethod
+    def head_bytes(
+        cls, cfg: AlgoConfig, ways: int, support: int, queries: int, features: tuple[int, ...]
+    ) -> int:
+        dim = math.prod(features)
+        attention = 4 * queries * support * 3
+        if not (isinstance(cfg, MatchingNetConfig) and cfg.fce):
+            return attention
+        # the attention LSTM's S read steps, each keeping its attention and gates
+        return attention + 4 * support * queries * (support + 8 * dim)
 
     def head(self, support: Tensor, support_y: Tensor, query: Tensor, ways: int) -> Tensor:
         """Log-probabilities [T, Q, ways]: log(attention @ one-hot labels + 1e-6)."""

@@ -106,6 +106,17 @@ class MetaOptNet(HeadAlgorithm, key="metaoptnet"):
         super().__init__(cfg, model, task)
         self.scale = nn.ParameterDict({"scale": nn.Parameter(torch.tensor(1.0))})
 
+    @classmethod
+    def head_bytes(
+        cls, cfg: AlgoConfig, ways: int, support: int, queries: int, features: tuple[int, ...]
+    ) -> int:
+        if not isinstance(cfg, MetaOptNetConfig) or cfg.head == "ridge":
+            return 4 * support * support * 3
+        # qpth's KKT system over S x ways variables, its inequalities and equalities, and
+        # the few matrices of that size its factorisation and backward pass keep
+        n = support * ways
+        return 4 * (2 * n + support) ** 2 * 6
+
     def head(self, support: Tensor, support_y: Tensor, query: Tensor, ways: int) -> Tensor:
         support, query = support.flatten(2), query.flatten(2)
         if self.cfg.head == "ridge":

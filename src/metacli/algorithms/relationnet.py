@@ -123,6 +123,13 @@ class RelationNet(HeadAlgorithm, key="relationnet"):
         self.map_shape = (channels, height, width)
         self.relation = RelationModule(channels, (height, width), cfg.hidden)
 
+    @classmethod
+    def head_bytes(
+        cls, cfg: AlgoConfig, ways: int, support: int, queries: int, features: tuple[int, ...]
+    ) -> int:
+        # every (class, query) pair's concatenated maps, and the module's activations on it
+        return 4 * queries * ways * 2 * math.prod(features) * 3
+
     def head(self, support: Tensor, support_y: Tensor, query: Tensor, ways: int) -> Tensor:
         tasks, queries = query.shape[:2]
         labels = one_hot(support_y, ways, support.dtype)  # [T, S, ways]
