@@ -384,3 +384,20 @@ def test_distributed_training_refuses_mini_batches_of_images_with_the_fix() -> N
     c = components("baseline")
     with pytest.raises(MetacliError, match=re.escape("distributed.nproc=1")):
         distributed_objective(c, sample(c))
+
+
+def test_diverged_embeddings_give_nan_scores_for_that_task_alone(float64) -> None:
+    """A task whose features are NaN is data (a diverged task), not a crash of qpth's
+    Cholesky or of scikit-learn's input check; the other tasks are solved as before."""
+    torch.manual_seed(8)
+    support, query = torch.randn(2, 6, 10), torch.randn(2, 4, 10)
+    labels = torch.tensor([[0, 0, 1, 1, 2, 2]] * 2)
+    broken = support.clone()
+    broken[0, 0, 0] = float("nan")
+    svm = components("metaoptnet").algorithm
+    scores = svm.head(broken, labels, query, 3)
+    assert scores[0].isnan().all() and torch.isfinite(scores[1]).all()
+    torch.testing.assert_close(scores[1], svm.head(support[1:], labels[1:], query[1:], 3)[0])
+    rfs = components("rfs").algorithm
+    scores = rfs.task_scores(broken, labels, query, 3, [])
+    assert scores[0].isnan().all() and torch.isfinite(scores[1]).all()

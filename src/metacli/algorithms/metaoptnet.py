@@ -127,17 +127,17 @@ class MetaOptNet(HeadAlgorithm, key="metaoptnet"):
             iterations = self.cfg.qp_iterations if self.training else self.cfg.test_qp_iterations
             n = support.shape[1] * ways
             group = max(1, KKT_ELEMENTS // (3 * n) ** 2)
-            alphas = [
-                svm_cs_dual(
-                    support[i : i + group],
-                    support_y[i : i + group],
-                    ways,
-                    self.cfg.c_reg,
-                    iterations,
+            # a task whose embeddings diverged gets NaN scores (reported as diverged);
+            # qpth itself would stop the run ("Q is not SPD")
+            solvable = torch.isfinite(support).flatten(1).all(1)
+            alpha = support.new_full((*support_y.shape, ways), float("nan"))
+            kept = solvable.nonzero().squeeze(1)
+            for i in range(0, len(kept), group):
+                rows = kept[i : i + group]
+                alpha = alpha.index_put(
+                    (rows,),
+                    svm_cs_dual(support[rows], support_y[rows], ways, self.cfg.c_reg, iterations),
                 )
-                for i in range(0, len(support), group)
-            ]
-            alpha = torch.cat(alphas)  # [T, S, ways]
             scores = (query @ support.transpose(-1, -2)) @ alpha
         return self.scale["scale"] * scores
 

@@ -160,6 +160,11 @@ class RFS(Baseline, key="rfs"):
         for s, y, q in zip(
             support.cpu().double(), support_y.cpu(), query.cpu().double(), strict=True
         ):
+            if not (torch.isfinite(s).all() and torch.isfinite(q).all()):
+                # diverged features: NaN scores (the task is reported as diverged),
+                # where scikit-learn would stop the run
+                out.append(torch.full((len(q), ways), torch.nan, dtype=torch.float64))
+                continue
             clf = LogisticRegression(
                 C=self.cfg.c_reg, solver="lbfgs", max_iter=self.cfg.max_iter, random_state=0
             )
