@@ -33,6 +33,7 @@ from metacli.errors import ConfigError
 from metacli.models.base import Model
 from metacli.optim import OuterAdam, OuterSGD
 from metacli.options import class_of, option_keys, schema_of
+from metacli.registry import lookup
 from metacli.tasks.base import TaskDistribution, split_generator
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,12 @@ class Components:
     device: torch.device
     train_generator: torch.Generator  # the training task stream (checkpointed)
     overrides: list[str] = field(default_factory=list)  # the command line's, for checkpoints
+    # cross-domain: the distribution that val or test tasks come from, where not ``task``
+    eval_tasks: dict[str, TaskDistribution] = field(default_factory=dict)
+
+    def task_for(self, split: str) -> TaskDistribution:
+        """The task distribution that ``split``'s tasks are drawn from."""
+        return self.eval_tasks.get(split, self.task)
 
     def classes(self) -> dict[str, str]:
         """The import path of each component's class (summary.json: what ran)."""
@@ -71,6 +78,8 @@ class Resolved:
     typed: dict[str, Any]  # group -> its config dataclass
     notes: list[str]  # what `configure` changed
     effective: DictConfig
+    # cross-domain (val.task, test.task): split -> (class, config) of its distribution
+    eval_tasks: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
 
 def typed_group(cfg: DictConfig, group: str) -> tuple[Any, Any]:
@@ -131,6 +140,11 @@ def resolve(cfg: DictConfig) -> Resolved:
             f"algorithm without a head (algo=protonet)."
         )
     check_model_inputs(classes, typed)
+    eval_tasks = {
+        split: evaluation_task(split, getattr(run, split), classes["task"], task_cfg)
+        for split in ("val", "test")
+        if getattr(run, split).task is not None
+    }
     notes = algo_cls.configure(algo_cfg, typed["model"], run)
     sections = {
         **dataclasses.asdict(run),
@@ -139,7 +153,53 @@ def resolve(cfg: DictConfig) -> Resolved:
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
     effective = OmegaConf.create({k: sections.get(str(k), v) for k, v in container.items()})
-    return Resolved(run, classes, typed, notes, effective)
+    return Resolved(run, classes, typed, notes, effective, eval_tasks)
+
+
+# the episode settings an evaluation task takes from the training task
+EPISODE_FIELDS = ("ways", "shots", "queries", "test_ways", "test_shots", "test_queries", "labels")
+
+
+def evaluation_task(split: str, section: Any, task_cls: Any, task_cfg: Any) -> tuple[Any, Any]:
+    """The class and config of ``{split}.task`` (cross-domain validation or meta-test): its
+    own defaults, the training task's episode settings, the training images' size and
+    channels, then ``{split}.task_settings``; its inputs must have the model's shape."""
+    cls = lookup("task", str(section.task), TaskDistribution)
+    own = {f.name for f in dataclasses.fields(cls.Config)}
+    values: dict[str, Any] = {
+        f: getattr(task_cfg, f) for f in EPISODE_FIELDS if f in own and hasattr(task_cfg, f)
+    }
+    shape = task_cls.shape_of(task_cfg)
+    if shape is not None and len(shape) == 3:
+        values.update(
+            {k: v for k, v in (("channels", shape[0]), ("image_size", shape[-1])) if k in own}
+        )
+    settings = dict(section.task_settings)
+    unknown = sorted(set(settings) - own)
+    if unknown:
+        raise ConfigError(
+            f"{split}.task_settings.{unknown[0]} is not a setting of task={section.task} (its "
+            f"settings: {', '.join(sorted(own - {'name'}))})."
+        )
+    values.update(settings)
+    values["name"] = cls.key if getattr(cls, "key", None) else str(section.task)
+    try:
+        cfg = cls.Config(**values)
+    except ConfigError as err:
+        raise ConfigError(f"{split}.task={section.task}: {err}") from None
+    theirs = cls.shape_of(cfg)
+    if shape is not None and theirs is not None and tuple(theirs) != tuple(shape):
+        raise ConfigError(
+            f"{split}.task={section.task} gives inputs of shape {tuple(theirs)}, but the model "
+            f"takes {tuple(shape)} (task={task_cfg.name}). Set {split}.task_settings (its "
+            f"image_size or channels) to match, or choose another {split}.task."
+        )
+    if not (cls.is_classification and task_cls.is_classification) and cls is not task_cls:
+        raise ConfigError(
+            f"{split}.task={section.task} and task={task_cfg.name} are not both "
+            f"classification tasks: a model trained on one cannot be scored on the other."
+        )
+    return cls, cfg
 
 
 def check_model_inputs(classes: dict[str, Any], typed: dict[str, Any]) -> None:
@@ -294,6 +354,10 @@ def build(config: DictConfig | Resolved, overrides: list[str] | None = None) -> 
     seed_everything(run.seed)
     data_root = run.data.root or os.environ.get("METACLI_DATA")
     task = classes["task"](typed["task"], data_root, run.data.cache_dir)
+    eval_tasks = {
+        split: cls(cfg, getattr(run, split).data_root or data_root, run.data.cache_dir)
+        for split, (cls, cfg) in resolved.eval_tasks.items()
+    }
     output_dim = task.output_dim if classes["algo"].uses_head else None
     input_shape = classes["algo"].model_input_shape(typed["algo"], tuple(task.input_shape))
     model = classes["model"](typed["model"], input_shape, output_dim)
@@ -312,4 +376,5 @@ def build(config: DictConfig | Resolved, overrides: list[str] | None = None) -> 
         device=device,
         train_generator=split_generator(run.seed, "train"),
         overrides=list(overrides or []),
+        eval_tasks=eval_tasks,
     )

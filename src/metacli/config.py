@@ -279,6 +279,12 @@ MAX_TASKS = 10_000_000  # val.num_tasks and test.num_tasks
 class EvalConfig:
     num_tasks: int = 100  # fixed, seeded tasks (seed and split alone choose them)
     batch_size: int = 100  # tasks adapted at once
+    # cross-domain: tasks of this split drawn from another task distribution (e.g. cub),
+    # with the training task's ways, shots and queries and the model's input size;
+    # task_settings: its other settings; data_root: its files (null: data.root)
+    task: str | None = None
+    task_settings: dict[str, Any] = field(default_factory=dict)
+    data_root: str | None = None
 
     def check(self, section: str) -> None:
         require(self.num_tasks >= 1, f"{section}.num_tasks", self.num_tasks, "it must be >= 1")

@@ -47,7 +47,7 @@ def check(overrides: list[str]) -> int:
     )
     for column in ("split", "classes", "images per class", "image size"):
         table.add_column(column, justify="right")
-    size = "x".join(str(s) for s in task.images.shape[1:])
+    size = "x".join(str(s) for s in task.images_of("train").shape[1:])
     for split, classes in task.splits.items():
         fewest, most = int(classes.counts.min()), int(classes.counts.max())
         per_class = str(most) if fewest == most else f"{fewest}-{most}"
@@ -60,7 +60,7 @@ def check(overrides: list[str]) -> int:
     if sets is not None:
         counts = {name: sets.count(name) for name in dict.fromkeys(sets)}
         CONSOLE.print("characters: " + ", ".join(f"{n} {name}" for name, n in counts.items()))
-    CONSOLE.print(f"{len(task.images)} images decoded, cache ready.")
+    CONSOLE.print(f"{task.decoded()} images decoded, cache ready.")
     for problem in problems:
         CONSOLE.print(f"[red]problem:[/red] {problem}", soft_wrap=True)
     if not problems:
@@ -77,7 +77,7 @@ def prepare(overrides: list[str]) -> int:
     except MetacliError as err:
         CONSOLE.print(f"[red]problem:[/red] {err}", soft_wrap=True)
         return 1
-    count = len(task.images) if isinstance(task, ImageClassTask) else 0
+    count = task.decoded() if isinstance(task, ImageClassTask) else 0
     CONSOLE.print(
         f"task={task.cfg.name}: {count} images ready in the cache "
         f"({time.perf_counter() - start:.1f} s)."

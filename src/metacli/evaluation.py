@@ -200,7 +200,8 @@ class EvalSummary:
 
 def fixed_tasks(components: Components, split: str, num_tasks: int) -> TaskBatch:
     """The validation or test tasks of a run: seeded by seed and split alone."""
-    tasks = components.task.sample(num_tasks, split, split_generator(components.run.seed, split))
+    task = components.task_for(split)
+    tasks = task.sample(num_tasks, split, split_generator(components.run.seed, split))
     return tasks.with_keys(task_keys(components.run.seed, split, 0, 0, num_tasks))
 
 

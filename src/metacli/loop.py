@@ -54,17 +54,14 @@ def sample(components: Components) -> TaskBatch:
     size = components.run.train.meta_batch_size
     generator = components.train_generator
     batch = components.algorithm.training_batch(components.task, size, generator)
+    iteration = int(components.algorithm.outer_steps)
+    if getattr(components.task.cfg, "augment", "none") != "none":  # a stream of its own
+        augment_keys = task_keys(components.run.seed, "augment", iteration, 0, len(batch))
+        batch = components.task.augment_batch(batch, augment_keys)
     batch = batch.to(components.device)
     if not components.algorithm.executor.stochastic:  # nothing draws: no keys needed
         return batch
-    keys = task_keys(
-        components.run.seed,
-        "train",
-        int(components.algorithm.outer_steps),
-        0,
-        size,
-        components.device,
-    )
+    keys = task_keys(components.run.seed, "train", iteration, 0, size, components.device)
     return batch.with_keys(keys)
 
 

@@ -246,7 +246,9 @@ def adaptation_figure(
     )  # dense: the true function
     if hasattr(components.task.cfg, "noise"):
         components.task.cfg.noise = 0.0
-    batch = components.task.sample(tasks, "test", split_generator(components.run.seed, "test"))
+    batch = components.task_for("test").sample(
+        tasks, "test", split_generator(components.run.seed, "test")
+    )
     order = batch.query_x[..., 0].argsort(dim=1)  # [B, Q]: queries left to right
     sort = order.unsqueeze(-1)
     batch = type(batch)(

@@ -211,6 +211,8 @@ def train(
             train_time_s=training,
             eval_time_s=folder.earlier_eval_time + state.eval_time + tested,
             it_per_s=state.iteration / training if training > 0 else None,
+            # the task distribution each split's tasks came from (cross-domain: not one)
+            tasks={s: components.task_for(s).cfg.name for s in ("train", "val", "test")},
             best_val={
                 "metric": state.best_metric,
                 "iteration": state.best_iteration,
@@ -226,7 +228,9 @@ def train(
             **extra,
         )
         folder.update_summary(objective=objective(folder.summary, cfg.optimized_metric))
-        lines = [("algorithm", f"{cfg.algo.name} on {cfg.task.name} ({cfg.model.name})")]
+        tested_on = components.task_for("test").cfg.name
+        domains = cfg.task.name if tested_on == cfg.task.name else f"{cfg.task.name} -> {tested_on}"
+        lines = [("algorithm", f"{cfg.algo.name} on {domains} ({cfg.model.name})")]
         if ensemble is not None:
             members = len(ensemble["checkpoint_iterations"])
             value = f"{ensemble['mean']:.4f} ± {ensemble['ci95']:.4f}"

@@ -44,7 +44,8 @@ MOST_IMAGES = 4096
 class BaselineConfig(AlgoConfig):
     name: str = "baseline"
     batch_size: int = 16  # training images per step (train.py: 16)
-    augment: bool = True  # crops, flips, colour jitter in training (--train_aug)
+    # crops, flips, colour jitter in training (--train_aug); off where task.augment is set
+    augment: bool = True
     finetune_epochs: int = 100  # passes over a test task's support set
     finetune_batch: int = 4
     finetune_lr: float = 0.01
@@ -144,7 +145,8 @@ class Baseline(MetaAlgorithm, key="baseline"):
         self, task: TaskDistribution, size: int, generator: torch.Generator
     ) -> TaskBatch:
         assert isinstance(task, ClassificationTask)
-        return task.sample_examples(self.cfg.batch_size, generator, self.cfg.augment)
+        own = self.cfg.augment and getattr(task.cfg, "augment", "none") == "none"
+        return task.sample_examples(self.cfg.batch_size, generator, own)
 
     def training_logits(self, x: Tensor) -> Tensor:
         with backward_once():

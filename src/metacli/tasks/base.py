@@ -14,6 +14,8 @@ from metacli.errors import ConfigError
 from metacli.registry import Registered
 
 SPLITS = ("train", "val", "test")  # the task splits of every distribution
+# task.augment: the training images' augmentation (metacli.tasks.images.augment says each)
+AUGMENTATIONS = ("none", "standard", "crop_flip", "resized_crop")
 
 
 @dataclass
@@ -89,12 +91,19 @@ class TaskDistribution(Registered):
     stacked_loss: ClassVar[StackedLoss | None] = None
     # images a dataset decodes into its uint8 cache (metacli.resources; None: not known)
     stored_images: ClassVar[int | None] = None
+    augments: ClassVar[bool] = False  # whether task.augment may name an augmentation
 
     def __init__(
         self, cfg: TaskConfig, data_root: str | None = None, cache_folder: str | None = None
     ) -> None:
         self.cfg = cfg
         self.data_root = data_root
+        augment = getattr(cfg, "augment", "none")
+        if augment != "none" and not self.augments:
+            raise ConfigError(
+                f"task.augment={augment}, but task={cfg.name} has no images to augment. "
+                f"Set task.augment=none."
+            )
         shape = self.shape_of(cfg)
         if shape is not None:
             self.input_shape = shape
@@ -132,6 +141,11 @@ class TaskDistribution(Registered):
 
     def metric(self, prediction: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def augment_batch(self, batch: TaskBatch, keys: Tensor) -> TaskBatch:
+        """A training batch with ``task.augment`` applied, task i drawing from the random
+        stream of ``keys[i]`` (so its images change alike whatever the batching)."""
+        return batch
 
     def loss_gradient(self, prediction: Tensor, target: Tensor) -> Tensor | None:
         """d loss / d prediction of ONE task, written out (``stacked_loss`` on a stack of
@@ -234,9 +248,18 @@ class ClassificationConfig(TaskConfig):
     # tasks); fixed: class c always has label c mod N, so one network can memorise every
     # class (the non-mutually-exclusive tasks of Yin et al. 2020)
     labels: str = "shuffled"
+    # training images' augmentation, drawn per task: none | standard | crop_flip |
+    # resized_crop (metacli.tasks.images.augment)
+    augment: str = "none"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require(
+            self.augment in AUGMENTATIONS,
+            "task.augment",
+            self.augment,
+            f"choose {', '.join(AUGMENTATIONS)}",
+        )
         require(
             self.labels in ("shuffled", "fixed"),
             "task.labels",

@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from metacli.console import track
 from metacli.errors import MetacliError
 from metacli.files import save_tensors
 from metacli.lock import FolderLock
+from metacli.streams import TaskRandom
 from metacli.tasks.base import (
     ClassificationTask,
     TaskBatch,
@@ -91,7 +94,7 @@ def read_cache(path: Path, say: bool = True) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return dict(torch.load(path, map_location="cpu", weights_only=True))
+        return dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
     except Exception:  # a cache file of another version, or damaged on disk
         if say:
             log.warning("Rebuilding the unreadable cache file %s", path)
@@ -134,6 +137,31 @@ class ImageClassTask(ClassificationTask):
     splits: dict[str, ClassSet]
     mean: float | Tensor = 0.0  # per channel: [C, 1, 1]
     std: float | Tensor = 1.0
+    augments = True
+
+    def images_of(self, split: str) -> Tensor:
+        """The tensor a split's class indices point into (one for all splits here)."""
+        return self.images
+
+    def decoded(self) -> int:
+        """Images decoded into the cache, all splits together."""
+        return len(self.images)
+
+    def augment_batch(self, batch: TaskBatch, keys: Tensor) -> TaskBatch:
+        kind = self.cfg.augment
+        if kind == "none":
+            return batch
+        sx, sy, qx, qy = batch.tensors()
+        shots = sx.shape[1]
+        images = torch.cat([sx, qx], dim=1)  # [B, S+Q, C, H, W]
+        per_task = images.shape[1]
+        draws = torch.stack([TaskRandom(k).uniform((per_task, DRAWS)) for k in keys.cpu()]).to(
+            images.device
+        )
+        plain = images.flatten(0, 1) * self.std + self.mean  # back to [0, 1]
+        out = augment(plain.clamp(0, 1), kind, draws.flatten(0, 1))
+        out = ((out - self.mean) / self.std).view_as(images)
+        return TaskBatch(out[:, :shots], sy, out[:, shots:], qy, batch.keys)
 
     def check_sizes(self) -> None:
         for split, classes in self.splits.items():
@@ -163,7 +191,7 @@ class ImageClassTask(ClassificationTask):
             [torch.randperm(n, generator=generator)[:per_class] for n in counts]
         ).view(num_tasks, ways, per_class)
         index = classes.indices[chosen.unsqueeze(-1), picks]  # [B, ways, S+Q]
-        images = self.images[index].float().div_(255)  # [B, ways, S+Q, C, H, W]
+        images = self.images_of(split)[index].float().div_(255)  # [B, ways, S+Q, C, H, W]
         turns = classes.turns[chosen]  # [B, ways]
         for k in (1, 2, 3):
             mask = turns == k
@@ -182,7 +210,7 @@ class ImageClassTask(ClassificationTask):
         class_of, image_of = self.__dict__["_examples"]
         pick = torch.randint(len(class_of), (size,), generator=generator)
         labels = class_of[pick]
-        images = self.images[image_of[pick]].float().div_(255)  # [N, C, H, W]
+        images = self.images_of("train")[image_of[pick]].float().div_(255)  # [N, C, H, W]
         turns = classes.turns[labels]
         for k in (1, 2, 3):
             mask = turns == k
@@ -193,58 +221,153 @@ class ImageClassTask(ClassificationTask):
         return examples_batch((images - self.mean) / self.std, labels)
 
 
-def augmented(images: Tensor, generator: torch.Generator, jitter: float = 0.4) -> Tensor:
-    """The training augmentation of the non-episodic baselines, on images in [0, 1]
-    [N, C, H, W]: a random crop of the image padded by zeros (8 pixels at 84 x 84, scaled
-    with the size: RFS's ``RandomCrop(84, padding=8)``), a horizontal flip with probability
-    1/2, and on colour images brightness, contrast and saturation each scaled by a factor
-    drawn from [1 - jitter, 1 + jitter] (``ColorJitter(0.4, 0.4, 0.4)``)."""
+# torchvision's RandomResizedCrop defaults: the crop's share of the area, its aspect ratio
+RESIZED_SCALE = (0.08, 1.0)
+RESIZED_RATIO = (3 / 4, 4 / 3)
+DRAWS = 10  # uniforms an image's augmentation takes (columns of ``draws`` below)
+
+
+def padding_for(size: int) -> int:
+    """The crop padding of the papers' code: 4 pixels at 32 x 32 (RFS's and MetaOptNet's
+    CIFAR), 8 at 84 x 84 (their ImageNet derivatives), in proportion between and above."""
+    return 4 if size <= 32 else max(1, round(8 * size / 84))
+
+
+def augment(images: Tensor, kind: str, draws: Tensor, jitter: float = 0.4) -> Tensor:
+    """One of ``AUGMENTATIONS`` applied to images in [0, 1] [N, C, H, W], each image's
+    randomness read from its row of ``draws`` [N, DRAWS] (uniforms in (0, 1)), so that a
+    caller decides which random stream each image draws from.
+
+    - ``standard`` (MetaOptNet's and RFS's ``RandomCrop(size, padding)``, ``ColorJitter(0.4,
+      0.4, 0.4)``, ``RandomHorizontalFlip``): a crop of the zero-padded image, brightness,
+      contrast and saturation each scaled by a factor from [1 - jitter, 1 + jitter] on colour
+      images, and a flip with probability 1/2;
+    - ``crop_flip``: the crop and the flip alone;
+    - ``resized_crop`` (CloserLookFewShot's ``train_aug``): a crop of 8-100% of the area with
+      an aspect ratio in [3/4, 4/3], resized back bilinearly, then the jitter and the flip.
+    """
+    if kind == "none":
+        return images
     n, channels, height, width = images.shape
-    pad = max(1, round(8 * height / 84))
-    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
-    dy = torch.randint(2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(2 * pad + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(height))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(width))[:, None, None, :]
-    out = padded[
-        torch.arange(n)[:, None, None, None],
-        torch.arange(channels)[None, :, None, None],
-        rows,
-        cols,
-    ]
-    flip = torch.rand(n, generator=generator) < 0.5
+    if kind == "resized_crop":
+        out = resized_crops(images, draws[:, 6:10])
+    else:
+        pad = padding_for(height)
+        padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+        dy = (draws[:, 0] * (2 * pad + 1)).long().clamp_max(2 * pad)
+        dx = (draws[:, 1] * (2 * pad + 1)).long().clamp_max(2 * pad)
+        rows = (dy[:, None] + torch.arange(height))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(width))[:, None, None, :]
+        out = padded[
+            torch.arange(n)[:, None, None, None],
+            torch.arange(channels)[None, :, None, None],
+            rows,
+            cols,
+        ]
+    if channels == 3 and jitter > 0 and kind != "crop_flip":
+        out = colour_jitter(out, draws[:, 3:6], jitter)
+    flip = draws[:, 2] < 0.5
     out[flip] = out[flip].flip(-1)
-    if channels == 3 and jitter > 0:
-
-        def factor() -> Tensor:
-            return (1 + jitter * (2 * torch.rand(n, generator=generator) - 1)).view(n, 1, 1, 1)
-
-        gray = (out * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        out = (out * factor()).clamp(0, 1)  # brightness
-        mean = gray.mean(dim=(2, 3), keepdim=True)
-        out = (mean + factor() * (out - mean)).clamp(0, 1)  # contrast
-        gray = (out * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        out = (gray + factor() * (out - gray)).clamp(0, 1)  # saturation
     return out
+
+
+def resized_crops(images: Tensor, draws: Tensor) -> Tensor:
+    """RandomResizedCrop drawn in one go on square images: area share and log aspect ratio
+    uniform, the crop clipped to the image (torchvision retries 10 times instead),
+    resampled bilinearly."""
+    n = images.shape[0]
+    low, high = RESIZED_SCALE
+    area = low + (high - low) * draws[:, 0]
+    log_ratio = math.log(RESIZED_RATIO[0]) + draws[:, 1] * math.log(
+        RESIZED_RATIO[1] / RESIZED_RATIO[0]
+    )
+    ratio = torch.exp(log_ratio)
+    w = torch.sqrt(area * ratio).clamp_max(1.0)  # fractions of the image's width and height
+    h = torch.sqrt(area / ratio).clamp_max(1.0)
+    x0 = draws[:, 2] * (1 - w)
+    y0 = draws[:, 3] * (1 - h)
+    theta = torch.zeros(n, 2, 3, dtype=images.dtype)
+    theta[:, 0, 0], theta[:, 1, 1] = w, h  # [-1, 1] output -> the crop's box in the input
+    theta[:, 0, 2] = 2 * x0 + w - 1
+    theta[:, 1, 2] = 2 * y0 + h - 1
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(
+        images, grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+
+
+def colour_jitter(images: Tensor, draws: Tensor, jitter: float) -> Tensor:
+    """Brightness, contrast and saturation, each by a factor in [1 - jitter, 1 + jitter]."""
+    factors = (1 + jitter * (2 * draws - 1)).view(-1, 3, 1, 1, 1)
+    luma = torch.tensor([0.299, 0.587, 0.114], dtype=images.dtype).view(1, 3, 1, 1)
+    out = (images * factors[:, 0]).clamp(0, 1)  # brightness
+    mean = (out * luma).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
+    out = (mean + factors[:, 1] * (out - mean)).clamp(0, 1)  # contrast
+    gray = (out * luma).sum(1, keepdim=True)
+    return (gray + factors[:, 2] * (out - gray)).clamp(0, 1)  # saturation
+
+
+def augmented(images: Tensor, generator: torch.Generator, jitter: float = 0.4) -> Tensor:
+    """The non-episodic baselines' own augmentation (``algo.augment``): ``standard`` on
+    colour images, its crops and flips on the rest, drawn from ``generator``."""
+    draws = torch.rand(images.shape[0], DRAWS, generator=generator)
+    return augment(images, "standard", draws, jitter)
 
 
 RESAMPLING = ("lanczos", "nearest")
 
 
 def decode_image(
-    data: bytes, size: int, channels: int, name: str, resample: str = "lanczos"
+    data: bytes,
+    size: int,
+    channels: int,
+    name: str,
+    resample: str = "lanczos",
+    crop: float = 1.0,
+    swap: bool = False,
 ) -> Tensor:
-    """Image bytes -> uint8 [channels, size, size], resized with LANCZOS (antialiased) or
-    NEAREST (what PIL does to a 1-bit image whatever it is asked: MAML's binary Omniglot)."""
+    """Image bytes -> uint8 [channels, size, size]."""
+    return torch.frombuffer(
+        bytearray(decode_pixels(data, size, channels, name, resample, crop, swap)),
+        dtype=torch.uint8,
+    ).view(channels, size, size)
+
+
+def decode_pixels(
+    data: bytes,
+    size: int,
+    channels: int,
+    name: str,
+    resample: str = "lanczos",
+    crop: float = 1.0,
+    swap: bool = False,
+    box: tuple[float, float, float, float] | None = None,
+) -> bytes:
+    """Image bytes -> channel-first uint8 pixels, resized with LANCZOS (antialiased) or
+    NEAREST (what PIL does to a 1-bit image whatever it is asked: MAML's binary Omniglot).
+
+    ``crop`` < 1: resized to size / crop, then the centre size x size kept
+    (CloserLookFewShot's test transform: Resize(1.15 x size), CenterCrop(size)).
+    ``swap``: the channels reversed, as ``cv2.imdecode`` returns a colour image (the
+    tieredImageNet PNG pickles were written by ``cv2.imencode``). ``box`` (x, y, width,
+    height): the region kept before resizing (CUB's bounding boxes). Torch-free, so that
+    the processes of ``decode_many`` start light."""
     import io
 
     from PIL import Image
 
     try:
         image = Image.open(io.BytesIO(data)).convert("L" if channels == 1 else "RGB")
-        if image.size != (size, size):
-            method = Image.Resampling.NEAREST if resample == "nearest" else Image.Resampling.LANCZOS
-            image = image.resize((size, size), method)
+        if box is not None:
+            x, y, w, h = box
+            image = image.crop((int(x), int(y), int(x + max(w, 1)), int(y + max(h, 1))))
+        method = Image.Resampling.NEAREST if resample == "nearest" else Image.Resampling.LANCZOS
+        outer = size if crop >= 1 else int(size / crop)
+        if image.size != (outer, outer):
+            image = image.resize((outer, outer), method)
+        if outer != size:
+            left = (outer - size) // 2
+            image = image.crop((left, left, left + size, left + size))
     except Exception as err:
         # (PIL names the in-memory buffer it read from, not the file: say what it found)
         reason = (
@@ -253,8 +376,68 @@ def decode_image(
         raise MetacliError(
             f"Cannot read the image {name}: {reason}. Replace or remove that file."
         ) from None
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return pixels.view(size, size, channels).permute(2, 0, 1).contiguous()
+    pixels = image.tobytes()  # [size, size, channels], row-major
+    if channels == 1:
+        return pixels
+    planes = [pixels[c::channels] for c in range(channels)]
+    return b"".join(reversed(planes) if swap else planes)
+
+
+# A source is the image's bytes or the path of its file; a name says it in messages; a
+# box (x, y, width, height), where given, is the region kept.
+Source = bytes | Path
+Item = tuple[Source, str] | tuple[Source, str, tuple[float, float, float, float] | None]
+PARALLEL_FROM = 2000  # fewer images decode faster in this process than a pool starts
+
+
+def _decode_chunk(chunk: Sequence[Item], options: dict[str, Any]) -> list[bytes]:
+    out = []
+    for source, name, *box in chunk:
+        try:
+            data = source.read_bytes() if isinstance(source, Path) else source
+        except OSError as err:
+            raise MetacliError(f"Cannot read the image {name}: {err.strerror or err}.") from None
+        out.append(decode_pixels(data, name=name, box=box[0] if box else None, **options))
+    return out
+
+
+def decode_many(
+    sources: Sequence[Item],
+    size: int,
+    channels: int,
+    description: str,
+    workers: int | None = None,
+    **options: Any,
+) -> Tensor:
+    """Decode images into one uint8 tensor [N, channels, size, size], over the CPU's cores
+    (``workers``: processes, default all cores), with a progress bar; the first image
+    that fails is named in the error."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    count = len(sources)
+    out = torch.empty(count, channels, size, size, dtype=torch.uint8)
+    options = {"size": size, "channels": channels, **options}
+    workers = workers or os.cpu_count() or 1
+    chunk = 256
+    starts = list(range(0, count, chunk))
+    description = f"{description} ({count:,} images, in blocks of {chunk})"
+    if workers <= 1 or count < PARALLEL_FROM:
+        for start in track(starts, description):
+            for i, pixels in enumerate(_decode_chunk(sources[start : start + chunk], options)):
+                out[start + i] = torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(
+                    channels, size, size
+                )
+        return out
+    # spawned, not forked: a fork of a process running torch's thread pools can hang
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(_decode_chunk, sources[s : s + chunk], options) for s in starts]
+        for start, future in zip(starts, track(futures, description), strict=True):
+            for i, pixels in enumerate(future.result()):
+                out[start + i] = torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(
+                    channels, size, size
+                )
+    return out
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")

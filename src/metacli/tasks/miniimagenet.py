@@ -17,7 +17,6 @@ deviations; ``normalize: none`` keeps [0, 1], as cbfinn/maml and openai/supervis
 from __future__ import annotations
 
 import csv
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,20 +37,10 @@ from metacli.tasks.images import (
     uneven,
     warn_problems,
 )
+from metacli.tasks.pickles import load_pickle, require_keys
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-SAFE_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("collections", "OrderedDict"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-}
 
 
 @dataclass
@@ -60,9 +49,18 @@ class MiniImageNetConfig(ClassificationConfig):
     image_size: int = 84
     split_dir: str | None = None  # folder of the Ravi CSVs (flat layout)
     normalize: str = "imagenet"  # imagenet (channel means and stds) | none ([0, 1])
+    # train: the 64 meta-training classes; all: all 100 (Chen et al. 2019's cross-domain
+    # protocol, which validates and meta-tests on another dataset: val.task, test.task)
+    train_classes: str = "train"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require(
+            self.train_classes in ("train", "all"),
+            "task.train_classes",
+            self.train_classes,
+            "choose train or all",
+        )
         require(
             self.normalize in ("imagenet", "none"),
             "task.normalize",
@@ -71,29 +69,9 @@ class MiniImageNetConfig(ClassificationConfig):
         )
 
 
-class SafeUnpickler(pickle.Unpickler):
-    """Admits numpy arrays and plain containers; refuses every other global."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in SAFE_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refused global {module}.{name}")
-
-
-def load_pickle(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as handle:
-            data = SafeUnpickler(handle).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
-        raise MetacliError(
-            f"Refused to load {path}: {err}. A mini-ImageNet cache holds only "
-            f"numpy arrays and plain containers; this file holds something "
-            f"else and was not executed. Use the common release's "
-            f"files."
-        ) from None
-    if not isinstance(data, dict) or not {"image_data", "class_dict"} <= data.keys():
-        raise MetacliError(f"{path} has no 'image_data' and 'class_dict' entries.")
-    return data
+def load_split_pickle(path: Path) -> dict[str, Any]:
+    data = load_pickle(path, "mini-ImageNet cache")
+    return require_keys(data, ("image_data", "class_dict"), str(path), "mini-ImageNet cache")
 
 
 def find_layout(root: Path, split_dir: str | None) -> tuple[str, dict[str, Any]]:
@@ -137,7 +115,7 @@ def find_layout(root: Path, split_dir: str | None) -> tuple[str, dict[str, Any]]
 def read_split(layout: str, place: Any, root: Path, size: int) -> dict[str, Any]:
     """One split as {"images": uint8 [N, 3, size, size], "classes": {wnid: [indices]}}."""
     if layout == "pickle":
-        data = load_pickle(place)
+        data = load_split_pickle(place)
         array = torch.from_numpy(data["image_data"]).permute(0, 3, 1, 2).contiguous()
         if array.shape[-1] != size:
             array = (
@@ -224,5 +202,15 @@ class MiniImageNet(ImageClassTask, key="miniimagenet"):
             names = list(classes)
             self.splits[split] = ClassSet.of([list(classes[n]) for n in names], names)
             self.problems += uneven(names, [len(classes[n]) for n in names])
+        if cfg.train_classes == "all":
+            every = [self.splits[s] for s in SPLITS]
+            self.splits["train"] = ClassSet.of(
+                [
+                    [int(i) for i in c.indices[k, : c.counts[k]]]
+                    for c in every
+                    for k in range(len(c))
+                ],
+                [n for c in every for n in c.names],
+            )
         warn_problems(self.problems)
         self.check_sizes()
