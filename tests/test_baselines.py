@@ -61,6 +61,21 @@ def test_ridge_woodbury_and_primal_forms_equal_the_normal_equations(float64, bia
             np.testing.assert_allclose(scores[t].numpy(), b @ w, rtol=1e-9, atol=1e-11)
 
 
+def test_metaoptnet_proto_head_is_the_codes_normalised_distance(float64) -> None:
+    c = components("metaoptnet", "algo.head=proto")
+    with torch.no_grad():
+        c.algorithm.scale["scale"].fill_(2.0)
+    torch.manual_seed(4)
+    support, query = torch.randn(2, 6, 7), torch.randn(2, 4, 7)
+    labels = torch.tensor([[0, 1, 2, 0, 1, 2], [2, 2, 0, 0, 1, 1]])
+    scores = c.algorithm.head(support, labels, query, 3)
+    for t in range(2):  # ProtoNetHead(normalize=True): -|q - mean of the class|^2 / d
+        x = support[t].numpy()
+        means = np.stack([x[labels[t].numpy() == k].mean(0) for k in range(3)])
+        distance = ((query[t].numpy()[:, None] - means[None]) ** 2).sum(-1)
+        np.testing.assert_allclose(scores[t].detach().numpy(), -2.0 * distance / 7, rtol=1e-9)
+
+
 def test_r2d2_head_is_bertinetto_ridge_regression_with_bias_and_adjust(float64) -> None:
     c = components("r2d2", "algo.lam=3.0", "algo.adj_scale=2.0", "algo.adj_bias=0.5")
     torch.manual_seed(1)
@@ -401,3 +416,34 @@ def test_diverged_embeddings_give_nan_scores_for_that_task_alone(float64) -> Non
     rfs = components("rfs").algorithm
     scores = rfs.task_scores(broken, labels, query, 3, [])
     assert scores[0].isnan().all() and torch.isfinite(scores[1]).all()
+
+
+def test_metaoptnet_retries_a_failed_qp_batch_task_by_task_then_reports_it_diverged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import metacli.algorithms.metaoptnet as metaoptnet
+
+    solved = []
+
+    def flaky(support, support_y, ways, c_reg, iterations):  # type: ignore[no-untyped-def]
+        solved.append((len(support), support.dtype))
+        if len(support) > 1 or (support[0, 0, 0] > 0 and support.dtype != torch.float64):
+            raise RuntimeError("Pivots given to lu_solve must all be greater or equal to 1")
+        if support[0, 0, 1] > 0:  # this task fails in float64 too
+            raise RuntimeError("singular")
+        return torch.ones(1, support_y.shape[1], ways, dtype=support.dtype)
+
+    monkeypatch.setattr(metaoptnet, "svm_cs_dual", flaky)
+    support = torch.tensor([[[-1.0, -1.0]], [[1.0, -1.0]], [[1.0, 1.0]]])  # [3 tasks, 1, 2]
+    labels = torch.zeros(3, 1, dtype=torch.long)
+    alpha = metaoptnet.robust_dual(support, labels, 2, metaoptnet.MetaOptNetConfig(), 3)
+    assert solved == [
+        (3, torch.float32),  # the batch fails
+        (1, torch.float32),  # task 0 alone: solved
+        (1, torch.float32),  # task 1 alone fails, then in float64: solved
+        (1, torch.float64),
+        (1, torch.float32),  # task 2 fails both ways: NaN, reported as diverged
+        (1, torch.float64),
+    ]
+    assert alpha.dtype == torch.float32 and torch.equal(alpha[:2], torch.ones(2, 1, 2))
+    assert alpha[2].isnan().all()

@@ -27,9 +27,11 @@ CLASSIFIERS = (
 )
 
 
+DATASETS = ("omniglot", "miniimagenet", "cifarfs", "fc100", "tieredimagenet")
 PAPER_ROW = re.compile(
-    r"(?P<algo>[a-z0-9]+)(?P<variant>_ridge)?_(?P<task>omniglot|miniimagenet)"
-    r"_(?P<ways>\d+)w(?P<shots>\d+)s"
+    r"(?P<algo>[a-z0-9]+)(?P<variant>_ridge|_proto)?_(?P<task>"
+    + "|".join(DATASETS)
+    + r")(?P<target>_cub)?_(?P<ways>\d+)w(?P<shots>\d+)s"
     r"(_transductive)?"
 )
 
@@ -43,7 +45,7 @@ def first_rows() -> set[str]:
         row = PAPER_ROW.fullmatch(option)
         if row is not None:
             size = (int(row["ways"]), int(row["shots"]), option)  # the smallest setting
-            key = (row["algo"] + (row["variant"] or ""), row["task"])
+            key = (row["algo"] + (row["variant"] or ""), row["task"] + (row["target"] or ""))
             first[key] = min(first.get(key, size), size)
     return {option for _, _, option in first.values()}
 
@@ -60,16 +62,21 @@ STANDIN = ("task=synthetic", "task.image_size=28", "task.channels=3")
 
 
 def standin(option: str) -> tuple[str, ...]:
-    """A mini-ImageNet preset on the synthetic stand-in, without the keys it lacks."""
+    """A preset of data that is not here on the synthetic stand-in, without the keys the
+    stand-in lacks and with its own validation and test tasks (not CUB's)."""
     text = (CONF / "experiment" / f"{option}.yaml").read_text()
-    return (*STANDIN, "~task.normalize") if "normalize:" in text else STANDIN
+    dropped = [f"~task.{k}" for k in ("normalize", "train_classes", "augment") if f"  {k}:" in text]
+    dropped += [
+        f"~{s}.task" for s in ("val", "test") if f"\n{s}:\n" in text and "task: cub" in text
+    ]
+    return (*STANDIN, *dropped)
 
 
 STANDIN_EXPERIMENTS = {
     **{
         o: standin(o)
         for o in options("experiment")
-        if "miniimagenet" in o and not o.startswith("metanas")
+        if any(d in o for d in DATASETS[1:]) and not o.startswith("metanas")
     },
     # the architecture searches on small images with one query per class and one inner
     # step: their networks are built and run as set, at a size a unit test affords
@@ -98,6 +105,11 @@ REAL_DATA = {
     "omniglot": OMNIGLOT / "images_background.zip",
     "miniimagenet": None,
     "image_folder": None,
+    # tests/test_datasets.py builds these from fixtures in each release's layout
+    "cifarfs": None,
+    "fc100": None,
+    "tieredimagenet": None,
+    "cub": None,
 }
 IMAGE_TASK = ("task=synthetic", "task.image_size=32", "task.channels=3")
 
@@ -226,17 +238,34 @@ def test_paper_row_presets_are_what_their_names_say_and_cover_every_algorithm() 
         assert (ways, shots) == (int(name["ways"]), int(name["shots"])), preset
         assert cfg.published.source, preset
         assert cfg.algo.name != "reptile" or cfg.algo.transductive == preset.endswith("ive")
-        rows.setdefault(name["algo"], set()).add(name["task"])
+        if name["variant"]:
+            assert cfg.algo.head == name["variant"][1:], preset
+        if name["target"]:  # Chen et al.'s cross-domain protocol
+            assert (cfg.val.task, cfg.test.task, cfg.task.train_classes) == ("cub", "cub", "all")
+            assert cfg.published.value is None and "Table 3" in cfg.published.source, preset
+        elif name["task"] not in ("omniglot", "miniimagenet"):
+            assert cfg.published.value is not None, preset  # a number from the paper's table
+        task = name["task"] + (name["target"] or "")
+        rows.setdefault(name["algo"] + (name["variant"] or ""), set()).add(task)
     both = ("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "protonet", "imaml")
     for algo in (*both, "metacurvature"):
-        assert rows[algo] == {"omniglot", "miniimagenet"}, algo
+        assert {"omniglot", "miniimagenet"} <= rows[algo], algo
     assert rows["boil"] == rows["cavia"] == {"miniimagenet"}
     baselines = ("matchingnet", "relationnet", "r2d2", "metaoptnet", "baseline", "baselinepp")
     for algo in (*baselines, "rfs"):
-        assert rows[algo] == {"miniimagenet"}, algo
+        assert "miniimagenet" in rows[algo], algo
+    # the rows of Lee et al. 2019's Tables 1 and 2 for the algorithms metacli has
+    assert rows["metaoptnet"] >= {"cifarfs", "fc100", "tieredimagenet"}
+    assert rows["metaoptnet_ridge"] >= {"cifarfs", "fc100", "tieredimagenet"}
+    assert rows["metaoptnet_proto"] == {"cifarfs", "fc100"}
+    assert rows["protonet"] >= {"cifarfs", "fc100", "tieredimagenet", "miniimagenet_cub"}
+    assert rows["maml"] >= {"cifarfs", "tieredimagenet", "miniimagenet_cub"}
+    assert rows["relationnet"] >= {"cifarfs", "tieredimagenet"} and "cifarfs" in rows["r2d2"]
+    cross = {a for a, r in rows.items() if "miniimagenet_cub" in r}
+    assert cross == {"baseline", "baselinepp", "protonet", "matchingnet", "relationnet", "maml"}
     ridge = compose_config("experiment=metaoptnet_ridge_miniimagenet_5w1s")
     assert (ridge.algo.name, ridge.algo.head) == ("metaoptnet", "ridge")
-    assert sum(len(r) for r in rows.values()) == 27
+    assert sum(len(r) for r in rows.values()) == 50  # (algorithm, dataset) pairs
 
 
 def test_maml_reference_code_settings_in_the_omniglot_and_miniimagenet_presets() -> None:

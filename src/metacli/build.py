@@ -169,6 +169,10 @@ def evaluation_task(split: str, section: Any, task_cls: Any, task_cfg: Any) -> t
     values: dict[str, Any] = {
         f: getattr(task_cfg, f) for f in EPISODE_FIELDS if f in own and hasattr(task_cfg, f)
     }
+    for field_name in ("ways", "shots", "queries"):  # it serves evaluation episodes alone
+        test_value = values.pop(f"test_{field_name}", None)
+        if test_value is not None:
+            values[field_name] = test_value
     shape = task_cls.shape_of(task_cfg)
     if shape is not None and len(shape) == 3:
         values.update(

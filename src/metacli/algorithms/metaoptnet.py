@@ -7,13 +7,16 @@ variables solved for all tasks at once by qpth's batched interior-point method (
 optional extra, as the reference uses it), with ``algo.qp_iterations`` iterations in
 training and ``algo.test_qp_iterations`` at validation and meta-test (the code's 15 and
 3). ``algo.head=ridge`` is ``MetaOptNetHead_Ridge``, whose QP has no constraints: its
-optimum in closed form (the S x S dual system). Scores are multiplied by a learned scale
+optimum in closed form (the S x S dual system). ``algo.head=proto`` is the code's
+``ProtoNetHead``: minus the squared distance to each class mean, divided by the embedding's
+dimension (the paper's "ProtoNets (our backbone)" rows). Scores are multiplied by a learned scale
 (initially 1) and trained with label smoothing (``algo.label_smoothing``).
 docs/metaoptnet.md lists the settings and the deviations.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import ClassVar
@@ -28,17 +31,18 @@ from metacli.extras import require_extra
 from metacli.models.base import Model
 from metacli.tasks.base import TaskDistribution
 
-HEADS = ("svm", "ridge")
+HEADS = ("svm", "ridge", "proto")
 # Elements of one batched KKT system qpth factorises at once; larger batches of tasks
 # (20-way tests) are solved in consecutive groups so that no setting exhausts memory.
 KKT_ELEMENTS = 2**26
 JITTER = 1e-5
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class MetaOptNetConfig(AlgoConfig):
     name: str = "metaoptnet"
-    head: str = "svm"  # svm (Crammer-Singer, by QP) | ridge (closed form)
+    head: str = "svm"  # svm (Crammer-Singer, by QP) | ridge (closed form) | proto
     c_reg: float = 0.1  # the SVM's C
     lam: float = 50.0  # the ridge head's lambda
     qp_iterations: int = 15  # interior-point iterations in training (qpth's maxIter)
@@ -96,6 +100,37 @@ def svm_cs_dual(
     return alpha.reshape(tasks, examples, ways)
 
 
+def robust_dual(
+    support: Tensor, support_y: Tensor, ways: int, cfg: MetaOptNetConfig, iterations: int
+) -> Tensor:
+    """``svm_cs_dual`` for a batch of tasks. Where qpth's batched LU factorisation fails
+    (it raises "Pivots given to lu_solve..."; seen here on well-conditioned batches that
+    solve one task at a time, after other work in the process), each task is solved
+    alone, in float64 if it fails again, and a task that fails even so gets NaN: reported
+    as diverged, never a stopped run."""
+    try:
+        return svm_cs_dual(support, support_y, ways, cfg.c_reg, iterations)
+    except RuntimeError as err:
+        log.warning(
+            "qpth failed on a batch of %d QPs (%s); solving them one by one", len(support), err
+        )
+    parts = []
+    for i in range(len(support)):
+        one, labels = support[i : i + 1], support_y[i : i + 1]
+        try:
+            parts.append(svm_cs_dual(one, labels, ways, cfg.c_reg, iterations))
+            continue
+        except RuntimeError:
+            pass
+        try:
+            alpha = svm_cs_dual(one.double(), labels, ways, cfg.c_reg, iterations)
+            parts.append(alpha.to(support.dtype))
+        except RuntimeError:
+            log.warning("qpth cannot solve task %d's QP: it is reported as diverged", i)
+            parts.append(one.new_full((1, labels.shape[1], ways), float("nan")))
+    return torch.cat(parts)
+
+
 class MetaOptNet(HeadAlgorithm, key="metaoptnet"):
     Config: ClassVar[type[AlgoConfig]] = MetaOptNetConfig
     cfg: MetaOptNetConfig
@@ -110,7 +145,7 @@ class MetaOptNet(HeadAlgorithm, key="metaoptnet"):
     def head_bytes(
         cls, cfg: AlgoConfig, ways: int, support: int, queries: int, features: tuple[int, ...]
     ) -> int:
-        if not isinstance(cfg, MetaOptNetConfig) or cfg.head == "ridge":
+        if not isinstance(cfg, MetaOptNetConfig) or cfg.head != "svm":
             return 4 * support * support * 3
         # qpth's KKT system over S x ways variables, its inequalities and equalities, and
         # the few matrices of that size its factorisation and backward pass keep
@@ -123,6 +158,10 @@ class MetaOptNet(HeadAlgorithm, key="metaoptnet"):
             # the QP's optimum z = 2 (K + lam I)^-1 Y, in closed form
             targets = 2 * one_hot(support_y, ways, support.dtype)
             scores = ridge_scores(support, targets, self.cfg.lam, query)
+        elif self.cfg.head == "proto":
+            members = one_hot(support_y, ways, support.dtype).transpose(1, 2)  # [T, ways, S]
+            prototypes = (members @ support) / members.sum(-1, keepdim=True)
+            scores = -torch.cdist(query, prototypes).square() / query.shape[-1]
         else:
             iterations = self.cfg.qp_iterations if self.training else self.cfg.test_qp_iterations
             n = support.shape[1] * ways
@@ -135,8 +174,7 @@ class MetaOptNet(HeadAlgorithm, key="metaoptnet"):
             for i in range(0, len(kept), group):
                 rows = kept[i : i + group]
                 alpha = alpha.index_put(
-                    (rows,),
-                    svm_cs_dual(support[rows], support_y[rows], ways, self.cfg.c_reg, iterations),
+                    (rows,), robust_dual(support[rows], support_y[rows], ways, self.cfg, iterations)
                 )
             scores = (query @ support.transpose(-1, -2)) @ alpha
         return self.scale["scale"] * scores

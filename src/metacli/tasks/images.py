@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import os
-import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +31,10 @@ from metacli.tasks.base import (
     ClassificationTask,
     TaskBatch,
     choose_classes,
-    episodes,
+    episode_labels,
     examples_batch,
 )
+from metacli.tasks.decoding import Item, decode_chunk, decode_pixels
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -191,13 +192,32 @@ class ImageClassTask(ClassificationTask):
             [torch.randperm(n, generator=generator)[:per_class] for n in counts]
         ).view(num_tasks, ways, per_class)
         index = classes.indices[chosen.unsqueeze(-1), picks]  # [B, ways, S+Q]
-        images = self.images_of(split)[index].float().div_(255)  # [B, ways, S+Q, C, H, W]
         turns = classes.turns[chosen]  # [B, ways]
-        for k in (1, 2, 3):
-            mask = turns == k
-            if mask.any():
-                images[mask] = torch.rot90(images[mask], k, dims=(-2, -1))
-        return episodes((images - self.mean) / self.std, shots)
+        source = self.images_of(split)
+
+        def gathered(part: Tensor) -> Tensor:  # support and query apart: no copy to split
+            images = source[part]  # uint8 [B, ways, n, C, H, W]
+            for k in (1, 2, 3):
+                mask = turns == k
+                if mask.any():
+                    images[mask] = torch.rot90(images[mask], k, dims=(-2, -1))
+            return self.scaled(images).flatten(1, 2)  # [B, ways * n, C, H, W]
+
+        return TaskBatch(
+            gathered(index[:, :, :shots]),
+            episode_labels(num_tasks, ways, shots),
+            gathered(index[:, :, shots:]),
+            episode_labels(num_tasks, ways, queries),
+        )
+
+    def scaled(self, images: Tensor) -> Tensor:
+        """uint8 pixels -> (x / 255 - mean) / std in float32, in place after one copy."""
+        out = images.float().div_(255)
+        if isinstance(self.mean, Tensor) or self.mean != 0.0:
+            out.sub_(self.mean)
+        if isinstance(self.std, Tensor) or self.std != 1.0:
+            out.div_(self.std)
+        return out
 
     def train_classes(self) -> int:
         return len(self.splits["train"])
@@ -315,6 +335,7 @@ def augmented(images: Tensor, generator: torch.Generator, jitter: float = 0.4) -
 
 
 RESAMPLING = ("lanczos", "nearest")
+PARALLEL_FROM = 2000  # fewer images decode faster in this process than a pool starts
 
 
 def decode_image(
@@ -331,74 +352,6 @@ def decode_image(
         bytearray(decode_pixels(data, size, channels, name, resample, crop, swap)),
         dtype=torch.uint8,
     ).view(channels, size, size)
-
-
-def decode_pixels(
-    data: bytes,
-    size: int,
-    channels: int,
-    name: str,
-    resample: str = "lanczos",
-    crop: float = 1.0,
-    swap: bool = False,
-    box: tuple[float, float, float, float] | None = None,
-) -> bytes:
-    """Image bytes -> channel-first uint8 pixels, resized with LANCZOS (antialiased) or
-    NEAREST (what PIL does to a 1-bit image whatever it is asked: MAML's binary Omniglot).
-
-    ``crop`` < 1: resized to size / crop, then the centre size x size kept
-    (CloserLookFewShot's test transform: Resize(1.15 x size), CenterCrop(size)).
-    ``swap``: the channels reversed, as ``cv2.imdecode`` returns a colour image (the
-    tieredImageNet PNG pickles were written by ``cv2.imencode``). ``box`` (x, y, width,
-    height): the region kept before resizing (CUB's bounding boxes). Torch-free, so that
-    the processes of ``decode_many`` start light."""
-    import io
-
-    from PIL import Image
-
-    try:
-        image = Image.open(io.BytesIO(data)).convert("L" if channels == 1 else "RGB")
-        if box is not None:
-            x, y, w, h = box
-            image = image.crop((int(x), int(y), int(x + max(w, 1)), int(y + max(h, 1))))
-        method = Image.Resampling.NEAREST if resample == "nearest" else Image.Resampling.LANCZOS
-        outer = size if crop >= 1 else int(size / crop)
-        if image.size != (outer, outer):
-            image = image.resize((outer, outer), method)
-        if outer != size:
-            left = (outer - size) // 2
-            image = image.crop((left, left, left + size, left + size))
-    except Exception as err:
-        # (PIL names the in-memory buffer it read from, not the file: say what it found)
-        reason = (
-            re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err)) or type(err).__name__
-        )
-        raise MetacliError(
-            f"Cannot read the image {name}: {reason}. Replace or remove that file."
-        ) from None
-    pixels = image.tobytes()  # [size, size, channels], row-major
-    if channels == 1:
-        return pixels
-    planes = [pixels[c::channels] for c in range(channels)]
-    return b"".join(reversed(planes) if swap else planes)
-
-
-# A source is the image's bytes or the path of its file; a name says it in messages; a
-# box (x, y, width, height), where given, is the region kept.
-Source = bytes | Path
-Item = tuple[Source, str] | tuple[Source, str, tuple[float, float, float, float] | None]
-PARALLEL_FROM = 2000  # fewer images decode faster in this process than a pool starts
-
-
-def _decode_chunk(chunk: Sequence[Item], options: dict[str, Any]) -> list[bytes]:
-    out = []
-    for source, name, *box in chunk:
-        try:
-            data = source.read_bytes() if isinstance(source, Path) else source
-        except OSError as err:
-            raise MetacliError(f"Cannot read the image {name}: {err.strerror or err}.") from None
-        out.append(decode_pixels(data, name=name, box=box[0] if box else None, **options))
-    return out
 
 
 def decode_many(
@@ -424,14 +377,17 @@ def decode_many(
     description = f"{description} ({count:,} images, in blocks of {chunk})"
     if workers <= 1 or count < PARALLEL_FROM:
         for start in track(starts, description):
-            for i, pixels in enumerate(_decode_chunk(sources[start : start + chunk], options)):
+            for i, pixels in enumerate(decode_chunk(sources[start : start + chunk], options)):
                 out[start + i] = torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(
                     channels, size, size
                 )
         return out
-    # spawned, not forked: a fork of a process running torch's thread pools can hang
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_decode_chunk, sources[s : s + chunk], options) for s in starts]
+    # forked on Linux (as torch's DataLoader workers): the children run PIL and
+    # metacli.tasks.decoding alone, never torch, and are started before the progress bar's
+    # thread; elsewhere spawned
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    with ProcessPoolExecutor(workers, mp_context=get_context(method)) as pool:
+        futures = [pool.submit(decode_chunk, sources[s : s + chunk], options) for s in starts]
         for start, future in zip(starts, track(futures, description), strict=True):
             for i, pixels in enumerate(future.result()):
                 out[start + i] = torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(
