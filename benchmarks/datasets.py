@@ -211,27 +211,22 @@ def main() -> None:
         base = Path(tmp)
         cifar = base / "cifar"
         cifar_release(cifar)
-        lines.append(
-            f"| cifarfs | cifar-100-python/ | 60,000 | {decode_seconds('cifarfs', cifar, None):.1f} s | - |"
-        )
+
+        def decoded(task: str, root: Path, release: str, count: int, single: bool) -> None:
+            parallel = f"{decode_seconds(task, root, None):.1f} s"
+            alone = f"{decode_seconds(task, root, 1):.1f} s" if single else "-"
+            lines.append(f"| {task} | {release} | {count:,} | {parallel} | {alone} |")
+
+        decoded("cifarfs", cifar, "cifar-100-python/", 60000, single=False)
         cub = base / "cub"
         cub_release(cub, cub_classes, cub_per)
-        n = cub_classes * cub_per
-        lines.append(
-            f"| cub | CUB_200_2011/ JPEGs 500 x 375 | {n:,} | {decode_seconds('cub', cub, None):.1f} s "
-            f"| {decode_seconds('cub', cub, 1):.1f} s |"
-        )
+        decoded("cub", cub, "CUB_200_2011/, JPEGs 500 x 375", cub_classes * cub_per, True)
         png, npz = base / "tiered_png", base / "tiered_npz"
         count = tiered_release(png, "png", share)
         tiered_release(npz, "npz", share)
-        lines.append(
-            f"| tieredimagenet | PNG pickles ({100 * share:g}% of the images) | {count:,} | "
-            f"{decode_seconds('tieredimagenet', png, None):.1f} s | {decode_seconds('tieredimagenet', png, 1):.1f} s |"
-        )
-        lines.append(
-            f"| tieredimagenet | .npz ({100 * share:g}% of the images) | {count:,} | "
-            f"{decode_seconds('tieredimagenet', npz, None):.1f} s | - |"
-        )
+        part = f"{100 * share:g}% of the images"
+        decoded("tieredimagenet", png, f"PNG pickles ({part})", count, single=True)
+        decoded("tieredimagenet", npz, f".npz ({part})", count, single=False)
         MINI_STANDIN = base / "mini"
         mini_pickles(MINI_STANDIN)
         cache = base / "cache"
@@ -251,7 +246,7 @@ def main() -> None:
         )
     lines += [
         "",
-        "| preset (workload) | tasks | sample a batch | meta-iteration (or adapt the batch) | sampling's share |",
+        "| preset (workload) | tasks | sample a batch | meta-iteration (or adaptation) | share |",
         "|---|---|---|---|---|",
     ]
     for preset, r in rows:

@@ -231,6 +231,11 @@ SMALL = {  # each option on a workload a unit test affords
     ("task", "omniglot"): (f"data.root={OMNIGLOT}", "task.ways=3", "task.queries=2"),
     ("task", "miniimagenet"): ("task.ways=2", "task.queries=2", "task.image_size=16"),
     ("task", "image_folder"): ("task.ways=2", "task.queries=2", "task.image_size=8"),
+    # the new releases, written in their layouts by tests/release_fixtures.py
+    ("task", "cifarfs"): ("task.ways=2", "task.queries=2", "task.image_size=8"),
+    ("task", "fc100"): ("task.ways=2", "task.queries=2", "task.image_size=8"),
+    ("task", "tieredimagenet"): ("task.ways=2", "task.queries=2", "task.image_size=8"),
+    ("task", "cub"): ("task.ways=2", "task.queries=2", "task.image_size=8"),
 }
 CHECKED = [
     *(("update", r) for r in builtins("update") if r not in OWN_RULES),
@@ -253,6 +258,19 @@ def test_update_rules_models_and_tasks_meet_the_contract(
     if option == "image_folder":
         root = image_folder(tmp_path / "folder", classes=12)
         given += [f"data.root={root}", "task.ratios=[0.5,0.25,0.25]"]
+    if option in ("cifarfs", "fc100", "tieredimagenet", "cub"):
+        from tests import release_fixtures as releases
+
+        write = {
+            "cifarfs": lambda p: releases.cifar100_release(p, per_class=4),
+            "fc100": lambda p: releases.split_pickles(
+                p, "FC100", {"train": [0, 1, 2], "val": [3, 4], "test": [5, 6]}, per_class=4
+            ),
+            "tieredimagenet": lambda p: releases.tiered_release(p, "npz", per_class=4),
+            "cub": lambda p: releases.cub_release(p, classes=8, per_class=4),
+        }[option]
+        write(tmp_path / option)
+        given += [f"data.root={tmp_path / option}", f"data.cache_dir={tmp_path / 'cache'}"]
     results = run_checks(group, option, given)
     assert {r.name for r in results} >= {"builds", "strategies", "resume", "gradient"}
     failed = [f"{r.name}: {r.detail}" for r in results if r.held is False]

@@ -128,10 +128,29 @@ def test_cifar_damaged_and_missing_parts_are_named(tmp_path: Path) -> None:
         cifarfs(tmp_path / "nothing", cache)
     pickled = tmp_path / "pickles"
     split_pickles(pickled, "CIFAR_FS", {s: fine_ids(s) for s in SPLIT_CLASSES})
+    (pickled / "CIFAR_FS_test.pickle").rename(tmp_path / "moved")
+    with pytest.raises(MetacliError, match=r"split pickles but not CIFAR_FS_test\.pickle"):
+        cifarfs(pickled, cache)
+    (tmp_path / "moved").rename(pickled / "CIFAR_FS_test.pickle")
     with open(pickled / "CIFAR_FS_val.pickle", "wb") as handle:
         pickle.dump({"data": np.zeros((3, 32, 32, 3), np.uint8), "labels": [1, 2]}, handle)
     with pytest.raises(MetacliError, match=r"CIFAR_FS_val.pickle has 3 images but 2 labels"):
         cifarfs(pickled, cache)
+
+
+def test_a_class_missing_from_a_partial_release_is_left_out_and_reported(tmp_path: Path) -> None:
+    folder = cifar100_release(tmp_path / "data")
+    baby = FINE_NAMES.index("baby")
+    for part in ("train", "test"):
+        data = pickle.loads((folder / part).read_bytes(), encoding="bytes")
+        keep = [i for i, label in enumerate(data[b"fine_labels"]) if label != baby]
+        for key in (b"fine_labels", b"coarse_labels", b"filenames"):
+            data[key] = [data[key][i] for i in keep]
+        data[b"data"] = data[b"data"][keep]
+        (folder / part).write_bytes(pickle.dumps(data, protocol=2))
+    task = cifarfs(tmp_path / "data", tmp_path / "cache")
+    assert len(task.splits["test"]) == 19 and "baby" not in task.splits["test"].names
+    assert any("class baby has no images" in p for p in task.problems)
 
 
 def test_a_malicious_pickle_is_refused_and_never_run(tmp_path: Path) -> None:

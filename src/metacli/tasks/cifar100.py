@@ -25,7 +25,14 @@ import torch
 from metacli.config import require
 from metacli.errors import MetacliError
 from metacli.tasks.base import SPLITS, ClassificationConfig, TaskConfig
-from metacli.tasks.images import ClassSet, ImageClassTask, cache_dir, cached
+from metacli.tasks.images import (
+    ClassSet,
+    ImageClassTask,
+    cache_dir,
+    cached,
+    uneven,
+    warn_problems,
+)
 from metacli.tasks.pickles import load_pickle, loads, require_keys
 
 MEAN = (0.5071, 0.4867, 0.4408)  # RFS's dataset/cifar.py
@@ -224,6 +231,12 @@ class Cifar100Task(ImageClassTask):
             found = {s: root / pattern.format(s) for s in SPLITS}
             if all(p.is_file() for p in found.values()):
                 return "pickles", found
+            if pattern != "{}.pickle" and any(p.is_file() for p in found.values()):
+                missing = next(p for p in found.values() if not p.is_file())
+                raise MetacliError(
+                    f"{root} holds {self.pickle_prefix} split pickles but not {missing.name}. "
+                    f"Restore it from the same release (train, val and test are needed)."
+                )
         for place in (root / RELEASE, root):
             if all((place / p).is_file() for p in RELEASE_PARTS):
                 return "python release", {"release": place}
@@ -241,15 +254,18 @@ class Cifar100Task(ImageClassTask):
         )
 
     def set_splits(self, tables: dict[str, dict[str, list[int]]]) -> None:
+        """The splits' classes; a class of the split lists without images (a partial
+        release) is left out and reported as a problem (``metacli data check``)."""
         self.splits = {}
         self.problems: list[str] = []
         for split in SPLITS:
-            names = list(tables[split])
-            empty = [n for n in names if not tables[split][n]]
-            if empty:
-                raise MetacliError(
-                    f"The {split} split of task={self.cfg.name} needs the class {empty[0]}, "
-                    f"which has no images in {self.root}. Use the complete release."
-                )
+            names = [n for n in tables[split] if tables[split][n]]
+            self.problems += [
+                f"the {split} split's class {n} has no images in {self.root}; it is left out"
+                for n in tables[split]
+                if not tables[split][n]
+            ]
             self.splits[split] = ClassSet.of([list(tables[split][n]) for n in names], names)
+            self.problems += uneven(names, [len(tables[split][n]) for n in names])
+        warn_problems(self.problems)
         self.check_sizes()
