@@ -77,3 +77,17 @@ def decode_chunk(chunk: Sequence[Item], options: dict[str, Any]) -> list[bytes]:
             raise MetacliError(f"Cannot read the image {name}: {err.strerror or err}.") from None
         out.append(decode_pixels(data, name=name, box=box[0] if box else None, **options))
     return out
+
+
+# What the forked workers of ``decode_many`` read and write: set before the pool forks,
+# inherited by every worker, so that neither the sources nor the pixels cross a pipe.
+FORKED: dict[str, Any] = {}
+
+
+def decode_into(start: int, stop: int, options: dict[str, Any]) -> int:
+    """Decode sources start..stop-1 into the shared buffer (a forked worker's share)."""
+    sources, target = FORKED["sources"], FORKED["target"]
+    width = len(target) // len(sources)
+    for i, pixels in enumerate(decode_chunk(sources[start:stop], options), start):
+        target[i * width : (i + 1) * width] = pixels
+    return stop - start

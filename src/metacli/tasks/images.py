@@ -27,6 +27,7 @@ from metacli.errors import MetacliError
 from metacli.files import save_tensors
 from metacli.lock import FolderLock
 from metacli.streams import TaskRandom
+from metacli.tasks import decoding
 from metacli.tasks.base import (
     ClassificationTask,
     TaskBatch,
@@ -34,7 +35,7 @@ from metacli.tasks.base import (
     episode_labels,
     examples_batch,
 )
-from metacli.tasks.decoding import Item, decode_chunk, decode_pixels
+from metacli.tasks.decoding import Item, decode_chunk, decode_into, decode_pixels
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -382,17 +383,32 @@ def decode_many(
                     channels, size, size
                 )
         return out
-    # forked on Linux (as torch's DataLoader workers): the children run PIL and
-    # metacli.tasks.decoding alone, never torch, and are started before the progress bar's
-    # thread; elsewhere spawned
-    method = "fork" if sys.platform.startswith("linux") else "spawn"
-    with ProcessPoolExecutor(workers, mp_context=get_context(method)) as pool:
-        futures = [pool.submit(decode_chunk, sources[s : s + chunk], options) for s in starts]
-        for start, future in zip(starts, track(futures, description), strict=True):
-            for i, pixels in enumerate(future.result()):
-                out[start + i] = torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(
-                    channels, size, size
-                )
+    if not sys.platform.startswith("linux"):  # spawned workers: sources and pixels piped
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(decode_chunk, sources[s : s + chunk], options) for s in starts]
+            for start, future in zip(starts, track(futures, description), strict=True):
+                for i, pixels in enumerate(future.result()):
+                    out[start + i] = torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(
+                        channels, size, size
+                    )
+        return out
+    # Forked (as torch's DataLoader workers), before the progress bar's thread starts: the
+    # workers inherit the sources and write pixels into an anonymous shared mapping (not
+    # /dev/shm, which containers keep small); they run PIL and metacli.tasks.decoding
+    # alone, never torch.
+    import mmap
+
+    target = mmap.mmap(-1, max(1, count * channels * size * size))
+    decoding.FORKED.update(sources=sources, target=target)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
+            futures = [pool.submit(decode_into, s, min(s + chunk, count), options) for s in starts]
+            for future in track(futures, description):
+                future.result()
+    finally:
+        decoding.FORKED.clear()
+    out.copy_(torch.frombuffer(target, dtype=torch.uint8, count=out.numel()).view_as(out))
+    target.close()
     return out
 
 
