@@ -232,7 +232,13 @@ SMALL = {  # each option on a workload a unit test affords
     ("task", "miniimagenet"): ("task.ways=2", "task.queries=2", "task.image_size=16"),
     ("task", "image_folder"): ("task.ways=2", "task.queries=2", "task.image_size=8"),
     # the new releases, written in their layouts by tests/release_fixtures.py
-    ("task", "cifarfs"): ("task.ways=2", "task.queries=2", "task.image_size=8"),
+    # with augmentation: resume and the strategies must hold with it on
+    ("task", "cifarfs"): (
+        "task.ways=2",
+        "task.queries=2",
+        "task.image_size=8",
+        "task.augment=standard",
+    ),
     ("task", "fc100"): ("task.ways=2", "task.queries=2", "task.image_size=8"),
     ("task", "tieredimagenet"): ("task.ways=2", "task.queries=2", "task.image_size=8"),
     ("task", "cub"): ("task.ways=2", "task.queries=2", "task.image_size=8"),

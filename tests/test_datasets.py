@@ -317,6 +317,11 @@ def test_cross_domain_tasks_take_the_training_episodes_and_input_size(tmp_path: 
         ConfigError, match=r"test.task_settings.colour is not a setting of task=cub"
     ):
         build(compose_config(*common, "test.task=cub", "+test.task_settings.colour=1"))
+    # its files are test.data_root's; data.root here is CIFAR's
+    with pytest.raises(
+        MetacliError, match=r"test\.task=cub: No CUB-200-2011 found in test\.data_root="
+    ):
+        build(compose_config(*common, "test.task=cub"))
 
 
 # --- augmentation ----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from metacli.config import (
     check_run_config,
     to_typed,
 )
-from metacli.errors import ConfigError
+from metacli.errors import ConfigError, MetacliError
 from metacli.models.base import Model
 from metacli.optim import OuterAdam, OuterSGD
 from metacli.options import class_of, option_keys, schema_of
@@ -358,10 +358,14 @@ def build(config: DictConfig | Resolved, overrides: list[str] | None = None) -> 
     seed_everything(run.seed)
     data_root = run.data.root or os.environ.get("METACLI_DATA")
     task = classes["task"](typed["task"], data_root, run.data.cache_dir)
-    eval_tasks = {
-        split: cls(cfg, getattr(run, split).data_root or data_root, run.data.cache_dir)
-        for split, (cls, cfg) in resolved.eval_tasks.items()
-    }
+    eval_tasks = {}
+    for split, (cls, cfg) in resolved.eval_tasks.items():
+        section = getattr(run, split)
+        try:
+            eval_tasks[split] = cls(cfg, section.data_root or data_root, run.data.cache_dir)
+        except MetacliError as err:  # its files are {split}.data_root's: say that setting
+            told = str(err).replace("data.root", f"{split}.data_root")
+            raise MetacliError(f"{split}.task={section.task}: {told}") from None
     output_dim = task.output_dim if classes["algo"].uses_head else None
     input_shape = classes["algo"].model_input_shape(typed["algo"], tuple(task.input_shape))
     model = classes["model"](typed["model"], input_shape, output_dim)

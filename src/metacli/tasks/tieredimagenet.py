@@ -38,8 +38,6 @@ from metacli.tasks.images import (
     cached,
     class_folders,
     decode_many,
-    uneven,
-    warn_problems,
 )
 from metacli.tasks.pickles import load_pickle, require_keys
 
@@ -244,7 +242,9 @@ class TieredImageNet(ImageClassTask, key="tieredimagenet"):
         self.root = Path(data_root).expanduser()
         self.layout, place = find_layout(self.root)
         self.split_images: dict[str, torch.Tensor] = {}
-        self.splits, self.problems = {}, []
+        # (tieredImageNet's classes hold different numbers of images, as ImageNet's do)
+        self.splits = {}
+        self.problems: list[str] = []
         for split in SPLITS:
             files = (
                 [place / split]
@@ -264,10 +264,8 @@ class TieredImageNet(ImageClassTask, key="tieredimagenet"):
             names = list(data["classes"])
             rows = [list(data["classes"][n]) for n in names]
             self.splits[split] = ClassSet.of(rows, names)
-            self.problems += uneven(names, [len(r) for r in rows])
         self.images = self.split_images["train"]
         if cfg.normalize == "tiered":
             self.mean = torch.tensor(MEAN).view(3, 1, 1)
             self.std = torch.tensor(STD).view(3, 1, 1)
-        warn_problems(self.problems)
         self.check_sizes()
