@@ -339,20 +339,10 @@ RESAMPLING = ("lanczos", "nearest")
 PARALLEL_FROM = 2000  # fewer images decode faster in this process than a pool starts
 
 
-def decode_image(
-    data: bytes,
-    size: int,
-    channels: int,
-    name: str,
-    resample: str = "lanczos",
-    crop: float = 1.0,
-    swap: bool = False,
-) -> Tensor:
-    """Image bytes -> uint8 [channels, size, size]."""
-    return torch.frombuffer(
-        bytearray(decode_pixels(data, size, channels, name, resample, crop, swap)),
-        dtype=torch.uint8,
-    ).view(channels, size, size)
+def decode_image(data: bytes, size: int, channels: int, name: str, **options: Any) -> Tensor:
+    """Image bytes -> uint8 [channels, size, size] (``options``: ``decode_pixels``')."""
+    pixels = decode_pixels(data, size, channels, name, **options)
+    return torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(channels, size, size)
 
 
 def decode_many(

@@ -154,7 +154,7 @@ def character_of(place: str) -> str:
 
 def decode(data: bytes, size: int, name: str, resample: str = "lanczos") -> torch.Tensor:
     """PNG bytes -> uint8 [1, size, size] with ink = 255 (background 0)."""
-    return 255 - decode_image(data, size, 1, name, resample)
+    return 255 - decode_image(data, size, 1, name, resample=resample)
 
 
 def load(root: Path, size: int, cache: Path, resample: str = "lanczos") -> dict[str, object]:
