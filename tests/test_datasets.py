@@ -274,10 +274,11 @@ def test_data_check_prepare_and_a_cross_domain_run(tmp_path: Path) -> None:
         "data", "check", "task=fc100", f"data.root={cifar}", *small, cwd=tmp_path, env=env
     )
     assert "layout python release" in checked.stdout and "600 images decoded" in checked.stdout
-    prepared = run_cli(
-        "data", "prepare", "task=cub", f"data.root={cub}", *small, cwd=tmp_path, env=env
-    )
-    assert "96 images ready" in prepared.stdout
+    from metacli.data_command import prepare
+
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    assert prepare(["task=cub", f"data.root={cub}", cache, *small]) == 0  # (in this process)
+    assert len(list((tmp_path / "cache").glob("cub-*.pt"))) == 1
     run_dir = tmp_path / "run"
     run_cli(
         "train",
