@@ -30,6 +30,7 @@ from metacli.tasks.images import (
     ImageClassTask,
     cache_dir,
     cached,
+    resized,
     uneven,
     warn_problems,
 )
@@ -152,15 +153,6 @@ def read_split_pickle(path: Path) -> tuple[torch.Tensor, list[int]]:
             f"release's file."
         )
     return array.permute(0, 3, 1, 2).contiguous(), labels
-
-
-def resized(images: torch.Tensor, size: int) -> torch.Tensor:
-    if images.shape[-1] == size:
-        return images
-    out = torch.nn.functional.interpolate(
-        images.float(), size=size, mode="bilinear", antialias=True
-    )
-    return out.round().clamp(0, 255).to(torch.uint8)
 
 
 class Cifar100Task(ImageClassTask):

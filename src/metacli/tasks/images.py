@@ -339,6 +339,17 @@ RESAMPLING = ("lanczos", "nearest")
 PARALLEL_FROM = 2000  # fewer images decode faster in this process than a pool starts
 
 
+def resized(images: Tensor, size: int) -> Tensor:
+    """uint8 images [N, C, H, W] resized to size x size (bilinear, antialiased), for the
+    releases that ship decoded arrays (pickles, .npz); unchanged at that size already."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = torch.nn.functional.interpolate(
+        images.float(), size=size, mode="bilinear", antialias=True
+    )
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
 def decode_image(data: bytes, size: int, channels: int, name: str, **options: Any) -> Tensor:
     """Image bytes -> uint8 [channels, size, size] (``options``: ``decode_pixels``')."""
     pixels = decode_pixels(data, size, channels, name, **options)

@@ -34,6 +34,7 @@ from metacli.tasks.images import (
     cached,
     class_folders,
     decode_image,
+    resized,
     uneven,
     warn_problems,
 )
@@ -116,16 +117,7 @@ def read_split(layout: str, place: Any, root: Path, size: int) -> dict[str, Any]
     """One split as {"images": uint8 [N, 3, size, size], "classes": {wnid: [indices]}}."""
     if layout == "pickle":
         data = load_split_pickle(place)
-        array = torch.from_numpy(data["image_data"]).permute(0, 3, 1, 2).contiguous()
-        if array.shape[-1] != size:
-            array = (
-                torch.nn.functional.interpolate(
-                    array.float(), size=size, mode="bilinear", antialias=True
-                )
-                .round()
-                .clamp(0, 255)
-            )
-            array = array.to(torch.uint8)
+        array = resized(torch.from_numpy(data["image_data"]).permute(0, 3, 1, 2).contiguous(), size)
         return {"images": array, "classes": {k: list(v) for k, v in data["class_dict"].items()}}
     if layout == "folders":
         files = class_folders(place)

@@ -38,6 +38,7 @@ from metacli.tasks.images import (
     cached,
     class_folders,
     decode_many,
+    resized,
 )
 from metacli.tasks.pickles import load_pickle, require_keys
 
@@ -177,16 +178,7 @@ def read_split(layout: str, place: Path, split: str, size: int) -> dict[str, Any
         images = torch.empty(shape[0], 3, size, size, dtype=torch.uint8)
         start = 0
         for chunk in chunks:
-            block = torch.from_numpy(chunk.copy()).permute(0, 3, 1, 2)
-            if block.shape[-1] != size:
-                block = (
-                    torch.nn.functional.interpolate(
-                        block.float(), size=size, mode="bilinear", antialias=True
-                    )
-                    .round()
-                    .clamp(0, 255)
-                    .to(torch.uint8)
-                )
+            block = resized(torch.from_numpy(chunk.copy()).permute(0, 3, 1, 2), size)
             images[start : start + len(block)] = block
             start += len(block)
     else:
