@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metacli.config import require
-from metacli.models.base import Backward, Model, ModelConfig
+from metacli.models.base import NORMS, Backward, MetaBatchNorm, Model, ModelConfig
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 INITS = ("torch", "glorot", "truncated_normal")
@@ -36,6 +36,11 @@ class MLPConfig(ModelConfig):
     # context parameters concatenated to the input (CAVIA, algo=cavia): zeros, never
     # meta-learned, adapted per task by an inner loop that selects them (algo.adapt)
     context: int = 0
+    # batch norm after each hidden layer's linear map, before the activation (MAML's
+    # fully connected Omniglot network, learn2learn's OmniglotFC): the modes of conv4's
+    # model.norm; none leaves the layers plain
+    norm: str = "none"
+    norm_eps: float = 1e-5  # 1e-3: TF's batch_norm default, which MAML and OmniglotFC use
 
     def __post_init__(self) -> None:
         require(
@@ -53,6 +58,9 @@ class MLPConfig(ModelConfig):
         require(self.init in INITS, "model.init", self.init, f"choose one of {', '.join(INITS)}")
         require(self.init_std > 0, "model.init_std", self.init_std, "must be > 0")
         require(self.context >= 0, "model.context", self.context, "it must be >= 0")
+        modes = [m for m in NORMS if m != "per_step"]
+        require(self.norm in modes, "model.norm", self.norm, f"choose one of {', '.join(modes)}")
+        require(self.norm_eps > 0, "model.norm_eps", self.norm_eps, "it must be > 0")
 
 
 class MLP(Model, key="mlp"):
@@ -67,7 +75,10 @@ class MLP(Model, key="mlp"):
         # with a context the forward pass flattens the inputs itself, to append it
         layers: list[nn.Module] = [nn.Flatten(start_dim=-1 if cfg.context else -len(input_shape))]
         for width_in, width_out in itertools.pairwise(widths):
-            layers += [nn.Linear(width_in, width_out), ACTIVATIONS[cfg.activation]()]
+            layers.append(nn.Linear(width_in, width_out))
+            if cfg.norm != "none":
+                layers.append(MetaBatchNorm(width_out, cfg.norm, eps=cfg.norm_eps))
+            layers.append(ACTIVATIONS[cfg.activation]())
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(widths[-1], output_dim) if output_dim else None
         self.feature_dim = widths[-1]
