@@ -285,3 +285,75 @@ def test_the_task_schedule_anneals_the_temperature_over_each_inner_loop(
     frozen = build(compose_config(*TINY, "algo=metanas", "algo.warmup_iterations=5", *settings))
     frozen.algorithm.meta_loss(sample(frozen)[:1])
     assert set(seen) == {1.0}
+
+
+def test_separable_conv_3x3_is_the_codes_dilconv_and_the_genotype_carries_it(
+    tmp_path: Path,
+) -> None:
+    """model.conv_3x3=separable builds MetaNAS's DilConv(dilation 1): ReLU, a depthwise 3x3
+    convolution, a pointwise 1x1, batch norm; genotype.json records the choice, so the found
+    network rebuilds the same operation (older files, without it: a plain convolution)."""
+    gene = {
+        "normal": [[["conv_3x3", 0], ["skip_connect", 1]]],
+        "reduce": [[["max_pool_3x3", 0], ["skip_connect", 1]]],
+        "nodes": 1,
+        "channels": 4,
+        "cells": 1,
+        "reductions": [],
+        "stem_multiplier": 1,
+        "conv_3x3": "separable",
+    }
+    (tmp_path / "genotype.json").write_text(json.dumps(gene))
+    c = build(
+        compose_config(
+            "model=genotype", f"model.genotype={tmp_path}", "task=synthetic",
+            "task.image_size=8", "task.channels=1", "task.ways=5", "device=cpu",
+        )
+    )  # fmt: skip
+    # as the plain network of the round-trip test, with conv_3x3 4->4 as depthwise 3x3
+    # (4 x 9 = 36) and pointwise 1x1 (16) and its affine norm (8) in place of 144 + 8
+    assert sum(p.numel() for p in c.model.parameters()) == 44 + 2 * 24 + 36 + 16 + 8 + 25
+    shapes = [tuple(p.shape) for n, p in c.model.named_parameters() if ".edges.0." in n]
+    assert shapes == [(4, 1, 3, 3), (4, 4, 1, 1), (4,), (4,)]
+    search = build(compose_config(*TINY, "algo=metanas", "model.conv_3x3=separable"))
+    assert darts(search).genotype()["conv_3x3"] == "separable"
+    with pytest.raises(ConfigError, match=r"model\.conv_3x3"):
+        build(compose_config(*TINY, "algo=metanas", "model.conv_3x3=dilated"))
+
+
+# The authors' scripts (boschresearch/metanas scripts/run_og_meta_train.sh and
+# run_in_meta_train.sh, with utils/utils.py's hp_setting og_metanas / in_metanas and
+# tasks/torchmeta_loader.py): --k ways, --n test shots, n_train training shots, --q queries,
+# batch_size / batch_size_test examples per inner step, task_train_steps / test steps (50,
+# the default), w_lr, meta_batch_size, meta_epochs, warm_up_epochs, t_min, eval_epochs x
+# test_meta_batch_size test tasks.
+AUTHORS = {
+    "metanas_omniglot": {
+        "task.ways": 20, "task.shots": 15, "task.test_shots": 5, "task.queries": 1,
+        "algo.inner_batch": 20, "algo.test_inner_batch": 10, "algo.inner_steps": 5,
+        "algo.test_inner_steps": 50, "algo.adam_lr": 0.005, "train.meta_batch_size": 10,
+        "train.iterations": 30000, "algo.warmup_iterations": 15000,
+        "algo.temperature_end": 0.05, "test.num_tasks": 5000, "model.channels": 28,
+        "model.cells": 4, "model.reductions": [1, 3], "model.conv_3x3": "separable",
+        "task.split": "lake", "task.test_rotations": [0, 90, 180, 270],
+    },
+    "metanas_miniimagenet": {
+        "task.ways": 5, "task.shots": 15, "task.test_shots": 5, "task.queries": 1,
+        "algo.inner_batch": 20, "algo.test_inner_batch": 15, "algo.inner_steps": 5,
+        "algo.test_inner_steps": 50, "algo.adam_lr": 0.001, "train.meta_batch_size": 10,
+        "train.iterations": 30000, "algo.warmup_iterations": 15000,
+        "algo.temperature_end": 0.1, "test.num_tasks": 5000, "model.channels": 28,
+        "model.cells": 4, "model.reductions": [1, 3], "model.conv_3x3": "separable",
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", sorted(AUTHORS))
+def test_presets_run_the_authors_protocol(preset: str) -> None:
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(f"experiment={preset}")
+    for key, value in AUTHORS[preset].items():
+        found = OmegaConf.select(cfg, key)
+        found = OmegaConf.to_container(found) if OmegaConf.is_config(found) else found
+        assert found == value, (preset, key, found, value)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from metacli.config import require
 from metacli.errors import ConfigError
 from metacli.models.base import MetaBatchNorm, Model, ModelConfig
-from metacli.models.operations import OPS, Cell, Genotype, edge_count
+from metacli.models.operations import CONV_3X3, OPS, Cell, Genotype, edge_count
 from metacli.streams import TaskRandom
 
 DARTS_OPS = [
@@ -62,6 +62,9 @@ class DartsConfig(ModelConfig):
     temperature: float = 1.0  # of the softmax over each edge's operations (at the start)
     sampling: str = "none"  # none: the continuous mixture | gumbel: one architecture per task
     keep: int = 2  # incoming edges per node kept by the discretisation
+    # conv_3x3: full (a plain 3x3 convolution) | separable (MetaNAS's code: its DilConv with
+    # dilation 1, a depthwise 3x3 then a pointwise 1x1)
+    conv_3x3: str = "full"
 
     def __post_init__(self) -> None:
         require(self.channels >= 1, "model.channels", self.channels, "it must be >= 1")
@@ -85,6 +88,12 @@ class DartsConfig(ModelConfig):
         )
         require(
             self.ops != ["zero"], "model.ops", self.ops, "a space of `zero` alone has no network"
+        )
+        require(
+            self.conv_3x3 in CONV_3X3,
+            "model.conv_3x3",
+            self.conv_3x3,
+            f"choose one of {', '.join(CONV_3X3)}",
         )
         reductions = self.reductions or []
         require(
@@ -119,7 +128,10 @@ def macro(
         kind = "reduce" if reduction else "normal"
         gene = None if genes is None else genes[kind]
         affine = getattr(cfg, "affine", False)
-        cell = Cell(c_pp, c_p, c, reduction_prev, reduction, cfg.nodes, cfg.ops, gene, affine)
+        conv_3x3 = getattr(cfg, "conv_3x3", "full")
+        cell = Cell(
+            c_pp, c_p, c, reduction_prev, reduction, cfg.nodes, cfg.ops, gene, affine, conv_3x3
+        )
         cells.append(cell)
         reduction_prev = reduction
         c_pp, c_p = c_p, c * cell.outputs
@@ -205,6 +217,7 @@ class Darts(Model, key="darts"):
             "reductions": self.reductions,
             "stem_multiplier": cfg.stem_multiplier,
             "stem_stride": cfg.stem_stride,
+            "conv_3x3": cfg.conv_3x3,
         }
 
 

@@ -80,6 +80,8 @@ class GenotypeNet(Model, key="genotype"):
             "nodes": len(gene["normal"]),
             "ops": [],
             "affine": cfg.affine,
+            # (genotypes written before the setting: a plain convolution)
+            "conv_3x3": gene.get("conv_3x3", "full"),
         }
         self.genotype = gene
         self.reductions = gene["reductions"] if cfg.reductions is None else cfg.reductions

@@ -142,13 +142,27 @@ OPS: dict[str, Builder] = {
 }
 
 
+# ``conv_3x3`` as MetaNAS's code builds it (ops.py: ``DilConv`` with dilation 1): ReLU -
+# depthwise 3x3 - pointwise 1x1 - batch norm (``model.conv_3x3=separable``)
+SEPARABLE_CONV_3X3: Builder = lambda c, s, a: ReLUConvBN(c, c, 3, s, 1, a, separable=True)  # noqa: E731
+CONV_3X3 = ("full", "separable")
+
+
+def operation(name: str, c: int, stride: int, affine: bool, conv_3x3: str = "full") -> nn.Module:
+    if name == "conv_3x3" and conv_3x3 == "separable":
+        return SEPARABLE_CONV_3X3(c, stride, affine)
+    return OPS[name](c, stride, affine)
+
+
 class Edge(nn.Module):
     """One edge: the weighted sum of its operations (one operation: that operation)."""
 
-    def __init__(self, names: list[str], c: int, stride: int, affine: bool) -> None:
+    def __init__(
+        self, names: list[str], c: int, stride: int, affine: bool, conv_3x3: str = "full"
+    ) -> None:
         super().__init__()
         self.names = names
-        self.ops = nn.ModuleList([OPS[name](c, stride, affine) for name in names])
+        self.ops = nn.ModuleList([operation(n, c, stride, affine, conv_3x3) for n in names])
 
     def forward(self, x: Tensor, weights: Tensor | None) -> Tensor:  # weights [ops]
         if weights is None:
@@ -174,6 +188,7 @@ class Cell(nn.Module):
         ops: list[str],
         gene: Genotype | None,
         affine: bool,
+        conv_3x3: str = "full",
     ) -> None:
         super().__init__()
         if reduction_prev:
@@ -192,7 +207,7 @@ class Cell(nn.Module):
             self.inputs.append([j for _, j in pairs])
             for names, j in pairs:
                 stride = 2 if reduction and j < 2 else 1
-                self.edges.append(Edge(list(names), c, stride, affine))
+                self.edges.append(Edge(list(names), c, stride, affine, conv_3x3))
         self.outputs = nodes  # the cell concatenates its intermediate nodes
 
     def forward(self, s0: Tensor, s1: Tensor, weights: Tensor | None = None) -> Tensor:
