@@ -335,7 +335,9 @@ AUTHORS = {
         "train.iterations": 30000, "algo.warmup_iterations": 15000,
         "algo.temperature_end": 0.05, "test.num_tasks": 5000, "model.channels": 28,
         "model.cells": 4, "model.reductions": [1, 3], "model.conv_3x3": "separable",
-        "task.split": "lake", "task.test_rotations": [0, 90, 180, 270],
+        "model.pairwise_inputs": True, "model.prune_threshold": 0.01,
+        "algo.meta_prune_threshold": 0.01, "task.split": "lake",
+        "task.test_rotations": [0, 90, 180, 270],
     },
     "metanas_miniimagenet": {
         "task.ways": 5, "task.shots": 15, "task.test_shots": 5, "task.queries": 1,
@@ -344,6 +346,8 @@ AUTHORS = {
         "train.iterations": 30000, "algo.warmup_iterations": 15000,
         "algo.temperature_end": 0.1, "test.num_tasks": 5000, "model.channels": 28,
         "model.cells": 4, "model.reductions": [1, 3], "model.conv_3x3": "separable",
+        "model.pairwise_inputs": True, "model.prune_threshold": 0.01,
+        "algo.meta_prune_threshold": 0.01,
     },
 }  # fmt: skip
 
@@ -357,3 +361,75 @@ def test_presets_run_the_authors_protocol(preset: str) -> None:
         found = OmegaConf.select(cfg, key)
         found = OmegaConf.to_container(found) if OmegaConf.is_config(found) else found
         assert found == value, (preset, key, found, value)
+
+
+def test_pairwise_input_alphas_weight_each_pair_of_inputs_and_keep_the_strongest(
+    float64,
+) -> None:
+    """model.pairwise_inputs: node i's output is sum over its input pairs (a, b) of
+    softmax(alpha_pw)_ab x (edge_a + edge_b) (MetaNAS's SearchCell), and the genotype keeps
+    the two inputs of each node's strongest pair with their best operations."""
+    c = build(compose_config(*TINY, "algo=metanas", "model.pairwise_inputs=true"))
+    model = darts(c)
+    assert "alpha_pw_normal" in model.architecture_names()
+    assert tuple(model.alpha_pw_normal.shape) == (1 + 3,)  # node 0: 1 pair, node 1: 3
+    cell = model.cells[0]
+    with torch.no_grad():
+        model.alpha_pw_normal.copy_(torch.tensor([0.2, 1.0, -0.5, 0.3]))
+    s0, s1 = torch.randn(3, 2, 8, 8), torch.randn(3, 2, 8, 8)
+    weights = model.edge_weights(model.alpha_normal)
+    got = cell(s0, s1, weights, model.input_weights(model.alpha_pw_normal))
+    # by hand: node 0 has the one pair (0, 1), weight 1; node 1 the pairs (0,1), (0,2), (1,2)
+    states = [cell.pre0(s0), cell.pre1(s1)]
+    e = [cell.edges[k](states[k], weights[k]) for k in range(2)]
+    states.append(e[0] + e[1])
+    pair = torch.softmax(torch.tensor([1.0, -0.5, 0.3]), 0)
+    f = [cell.edges[2 + j](states[j], weights[2 + j]) for j in range(3)]
+    states.append(pair[0] * (f[0] + f[1]) + pair[1] * (f[0] + f[2]) + pair[2] * (f[1] + f[2]))
+    torch.testing.assert_close(got, torch.cat(states[2:], 1), rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # node 1: the pair (1, 2) strongest, each edge's best operation
+        model.alpha_pw_normal.copy_(torch.tensor([0.0, 0.1, 0.2, 2.0]))
+        model.alpha_normal.zero_()
+        model.alpha_normal[2:, 0] = 1.0  # the first operation on node 1's edges
+    gene = model.genotype()["normal"]
+    assert [j for _, j in gene[1]] == [1, 2]
+    assert {op for op, _ in gene[1]} == {model.cfg.ops[0]}
+
+
+def test_pruned_operations_and_pairs_take_no_part_and_the_meta_model_is_pruned(
+    float64,
+) -> None:
+    """model.prune_threshold drops the operations (and input pairs) of weight at most the
+    threshold from the forward pass; algo.meta_prune_threshold sets the meta-learned alphas
+    below it (at the final temperature) to -1e9 every algo.meta_prune_every outer steps."""
+    c = build(
+        compose_config(
+            *TINY, "algo=metanas", "model.prune_threshold=0.2", "model.pairwise_inputs=true",
+            "algo.meta_prune_threshold=0.2", "algo.meta_prune_every=2", "algo.meta=fomaml",
+        )
+    )  # fmt: skip
+    model = darts(c)
+    ops = len(model.cfg.ops)
+    alpha = torch.zeros(ops)
+    alpha[0] = 3.0  # one operation dominant: the rest below 0.2 are dropped
+    weights = model.edge_weights(alpha)
+    soft = torch.softmax(alpha, 0)
+    torch.testing.assert_close(weights, soft * (soft > 0.2))
+    assert int((weights > 0).sum()) == 1
+    pairs = model.input_weights(torch.tensor([0.0, 5.0, 0.0, 0.0]))
+    # node 0's single pair (weight 1) is kept; node 1's pair (0, 1) dominates, the others
+    # (weight ~0.007) are dropped: inputs 0 and 1 weigh its weight, input 2 nothing
+    assert pairs[:2].tolist() == [1.0, 1.0]
+    top = torch.softmax(torch.tensor([5.0, 0.0, 0.0]), 0)[0]
+    torch.testing.assert_close(pairs[2:], torch.stack([top, top, torch.zeros(())]))
+    with torch.no_grad():
+        model.alpha_normal.zero_()
+        model.alpha_normal[:, 0] = 3.0
+    before = model.alpha_normal.detach().clone()
+    meta_step(c, None)  # outer step 1: no pruning yet
+    assert (model.alpha_normal > -1e8).all()
+    meta_step(c, None)  # outer step 2: every operation below 0.2 goes
+    kept = torch.softmax(before, -1) >= 0.2  # (no temperature_end: the model's, 1)
+    assert kept[:, 0].all() and not kept[:, 1:].any()
+    assert (model.alpha_normal[:, 1:] == -1e9).all()
+    assert (model.alpha_normal[:, 0] > -1e8).all()

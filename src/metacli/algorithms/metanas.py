@@ -43,6 +43,7 @@ from metacli.streams import TaskRandom
 from metacli.tasks.base import TaskBatch, TaskDistribution
 
 META = ("reptile", "fomaml", "maml")
+PRUNED = -1e9  # the code's logit of a pruned operation
 
 
 @dataclass
@@ -57,6 +58,11 @@ class MetaNASConfig(MAMLConfig):
     temperature_schedule: str = "run"  # run: over meta-training | task: over each inner loop
     task_genotypes: bool = False  # T-NAS: each evaluation task's genotype from its adapted alpha
     anneal_iterations: int | None = None  # over this many outer steps (null: train.iterations)
+    # MetaNAS's --meta_model_prune_threshold: every meta_prune_every outer steps (null:
+    # train.val_every, the code's eval_freq) the meta-learned alphas whose weight at the final
+    # temperature is below this are set to -1e9, so their operations take no further part
+    meta_prune_threshold: float = 0.0
+    meta_prune_every: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,6 +84,18 @@ class MetaNASConfig(MAMLConfig):
             "algo.temperature_schedule",
             self.temperature_schedule,
             "run (over meta-training) or task (over each inner loop, as MetaNAS's code)",
+        )
+        require(
+            0.0 <= self.meta_prune_threshold < 1.0,
+            "algo.meta_prune_threshold",
+            self.meta_prune_threshold,
+            "a weight in [0, 1)",
+        )
+        require(
+            self.meta_prune_every is None or self.meta_prune_every >= 1,
+            "algo.meta_prune_every",
+            self.meta_prune_every,
+            "it must be >= 1 or null",
         )
         require(
             self.temperature_end is None or self.temperature_end > 0,
@@ -209,11 +227,15 @@ class MetaNAS(MAML, key="metanas"):
     @classmethod
     def configure(cls, cfg: AlgoConfig, model_cfg: Any, run_cfg: Any) -> list[str]:
         assert isinstance(cfg, MetaNASConfig)
+        notes = []
         run = cfg.temperature_schedule == "run"
         if run and cfg.temperature_end is not None and cfg.anneal_iterations is None:
             cfg.anneal_iterations = max(int(run_cfg.train.iterations), 1)
-            return [f"algo.anneal_iterations={cfg.anneal_iterations} (train.iterations)"]
-        return []
+            notes.append(f"algo.anneal_iterations={cfg.anneal_iterations} (train.iterations)")
+        if cfg.meta_prune_threshold > 0 and cfg.meta_prune_every is None:
+            cfg.meta_prune_every = max(int(run_cfg.train.val_every), 1)
+            notes.append(f"algo.meta_prune_every={cfg.meta_prune_every} (train.val_every)")
+        return notes
 
     def observe(self, batch: TaskBatch) -> None:
         super().observe(batch)
@@ -222,6 +244,21 @@ class MetaNAS(MAML, key="metanas"):
             done = min(float(self.outer_steps) / (self.cfg.anneal_iterations or 1), 1.0)
             value = self.start_temperature + (end - self.start_temperature) * done
             self.model.temperature.fill_(value)
+        every = self.cfg.meta_prune_every
+        if self.cfg.meta_prune_threshold > 0 and every and int(self.outer_steps) % every == 0:
+            self.prune_alphas()
+
+    @torch.no_grad()
+    def prune_alphas(self) -> None:
+        """The code's prune_alphas: operation weights (softmax at the final temperature)
+        below algo.meta_prune_threshold get the logit -1e9, so they stay out of every later
+        task (the model's forward pass drops them; their weight stays 0)."""
+        end = self.cfg.temperature_end
+        temperature = end if end is not None else float(self.model.temperature)
+        for kind in KINDS:
+            alpha = getattr(self.model, f"alpha_{kind}")
+            weights = torch.softmax(alpha / temperature, dim=-1)
+            alpha[weights < self.cfg.meta_prune_threshold] = PRUNED
 
     def scalars(self) -> dict[str, float]:
         """Every edge's operation weights (``arch_<cell>_n<node>_i<input>_<op>``), the

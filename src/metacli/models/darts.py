@@ -32,7 +32,15 @@ from torch import Tensor, nn
 from metacli.config import require
 from metacli.errors import ConfigError
 from metacli.models.base import MetaBatchNorm, Model, ModelConfig
-from metacli.models.operations import CONV_3X3, OPS, Cell, Genotype, edge_count
+from metacli.models.operations import (
+    CONV_3X3,
+    OPS,
+    Cell,
+    Genotype,
+    edge_count,
+    input_pairs,
+    pair_count,
+)
 from metacli.streams import TaskRandom
 
 DARTS_OPS = [
@@ -65,6 +73,13 @@ class DartsConfig(ModelConfig):
     # conv_3x3: full (a plain 3x3 convolution) | separable (MetaNAS's code: its DilConv with
     # dilation 1, a depthwise 3x3 then a pointwise 1x1)
     conv_3x3: str = "full"
+    # MetaNAS's pairwise input alphas (--use_pairwise_input_alphas): per node, a softmax over
+    # the pairs of its inputs; the node sums each pair's two edges weighted by the pair's
+    # weight, and the discretisation keeps the strongest pair
+    pairwise_inputs: bool = False
+    # operations (and input pairs) whose weight is at most this are left out of the forward
+    # pass (MetaNAS's --alpha_prune_threshold; 0: none)
+    prune_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         require(self.channels >= 1, "model.channels", self.channels, "it must be >= 1")
@@ -94,6 +109,12 @@ class DartsConfig(ModelConfig):
             "model.conv_3x3",
             self.conv_3x3,
             f"choose one of {', '.join(CONV_3X3)}",
+        )
+        require(
+            0.0 <= self.prune_threshold < 1.0,
+            "model.prune_threshold",
+            self.prune_threshold,
+            "a weight in [0, 1)",
         )
         reductions = self.reductions or []
         require(
@@ -144,6 +165,7 @@ class Darts(Model, key="darts"):
     # Like Conv-4: batched (grouped) convolutions lose to a loop of tasks on a CPU.
     preferred_batching = {"cpu": "threads", "cuda": "vmap"}
     temperature: Tensor
+    pair_incidence: Tensor  # model.pairwise_inputs: [edges, pairs]
 
     def __init__(self, cfg: DartsConfig, input_shape: tuple[int, ...], output_dim: int | None):
         super().__init__(cfg, input_shape, output_dim)
@@ -154,6 +176,10 @@ class Darts(Model, key="darts"):
         edges = edge_count(cfg.nodes)
         self.alpha_normal = nn.Parameter(1e-3 * torch.randn(edges, len(cfg.ops)))
         self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(edges, len(cfg.ops)))
+        if cfg.pairwise_inputs:
+            self.alpha_pw_normal = nn.Parameter(1e-3 * torch.randn(pair_count(cfg.nodes)))
+            self.alpha_pw_reduce = nn.Parameter(1e-3 * torch.randn(pair_count(cfg.nodes)))
+            self.register_buffer("pair_incidence", incidence(cfg.nodes), persistent=False)
         self.register_buffer("temperature", torch.tensor(float(cfg.temperature)))
         self.feature_dim = features
         self.head = nn.Linear(features, output_dim) if output_dim else None
@@ -162,7 +188,8 @@ class Darts(Model, key="darts"):
             self.register_buffer("gumbel_reduce", torch.zeros(edges, len(cfg.ops)))
 
     def architecture_names(self) -> list[str]:
-        return ["alpha_normal", "alpha_reduce"]
+        pairwise = [f"alpha_pw_{kind}" for kind in KINDS] if self.cfg.pairwise_inputs else []
+        return ["alpha_normal", "alpha_reduce", *pairwise]
 
     def draw(self, rng: TaskRandom) -> dict[str, Tensor]:
         """This task's Gumbel noise for every edge of both cell types (``sampling: gumbel``)."""
@@ -181,19 +208,43 @@ class Darts(Model, key="darts"):
     def edge_weights(self, alpha: Tensor, noise: Tensor | None = None) -> Tensor:
         """[edges, ops]: softmax(alpha / T), or the straight-through one-hot of a draw."""
         if noise is None:
-            return torch.softmax(alpha / self.temperature, dim=-1)
+            return self.pruned(torch.softmax(alpha / self.temperature, dim=-1))
         soft = torch.softmax((alpha + noise) / self.temperature, dim=-1)
         index = torch.arange(soft.shape[-1], device=soft.device)
         hard = (index == soft.argmax(-1, keepdim=True)).to(soft.dtype)
         return hard + (soft - soft.detach())
 
+    def pruned(self, weights: Tensor) -> Tensor:
+        """Weights at most ``prune_threshold`` set to 0: their operation (or input pair)
+        takes no part, as MetaNAS's code leaves it out (the same values)."""
+        threshold = self.cfg.prune_threshold
+        return weights * (weights > threshold) if threshold > 0 else weights
+
+    def input_weights(self, alpha_pw: Tensor) -> Tensor:
+        """[edges]: each edge's factor in its node's sum, the summed weights of the input
+        pairs it belongs to, the weights a softmax over each node's pairs (at the
+        temperature, pruned)."""
+        pieces, start = [], 0
+        for node in range(self.cfg.nodes):
+            count = len(input_pairs(node))
+            piece = torch.softmax(alpha_pw[start : start + count] / self.temperature, dim=-1)
+            pieces.append(self.pruned(piece))
+            start += count
+        return self.pair_incidence.to(alpha_pw.dtype) @ torch.cat(pieces)
+
     def features(self, x: Tensor) -> Tensor:
         noise = {k: getattr(self, f"gumbel_{k}") if self.stochastic else None for k in KINDS}
         weights = {k: self.edge_weights(getattr(self, f"alpha_{k}"), noise[k]) for k in KINDS}
+        inputs = {
+            k: self.input_weights(getattr(self, f"alpha_pw_{k}"))
+            if self.cfg.pairwise_inputs
+            else None
+            for k in KINDS
+        }
         s0 = s1 = self.stem(x)
         for i, cell in enumerate(self.cells):
             kind = "reduce" if i in self.reductions else "normal"
-            s0, s1 = s1, cell(s0, s1, weights[kind])
+            s0, s1 = s1, cell(s0, s1, weights[kind], inputs[kind])
         return s1.mean(dim=(2, 3))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -208,7 +259,8 @@ class Darts(Model, key="darts"):
         out: dict[str, Any] = {}
         for kind in KINDS:
             weights = torch.softmax(alphas[f"alpha_{kind}"].float() / self.temperature.float(), -1)
-            out[kind] = discretize(weights, cfg.ops, cfg.nodes, cfg.keep)
+            pairs = alphas.get(f"alpha_pw_{kind}") if cfg.pairwise_inputs else None
+            out[kind] = discretize(weights, cfg.ops, cfg.nodes, cfg.keep, pairs)
         return {
             **out,
             "nodes": cfg.nodes,
@@ -221,10 +273,26 @@ class Darts(Model, key="darts"):
         }
 
 
-def discretize(weights: Tensor, ops: list[str], nodes: int, keep: int) -> Genotype:
+def incidence(nodes: int) -> Tensor:
+    """[edges, pairs]: 1 where the edge (node i's input j) belongs to the pair."""
+    out = torch.zeros(edge_count(nodes), pair_count(nodes))
+    edge, pair = 0, 0
+    for node in range(nodes):
+        for a, b in input_pairs(node):
+            out[edge + a, pair] = out[edge + b, pair] = 1.0
+            pair += 1
+        edge += node + 2
+    return out
+
+
+def discretize(
+    weights: Tensor, ops: list[str], nodes: int, keep: int, pairs: Tensor | None = None
+) -> Genotype:
     """Per node: each incoming edge's strongest operation other than ``zero``, and the
-    ``keep`` edges whose chosen operation weighs most; [[op, input], ...] per node, inputs
-    in increasing order (0, 1: the cell's inputs; 2 + i: node i)."""
+    ``keep`` edges whose chosen operation weighs most, or, with pairwise input alphas
+    ``pairs``, the two inputs of the node's strongest pair (MetaNAS's parse_pairwise);
+    [[op, input], ...] per node, inputs in increasing order (0, 1: the cell's inputs;
+    2 + i: node i)."""
     usable = [k for k, op in enumerate(ops) if op != "zero"]
     if not usable:
         raise ConfigError("model.ops has only `zero`: there is nothing to keep.")
@@ -234,6 +302,10 @@ def discretize(weights: Tensor, ops: list[str], nodes: int, keep: int) -> Genoty
         rows = weights[start : start + inputs][:, usable]  # [inputs, usable ops]
         best, which = rows.max(dim=-1)
         order = sorted(range(inputs), key=lambda j: (-float(best[j]), j))[: min(keep, inputs)]
+        if pairs is not None:
+            first = sum(len(input_pairs(i)) for i in range(node))
+            candidates = input_pairs(node)
+            order = list(candidates[int(pairs[first : first + len(candidates)].argmax())])
         genes.append([[ops[usable[int(which[j])]], j] for j in sorted(order)])
         start += inputs
     return genes

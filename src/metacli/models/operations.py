@@ -26,6 +26,15 @@ def edge_count(nodes: int) -> int:
     return sum(i + 2 for i in range(nodes))
 
 
+def input_pairs(node: int) -> list[tuple[int, int]]:
+    """The pairs of node ``node``'s inputs (a < b), in MetaNAS's order."""
+    return [(a, b) for a in range(node + 2) for b in range(a + 1, node + 2)]
+
+
+def pair_count(nodes: int) -> int:
+    return sum(len(input_pairs(i)) for i in range(nodes))
+
+
 class ReLUConvBN(nn.Module):
     """ReLU - convolution (optionally dilated or depthwise-separable) - batch norm."""
 
@@ -210,8 +219,11 @@ class Cell(nn.Module):
                 self.edges.append(Edge(list(names), c, stride, affine, conv_3x3))
         self.outputs = nodes  # the cell concatenates its intermediate nodes
 
-    def forward(self, s0: Tensor, s1: Tensor, weights: Tensor | None = None) -> Tensor:
-        """``weights`` [search edges, ops] for a search cell."""
+    def forward(
+        self, s0: Tensor, s1: Tensor, weights: Tensor | None = None, factors: Tensor | None = None
+    ) -> Tensor:
+        """``weights`` [search edges, ops] for a search cell; ``factors`` [search edges]: each
+        edge's factor in its node's sum (MetaNAS's pairwise input alphas), or None: 1."""
         states = [self.pre0(s0), self.pre1(s1)]
         index = 0
         for inputs in self.inputs:
@@ -219,6 +231,8 @@ class Cell(nn.Module):
             for j in inputs:
                 edge_weights = weights[index] if self.search and weights is not None else None
                 value = self.edges[index](states[j], edge_weights)
+                if self.search and factors is not None:
+                    value = factors[index] * value
                 total = value if total is None else total + value
                 index += 1
             assert total is not None
