@@ -335,7 +335,7 @@ AUTHORS = {
         "train.iterations": 30000, "algo.warmup_iterations": 15000,
         "algo.temperature_end": 0.05, "test.num_tasks": 5000, "model.channels": 28,
         "model.cells": 4, "model.reductions": [1, 3], "model.conv_3x3": "separable",
-        "model.pairwise_inputs": True, "model.prune_threshold": 0.01,
+        "model.pairwise_inputs": True, "model.prune_threshold": 0.01, "model.drop_path": 0.2,
         "algo.meta_prune_threshold": 0.01, "task.split": "lake",
         "task.test_rotations": [0, 90, 180, 270],
     },
@@ -346,7 +346,7 @@ AUTHORS = {
         "train.iterations": 30000, "algo.warmup_iterations": 15000,
         "algo.temperature_end": 0.1, "test.num_tasks": 5000, "model.channels": 28,
         "model.cells": 4, "model.reductions": [1, 3], "model.conv_3x3": "separable",
-        "model.pairwise_inputs": True, "model.prune_threshold": 0.01,
+        "model.pairwise_inputs": True, "model.prune_threshold": 0.01, "model.drop_path": 0.2,
         "algo.meta_prune_threshold": 0.01,
     },
 }  # fmt: skip
@@ -433,3 +433,44 @@ def test_pruned_operations_and_pairs_take_no_part_and_the_meta_model_is_pruned(
     assert kept[:, 0].all() and not kept[:, 1:].any()
     assert (model.alpha_normal[:, 1:] == -1e9).all()
     assert (model.alpha_normal[:, 0] > -1e8).all()
+
+
+def test_drop_path_drops_whole_operation_outputs_per_example_while_adapting_to_training_tasks(
+    float64,
+) -> None:
+    """model.drop_path: an edge scales each example's output of each non-identity operation
+    by its factor (0, or 1 / keep), the identity whole; the masks come from each task's
+    stream, so vmap and the loop agree; evaluation never drops."""
+    names = ["conv_3x3", "skip_connect", "max_pool_3x3"]
+    edge = Edge(names, 3, 1, False)
+    x = torch.randn(4, 3, 6, 6)
+    weights = torch.tensor([0.5, 0.3, 0.2])
+    drop = torch.tensor([[2.0, 0.0, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 2.0, 2.0, 2.0]])
+    by_hand = (
+        0.5 * edge.ops[0](x) * drop[0].view(4, 1, 1, 1)
+        + 0.3 * x  # the identity is never dropped
+        + 0.2 * edge.ops[2](x) * drop[2].view(4, 1, 1, 1)
+    )
+    torch.testing.assert_close(edge(x, weights, drop), by_hand, rtol=1e-12, atol=1e-12)
+
+    def run(drop_path: float, batching: str) -> tuple[Tensor, Tensor, Components]:
+        torch.manual_seed(0)
+        c = build(
+            compose_config(
+                *TINY, "algo=metanas", "algo.meta=fomaml", f"model.drop_path={drop_path}",
+                f"algo.batching={batching}", "seed=3",
+            )
+        )  # fmt: skip
+        batch = sample(c)
+        c.algorithm.train()
+        return c.algorithm.meta_loss(batch).loss.detach(), evaluate(c, "val", 4, 4).final, c
+
+    dropped, evaluated, c = run(0.5, "vmap")
+    looped, evaluated_loop, _ = run(0.5, "loop")
+    plain, evaluated_plain, _ = run(0.0, "vmap")
+    torch.testing.assert_close(dropped, looped, rtol=1e-10, atol=0)
+    assert not torch.isclose(dropped, plain)  # the masks took part in the inner loop
+    assert evaluated == evaluated_plain == evaluated_loop  # and not at evaluation
+    masks = darts(c).drop_masks(TaskRandom(torch.tensor(5)), 1000, torch.float64)
+    assert set(masks.unique().tolist()) == {0.0, 2.0}
+    assert abs(float((masks == 0).double().mean()) - 0.5) < 0.01

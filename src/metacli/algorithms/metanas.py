@@ -119,6 +119,7 @@ class MetaNAS(MAML, key="metanas"):
             )
         super().__init__(cfg, model, task)
         self.start_temperature = float(model.temperature)
+        self.executor.stochastic |= model.cfg.drop_path > 0  # each task's own masks
 
     # --- what the meta-learner is -------------------------------------------------------
     @classmethod
@@ -169,6 +170,16 @@ class MetaNAS(MAML, key="metanas"):
             value = self.start_temperature + (end - self.start_temperature) * done
             params = {**params, "temperature": torch.tensor(value, dtype=x.dtype, device=x.device)}
         return super().forward_with(params, x, step, once)
+
+    def support_loss(
+        self, params: Params, x: Tensor, y: Tensor, step: int, rng: TaskRandom
+    ) -> Tensor:
+        """The support loss; while meta-training, with drop-path's masks drawn from the
+        task's stream for this pass (MetaNAS drops paths as it adapts to training tasks,
+        never on the query nor at meta-test)."""
+        if self.model.cfg.drop_path > 0 and self.training:
+            params = {**params, "drop_keep": self.model.drop_masks(rng, x.shape[0], x.dtype)}
+        return super().support_loss(params, x, y, step, rng)
 
     def evaluate(self, batch: TaskBatch, predictions: bool = False) -> Evaluation:
         """Adapt and measure each task (as every adaptive algorithm), and say which

@@ -80,6 +80,10 @@ class DartsConfig(ModelConfig):
     # operations (and input pairs) whose weight is at most this are left out of the forward
     # pass (MetaNAS's --alpha_prune_threshold; 0: none)
     prune_threshold: float = 0.0
+    # drop-path (MetaNAS's --drop_path_prob, DARTS's): while adapting to a training task,
+    # each example's output of each non-identity operation is dropped with this probability
+    # (the kept ones scaled by 1 / (1 - p)); never at evaluation
+    drop_path: float = 0.0
 
     def __post_init__(self) -> None:
         require(self.channels >= 1, "model.channels", self.channels, "it must be >= 1")
@@ -110,6 +114,7 @@ class DartsConfig(ModelConfig):
             self.conv_3x3,
             f"choose one of {', '.join(CONV_3X3)}",
         )
+        require(0.0 <= self.drop_path < 1.0, "model.drop_path", self.drop_path, "in [0, 1)")
         require(
             0.0 <= self.prune_threshold < 1.0,
             "model.prune_threshold",
@@ -166,6 +171,7 @@ class Darts(Model, key="darts"):
     preferred_batching = {"cpu": "threads", "cuda": "vmap"}
     temperature: Tensor
     pair_incidence: Tensor  # model.pairwise_inputs: [edges, pairs]
+    drop_keep: Tensor  # drop-path's factors [cells, edges, ops, N] while given (``drop_masks``)
 
     def __init__(self, cfg: DartsConfig, input_shape: tuple[int, ...], output_dim: int | None):
         super().__init__(cfg, input_shape, output_dim)
@@ -181,6 +187,8 @@ class Darts(Model, key="darts"):
             self.alpha_pw_reduce = nn.Parameter(1e-3 * torch.randn(pair_count(cfg.nodes)))
             self.register_buffer("pair_incidence", incidence(cfg.nodes), persistent=False)
         self.register_buffer("temperature", torch.tensor(float(cfg.temperature)))
+        # empty: no drop-path; a task's masks are given in its place (``drop_masks``)
+        self.register_buffer("drop_keep", torch.zeros(0), persistent=False)
         self.feature_dim = features
         self.head = nn.Linear(features, output_dim) if output_dim else None
         if self.stochastic:  # replaced by each task's draw (``draw``), zero otherwise
@@ -214,6 +222,13 @@ class Darts(Model, key="darts"):
         hard = (index == soft.argmax(-1, keepdim=True)).to(soft.dtype)
         return hard + (soft - soft.detach())
 
+    def drop_masks(self, rng: TaskRandom, examples: int, dtype: torch.dtype) -> Tensor:
+        """One pass's drop-path factors from the task's stream: [cells, edges, ops,
+        examples], 0 (dropped) or 1 / (1 - p)."""
+        p = self.cfg.drop_path
+        shape = (len(self.cells), edge_count(self.cfg.nodes), len(self.cfg.ops), examples)
+        return (rng.uniform(shape, dtype) >= p).to(dtype) / (1.0 - p)
+
     def pruned(self, weights: Tensor) -> Tensor:
         """Weights at most ``prune_threshold`` set to 0: their operation (or input pair)
         takes no part, as MetaNAS's code leaves it out (the same values)."""
@@ -241,10 +256,12 @@ class Darts(Model, key="darts"):
             else None
             for k in KINDS
         }
+        drops = self.drop_keep if self.drop_keep.dim() == 4 else None
         s0 = s1 = self.stem(x)
         for i, cell in enumerate(self.cells):
             kind = "reduce" if i in self.reductions else "normal"
-            s0, s1 = s1, cell(s0, s1, weights[kind], inputs[kind])
+            drop = None if drops is None else drops[i]
+            s0, s1 = s1, cell(s0, s1, weights[kind], inputs[kind], drop)
         return s1.mean(dim=(2, 3))
 
     def forward(self, x: Tensor) -> Tensor:

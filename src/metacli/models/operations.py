@@ -173,12 +173,18 @@ class Edge(nn.Module):
         self.names = names
         self.ops = nn.ModuleList([operation(n, c, stride, affine, conv_3x3) for n in names])
 
-    def forward(self, x: Tensor, weights: Tensor | None) -> Tensor:  # weights [ops]
+    def forward(self, x: Tensor, weights: Tensor | None, drop: Tensor | None = None) -> Tensor:
+        """``weights`` [ops]; ``drop`` [ops, N]: each example's factor on each operation's
+        output (drop-path: 0 or 1 / keep), the identity left whole, as MetaNAS's MixedOp."""
         if weights is None:
             return self.ops[0](x)
-        out = weights[0] * self.ops[0](x)
-        for k in range(1, len(self.ops)):
-            out = out + weights[k] * self.ops[k](x)
+        out: Tensor | None = None
+        for k, op in enumerate(self.ops):
+            value = op(x)
+            if drop is not None and not isinstance(op, Identity):
+                value = value * drop[k].view(-1, *([1] * (value.dim() - 1)))
+            out = weights[k] * value if out is None else out + weights[k] * value
+        assert out is not None
         return out
 
 
@@ -220,17 +226,24 @@ class Cell(nn.Module):
         self.outputs = nodes  # the cell concatenates its intermediate nodes
 
     def forward(
-        self, s0: Tensor, s1: Tensor, weights: Tensor | None = None, factors: Tensor | None = None
+        self,
+        s0: Tensor,
+        s1: Tensor,
+        weights: Tensor | None = None,
+        factors: Tensor | None = None,
+        drops: Tensor | None = None,
     ) -> Tensor:
         """``weights`` [search edges, ops] for a search cell; ``factors`` [search edges]: each
-        edge's factor in its node's sum (MetaNAS's pairwise input alphas), or None: 1."""
+        edge's factor in its node's sum (MetaNAS's pairwise input alphas), or None: 1;
+        ``drops`` [search edges, ops, N]: drop-path's factors (``Edge``), or None."""
         states = [self.pre0(s0), self.pre1(s1)]
         index = 0
         for inputs in self.inputs:
             total: Tensor | None = None
             for j in inputs:
                 edge_weights = weights[index] if self.search and weights is not None else None
-                value = self.edges[index](states[j], edge_weights)
+                drop = drops[index] if self.search and drops is not None else None
+                value = self.edges[index](states[j], edge_weights, drop)
                 if self.search and factors is not None:
                     value = factors[index] * value
                 total = value if total is None else total + value
