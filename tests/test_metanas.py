@@ -336,7 +336,8 @@ AUTHORS = {
         "algo.temperature_end": 0.05, "test.num_tasks": 5000, "model.channels": 28,
         "model.cells": 4, "model.reductions": [1, 3], "model.conv_3x3": "separable",
         "model.pairwise_inputs": True, "model.prune_threshold": 0.01, "model.drop_path": 0.2,
-        "algo.meta_prune_threshold": 0.01, "task.split": "lake",
+        "algo.meta_prune_threshold": 0.01, "task.split": "lake", "algo.alternate": True,
+        "algo.alpha_weight_decay": 0.001, "algo.w_grad_clip": 1e6,
         "task.test_rotations": [0, 90, 180, 270],
     },
     "metanas_miniimagenet": {
@@ -347,7 +348,8 @@ AUTHORS = {
         "algo.temperature_end": 0.1, "test.num_tasks": 5000, "model.channels": 28,
         "model.cells": 4, "model.reductions": [1, 3], "model.conv_3x3": "separable",
         "model.pairwise_inputs": True, "model.prune_threshold": 0.01, "model.drop_path": 0.2,
-        "algo.meta_prune_threshold": 0.01,
+        "algo.meta_prune_threshold": 0.01, "algo.alternate": True,
+        "algo.alpha_weight_decay": 0.001, "algo.w_grad_clip": 1e6,
     },
 }  # fmt: skip
 
@@ -474,3 +476,60 @@ def test_drop_path_drops_whole_operation_outputs_per_example_while_adapting_to_t
     masks = darts(c).drop_masks(TaskRandom(torch.tensor(5)), 1000, torch.float64)
     assert set(masks.unique().tolist()) == {0.0, 2.0}
     assert abs(float((masks == 0).double().mean()) - 0.5) < 0.01
+
+
+def test_alternating_task_steps_are_the_codes_alpha_step_then_clipped_weight_step(
+    float64,
+) -> None:
+    """algo.alternate: each inner step is an alpha step (gradient plus weight decay x alpha),
+    then a weight step at the new alpha with its gradient's norm clipped, as MetaNAS's
+    task optimizer (plain SGD here, on the whole support set, against autograd by hand)."""
+    c = build(
+        compose_config(
+            *TINY, "algo=metanas", "algo.alternate=true", "algo.alpha_weight_decay=0.1",
+            "algo.w_grad_clip=0.05", "algo.meta=fomaml",
+        )
+    )  # fmt: skip
+    algorithm = c.algorithm
+    assert isinstance(algorithm, MetaNAS)
+    batch = sample(c)
+    x, y = batch.support_x[0], batch.support_y[0]
+    rng = TaskRandom(torch.tensor(7))
+    params = {n: p.detach() for n, p in algorithm.initial_params().items()}
+    steps = list(algorithm.adapt(params, x, y, 2, 0.1, True, rng))
+    alphas = set(darts(c).architecture_names())
+
+    def gradient(at: dict[str, Tensor], names: list[str]) -> dict[str, Tensor]:
+        leaves = {n: at[n].clone().requires_grad_() for n in names}
+        loss = algorithm.support_loss({**at, **leaves}, x, y, 0, rng)
+        return dict(zip(names, torch.autograd.grad(loss, list(leaves.values())), strict=True))
+
+    expected = dict(params)
+    adapted = list(algorithm.adapted(params))
+    for _ in range(2):
+        names = [n for n in adapted if n in alphas]
+        grads = gradient(expected, names)
+        expected = {
+            **expected,
+            **{n: expected[n] - 0.1 * (grads[n] + 0.1 * expected[n]) for n in names},
+        }
+        names = [n for n in adapted if n not in alphas]
+        grads = gradient(expected, names)
+        norm = torch.sqrt(sum((g * g).sum() for g in grads.values()))
+        assert norm > 0.05  # the clip acts
+        factor = 0.05 / (norm + 1e-6)
+        expected = {**expected, **{n: expected[n] - 0.1 * factor * grads[n] for n in names}}
+    for name in adapted:
+        torch.testing.assert_close(steps[-1].params[name], expected[name], rtol=1e-10, atol=1e-12)
+    losses = []
+    for batching in ("vmap", "loop"):
+        torch.manual_seed(0)
+        d = build(
+            compose_config(
+                *TINY, "algo=metanas", "algo.alternate=true", "algo.alpha_weight_decay=0.1",
+                "algo.w_grad_clip=0.05", "algo.meta=fomaml", f"algo.batching={batching}",
+                "algo.inner_batch=3",
+            )
+        )  # fmt: skip
+        losses.append(d.algorithm.meta_loss(sample(d)).loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-10, atol=0)

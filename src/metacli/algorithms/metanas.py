@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from metacli.algorithms.adaptive import minibatches
 from metacli.algorithms.base import AlgoConfig, Evaluation, MetaLoss
 from metacli.algorithms.maml import MAML, MAMLConfig
 from metacli.algorithms.reptile import reptile_loss
@@ -63,6 +64,13 @@ class MetaNASConfig(MAMLConfig):
     # temperature is below this are set to -1e9, so their operations take no further part
     meta_prune_threshold: float = 0.0
     meta_prune_every: int | None = None
+    # MetaNAS's task optimizer (task_optimizer/darts.py): each inner step an alpha step on one
+    # batch (its gradient plus alpha_weight_decay x alpha, the code's Adam weight decay), then
+    # a weight step on the next batch at the new alpha, its gradient norm clipped to
+    # w_grad_clip (null: no clip); false: one step of both together
+    alternate: bool = False
+    alpha_weight_decay: float = 0.0
+    w_grad_clip: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -90,6 +98,18 @@ class MetaNASConfig(MAMLConfig):
             "algo.meta_prune_threshold",
             self.meta_prune_threshold,
             "a weight in [0, 1)",
+        )
+        require(
+            self.alpha_weight_decay >= 0,
+            "algo.alpha_weight_decay",
+            self.alpha_weight_decay,
+            "it must be >= 0",
+        )
+        require(
+            self.w_grad_clip is None or self.w_grad_clip > 0,
+            "algo.w_grad_clip",
+            self.w_grad_clip,
+            "it must be > 0 or null",
         )
         require(
             self.meta_prune_every is None or self.meta_prune_every >= 1,
@@ -170,6 +190,81 @@ class MetaNAS(MAML, key="metanas"):
             value = self.start_temperature + (end - self.start_temperature) * done
             params = {**params, "temperature": torch.tensor(value, dtype=x.dtype, device=x.device)}
         return super().forward_with(params, x, step, once)
+
+    def adapt(
+        self,
+        params: Params,
+        x: Tensor,
+        y: Tensor,
+        steps: int,
+        lr: float,
+        first_order: bool,
+        rng: TaskRandom,
+        keep_loss: bool = False,
+        batch: int | None = None,
+        state: Any = None,
+        proximal: float = 0.0,
+    ) -> Iterator[Step]:
+        if not self.cfg.alternate:
+            return super().adapt(
+                params, x, y, steps, lr, first_order, rng, keep_loss, batch, state, proximal
+            )
+        return self.alternating(params, x, y, steps, lr, first_order, rng, batch)
+
+    def alternating(
+        self,
+        params: Params,
+        x: Tensor,
+        y: Tensor,
+        steps: int,
+        lr: float,
+        first_order: bool,
+        rng: TaskRandom,
+        batch: int | None,
+    ) -> Iterator[Step]:
+        """The code's task step, ``steps`` times: alpha on one batch (plus its weight
+        decay), then the weights on the next at the new alpha (their gradient's norm
+        clipped), each with its own state of the update rule; alpha stays while frozen."""
+        if self.model.stochastic:
+            params = {**params, **self.model.draw(rng)}
+        order = None
+        if batch is not None and batch != x.shape[0]:
+            order = minibatches(rng, x.shape[0], batch, 2 * steps)  # [2 steps, batch]
+
+        def examples(index: int) -> tuple[Tensor, Tensor]:
+            return (x, y) if order is None else (x[order[index]], y[order[index]])
+
+        adapted = list(self.adapted(params))
+        architecture = set(self.model.architecture_names())
+        alphas = [n for n in adapted if n in architecture and not self.frozen()]
+        weights = [n for n in adapted if n not in architecture]
+        states = {
+            "alpha": self.rule.init({n: params[n] for n in alphas}, lr, rng),
+            "w": self.rule.init({n: params[n] for n in weights}, lr, rng),
+        }
+        yield Step(0, params)
+        for step in range(steps):
+            value: Tensor | None = None
+            for part, names in (("alpha", alphas), ("w", weights)):
+                if not names:
+                    continue
+                fast = {n: params[n] for n in names}
+                at, index = params, 2 * step + (part == "w")
+
+                def loss(
+                    f: Params, at: Params = at, index: int = index, step: int = step
+                ) -> Tensor:
+                    return self.support_loss({**at, **f}, *examples(index), step, rng)
+
+                grads, value = self.inner.gradient(loss, fast, first_order, part == "w")
+                if part == "alpha" and self.cfg.alpha_weight_decay:
+                    decay = self.cfg.alpha_weight_decay
+                    grads = {n: g + decay * fast[n] for n, g in grads.items()}
+                if part == "w" and self.cfg.w_grad_clip is not None:
+                    grads = clipped(grads, self.cfg.w_grad_clip)
+                new, states[part] = self.rule.update(fast, grads, value, states[part], step)
+                params = {**params, **new}
+            yield Step(step + 1, params, value)
 
     def support_loss(
         self, params: Params, x: Tensor, y: Tensor, step: int, rng: TaskRandom
@@ -294,3 +389,11 @@ class MetaNAS(MAML, key="metanas"):
         if picture is not None:
             files["genotype.png"] = picture
         return files
+
+
+def clipped(grads: Params, max_norm: float) -> Params:
+    """The gradient scaled to norm at most ``max_norm`` (``clip_grad_norm_``'s rule, with
+    its 1e-6; tensor operations alone, so it runs under vmap)."""
+    total = torch.sqrt(sum((g * g).sum() for g in grads.values()))  # type: ignore[arg-type]
+    factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return {n: g * factor for n, g in grads.items()}
