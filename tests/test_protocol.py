@@ -159,3 +159,43 @@ def test_test_queries_apply_to_validation_and_test_only() -> None:
     for split in ("val", "test"):
         batch = task.sample(2, split, gen)
         assert batch.query_x.shape[:2] == (2, 3 * 5) and batch.support_x.shape[1] == 3
+
+
+# HowToTrainYourMAMLPytorch's experiment_config/{omniglot_maml++-omniglot_<shots>_8_0.1_64_5_0,
+# mini-imagenet_maml++-mini-imagenet_<shots>_2_0.01_48_5_0}.json: batch_size, num_classes_per_set,
+# num_samples_per_class, num_target_samples, init_inner_loop_learning_rate,
+# number_of_training/evaluation_steps_per_iter, multi_step_loss_num_epochs x
+# total_iter_per_epoch, meta_learning_rate, min_learning_rate, total_epochs x
+# total_iter_per_epoch, cnn_num_filters, max_pooling, enable_inner_loop_optimizable_bn_params
+# (false), first_order_to_second_order_epoch (-1), num_evaluation_tasks, max_models_to_save.
+MAMLPP_CODE = {
+    "omniglot": {
+        "train.meta_batch_size": 8, "task.ways": 5, "task.queries": 1, "algo.inner_lr": 0.1,
+        "algo.inner_steps": 5, "algo.test_inner_steps": 5, "algo.msl_iterations": 10 * 500,
+        "optim.lr": 0.001, "optim.min_lr": 1e-5, "train.iterations": 100 * 500,
+        "optim.epoch_iterations": 500, "model.filters": 64, "model.strided": False,
+        "algo.adapt_norm": False, "algo.first_order_iterations": 0, "test.num_tasks": 600,
+        "test.ensemble_top_k": 5, "val.num_tasks": 600, "train.val_every": 500,
+    },
+    "miniimagenet": {
+        "train.meta_batch_size": 2, "task.ways": 5, "task.queries": 15, "algo.inner_lr": 0.01,
+        "algo.inner_steps": 5, "algo.test_inner_steps": 5, "algo.msl_iterations": 15 * 500,
+        "optim.lr": 0.001, "optim.min_lr": 0.001, "train.iterations": 100 * 500,
+        "optim.epoch_iterations": 500, "model.filters": 48, "model.strided": False,
+        "algo.adapt_norm": False, "algo.first_order_iterations": 0, "test.num_tasks": 600,
+        "test.ensemble_top_k": 5, "val.num_tasks": 600, "train.val_every": 500,
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("task", sorted(MAMLPP_CODE))
+@pytest.mark.parametrize("shots", [1, 5])
+def test_mamlpp_presets_are_the_reference_experiment_configs(task: str, shots: int) -> None:
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose_config
+
+    cfg = compose_config(f"experiment=mamlpp_{task}_5w{shots}s")
+    assert cfg.task.shots == shots
+    for key, value in MAMLPP_CODE[task].items():
+        assert OmegaConf.select(cfg, key) == value, (task, shots, key)
