@@ -26,7 +26,13 @@ Suites (each its example's settings; ``SUITES`` lists the metacli overrides):
 
 Run folders: <out>/<suite>/metacli/seed<k>/ (metacli's) and <out>/<suite>/learn2learn/
 seed<k>/ (summary.json, metrics.jsonl, tasks.csv and checkpoints/ in metacli's formats,
-``implementation: learn2learn``). Then: metacli compare <out>/<suite> --by implementation
+``implementation: learn2learn``). Then: metacli compare <out>/<suite> --group-by
+implementation, or ``--report FIGURE.png`` for the table and the curves.
+
+``--metacli-tasks`` (maml, fomaml) runs the example's loop on the meta-batches metacli's
+own run draws (learn2learn_metacli_tasks/): the same data in the same order, so only the
+algorithms differ; ``--check-steps N`` also computes metacli's meta-gradient at the
+example's weights on each of the first N batches and records the largest relative gap.
 """
 
 from __future__ import annotations
@@ -312,8 +318,33 @@ def evaluate(components: Any, split: str, num_tasks: int) -> Any:
     return metacli_evaluate(components, split, num_tasks, 100)
 
 
+def gradient_gap(twin: Any, model: Any, names: Callable[[str], str], batch: Any) -> float:
+    """metacli's meta-gradient on the same batch at the example's current weights, against
+    the example's (already in ``.grad``): the largest difference relative to the largest
+    component. (Trajectories are not compared: Adam divides each step by the gradient's
+    own size, so a coordinate whose gradient is rounding noise, such as a linear bias
+    before batch norm, takes steps of the full rate in either implementation.)"""
+    copy_weights(twin.algorithm.model, model, names, into_example=False)
+    twin.algorithm.zero_grad()
+    twin.algorithm.meta_loss(batch).loss.backward()
+    theirs = dict(model.named_parameters())
+    gap, scale = 0.0, 0.0
+    for name, p in twin.algorithm.model.named_parameters():
+        reference = theirs[names(name)].grad
+        gap = max(gap, float((p.grad - reference).abs().max()))
+        scale = max(scale, float(reference.abs().max()))
+    return gap / scale
+
+
 def train_learn2learn(
-    suite: str, seed: int, iterations: int, val_every: int, folder: Path, l2l_root: Path
+    suite: str,
+    seed: int,
+    iterations: int,
+    val_every: int,
+    folder: Path,
+    l2l_root: Path,
+    metacli_tasks: bool = False,
+    check_steps: int = 0,
 ) -> None:
     import learn2learn as l2l
     import numpy as np
@@ -339,7 +370,14 @@ def train_learn2learn(
     best: tuple[float | None, int] = (None, 0)
     best_state = copy.deepcopy(model.state_dict())
     started, train_time, eval_time = time.perf_counter(), 0.0, 0.0
-    step = make_step(suite, model, components, l2l_root, seed)
+    twin = build(compose("train", overrides)) if check_steps else None
+    gaps: list[float] = []
+
+    def check(batch: Any, iteration: int) -> None:
+        if twin is not None and iteration <= check_steps:
+            gaps.append(gradient_gap(twin, model, names, batch))
+
+    step = make_step(suite, model, components, l2l_root, seed, metacli_tasks, check)
     for iteration in range(1, iterations + 1):
         tick = time.perf_counter()
         loss, metric = step(iteration)
@@ -374,12 +412,14 @@ def train_learn2learn(
     own = example_evaluation(suite, model, components, spec.test_tasks)
     eval_time += time.perf_counter() - tick
     config = config_of(components.cfg)
-    config["implementation"] = "learn2learn"
+    implementation = "learn2learn on metacli's tasks" if metacli_tasks else "learn2learn"
+    config["implementation"] = implementation
     summary = {
         "status": "finished",
         "command": "train",
         "run_dir": str(folder),
-        "implementation": "learn2learn",
+        "implementation": implementation,
+        **({"meta_gradient_relative_gap": gaps} if gaps else {}),
         "learn2learn_version": l2l.__version__,
         "example": spec.example,
         "overrides": overrides,
@@ -407,18 +447,27 @@ def train_learn2learn(
 
 
 def make_step(
-    suite: str, model: Any, components: Any, l2l_root: Path, seed: int
+    suite: str,
+    model: Any,
+    components: Any,
+    l2l_root: Path,
+    seed: int,
+    metacli_tasks: bool = False,
+    check: Callable[[Any, int], None] | None = None,
 ) -> Callable[[int], tuple[float, float]]:
-    """One training iteration of the example's loop (its code, its order)."""
+    """One training iteration of the example's loop (its code, its order); with
+    ``metacli_tasks`` (MAML, FOMAML) on the meta-batches metacli's own run draws."""
     import learn2learn as l2l
     import torch
     from torch import nn
+
+    from metacli.loop import sample
 
     cfg = components.cfg
     if suite in ("maml", "fomaml"):
         example = example_module(SUITES[suite].example)
         ways, shots = cfg.task.ways, cfg.task.shots
-        tasks = omniglot_tasksets(components, l2l_root, ways, 2 * shots)
+        tasks = None if metacli_tasks else omniglot_tasksets(components, l2l_root, ways, 2 * shots)
         maml = l2l.algorithms.MAML(model, lr=cfg.algo.inner_lr, first_order=suite == "fomaml")
         opt = torch.optim.Adam(maml.parameters(), cfg.optim.lr)
         loss = nn.CrossEntropyLoss(reduction="mean")
@@ -427,9 +476,16 @@ def make_step(
         def maml_step(iteration: int) -> tuple[float, float]:
             opt.zero_grad()
             error, accuracy = 0.0, 0.0
-            for _ in range(batch_size):
+            stream = None if tasks is not None else sample(components)
+            for i in range(batch_size):
                 learner = maml.clone()
-                batch = tasks.sample()
+                if tasks is not None:
+                    batch = tasks.sample()
+                else:  # metacli's task i, laid out as the example's (support, query, ...)
+                    assert stream is not None
+                    sx, sy, qx, qy = (t[i] for t in stream.tensors())
+                    data = torch.stack([sx, qx], 1).flatten(0, 1)
+                    batch = (data, torch.stack([sy, qy], 1).flatten(0, 1))
                 evaluation_error, evaluation_accuracy = example.fast_adapt(
                     batch, learner, loss, cfg.algo.inner_steps, shots, ways, "cpu"
                 )
@@ -438,6 +494,8 @@ def make_step(
                 accuracy += evaluation_accuracy.item()
             for p in maml.parameters():
                 p.grad.data.mul_(1.0 / batch_size)
+            if check is not None and stream is not None:
+                check(stream, iteration)
             opt.step()
             return error / batch_size, accuracy / batch_size
 
@@ -580,7 +638,12 @@ def report(out: Path, suites: list[str], figure: Path) -> str:
         rows = metacli.compare(
             [out / suite], group_by="implementation", baseline=["implementation=learn2learn"]
         )
-        for implementation, colour in (("metacli", "tab:blue"), ("learn2learn", "tab:orange")):
+        kinds = (
+            ("metacli", "tab:blue", "metacli"),
+            ("learn2learn", "tab:orange", "learn2learn"),
+            ("learn2learn_metacli_tasks", "tab:green", "learn2learn on metacli's tasks"),
+        )
+        for implementation, colour, label in kinds:
             folders = sorted((out / suite / implementation).glob("seed*"))
             folders = [f for f in folders if (f / "summary.json").is_file()]
             if not folders:
@@ -592,7 +655,7 @@ def report(out: Path, suites: list[str], figure: Path) -> str:
             steps = [i for i, _ in runs[0]]
             values = [[v for _, v in run] for run in runs if len(run) == len(steps)]
             mean = [sum(c) / len(c) for c in zip(*values, strict=True)]
-            axis.plot(steps, mean, color=colour, label=f"{implementation} ({len(values)} seeds)")
+            axis.plot(steps, mean, color=colour, label=f"{label} ({len(values)} seeds)")
             axis.fill_between(
                 steps,
                 [min(c) for c in zip(*values, strict=True)],
@@ -600,9 +663,7 @@ def report(out: Path, suites: list[str], figure: Path) -> str:
                 color=colour,
                 alpha=0.2,
             )
-            row = next(
-                (r for r in rows if (r["implementation"] or "metacli") == implementation), {}
-            )
+            row = next((r for r in rows if (r["implementation"] or "metacli") == label), {})
             paired = "-"
             if row.get("difference") is not None:
                 paired = f"{row['difference']:+.4f} ± {row['difference_ci95']:.4f}"
@@ -613,7 +674,7 @@ def report(out: Path, suites: list[str], figure: Path) -> str:
             p_value = f"{row['p_value']:.3f}" if row.get("p_value") is not None else "-"
             mean_test = scale * sum(tests) / len(tests)
             lines.append(
-                f"| {suite} | {implementation} | {per_seed}{unit} | {mean_test:.2f}{unit} "
+                f"| {suite} | {label} | {per_seed}{unit} | {mean_test:.2f}{unit} "
                 f"| {sum(per_iteration) / len(per_iteration):.3f} | {paired} | {p_value} |"
             )
         axis.set_title(suite)
@@ -647,6 +708,9 @@ def job_command(
         str(args.val_every),
         "--l2l-root",
         str(args.l2l_root),
+        *(["--metacli-tasks"] if implementation == "learn2learn_metacli_tasks" else []),
+        "--check-steps",
+        str(args.check_steps),
     ]
 
 
@@ -661,6 +725,14 @@ def main() -> None:
     parser.add_argument("--only", choices=["metacli", "learn2learn"])
     parser.add_argument("--l2l-root", type=Path, default=Path("/tmp/l2l-omniglot"))
     parser.add_argument(
+        "--metacli-tasks",
+        action="store_true",
+        help="learn2learn's loop on metacli's meta-batches (maml, fomaml): the algorithms alone",
+    )
+    parser.add_argument(
+        "--check-steps", type=int, default=0, help="compare with metacli's step this many times"
+    )
+    parser.add_argument(
         "--report",
         type=Path,
         metavar="FIGURE.png",
@@ -673,13 +745,24 @@ def main() -> None:
     if args.job:
         suite, seed, folder = args.job
         train_learn2learn(
-            suite, int(seed), args.iterations, args.val_every, Path(folder), args.l2l_root
+            suite,
+            int(seed),
+            args.iterations,
+            args.val_every,
+            Path(folder),
+            args.l2l_root,
+            args.metacli_tasks,
+            args.check_steps,
         )
         return
     if args.report:
         print(report(args.out, args.suites, args.report))
         return
     implementations = [args.only] if args.only else ["learn2learn", "metacli"]
+    if args.metacli_tasks:  # learn2learn's loop on metacli's meta-batches, in a folder of its own
+        implementations = [
+            "learn2learn_metacli_tasks" if i == "learn2learn" else i for i in implementations
+        ]
     queue = [
         (implementation, suite, seed)
         for suite in args.suites
