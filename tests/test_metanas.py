@@ -36,6 +36,29 @@ TINY = (
 )
 
 
+# one node: conv_3x3 on input 0 plus the identity of input 1 (normal cell)
+GENE = {
+    "normal": [[["conv_3x3", 0], ["skip_connect", 1]]],
+    "reduce": [[["max_pool_3x3", 0], ["skip_connect", 1]]],
+    "nodes": 1,
+    "channels": 4,
+    "cells": 1,
+    "reductions": [],
+    "stem_multiplier": 1,
+}
+
+
+def genotype_network(folder: Path, gene: dict[str, object]) -> Components:
+    """model=genotype of ``gene`` (written to folder/genotype.json) on 5-way 8x8 images."""
+    (folder / "genotype.json").write_text(json.dumps(gene))
+    return build(
+        compose_config(
+            "model=genotype", f"model.genotype={folder}", "task=synthetic",
+            "task.image_size=8", "task.channels=1", "task.ways=5", "device=cpu",
+        )
+    )  # fmt: skip
+
+
 def darts(c: Components) -> Darts:
     assert isinstance(c.model, Darts)
     return c.model
@@ -84,22 +107,7 @@ def test_discretisation_keeps_the_strongest_edges_and_their_best_non_zero_operat
 def test_genotype_json_round_trips_into_model_genotype_with_the_counted_parameters(
     tmp_path: Path,
 ) -> None:
-    gene = {
-        "normal": [[["conv_3x3", 0], ["skip_connect", 1]]],
-        "reduce": [[["max_pool_3x3", 0], ["skip_connect", 1]]],
-        "nodes": 1,
-        "channels": 4,
-        "cells": 1,
-        "reductions": [],
-        "stem_multiplier": 1,
-    }
-    (tmp_path / "genotype.json").write_text(json.dumps(gene))
-    c = build(
-        compose_config(
-            "model=genotype", f"model.genotype={tmp_path}", "task=synthetic",
-            "task.image_size=8", "task.channels=1", "task.ways=5", "device=cpu",
-        )
-    )  # fmt: skip
+    c = genotype_network(tmp_path, GENE)
     # stem 1->4 3x3 (36) + affine norm (8); two 1x1 preprocessings 4->4 (16 + 8 each);
     # conv_3x3 4->4 (144 + 8); skip (0); head 4 -> 5 (25)
     assert sum(p.numel() for p in c.model.parameters()) == 44 + 2 * 24 + 152 + 25
@@ -293,23 +301,7 @@ def test_separable_conv_3x3_is_the_codes_dilconv_and_the_genotype_carries_it(
     """model.conv_3x3=separable builds MetaNAS's DilConv(dilation 1): ReLU, a depthwise 3x3
     convolution, a pointwise 1x1, batch norm; genotype.json records the choice, so the found
     network rebuilds the same operation (older files, without it: a plain convolution)."""
-    gene = {
-        "normal": [[["conv_3x3", 0], ["skip_connect", 1]]],
-        "reduce": [[["max_pool_3x3", 0], ["skip_connect", 1]]],
-        "nodes": 1,
-        "channels": 4,
-        "cells": 1,
-        "reductions": [],
-        "stem_multiplier": 1,
-        "conv_3x3": "separable",
-    }
-    (tmp_path / "genotype.json").write_text(json.dumps(gene))
-    c = build(
-        compose_config(
-            "model=genotype", f"model.genotype={tmp_path}", "task=synthetic",
-            "task.image_size=8", "task.channels=1", "task.ways=5", "device=cpu",
-        )
-    )  # fmt: skip
+    c = genotype_network(tmp_path, {**GENE, "conv_3x3": "separable"})
     # as the plain network of the round-trip test, with conv_3x3 4->4 as depthwise 3x3
     # (4 x 9 = 36) and pointwise 1x1 (16) and its affine norm (8) in place of 144 + 8
     assert sum(p.numel() for p in c.model.parameters()) == 44 + 2 * 24 + 36 + 16 + 8 + 25
