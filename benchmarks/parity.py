@@ -355,6 +355,7 @@ def train_learn2learn(
     from metacli.run_folder import config_of
 
     torch.set_num_threads(1)
+    started_at = utc()
     overrides = run_overrides(suite, seed, iterations, val_every)
     components = build(compose("train", overrides))
     random.seed(seed)
@@ -426,7 +427,7 @@ def train_learn2learn(
         "config": config,
         "seed": seed,
         "torch_version": torch.__version__,
-        "started_at": utc(),
+        "started_at": started_at,
         "finished_at": utc(),
         "iterations": iterations,
         "threads": 1,
@@ -527,7 +528,10 @@ def make_step(
     task = components.task
 
     def sine_step(iteration: int) -> tuple[float, float]:
-        batch = task.sample(cfg.train.meta_batch_size, "train", generator)
+        if metacli_tasks:  # the meta-batches metacli's own run draws
+            batch = sample(components)
+        else:
+            batch = task.sample(cfg.train.meta_batch_size, "train", generator)
         meta_train_loss = 0.0
         for i in range(len(batch)):
             learner = maml.clone()
@@ -537,6 +541,8 @@ def make_step(
         meta_train_loss = meta_train_loss / len(batch)
         opt.zero_grad()
         meta_train_loss.backward()
+        if check is not None:
+            check(batch, iteration)
         opt.step()
         return float(meta_train_loss.item()), float(meta_train_loss.item())
 
@@ -727,7 +733,7 @@ def main() -> None:
     parser.add_argument(
         "--metacli-tasks",
         action="store_true",
-        help="learn2learn's loop on metacli's meta-batches (maml, fomaml): the algorithms alone",
+        help="learn2learn's loop on metacli's meta-batches (maml, fomaml, sinusoid)",
     )
     parser.add_argument(
         "--check-steps", type=int, default=0, help="compare with metacli's step this many times"
