@@ -692,6 +692,41 @@ def report(out: Path, suites: list[str], figure: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def running_statistics(folder: Path, episodes: int) -> dict[str, float]:
+    """A ProtoNets run's meta-test with its batch norm's running statistics as PyTorch
+    (and the example) accumulates them: momentum 0.1 over the support and query images of
+    ``episodes`` training episodes (metacli's own: the support images alone, after each
+    outer step)."""
+    import torch
+
+    from metacli.checkpoint import components_from, load_weights
+    from metacli.evaluation import evaluate as metacli_evaluate
+    from metacli.loop import sample
+
+    torch.set_num_threads(1)
+    components, checkpoint = components_from(folder / "checkpoints" / "best.pt")
+    load_weights(components, checkpoint, str(folder))
+    model = components.algorithm.model
+    before = metacli_evaluate(components, "test", 600, 100).final
+    layers = model.norm_layers()
+    for layer in layers:
+        layer.running_mean.zero_()
+        layer.running_var.fill_(1.0)
+    with torch.no_grad():
+        for _ in range(episodes):
+            batch = sample(components)
+            images = torch.cat([batch.support_x[0], batch.query_x[0]])
+            for layer in layers:
+                layer.collect = True
+            try:
+                model(images)
+            finally:
+                for layer in layers:
+                    layer.collect = False
+    after = metacli_evaluate(components, "test", 600, 100).final
+    return {"metacli_statistics": before, "support_and_query_statistics": after}
+
+
 # --- the driver -----------------------------------------------------------------------
 
 
@@ -745,6 +780,12 @@ def main() -> None:
         help="the table of the finished runs, and their curves into FIGURE.png",
     )
     parser.add_argument(
+        "--running-statistics",
+        type=Path,
+        metavar="RUN",
+        help="a ProtoNets run meta-tested with statistics from support and query images",
+    )
+    parser.add_argument(
         "--job", nargs=3, metavar=("SUITE", "SEED", "FOLDER"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -760,6 +801,9 @@ def main() -> None:
             args.metacli_tasks,
             args.check_steps,
         )
+        return
+    if args.running_statistics:
+        print(json.dumps(running_statistics(args.running_statistics, 200)))
         return
     if args.report:
         print(report(args.out, args.suites, args.report))
