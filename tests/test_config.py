@@ -86,6 +86,9 @@ STANDIN_EXPERIMENTS = {
         f"metanas_{name}": (
             "task=synthetic",
             "task.image_size=8",
+            "task.ways=5",
+            "task.shots=2",
+            "task.test_shots=1",
             "task.queries=1",
             "algo.inner_steps=1",
         )

@@ -429,6 +429,7 @@ def test_pruned_operations_and_pairs_take_no_part_and_the_meta_model_is_pruned(
     assert (model.alpha_normal[:, 0] > -1e8).all()
 
 
+@pytest.mark.slow
 def test_drop_path_drops_whole_operation_outputs_per_example_while_adapting_to_training_tasks(
     float64,
 ) -> None:
