@@ -286,13 +286,13 @@ def example_model(suite: str, components: Any) -> Any:
 class Recorder:
     """The learn2learn run's folder in metacli's formats, for compare and sharpness.py."""
 
-    def __init__(self, folder: Path, components: Any, overrides: list[str]) -> None:
+    def __init__(self, folder: Path, components: Any) -> None:
         from metacli.evaluation import TASKS_HEADER
 
         if folder.exists():
             shutil.rmtree(folder)
         (folder / "checkpoints").mkdir(parents=True)
-        self.folder, self.components, self.overrides = folder, components, overrides
+        self.folder, self.components = folder, components
         (folder / "tasks.csv").write_text(TASKS_HEADER + "\n")
         (folder / "metrics.jsonl").write_text("")
 
@@ -365,7 +365,7 @@ def train_learn2learn(
     model = example_model(suite, components)
     names = mapping(suite)
     copy_weights(ours, model, names, into_example=True)  # the same initial weights
-    recorder = Recorder(folder, components, overrides)
+    recorder = Recorder(folder, components)
     spec = SUITES[suite]
     higher = suite != "sinusoid"
     best: tuple[float | None, int] = (None, 0)
@@ -699,13 +699,12 @@ def running_statistics(folder: Path, episodes: int) -> dict[str, float]:
     outer step)."""
     import torch
 
-    from metacli.checkpoint import components_from, load_weights
+    from metacli.checkpoint import components_from
     from metacli.evaluation import evaluate as metacli_evaluate
     from metacli.loop import sample
 
     torch.set_num_threads(1)
-    components, checkpoint = components_from(folder / "checkpoints" / "best.pt")
-    load_weights(components, checkpoint, str(folder))
+    components, _ = components_from(folder / "checkpoints" / "best.pt")  # weights loaded
     model = components.algorithm.model
     before = metacli_evaluate(components, "test", 600, 100).final
     layers = model.norm_layers()

@@ -131,7 +131,7 @@ def estimate(preset: str, data: dict[str, str], device: str, timed: int) -> dict
     evaluate(components, "val", tasks, tasks)
     sync()
     per_task = (time.perf_counter() - start) / tasks
-    run = cfg
+    run = cfg  # the preset's own budget (the stand-in's settings do not change it)
     iterations = int(run.train.iterations)
     validations = iterations // max(int(run.train.val_every), 1)
     tests = 1 + int(bool(run.test.get("report_last"))) + int(bool(run.test.get("ensemble_top_k")))
