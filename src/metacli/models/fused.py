@@ -39,6 +39,9 @@ from torch import Tensor
 # costs about as much as a pass over its output
 RECOMPUTE_CHANNELS = 1
 
+# Batch statistics' temporaries (elements)
+CHUNK_ELEMENTS = 2**18
+
 SINGLE_BACKWARD = (
     "A Conv-4 pass declared to be backpropagated once (metacli.models.fused.backward_once) "
     "was backpropagated {}. Its blocks keep what one backward needs and reuse it; leave "
@@ -73,6 +76,20 @@ def channels_last(t: Tensor) -> Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
+def batch_statistics(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``z`` [N, C, H, W] in channels-last memory,
+    in two passes. (PyTorch's channels-last batch norm sums its statistics in one float32
+    pass: on Omniglot's first block its mean and inverse std are about 1e-4 off, and the
+    meta-gradient several percent; docs/benchmarks.md.)"""
+    rows = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # [N * H * W, C]: a view
+    mean = rows.mean(0)
+    # the squares in chunks of about a megabyte: a full-size temporary is slower than
+    # the whole pass (a fresh allocation's page faults)
+    chunks = rows.split(max(1, CHUNK_ELEMENTS // rows.shape[1]))
+    squares = sum(chunk.sub(mean).square_().sum(0) for chunk in chunks)
+    return mean, squares / rows.shape[0]
+
+
 def normalized(
     x: Tensor,
     weight: Tensor,
@@ -86,12 +103,15 @@ def normalized(
     (``channels_last``): (normalised output, the convolution's output if ``keep`` else
     None, batch mean, inverse std)."""
     z = torch.conv2d(x, weight, bias, 1, 1)  # [N, C, H, W], channels-last
+    mean, var = batch_statistics(z)
+    invstd = torch.rsqrt(var + eps)
+    # the normalisation with these statistics: batch norm's evaluation form, elementwise
     if keep:
-        y, mean, invstd = torch.native_batch_norm(z, scale, shift, None, None, True, 0.0, eps)
+        y = torch.native_batch_norm(z, scale, shift, mean, var, False, 0.0, eps)[0]
         return y, z, mean, invstd
-    mean, invstd = z.new_empty(z.shape[1]), z.new_empty(z.shape[1])  # normalised in place
-    torch.ops.aten.native_batch_norm.out(
-        z, scale, shift, None, None, True, 0.0, eps, out=z, save_mean=mean, save_invstd=invstd
+    empty = z.new_empty(0)  # (no statistics saved in the evaluation form)
+    torch.ops.aten.native_batch_norm.out(  # normalised in place
+        z, scale, shift, mean, var, False, 0.0, eps, out=z, save_mean=empty, save_invstd=empty
     )
     return z, None, mean, invstd
 
@@ -151,10 +171,9 @@ class ConvNormPool(torch.autograd.Function):
         per_channel = (1, channels, 1, 1)
         grad = channels_last(grad) * pooled.sign()  # ReLU's gate (pooled >= 0)
         won = won.flatten(2).long()  # [N, C, h * w]: flat positions in [H * W]
-        at_winner = z.flatten(2).gather(2, won)
+        centred = z.flatten(2).gather(2, won) - mean.view(1, channels, 1)  # at the winners
         d_shift = grad.sum((0, 2, 3))
-        # the sum of grad * normalised z
-        d_scale = invstd * ((grad.flatten(2) * at_winner).sum((0, 2)) - mean * d_shift)
+        d_scale = invstd * (grad.flatten(2) * centred).sum((0, 2))  # sum of grad * zhat
         a = invstd if scale is None else scale * invstd
         # batch norm's backward: a * (grad - mean(grad) - zhat * mean(grad * zhat)), with
         # grad nonzero at the winners only, is b * z + c everywhere plus a * grad there
