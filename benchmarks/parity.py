@@ -29,7 +29,7 @@ seed<k>/ (summary.json, metrics.jsonl, tasks.csv and checkpoints/ in metacli's f
 ``implementation: learn2learn``). Then: metacli compare <out>/<suite> --group-by
 implementation, or ``--report FIGURE.png`` for the table and the curves.
 
-``--metacli-tasks`` (maml, fomaml) runs the example's loop on the meta-batches metacli's
+``--metacli-tasks`` (maml, fomaml, protonet) runs the example's loop on the meta-batches metacli's
 own run draws (learn2learn_metacli_tasks/): the same data in the same order, so only the
 algorithms differ; ``--check-steps N`` also computes metacli's meta-gradient at the
 example's weights on each of the first N batches and records the largest relative gap.
@@ -457,7 +457,7 @@ def make_step(
     check: Callable[[Any, int], None] | None = None,
 ) -> Callable[[int], tuple[float, float]]:
     """One training iteration of the example's loop (its code, its order); with
-    ``metacli_tasks`` (MAML, FOMAML) on the meta-batches metacli's own run draws."""
+    ``metacli_tasks`` (MAML, FOMAML, ProtoNets) on the meta-batches metacli's own run draws."""
     import learn2learn as l2l
     import torch
     from torch import nn
@@ -504,16 +504,21 @@ def make_step(
     if suite == "protonet":
         example = example_module(SUITES[suite].example)
         shot, ways, queries = cfg.task.shots, cfg.task.ways, cfg.task.queries
-        tasks = omniglot_tasksets(components, l2l_root, ways, shot + queries)
+        tasks = (
+            None if metacli_tasks else omniglot_tasksets(components, l2l_root, ways, shot + queries)
+        )
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=20, gamma=0.5)
 
         def proto_step(iteration: int) -> tuple[float, float]:
             model.train()
-            batch = tasks.sample()
+            stream = None if tasks is not None else sample(components)
+            batch = tasks.sample() if tasks is not None else example_layout(stream, ways)
             loss, acc = example.fast_adapt(model, batch, ways, shot, queries, device="cpu")
             optimizer.zero_grad()
             loss.backward()
+            if check is not None and stream is not None:
+                check(stream, iteration)
             optimizer.step()
             if iteration % 100 == 0:  # the example's epochs of 100 episodes
                 scheduler.step()
@@ -547,6 +552,22 @@ def make_step(
         return float(meta_train_loss.item()), float(meta_train_loss.item())
 
     return sine_step
+
+
+def example_layout(stream: Any, ways: int) -> tuple[Any, Any]:
+    """metacli's episode (a meta-batch of one) as ``fast_adapt``'s (data, labels): each
+    class's support images, then its queries. ``fast_adapt`` sorts the labels with an
+    unstable sort and takes each class's first images as its shots, so the images are
+    placed where that sort moves them back to this layout: the same shots as metacli's."""
+    import torch
+
+    sx, sy, qx, qy = (t[0] for t in stream.tensors())
+    data = torch.cat([torch.cat([sx[sy == c], qx[qy == c]]) for c in range(ways)])
+    labels = torch.cat([torch.cat([sy[sy == c], qy[qy == c]]) for c in range(ways)])
+    order = torch.sort(labels).indices  # where fast_adapt's sort takes each image from
+    placed = torch.empty_like(data)
+    placed[order] = data
+    return placed, labels
 
 
 def example_evaluation(suite: str, model: Any, components: Any, num_tasks: int) -> dict[str, Any]:
