@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,8 +21,11 @@ from metacli.composition import compose
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot"
-# One dataset cache for the whole session (subprocesses inherit it), never ~/.cache.
-os.environ.setdefault("METACLI_CACHE", tempfile.mkdtemp(prefix="metacli-cache-"))
+# One dataset cache for the whole session (pytest-xdist's workers and the CLI's
+# subprocesses inherit it), never ~/.cache; removed by the process that made it.
+if "METACLI_CACHE" not in os.environ:
+    os.environ["METACLI_CACHE"] = tempfile.mkdtemp(prefix="metacli-cache-")
+    atexit.register(shutil.rmtree, os.environ["METACLI_CACHE"], ignore_errors=True)
 # Fields of metrics.jsonl that measure time, and so legitimately differ between runs.
 TIMING_FIELDS = ("wall_time", "it_per_s")
 
