@@ -126,7 +126,7 @@ def register() -> None:
     # and for every group that --help lists (0.2 s each with metacli's options). The
     # store is only read, through ConfigStore.load, which copies the node it returns: the
     # copies may share it (docs/benchmarks.md, Composition).
-    ConfigStore.__deepcopy__ = lambda self, memo: self  # type: ignore[method-assign]
+    ConfigStore.__deepcopy__ = lambda self, memo: self  # type: ignore[attr-defined]
     store = ConfigStore.instance()
     store.store(name=ROOT, node=defaults_of(RunConfig), provider="metacli")
     for group in GROUPS:
