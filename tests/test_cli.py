@@ -271,7 +271,7 @@ def tasks_table(run_dir: Path) -> list[dict[str, Any]]:
 def test_diverged_tasks_are_counted_and_the_metric_is_over_the_others(tmp_path: Path) -> None:
     """An evaluation step size of 0.5 makes some test tasks' inner loops overflow: the
     meta-test is the mean over the finite ones, as tasks.csv recomputes it."""
-    run_cli("train", *TINY, "algo.test_inner_lr=0.5", cwd=tmp_path)
+    printed = run_cli("train", *TINY, "algo.test_inner_lr=0.5", cwd=tmp_path).stdout
     (run_dir,) = (tmp_path / "outputs" / "train").glob("*/*")
     test = read_summary(run_dir)["test"]
     rows = [r for r in tasks_table(run_dir) if r["split"] == "test"]
@@ -288,6 +288,8 @@ def test_diverged_tasks_are_counted_and_the_metric_is_over_the_others(tmp_path: 
     assert not math.isfinite(test["raw_mean"])
     log = (run_dir / "metacli.log").read_text()
     assert f"on {len(finite)} of 16 tasks; {test['diverged_tasks']} diverged" in log
+    # the final table says so too (its means are over the finite tasks)
+    assert f"diverged tasks: {test['diverged_tasks']} of 16, left out of the means" in printed
 
 
 def test_a_fully_diverged_validation_is_still_the_best_of_none(tmp_path: Path) -> None:

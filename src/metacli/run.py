@@ -99,6 +99,9 @@ def report(
     if steps:
         label = f"after {steps} inner step{'s' * (steps != 1)}"
         rows.append((label, result.final, result.metric_ci95[-1]))
+    if result.diverged:  # the table's means leave them out (all of them: nan)
+        left_out = f"{result.diverged} of {result.num_tasks}, left out of the means"
+        extra = [("diverged tasks", left_out), *extra]
     print_summary(
         f"{title}: {result.num_tasks} tasks",
         result.metric_name,
