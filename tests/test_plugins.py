@@ -106,6 +106,22 @@ def test_a_config_folder_selects_classes_by_import_path(site: Path, tmp_path: Pa
     assert resumed["iterations"] == 60 and resumed["resumed_from_iteration"] == 40
 
 
+def test_help_lists_the_options_of_a_config_folder(tmp_path: Path) -> None:
+    """Hydra lists groups from the search path it starts with; a config folder reaches it
+    too, for train and test, and only when given."""
+    for command in ("train", "test"):
+        text = run_cli(command, "-cd", str(CONFIGS), "--help", cwd=tmp_path).stdout
+        groups = {
+            line.split(": ")[0]: line.split(": ")[1].split(", ")
+            for line in text.splitlines()
+            if line.startswith(("algo: ", "model: ", "update: ", "experiment: "))
+        }
+        assert "smoothed" in groups["algo"] and "maml" in groups["algo"], command
+        assert "residual" in groups["model"] and "rms" in groups["update"]
+        assert "smoothed_synthetic" in groups["experiment"]
+    assert "smoothed" not in run_cli("train", "--help", cwd=tmp_path).stdout
+
+
 def test_a_sweep_over_a_plugin_and_a_builtin_then_compare(site: Path, tmp_path: Path) -> None:
     env = env_of(site)
     sweep = tmp_path / "sweep"

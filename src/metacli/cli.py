@@ -101,10 +101,13 @@ def run_hydra(command: str, args: list[str], prechecked: Any = None) -> None:
     config as the checks resolved it."""
     import hydra
 
+    from metacli.composition import folders_of, informs
     from metacli.config import config_dir
     from metacli.options import register
 
     register()
+    if informs(args):
+        search_config_folders(folders_of(args))
     sys.argv = [f"metacli {command}", *args]
     main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=command)
 
@@ -112,6 +115,26 @@ def run_hydra(command: str, args: list[str], prechecked: Any = None) -> None:
         return TASKS[command](cfg, prechecked)
 
     main(checked_job if prechecked is not None else TASKS[command])()
+
+
+def search_config_folders(folders: list[Path]) -> None:
+    """Lists the options of the config folders (``--config-dir``) in --help and --info too.
+    Hydra lists groups from the search path it starts with; the ``hydra.searchpath``
+    override that carries the folders into a run (and its record) reaches only the
+    composition, so the folders are also appended to the starting path, as Hydra's
+    search-path plug-ins do."""
+    if not folders:
+        return
+    from hydra.core.config_search_path import ConfigSearchPath
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+    class ConfigFolders(SearchPathPlugin):
+        def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+            for folder in folders:
+                search_path.append("metacli --config-dir", f"file://{folder}")
+
+    Plugins.instance().register(ConfigFolders)
 
 
 def run_data(args: list[str]) -> None:
