@@ -179,6 +179,17 @@ CASES = [
     nonfinite("train.grad_clip", "inf"),
     nonfinite("optim.weight_decay", "inf"),
     t(
+        "a learning rate beyond float32 (torch's Adam stopped with an overflow)",
+        "optim.lr=1e300",
+        message="optim.lr=1e+300 is not allowed: it must be a finite number within float32's "
+        "range (at most 3.403e+38 in size)",
+    ),
+    t(
+        "an inner learning rate beyond float32",
+        "algo.inner_lr=1e39",
+        message="algo.inner_lr=1e+39 is not allowed: it must be a finite number within float32's",
+    ),
+    t(
         "a non-finite number inside a list",
         "task.amplitude=[0.1,inf]",
         message="task.amplitude=inf is not allowed: it must be a finite number",
@@ -641,6 +652,14 @@ CASES = [
         "{file}",
         message="{file} is not a run folder (no summary.json)",
     ),
+    case(
+        "runs rm of a folder that does not exist",
+        "runs",
+        "rm",
+        "{cwd}/nosuch",
+        "--yes",
+        message="metacli runs: {cwd}/nosuch does not exist. Give folders of runs.",
+    ),
     # --- the tools' own options --------------------------------------------------------------
     case(
         "compare in a format it does not write",
@@ -816,7 +835,7 @@ CASES = [
         "compare of a path that does not exist",
         "compare",
         "{empty}/nothing",
-        message="{empty}/nothing does not exist",
+        message="metacli compare: {empty}/nothing does not exist. Give folders of runs.",
     ),
     case(
         "compare --plot to a folder that cannot be made",
@@ -1013,6 +1032,7 @@ def test_bad_input(
     assert code == bad.code, output
     assert message in output, output
     assert "Traceback" not in output
+    assert f"metacli {bad.argv[0]}: metacli" not in output  # the command named once
     last = [(text.strip().splitlines() or [""])[-1] for text in (out, err)]
     assert any(message in line for line in last), output  # one paragraph, the last line
     assert snapshot(places) == before  # nothing already written changed

@@ -197,8 +197,16 @@ def test_the_summary_records_the_thread_choice(tmp_path: Path) -> None:
     summary = read_summary(run)
     assert summary["threads"] == 1
     assert summary["threads_chosen"].startswith("1: a small network")
-    run_cli("train", "debug=tiny", "threads=2", f"hydra.run.dir={tmp_path / 'two'}", cwd=tmp_path)
-    assert read_summary(tmp_path / "two")["threads_chosen"] == "2: set by threads"
+    cores = machine.affinity_cores()
+    run_cli("train", "debug=tiny", "threads=1", f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    assert read_summary(tmp_path / "one")["threads_chosen"] == "1: set by threads"
+    more = tmp_path / "more"
+    run_cli("train", "debug=tiny", f"threads={cores + 1}", f"hydra.run.dir={more}", cwd=tmp_path)
+    summary = read_summary(more)
+    assert summary["threads"] == cores + 1
+    assert summary["threads_chosen"] == f"{cores + 1}: set by threads, more than the {cores} cores"
+    log = (more / "metacli.log").read_text()
+    assert f"threads={cores + 1} is more than the {cores} cores this process may use" in log
 
 
 def test_a_heads_own_memory_is_counted_per_task() -> None:

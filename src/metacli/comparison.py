@@ -205,7 +205,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
     runs = []
     for root in paths:
         if not root.exists():
-            raise MetacliError(f"metacli compare: {root} does not exist. Give folders of runs.")
+            raise MetacliError(f"{root} does not exist. Give folders of runs.")
         files = [root] if root.is_file() else sorted(root.rglob("summary.json"))
         for path in files:
             parts = path.relative_to(root).parts if root.is_dir() else ()

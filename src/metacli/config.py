@@ -41,6 +41,10 @@ def require(ok: bool, key: str, value: Any, rule: str) -> None:
 # A float setting's field metadata where +inf means something (a limit, e.g. algo.lam=inf):
 # every other float setting must be finite, and NaN never is (``require_finite``).
 INF_ALLOWED = {"inf_allowed": True}
+# Settings meet float32 tensors (learning rates in the optimizers' foreach kernels, scales
+# of tasks): a value beyond float32's range is infinite there, or stops torch with an
+# overflow error.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def require_finite(value: Any, key: str, inf_allowed: bool = False) -> None:
@@ -62,10 +66,12 @@ def require_finite(value: Any, key: str, inf_allowed: bool = False) -> None:
             require_finite(item, f"{key}.{name}", inf_allowed)
     elif (
         isinstance(value, float)
-        and not math.isfinite(value)
+        and not abs(value) <= FLOAT32_MAX
         and not (inf_allowed and value == math.inf)
     ):
         rule = "it must be a finite number" + (" or inf" if inf_allowed else "")
+        if math.isfinite(value):
+            rule += f" within float32's range (at most {FLOAT32_MAX:.4g} in size)"
         require(False, key, value, rule)
 
 

@@ -70,7 +70,15 @@ def set_threads(cfg: DictConfig, hydra: Any, model: Model) -> tuple[int, str]:
     threads = cfg.get("threads") or OmegaConf.select(cfg, "device.threads", default=None)
     if threads:
         torch.set_num_threads(int(threads))
-        return torch.get_num_threads(), f"{threads}: set by threads"
+        cores = machine.affinity_cores()
+        if int(threads) <= cores:
+            return torch.get_num_threads(), f"{threads}: set by threads"
+        log.warning(
+            f"threads={threads} is more than the {cores} cores this process may use: torch's "
+            f"threads wait for one another's cores, which slows every operation "
+            f"(docs/threads.md). threads=null chooses for this machine and this work."
+        )
+        return torch.get_num_threads(), f"{threads}: set by threads, more than the {cores} cores"
     share = machine.affinity_cores()
     launcher = hydra.launcher if hydra is not None else OmegaConf.create()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # ranks sharing this machine

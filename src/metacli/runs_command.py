@@ -54,7 +54,7 @@ def collect(paths: list[Path]) -> list[Entry]:
     entries = []
     for root in paths:
         if not root.exists():
-            raise MetacliError(f"metacli runs: {root} does not exist. Give folders of runs.")
+            raise MetacliError(f"{root} does not exist. Give folders of runs.")
         for path in sorted(root.rglob("summary.json")):
             parts = path.relative_to(root).parts[:-1]
             if ".hydra" in parts:
