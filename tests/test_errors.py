@@ -170,6 +170,28 @@ CASES = [
     numeric("algo.inner_steps", "0", "it must be >= 1"),
     numeric("algo.test_inner_steps", "-1", "it must be >= 0"),
     numeric("task.shots", "0", "it must be >= 1"),
+    t(
+        "inner steps that no memory could hold",
+        "algo.inner_steps=100000000",
+        message="algo.inner_steps=100000000 is not allowed: it must be at most 100,000",
+    ),
+    t(
+        "first-order MAML with steps that never end (no memory to refuse them by)",
+        "algo=fomaml",
+        "algo.inner_steps=100001",
+        message="algo.inner_steps=100001 is not allowed: it must be at most 100,000",
+    ),
+    t(
+        "test inner steps that never end",
+        "algo.test_inner_steps=1000000",
+        message="algo.test_inner_steps=1000000 is not allowed: it must be at most 100,000",
+    ),
+    t(
+        "iMAML's conjugate-gradient steps that never end",
+        "algo=imaml",
+        "algo.cg_steps=100000000",
+        message="algo.cg_steps=100000000 is not allowed: it must be at most 100,000",
+    ),
     numeric("task.queries", "0", "it must be >= 1"),
     numeric("task.noise", "-1.0", "it must be >= 0"),
     # --- non-finite numbers: every float setting finite (inf only where it means a limit)

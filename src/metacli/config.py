@@ -75,6 +75,24 @@ def require_finite(value: Any, key: str, inf_allowed: bool = False) -> None:
         require(False, key, value, rule)
 
 
+# Steps a task takes at every iteration (inner steps, conjugate-gradient steps, fine-tuning
+# passes): more than this never ends in a useful time, and one iteration cannot be
+# interrupted between two of them.
+MAX_STEPS = 100_000
+
+
+def require_steps(key: str, value: int | None, low: int, null: bool = False) -> None:
+    """``low`` <= ``value`` <= ``MAX_STEPS`` (or null where ``null`` allows it)."""
+    require_at_least(key, value, low, null=null)
+    require(
+        value is None or value <= MAX_STEPS,
+        key,
+        value,
+        f"it must be at most {MAX_STEPS:,} (every task takes that many at every iteration or "
+        f"evaluation; more never ends in a useful time)",
+    )
+
+
 def require_at_least(
     key: str, value: Any, low: float, strict: bool = False, null: bool = False, what: str = "it"
 ) -> None:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from metacli import regularizers
 from metacli.algorithms.base import AlgoConfig, Evaluation, MetaAlgorithm
-from metacli.config import require, require_at_least
+from metacli.config import require, require_at_least, require_steps
 from metacli.engine.inner import InnerLoop, Step
 from metacli.errors import ConfigError
 from metacli.models.base import Model
@@ -141,8 +141,8 @@ class AdaptiveConfig(AlgoConfig):
         require_at_least("algo.regularizer_weight", self.regularizer_weight, 0)
         lr = "the learning rate"
         require_at_least("algo.inner_lr", self.inner_lr, 0, strict=True, what=lr)
-        require_at_least("algo.inner_steps", self.inner_steps, 1)
-        require_at_least("algo.test_inner_steps", self.test_inner_steps, 0, null=True)
+        require_steps("algo.inner_steps", self.inner_steps, 1)
+        require_steps("algo.test_inner_steps", self.test_inner_steps, 0, null=True)
         require_at_least(
             "algo.test_inner_lr", self.test_inner_lr, 0, strict=True, null=True, what=lr
         )

@@ -29,7 +29,7 @@ from metacli.algorithms.base import (
     MetaLoss,
     classification_task,
 )
-from metacli.config import require, require_at_least
+from metacli.config import require, require_at_least, require_steps
 from metacli.errors import ConfigError
 from metacli.models.base import Model
 from metacli.models.fused import backward_once
@@ -61,7 +61,7 @@ class BaselineConfig(AlgoConfig):
             self.batch_size,
             f"1 to {MOST_IMAGES} images a step",
         )
-        require_at_least("algo.finetune_epochs", self.finetune_epochs, 0)
+        require_steps("algo.finetune_epochs", self.finetune_epochs, 0)
         require_at_least("algo.finetune_batch", self.finetune_batch, 1)
         require(self.finetune_lr > 0, "algo.finetune_lr", self.finetune_lr, "it must be > 0")
         for key in ("finetune_momentum", "finetune_dampening", "finetune_weight_decay"):

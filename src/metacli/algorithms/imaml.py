@@ -27,7 +27,7 @@ from torch import Tensor
 
 from metacli.algorithms.adaptive import Adaptive, AdaptiveConfig
 from metacli.algorithms.base import AlgoConfig, MetaLoss
-from metacli.config import require_at_least
+from metacli.config import require_at_least, require_steps
 from metacli.engine.executor import carrying
 from metacli.engine.inner import last
 from metacli.models.base import Model
@@ -60,7 +60,7 @@ class IMAMLConfig(AdaptiveConfig):
         super().__post_init__()
         require_at_least("algo.lam", self.lam, 0, strict=True)
         require_at_least("algo.test_lam", self.test_lam, 0, null=True)
-        require_at_least("algo.cg_steps", self.cg_steps, 0)
+        require_steps("algo.cg_steps", self.cg_steps, 0)
         require_at_least("algo.cg_damping", self.cg_damping, 0)
         require_at_least("algo.lam_damping", self.lam_damping, 0)
 
