@@ -726,6 +726,30 @@ CASES = [
     ),
     # --- a sweep: every job checked before the first starts ------------------------------
     t(
+        "a range for the basic sweeper (Hydra stopped with a traceback)",
+        "-m",
+        "optim.lr=interval(0.001,0.1)",
+        message="optim.lr=interval(0.001,0.1) is a range to sample, which only a search "
+        "sweeper does: add hparams_search=<a search config>",
+    ),
+    t(
+        "several values without -m",
+        "optim.lr=0.1,0.01",
+        message="optim.lr=0.1,0.01 gives several values, which is a sweep: add -m",
+    ),
+    t(
+        "a sweep of one job with a bad value",
+        "-m",
+        "seed=",
+        message="The sweep cannot run, so no job was started: Invalid setting 'seed'",
+    ),
+    t(
+        "a search sweep's fixed value of the wrong type",
+        "hparams_search=maml_sinusoid",
+        "train.iterations=abc",
+        message="The sweep cannot run, so no job was started: Invalid setting 'train.iterations'",
+    ),
+    t(
         "a sweep's later value of the wrong type",
         "-m",
         "algo.inner_lr=0.1,abc",

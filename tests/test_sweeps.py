@@ -240,6 +240,21 @@ def test_optuna_search_preset(tmp_path: Path) -> None:
     assert len(lrs) == 3 and all(0.001 <= lr <= 0.1 for lr in lrs)
 
 
+@pytest.mark.skipif(not extras.installed("optuna"), reason="hydra-optuna-sweeper not installed")
+def test_a_range_is_checked_against_the_sweeper() -> None:
+    """interval(...) is for a search sweeper: refused before the basic sweeper's traceback,
+    accepted with Optuna, chosen by -m with hydra/sweeper or by a search config alone."""
+    from metacli.composition import multirun
+    from metacli.precheck import check_sampled_sweep
+
+    lr = "optim.lr=interval(0.001,0.1)"
+    check_sampled_sweep("train", ["-m", lr, "hydra/sweeper=optuna"])
+    check_sampled_sweep("train", ["hparams_search=maml_sinusoid", lr])
+    with pytest.raises(MetacliError, match=r"is a range to sample.*optim.lr=0.001,0.01,0.1"):
+        check_sampled_sweep("train", ["-m", lr])
+    assert multirun(["hparams_search=maml_sinusoid"]) and not multirun(["hparams_search=null"])
+
+
 def test_a_missing_plugin_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(extras.EXTRAS, "joblib", ("no_such_module.launcher", "the launcher"))
     with pytest.raises(MetacliError, match=r"pip install 'metacli\[joblib\]'"):

@@ -47,8 +47,14 @@ def key_of(override: str) -> str:
 
 
 def multirun(args: list[str]) -> bool:
-    """Whether the arguments ask Hydra for a sweep."""
-    return any(a in ("-m", "--multirun") for a in args)
+    """Whether the arguments ask Hydra for a sweep: -m, or a search config, which sets
+    ``hydra.mode: MULTIRUN`` itself (conf/hparams_search)."""
+    return any(
+        a in ("-m", "--multirun")
+        or (key_of(a) == "hparams_search" and not a.endswith("=null"))
+        or (key_of(a) == "hydra.mode" and a.endswith("=MULTIRUN"))
+        for a in args
+    )
 
 
 def informs(args: list[str]) -> bool:
@@ -403,7 +409,35 @@ def explain(command: str, overrides: list[str], message: str) -> str:
             f"{key} is not a setting{suggestion(key, keys)}. `metacli {command} --cfg job` "
             f"prints every key."
         )
+    sweep = re.search(
+        r"Ambiguous value for argument '([^']+)'|Sweep parameters '([^']+)' requires", message
+    )
+    if sweep:
+        given = sweep.group(1) or sweep.group(2)
+        return (
+            f"{given} gives several values, which is a sweep: add -m (metacli {command} -m "
+            f"{given} ...), or write one value. A list value is written in brackets: "
+            f"key=[a,b]."
+        )
     return message.strip().splitlines()[0] + " Check that override (see `metacli train --help`)."
+
+
+def sampled_sweeps(args: list[str]) -> list[str]:
+    """The overrides that only a search sweeper can run (``interval(...)``), as given."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    found = []
+    for arg in args:
+        if "=" not in arg or arg.startswith("-"):
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except Exception:  # Hydra reports a malformed override better than we can
+            continue
+        if override.is_sweep_override() and not override.is_discrete_sweep():
+            found.append(arg)
+    return found
 
 
 # --- keys the options declare --------------------------------------------------------------

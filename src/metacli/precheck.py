@@ -24,9 +24,11 @@ from metacli.composition import (
     compose,
     file_options,
     folders_of,
+    informs,
     job_overrides,
     key_of,
     multirun,
+    sampled_sweeps,
     sweep_jobs,
 )
 from metacli.config import flatten
@@ -130,6 +132,7 @@ def precheck(command: str, args: list[str]) -> Checked | None:
     single run's checked config is returned for its job."""
     overrides = job_overrides(args)
     if overrides is None:
+        check_sampled_sweep(command, args)
         return None
     check_output_folder(command, args)
     cfg = compose(command, overrides, keep_hydra=True)
@@ -153,6 +156,26 @@ def precheck(command: str, args: list[str]) -> Checked | None:
     return Checked(cfg, resolved)
 
 
+def check_sampled_sweep(command: str, args: list[str]) -> None:
+    """A range (``interval(...)``) is sampled by a search sweeper (Optuna); Hydra's basic
+    sweeper stops at it with a traceback."""
+    sampled = sampled_sweeps(args) if multirun(args) and not informs(args) else []
+    if not sampled:
+        return
+    parser = OverridesParser.create()
+    given = [a for a in args if "=" in a and not a.startswith("-") and a not in sampled]
+    cfg = compose(
+        command, [a for a in given if not parser.parse_override(a).is_sweep_override()], True
+    )
+    if str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="")).endswith("BasicSweeper"):
+        raise ConfigError(
+            f"{sampled[0]} is a range to sample, which only a search sweeper does: add "
+            f"hparams_search=<a search config> (conf/hparams_search/maml_sinusoid.yaml is one) "
+            f"or hydra/sweeper=optuna. The basic sweeper runs lists of values, e.g. "
+            f"{key_of(sampled[0])}=0.001,0.01,0.1."
+        )
+
+
 def check_sweep(command: str, args: list[str], first: DictConfig) -> None:
     """Every job of a sweep is checked before the first starts: a bad value met hours into
     a sweep is a sweep to run again. Each job's config is checked as its job would be; the
@@ -174,8 +197,9 @@ def check_sweep(command: str, args: list[str], first: DictConfig) -> None:
                 check_new_run(resolved, command, resuming=False)
             except MetacliError as err:
                 which = " ".join(o for o in job if key_of(o) in swept)
+                job_named = f"sweep's job with {which}" if which else "sweep"
                 raise ConfigError(
-                    f"The sweep's job with {which} cannot run, so no job was started: {err}"
+                    f"The {job_named} cannot run, so no job was started: {err}"
                 ) from None
     finally:
         logging.disable(logging.NOTSET)
