@@ -162,11 +162,8 @@ def check_sampled_sweep(command: str, args: list[str]) -> None:
     sampled = sampled_sweeps(args) if multirun(args) and not informs(args) else []
     if not sampled:
         return
-    parser = OverridesParser.create()
-    given = [a for a in args if "=" in a and not a.startswith("-") and a not in sampled]
-    cfg = compose(
-        command, [a for a in given if not parser.parse_override(a).is_sweep_override()], True
-    )
+    fixed = [a for a in args if "=" in a and not a.startswith("-") and gives_one_value(a)]
+    cfg = compose(command, fixed, keep_hydra=True)
     if str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="")).endswith("BasicSweeper"):
         raise ConfigError(
             f"{sampled[0]} is a range to sample, which only a search sweeper does: add "
@@ -174,6 +171,13 @@ def check_sampled_sweep(command: str, args: list[str]) -> None:
             f"or hydra/sweeper=optuna. The basic sweeper runs lists of values, e.g. "
             f"{key_of(sampled[0])}=0.001,0.01,0.1."
         )
+
+
+def gives_one_value(arg: str) -> bool:
+    try:
+        return not OverridesParser.create().parse_override(arg).is_sweep_override()
+    except Exception:  # malformed: Hydra says so when it composes
+        return True
 
 
 def check_sweep(command: str, args: list[str], first: DictConfig) -> None:
