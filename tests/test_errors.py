@@ -1078,7 +1078,7 @@ def test_bad_input(
     assert code == bad.code, output
     assert message in output, output
     assert "Traceback" not in output
-    assert f"metacli {bad.argv[0]}: metacli" not in output  # the command named once
+    assert f"metacli {bad.argv[0]}: metacli {bad.argv[0]}:" not in output  # one prefix
     last = [(text.strip().splitlines() or [""])[-1] for text in (out, err)]
     assert any(message in line for line in last), output  # one paragraph, the last line
     assert snapshot(places) == before  # nothing already written changed
