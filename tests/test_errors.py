@@ -165,7 +165,7 @@ CASES = [
         "optim.betas=[0.9,1.0]",
         message="optim.betas=[0.9, 1.0] is not allowed",
     ),
-    numeric("device.threads", "0", "it must be >= 1 or null"),
+    numeric("device.threads", "0", "it must be >= 1 and at most 1,024, or null"),
     numeric("algo.inner_lr", "-0.1", "the learning rate must be > 0"),
     numeric("algo.inner_steps", "0", "it must be >= 1"),
     numeric("algo.test_inner_steps", "-1", "it must be >= 0"),
@@ -493,7 +493,7 @@ CASES = [
         "test without a checkpoint",
         "test",
         *TINY,
-        message="metacli test needs a checkpoint: add ckpt_path=",
+        message="No checkpoint to meta-test: add ckpt_path=",
     ),
     case(
         "checkpoint that does not exist",
@@ -621,6 +621,23 @@ CASES = [
         "test.num_tasks=1.5",
         message="Invalid setting 'test.num_tasks': Value '1.5'",
     ),
+    t(
+        "a seed beyond numpy's 32 bits (torch stopped with an overflow)",
+        "seed=99999999999999999999",
+        message="seed=99999999999999999999 is not allowed: it must be >= 0 and at most "
+        "4,294,967,295",
+    ),
+    t(
+        "threads no thread pool starts (the process died with a segmentation fault)",
+        "threads=100000",
+        message="threads=100000 is not allowed: it must be >= 1 and at most 1,024, or null",
+    ),
+    t(
+        "a list setting given one number",
+        "model.hidden=40",
+        message="Invalid setting 'model.hidden': it takes a list, written in brackets "
+        "(model.hidden=[...])",
+    ),
     t("optim.lr=nan", "optim.lr=nan", message="optim.lr=nan is not allowed"),
     t("algo.inner_lr=-inf", "algo.inner_lr=-inf", message="algo.inner_lr=-inf is not allowed"),
     t("task.noise=nan", "task.noise=nan", message="task.noise=nan is not allowed"),
@@ -648,6 +665,11 @@ CASES = [
         "test",
         "ckpt_path={file}",
         message="Cannot read the checkpoint {file}: it is truncated or not a PyTorch file",
+    ),
+    t(
+        "ckpt_path given to train (silently ignored)",
+        "ckpt_path={run}/checkpoints/best.pt",
+        message="names the checkpoint that metacli test meta-tests; metacli train does not read it",
     ),
     case(
         "resume of a file",
@@ -810,6 +832,11 @@ CASES = [
         "(model.hidden=[100000000, 100000000])",
     ),
     t(
+        "an outsized support set",
+        "task.shots=100000000",
+        message="metacli train: This run needs about",
+    ),
+    t(
         "a meta-test of more tasks than could ever help",
         "test.num_tasks=100000000",
         message="test.num_tasks=100000000 is not allowed: it must be at most 10,000,000",
@@ -839,7 +866,7 @@ CASES = [
         "-m",
         "train.meta_batch_size=4,100000000",
         message="The sweep's job with train.meta_batch_size=100000000 cannot run, so no job "
-        "was started: metacli train needs about",
+        "was started: This run needs about",
     ),
     case(
         "a meta-test of a checkpoint with too many tasks at once",
@@ -847,7 +874,7 @@ CASES = [
         "ckpt_path={run}/checkpoints/best.pt",
         "test.num_tasks=10000000",
         "test.batch_size=10000000",
-        message="metacli test needs about",
+        message="metacli test: This meta-test needs about",
     ),
     # --- combinations that cannot work ----------------------------------------------------
     t(
@@ -918,6 +945,12 @@ CASES = [
         "unknown command",
         "fit",
         message="unknown command 'fit'; choose one of: train, test, data, compare, plot",
+    ),
+    t(
+        "another primary config (Hydra's own error, exit 1)",
+        "--config-name",
+        "nosuch",
+        message="--config-name: metacli train and metacli test always start from their own config",
     ),
     case("data without an action", "data", message="metacli data: choose one of: check, prepare"),
     # --- which parameters adapt, and the gradient-based family's own settings -----------
@@ -1078,7 +1111,7 @@ def test_bad_input(
     assert code == bad.code, output
     assert message in output, output
     assert "Traceback" not in output
-    assert f"metacli {bad.argv[0]}: metacli {bad.argv[0]}:" not in output  # one prefix
+    assert f"metacli {bad.argv[0]}: metacli {bad.argv[0]}" not in output  # one prefix
     last = [(text.strip().splitlines() or [""])[-1] for text in (out, err)]
     assert any(message in line for line in last), output  # one paragraph, the last line
     assert snapshot(places) == before  # nothing already written changed

@@ -79,7 +79,7 @@ def test_an_outsized_run_is_refused_before_anything_exists(tmp_path: Path) -> No
     result = run_cli("train", "train.meta_batch_size=100000000", cwd=tmp_path, check=False)
     assert result.returncode == 2
     message = result.stderr.strip().splitlines()[-1]
-    assert "metacli train needs about" in message and "Traceback" not in result.stderr
+    assert "metacli train: This run needs about" in message and "Traceback" not in result.stderr
     assert "Lower train.meta_batch_size (now 100,000,000; at most" in message
     assert not (tmp_path / "outputs").exists()
 

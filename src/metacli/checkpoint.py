@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 # outer optimizer got one parameter group per group of meta-parameters.
 FORMAT_VERSION = 2
 
+# `metacli test` without ckpt_path (said by the checks, and by a run started from the API)
+NO_CHECKPOINT = (
+    "No checkpoint to meta-test: add ckpt_path=<run folder>/checkpoints/best.pt (or last.pt)."
+)
+
 
 @dataclass
 class LoopState:

@@ -37,6 +37,8 @@ from metacli.registry import GROUPS, available
 # Flags after which Hydra prints something and runs no job.
 INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "-p")
 CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
+# Hydra's choice of the primary config and its folder: metacli composes its own
+PRIMARY_CONFIG_FLAGS = ("--config-name", "-cn", "--config-path", "-cp")
 SEARCHPATH = "hydra.searchpath"
 COMPONENT_SECTIONS = ("algo", "model", "task")  # the sections a config file's _target_ fills
 T = TypeVar("T")
@@ -114,6 +116,13 @@ def config_folders(args: list[str]) -> list[str]:
     rest = iter(args)
     for arg in rest:
         flag, eq, value = arg.partition("=")
+        if flag in PRIMARY_CONFIG_FLAGS:
+            raise ConfigError(
+                f"{flag}: metacli train and metacli test always start from their own config "
+                f"(conf/train.yaml, conf/test.yaml). Put your settings in a preset instead, "
+                f"DIR/experiment/NAME.yaml (`# @package _global_` on its first line), and run "
+                f"with --config-dir DIR experiment=NAME."
+            )
         if flag in CONFIG_DIR_FLAGS:
             given = value if eq else next(rest, None)
             if not given:

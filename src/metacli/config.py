@@ -75,6 +75,27 @@ def require_finite(value: Any, key: str, inf_allowed: bool = False) -> None:
         require(False, key, value, rule)
 
 
+# numpy seeds its generator from 32 bits (torch from 64): every seed must suit both.
+MAX_SEED = 2**32 - 1
+# torch's thread pool fails to start (or the process is killed) far beyond a machine's
+# cores; more threads than cores only slow it (docs/threads.md).
+MAX_THREADS = 1024
+
+
+def require_seed(key: str, value: int) -> None:
+    require(0 <= value <= MAX_SEED, key, value, f"it must be >= 0 and at most {MAX_SEED:,}")
+
+
+def require_threads(key: str, value: int | None) -> None:
+    require(
+        value is None or 1 <= value <= MAX_THREADS,
+        key,
+        value,
+        f"it must be >= 1 and at most {MAX_THREADS:,}, or null (threads=null chooses for "
+        f"this machine and this work)",
+    )
+
+
 # Steps a task takes at every iteration (inner steps, conjugate-gradient steps, fine-tuning
 # passes): more than this never ends in a useful time, and one iteration cannot be
 # interrupted between two of them.
@@ -146,12 +167,7 @@ class DeviceConfig:
             self.name,
             "choose one of auto, cpu, cuda, mps",
         )
-        require(
-            self.threads is None or self.threads >= 1,
-            "device.threads",
-            self.threads,
-            "it must be >= 1 or null",
-        )
+        require_threads("device.threads", self.threads)
 
 
 # The outer optimizer's parameter groups an algorithm may have: the initialisation, and
@@ -436,16 +452,14 @@ class RunConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
-        require(self.seed >= 0, "seed", self.seed, "it must be >= 0")
+        require_seed("seed", self.seed)
         require(
             self.optimized_metric in OBJECTIVES,
             "optimized_metric",
             self.optimized_metric,
             f"choose one of {', '.join(OBJECTIVES)}",
         )
-        require(
-            self.threads is None or self.threads >= 1, "threads", self.threads, "it must be >= 1"
-        )
+        require_threads("threads", self.threads)
         self.val.check("val")
         self.test.check("test")
         require(
@@ -471,7 +485,9 @@ def to_typed(schema: type, node: Any, key: str) -> Any:
         typed = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         where = f"{key}.{err.full_key}" if key and err.full_key else (key or err.full_key or "")
-        reason = str(err).splitlines()[0]
+        reason = str(err).splitlines()[0].rstrip(".")
+        if "is not a ListConfig, list or tuple" in reason:
+            reason = f"it takes a list, written in brackets ({where}=[...])"
         if isinstance(err, ConfigKeyError):
             import difflib
 

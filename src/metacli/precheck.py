@@ -19,6 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metacli.build import Resolved, resolve
+from metacli.checkpoint import NO_CHECKPOINT
 from metacli.composition import (
     CARRIED,
     compose,
@@ -147,10 +148,7 @@ def precheck(command: str, args: list[str]) -> Checked | None:
     resolved = resolve(cfg)
     check_new_run(resolved, command, bool(resume))
     if command == "test" and not cfg.get("ckpt_path"):
-        raise ConfigError(
-            "metacli test needs a checkpoint: add ckpt_path=<run folder>/checkpoints/best.pt "
-            "(or last.pt)."
-        )
+        raise ConfigError(NO_CHECKPOINT)
     if resume:
         check_resume(Path(str(resume)), resolved.effective)
     return Checked(cfg, resolved)
@@ -213,6 +211,12 @@ def check_new_run(resolved: Resolved, command: str, resuming: bool) -> None:
     """What a run about to start needs: memory that fits, and, for a new training run,
     a task its algorithm's settings fit (``MetaAlgorithm.check_task``: a run already
     made is resumed and tested as it was)."""
+    if command == "train" and resolved.run.ckpt_path:
+        raise ConfigError(
+            f"ckpt_path={resolved.run.ckpt_path} names the checkpoint that metacli test "
+            f"meta-tests; metacli train does not read it. To meta-test it: metacli test "
+            f"ckpt_path=...; to continue its run: metacli train resume=<its run folder>."
+        )
     check_memory(resolved, command)
     if command == "train" and not resuming:
         resolved.classes["algo"].check_task(resolved.typed["algo"], resolved.classes["task"])

@@ -305,7 +305,8 @@ def check_memory(resolved: Resolved, command: str = "train") -> list[Need] | Non
         return needs
     parts = "; ".join(f"{need.what}: {size(need.bytes)}" for need in needs if need.bytes)
     raise ConfigError(
-        f"metacli {command} needs about {size(total(needs))} of memory, more than the "
+        f"This {'meta-test' if command == 'test' else 'run'} needs about {size(total(needs))} "
+        f"of memory, more than the "
         f"{size(HEADROOM * room)} it may take ({HEADROOM:.0%} of the {size(room)} {where}; "
         f"the rest is for Python and torch themselves). The parts: {parts}. "
         f"{advice(needs, HEADROOM * room, resolved)}, or run on a machine with more "

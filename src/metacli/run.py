@@ -14,7 +14,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from metacli import distributed, machine
 from metacli.build import Resolved, build, resolve
-from metacli.checkpoint import LoopState, load_checkpoint, load_weights, make, restore, resumable
+from metacli.checkpoint import (
+    NO_CHECKPOINT,
+    LoopState,
+    load_checkpoint,
+    load_weights,
+    make,
+    restore,
+    resumable,
+)
 from metacli.console import print_summary
 from metacli.errors import ConfigError
 from metacli.evaluation import EvalSummary, meta_test, meta_test_ensemble
@@ -263,10 +271,7 @@ def test(
         resolved = resolved or resolve(cfg)
         previous = folder.previous_run(bool(cfg.skip_finished), config_of(resolved.effective))
         if not cfg.ckpt_path:
-            raise ConfigError(
-                "metacli test needs a checkpoint: add ckpt_path=<run folder>/"
-                "checkpoints/best.pt (or last.pt)."
-            )
+            raise ConfigError(NO_CHECKPOINT)
         components = build(resolved, folder.overrides)
         threads, threads_why = set_threads(cfg, folder.hydra, components.model)
         checkpoint = load_checkpoint(cfg.ckpt_path)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from metacli.config import require
+from metacli.config import require, require_seed
 from metacli.console import track
 from metacli.errors import MetacliError
 from metacli.tasks.base import SPLITS, ClassificationConfig, TaskConfig
@@ -42,6 +42,7 @@ class ImageFolderConfig(ClassificationConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require_seed("task.split_seed", self.split_seed)
         require(self.image_size >= 4, "task.image_size", self.image_size, "it must be >= 4")
         require(self.channels in (1, 3), "task.channels", self.channels, "choose 1 or 3")
         require(

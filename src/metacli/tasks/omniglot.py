@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from metacli.config import require
+from metacli.config import require, require_seed
 from metacli.console import track
 from metacli.errors import MetacliError
 from metacli.tasks.base import SPLITS as TASK_SPLITS
@@ -70,6 +70,7 @@ class OmniglotConfig(ClassificationConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require_seed("task.split_seed", self.split_seed)
         require(self.image_size >= 4, "task.image_size", self.image_size, "it must be >= 4")
         require(self.split in SPLITS, "task.split", self.split, f"choose {', '.join(SPLITS)}")
         require(
