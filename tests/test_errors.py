@@ -518,7 +518,30 @@ CASES = [
         "test",
         "ckpt_path={run}/checkpoints/best.pt",
         "model.hidden=[8,8]",
-        message="does not fit the configured algo/model: size mismatch for model.",
+        message="does not fit the configured algo/model: its run had model.hidden=[40, 40] "
+        "(now [8, 8])",
+    ),
+    case(
+        "a checkpoint of another task (only PyTorch's shapes were named)",
+        "test",
+        "ckpt_path={run}/checkpoints/best.pt",
+        "task=synthetic",
+        message="does not fit the configured algo/model: its run had task=sinusoid (now "
+        "synthetic) (PyTorch: size mismatch",
+    ),
+    case(
+        "resume given to test (said only that a checkpoint was missing)",
+        "test",
+        "resume={run}",
+        message="resume= continues a training run (metacli train resume=...); metacli test "
+        "meta-tests a checkpoint: metacli test ckpt_path={run}/checkpoints/best.pt",
+    ),
+    case(
+        "ckpt_path of a run folder",
+        "test",
+        "ckpt_path={run}",
+        message="{run} is a run folder: give one of its checkpoints, ckpt_path={run}/"
+        "checkpoints/best.pt",
     ),
     case(
         "another program's checkpoint",

@@ -96,6 +96,13 @@ def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load on the CPU with ``weights_only=True``: a checkpoint never runs code."""
     path = Path(path)
+    saved = sorted(p.name for p in (path / "checkpoints").glob("*.pt")) if path.is_dir() else []
+    if saved:
+        raise MetacliError(
+            f"{path} is a run folder: give one of its checkpoints, ckpt_path={path}/"
+            f"checkpoints/{'best.pt' if 'best.pt' in saved else saved[0]} (it has "
+            f"{', '.join(saved)})."
+        )
     if not path.is_file():
         raise MetacliError(
             f"No checkpoint at {path}. Set ckpt_path (or resume) to an existing "
@@ -143,7 +150,11 @@ def migrate_v1(checkpoint: dict[str, Any]) -> None:
         checkpoint["algorithm"] = renamed
 
 
-def load_weights(components: Components, checkpoint: dict[str, Any], source: str) -> None:
+def load_weights(
+    components: Components, checkpoint: dict[str, Any], source: str, now: Any = None
+) -> None:
+    """The algorithm's weights from ``checkpoint``; ``now``: the config they are loaded into
+    (its algo, model and task settings that differ from the checkpoint's are named)."""
     try:
         components.algorithm.load_state_dict(checkpoint["algorithm"])
     except RuntimeError as err:
@@ -151,13 +162,39 @@ def load_weights(components: Components, checkpoint: dict[str, Any], source: str
         # other shapes (size mismatch for head.weight: ... [5, 64] ... [20, 64])
         lines = [line.strip().rstrip(".") for line in str(err).splitlines()[1:] if line.strip()]
         found = "; ".join(lines) or str(err).splitlines()[0]
-        if len(found) > 600:
-            found = found[:600] + " ..."
+        if len(found) > 300:
+            found = found[:300].rsplit(" ", 1)[0] + " ..."
+        changed = changed_components(checkpoint.get("config"), now)
         raise MetacliError(
-            f"The checkpoint {source} does not fit the configured algo/model: {found}. Use "
-            f"the same algo, model and task settings (task.ways sets the head) as the run "
-            f"that wrote it."
+            f"The checkpoint {source} does not fit the configured algo/model"
+            + (f": its run had {changed}" if changed else "")
+            + f" (PyTorch: {found}). Use the same algo, model and task settings (task.ways "
+            "sets the head) as the run that wrote it."
         ) from None
+
+
+def changed_components(before: Any, now: Any) -> str:
+    """How the algo, model and task settings of ``now`` differ from ``before`` (the
+    checkpoint's config): ``task=sinusoid (now synthetic)`` where the option differs,
+    else ``model.hidden=[40, 40] (now [8, 8])``; at most six."""
+    from metacli.config import flatten
+
+    if not before or now is None:
+        return ""
+    now = OmegaConf.to_container(now, resolve=True) if OmegaConf.is_config(now) else now
+    old, new = flatten(before), flatten(now)
+    shown = []
+    for group in ("algo", "model", "task"):
+        if old.get(f"{group}.name") != new.get(f"{group}.name"):
+            shown.append(f"{group}={old.get(f'{group}.name')} (now {new.get(f'{group}.name')})")
+            continue
+        shown += [
+            f"{k}={old.get(k)} (now {new.get(k)})"
+            for k in sorted(old.keys() & new.keys())
+            if k.startswith(f"{group}.") and old[k] != new[k]
+        ]
+    more = f" and {len(shown) - 6} more" if len(shown) > 6 else ""
+    return ", ".join(shown[:6]) + more
 
 
 def restore(components: Components, checkpoint: dict[str, Any], source: str) -> LoopState:

@@ -148,6 +148,12 @@ def precheck(command: str, args: list[str]) -> Checked | None:
     resolved = resolve(cfg)
     check_new_run(resolved, command, bool(resume))
     if command == "test" and not cfg.get("ckpt_path"):
+        if cfg.get("resume"):
+            raise ConfigError(
+                f"resume= continues a training run (metacli train resume=...); metacli test "
+                f"meta-tests a checkpoint: metacli test ckpt_path={cfg.resume}/checkpoints/"
+                f"best.pt (or last.pt)."
+            )
         raise ConfigError(NO_CHECKPOINT)
     if resume:
         check_resume(Path(str(resume)), resolved.effective)

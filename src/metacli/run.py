@@ -275,7 +275,7 @@ def test(
         components = build(resolved, folder.overrides)
         threads, threads_why = set_threads(cfg, folder.hydra, components.model)
         checkpoint = load_checkpoint(cfg.ckpt_path)
-        load_weights(components, checkpoint, str(cfg.ckpt_path))
+        load_weights(components, checkpoint, str(cfg.ckpt_path), resolved.effective)
         if previous is not None:
             folder.archive()
         folder.start(
