@@ -976,6 +976,29 @@ CASES = [
         message="--config-name: metacli train and metacli test always start from their own config",
     ),
     case("data without an action", "data", message="metacli data: choose one of: check, prepare"),
+    case(
+        "check of a group without an option (a traceback)",
+        "check",
+        "algo",
+        message="metacli check: give one option to check, as <group>=<option>",
+    ),
+    case(
+        "compare of the other command's runs (said only that there were none)",
+        "compare",
+        "{run}",
+        "--command",
+        "test",
+        message="no runs of metacli test (summary.json) below {run}, but 1 run(s) of metacli "
+        "train: add --command train",
+        code=1,
+    ),
+    case(
+        "runs rm without --yes and no terminal",
+        "runs",
+        "rm",
+        "{run}",
+        message="metacli runs: runs rm would remove 1 run(s) (listed above); add --yes",
+    ),
     # --- which parameters adapt, and the gradient-based family's own settings -----------
     t(
         "an adapt mode that is not one",

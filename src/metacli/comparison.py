@@ -451,6 +451,7 @@ class Comparison:
     rows: list[dict[str, Any]]  # one per configuration, best first per metric
     unfinished: list[Run]  # runs that failed, were interrupted, crashed or still run
     runs: list[Run]  # every run found (after the filters)
+    elsewhere: int = 0  # runs found of the other command (train or test), not compared
 
 
 def compare(
@@ -474,9 +475,10 @@ def compare(
         if not sep:
             raise MetacliError(f"--filter {condition!r}: write it as KEY=VALUE, e.g. algo=maml.")
         runs = [r for r in runs if matches(r, key, wanted)]
+    elsewhere = sum(r.params.get("command", "train") != command for r in runs)
     runs = [r for r in runs if r.params.get("command", "train") == command]
     finished = [r for r in runs if r.status == "finished"]
     unfinished = [r for r in runs if r.status != "finished"]
     rows = aggregate(finished, group_by, metric)
     compare_rows(rows, metric, baseline)
-    return Comparison(sort_rows(rows, sort, reverse), unfinished, runs)
+    return Comparison(sort_rows(rows, sort, reverse), unfinished, runs, elsewhere)

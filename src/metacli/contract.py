@@ -461,10 +461,10 @@ def main(args: list[str]) -> int:
     from metacli.console import CONSOLE
 
     args = config_folders(args)
-    selected = [a for a in args if a.split("=", 1)[0] in CHECKED_GROUPS]
+    selected = [a for a in args if a.split("=", 1)[0] in CHECKED_GROUPS and "=" in a]
     if len(selected) != 1:
         raise ConfigError(
-            "metacli check takes one option to check, as <group>=<option> with group one of "
+            "give one option to check, as <group>=<option> with group one of "
             f"{', '.join(CHECKED_GROUPS)} (e.g. metacli check algo=maml, metacli check "
             f"--config-dir myconf model=mymodel), then any overrides."
         )

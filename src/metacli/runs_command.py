@@ -196,7 +196,7 @@ def remove(entries: list[Entry], yes: bool) -> int:
     if not yes:
         if not sys.stdin.isatty():
             raise MetacliError(
-                f"metacli runs rm would remove {len(entries)} run(s) (listed above); add --yes "
+                f"runs rm would remove {len(entries)} run(s) (listed above); add --yes "
                 f"to remove them without a question (stdin is not a terminal)."
             )
         answer = input(f"Remove these {len(entries)} run(s)? [y/N] ")

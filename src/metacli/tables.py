@@ -380,8 +380,15 @@ def main(argv: list[str]) -> int:
             ) from None
         print(f"wrote {args.plot}", file=sys.stderr)
     if not found.runs:
+        other = "test" if args.command == "train" else "train"
+        hint = (
+            f", but {found.elsewhere} run(s) of metacli {other}: add --command {other}"
+            if found.elsewhere
+            else ""
+        )
         print(
-            f"metacli compare: no runs (summary.json) below {', '.join(map(str, args.paths))}",
+            f"metacli compare: no runs of metacli {args.command} (summary.json) below "
+            f"{', '.join(map(str, args.paths))}{hint}",
             file=sys.stderr,
         )
         return 1
