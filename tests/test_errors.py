@@ -778,6 +778,52 @@ CASES = [
         "sweeper does: add hparams_search=<a search config>",
     ),
     t(
+        "a malformed override (Hydra's grammar error, exit 1)",
+        "-m",
+        "seed=0,",
+        message="seed=0, cannot be read as an override (Hydra: mismatched input",
+    ),
+    t(
+        "an unclosed list",
+        "task.amplitude=[1,2",
+        message="task.amplitude=[1,2 cannot be read as an override",
+    ),
+    t(
+        "a range with no values (the sweep ran no job and made a folder)",
+        "-m",
+        "seed=range(5,1)",
+        message="seed=range(5,1) gives no values, so the sweep would run no job",
+    ),
+    t(
+        "a glob that matches no option (a traceback)",
+        "-m",
+        "algo=glob(zzz*)",
+        message="algo=glob(zzz*) gives no values, so the sweep would run no job",
+    ),
+    t(
+        "a sweep of a million jobs (checked silently for a day)",
+        "-m",
+        "seed=range(0,1000000)",
+        message="The sweep has 1,000,000 jobs, more than the 10,000 one sweep may run",
+    ),
+    t(
+        "a value for Hydra's launcher group (a traceback)",
+        "hydra.launcher=nosuch",
+        message="hydra.launcher holds settings, not a value: choose one of its options with "
+        "hydra/launcher=<option>",
+    ),
+    t(
+        "an unknown Hydra sweeper (Hydra's error, exit 1)",
+        "hydra/sweeper=nosuch",
+        message="hydra/sweeper=nosuch is not an option. The options of hydra/sweeper: basic, "
+        "optuna",
+    ),
+    t(
+        "an unknown Hydra setting",
+        "hydra.nosuch=1",
+        message="hydra.nosuch is not a setting. `metacli train --cfg hydra` prints every key.",
+    ),
+    t(
         "several values without -m",
         "optim.lr=0.1,0.01",
         message="optim.lr=0.1,0.01 gives several values, which is a sweep: add -m",

@@ -255,6 +255,19 @@ def test_a_range_is_checked_against_the_sweeper() -> None:
     assert multirun(["hparams_search=maml_sinusoid"]) and not multirun(["hparams_search=null"])
 
 
+def test_overrides_on_both_sides_of_m_and_a_glob_sweep(tmp_path: Path) -> None:
+    """``a=1 -m b=1,2``: Hydra's parser takes the overrides as one run of arguments and
+    stopped at b=1,2 ("unrecognized arguments"); glob() needed Hydra's config loader."""
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "train", "debug=tiny", "-m", "algo=glob([fo*,rep*])", "seed=0,1",
+        f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+    )  # fmt: skip
+    assert "sweep: 4 jobs, 0 not finished" in result.stdout
+    combos = {(read_summary(sweep / str(i))["groups"]["algo"], i % 2) for i in range(4)}
+    assert combos == {("fomaml", 0), ("fomaml", 1), ("reptile", 0), ("reptile", 1)}
+
+
 def test_a_missing_plugin_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(extras.EXTRAS, "joblib", ("no_such_module.launcher", "the launcher"))
     with pytest.raises(MetacliError, match=r"pip install 'metacli\[joblib\]'"):

@@ -101,14 +101,15 @@ def run_hydra(command: str, args: list[str], prechecked: Any = None) -> None:
     config as the checks resolved it."""
     import hydra
 
-    from metacli.composition import folders_of, informs
+    from metacli.composition import folders_of, informs, split_flags
     from metacli.config import config_dir
     from metacli.options import register
 
     register()
     if informs(args):
         search_config_folders(folders_of(args))
-    sys.argv = [f"metacli {command}", *args]
+    flags, overrides = split_flags(args)
+    sys.argv = [f"metacli {command}", *flags, *overrides]
     main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=command)
 
     def checked_job(cfg: Any) -> float:
@@ -255,8 +256,10 @@ def checked(command: str, args: list[str]) -> tuple[list[str], Any]:
     single run's checked config; a failed check is one paragraph and exit 2, nothing to do
     is said and exit 0."""
     try:
+        from metacli.composition import check_grammar, config_folders, prepare, settled
+
+        check_grammar(args)
         check_overrides(args)
-        from metacli.composition import config_folders, prepare, settled
         from metacli.precheck import NothingToDo, precheck
 
         try:

@@ -48,6 +48,53 @@ def key_of(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+# Hydra's flags that take the next argument as their value (--info takes one of its topics)
+VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--experimental-rerun")
+INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+
+
+def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """The flags (with their values) and the overrides, each in the order given. Hydra's
+    parser takes the overrides as one run of arguments: ``a=1 -m b=1,2`` stops it at
+    ``b=1,2`` ("unrecognized arguments"), so metacli hands them to it after the flags."""
+    flags: list[str] = []
+    overrides: list[str] = []
+    rest = iter(args)
+    for arg in rest:
+        if not arg.startswith("-"):
+            overrides.append(arg)
+            continue
+        flags.append(arg)
+        if arg in (*VALUE_FLAGS, *CONFIG_DIR_FLAGS, *PRIMARY_CONFIG_FLAGS):
+            flags += [v for v in [next(rest, None)] if v is not None]
+        elif arg in ("--info", "-i"):
+            topic = next(rest, None)
+            if topic in INFO_TOPICS:
+                flags.append(topic)
+            elif topic is not None:
+                overrides.append(topic)
+    return flags, overrides
+
+
+def check_grammar(args: list[str]) -> None:
+    """Every override as Hydra's grammar reads it; a malformed one is named, with the
+    forms that are read, before Hydra's parser error (exit 1, its grammar's tokens)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for arg in split_flags(args)[1]:
+        try:
+            parser.parse_override(arg)
+        except Exception as err:
+            hydra = " ".join(str(err).split())
+            hydra = hydra.split(" See https://")[0].rstrip(".")
+            raise ConfigError(
+                f"{arg} cannot be read as an override (Hydra: {hydra}). Write key=value; "
+                f"several values to sweep as key=a,b with -m; a list as key=[a,b]; a value "
+                f"with spaces, commas or brackets in quotes, key='a b'."
+            ) from None
+
+
 def multirun(args: list[str]) -> bool:
     """Whether the arguments ask Hydra for a sweep: -m, or a search config, which sets
     ``hydra.mode: MULTIRUN`` itself (conf/hparams_search)."""
@@ -149,7 +196,14 @@ def config_folders(args: list[str]) -> list[str]:
 
 
 def options_of(group: str, folders: list[Path]) -> list[str]:
-    """A group's options: the built-ins, the plug-ins and the files of each config folder."""
+    """A group's options: the built-ins, the plug-ins and the files of each config folder
+    (Hydra's own groups, hydra/*: as Hydra lists them, its plug-ins' included)."""
+    if group.startswith("hydra/"):
+        from hydra import initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            return sorted(GlobalHydra.instance().config_loader().get_group_options(group))
     files = {p.stem for d in [config_dir(), *folders] for p in (d / group).glob("*.yaml")}
     return sorted(files | (set(available(group)) if group in GROUPS else set()))
 
@@ -265,6 +319,9 @@ def job_overrides(args: list[str]) -> list[str] | None:
 # A sweep of more jobs than this is checked value by value (each value of each swept key
 # once, with the first values of the others), not combination by combination.
 CHECKED_COMBINATIONS = 64
+# More jobs than this in one sweep is a mistake far more often than a plan, and its check
+# alone would take hours (about 0.1 s a job).
+MAX_SWEEP_JOBS = 10_000
 
 
 def sweep_values(args: list[str]) -> list[list[str]] | None:
@@ -283,6 +340,7 @@ def sweep_values(args: list[str]) -> list[list[str]] | None:
     if not multirun(args):
         return [[o] for o in overrides]
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -294,9 +352,28 @@ def sweep_values(args: list[str]) -> list[list[str]] | None:
             if not override.is_discrete_sweep():
                 return None  # an interval for a sweeper to search
             key = override.get_key_element()
-            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+            glob = override.value()
+            if isinstance(glob, Glob):  # (Hydra's own expansion needs its config loader)
+                values = glob.filter(options_of(key, folders_of(args)))
+            else:
+                values = list(override.sweep_string_iterator())
+            if not values:
+                raise ConfigError(
+                    f"{override.input_line} gives no values, so the sweep would run no job. "
+                    f"Give values that exist, e.g. seed=range(0,3) (from 0 up to 3, without "
+                    f"3) or algo=maml,fomaml."
+                )
+            choices.append([f"{key}={value}" for value in values])
         else:
             choices.append([override.input_line or ""])
+    jobs = math.prod(len(values) for values in choices)
+    if jobs > MAX_SWEEP_JOBS:
+        raise ConfigError(
+            f"The sweep has {jobs:,} jobs, more than the {MAX_SWEEP_JOBS:,} one sweep may run "
+            f"(each job is a run folder, and every job is checked before the first starts). "
+            f"Sweep fewer values, or split it, e.g. seed=range(0,5000) and then "
+            f"seed=range(5000,10000)."
+        )
     return choices
 
 
@@ -414,8 +491,9 @@ def explain(command: str, overrides: list[str], message: str) -> str:
                 f"rule is chosen. Choose one as a group, update={rules[0]} (not "
                 f"algo.update=...): that puts its settings into algo."
             )
+        part = "hydra" if key.startswith("hydra.") else "job"
         return (
-            f"{key} is not a setting{suggestion(key, keys)}. `metacli {command} --cfg job` "
+            f"{key} is not a setting{suggestion(key, keys)}. `metacli {command} --cfg {part}` "
             f"prints every key."
         )
     sweep = re.search(

@@ -474,6 +474,13 @@ class RunConfig:
 COMPONENT_GROUPS = ("algo", "task", "model")
 
 
+@functools.lru_cache(maxsize=256)
+def schema_template(schema: type) -> DictConfig:
+    """``OmegaConf.structured(schema)``, made once per schema: the merge copies it, and a
+    sweep's checks type every job's config."""
+    return OmegaConf.structured(schema)
+
+
 def to_typed(schema: type, node: Any, key: str) -> Any:
     """Check ``node`` against the dataclass ``schema``; return the dataclass instance.
 
@@ -481,7 +488,7 @@ def to_typed(schema: type, node: Any, key: str) -> Any:
     dataclass's ``__post_init__``; both become a ConfigError naming the full key.
     """
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        merged = OmegaConf.merge(schema_template(schema), node)
         typed = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         where = f"{key}.{err.full_key}" if key and err.full_key else (key or err.full_key or "")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from metacli.build import Resolved, resolve
 from metacli.checkpoint import NO_CHECKPOINT
 from metacli.composition import (
     CARRIED,
+    SEARCHPATH,
     compose,
     file_options,
     folders_of,
@@ -29,7 +31,9 @@ from metacli.composition import (
     job_overrides,
     key_of,
     multirun,
+    options_of,
     sampled_sweeps,
+    split_flags,
     sweep_jobs,
 )
 from metacli.config import flatten
@@ -136,6 +140,7 @@ def precheck(command: str, args: list[str]) -> Checked | None:
         check_sampled_sweep(command, args)
         return None
     check_output_folder(command, args)
+    check_hydra_settings(command, overrides, args)
     cfg = compose(command, overrides, keep_hydra=True)
     for notice in shadowing(dict(cfg.hydra.runtime.choices), folders_of(overrides)):
         print(f"metacli {command}: {notice}", file=sys.stderr)
@@ -158,6 +163,48 @@ def precheck(command: str, args: list[str]) -> Checked | None:
     if resume:
         check_resume(Path(str(resume)), resolved.effective)
     return Checked(cfg, resolved)
+
+
+def check_hydra_settings(command: str, overrides: list[str], args: list[str]) -> None:
+    """Hydra's own settings (``hydra.*``, ``hydra/launcher=...``), which the job's config
+    leaves out, composed once with it: a mistake there is Hydra's error (exit 1) after
+    the checks, or its traceback."""
+    given = [
+        a
+        for a in split_flags(args)[1]
+        if "=" in a and key_of(a).startswith("hydra") and key_of(a) != SEARCHPATH
+    ]
+    if not given:
+        return
+    plain = OverridesParser.create()
+    before = compose(command, overrides, keep_hydra=True)
+    for arg in given:
+        if "/" in key_of(arg) or not gives_one_value(arg):
+            continue
+        node = OmegaConf.select(before, key_of(arg), default=None)
+        value = plain.parse_override(arg).value()
+        if isinstance(node, DictConfig) and not isinstance(value, dict):
+            group = key_of(arg).replace(".", "/")
+            options = options_of(group, [])
+            choose = (
+                f"choose one of its options with {group}=<option> ({', '.join(options)}), or "
+                if options
+                else ""
+            )
+            raise ConfigError(
+                f"{key_of(arg)} holds settings, not a value: {choose}set one of its keys, "
+                f"{key_of(arg)}.<key>=<value> (`metacli {command} --cfg hydra` prints them)."
+            )
+    try:
+        compose(command, [*overrides, *(a for a in given if gives_one_value(a))], True)
+    except MetacliError:
+        raise
+    except Exception as err:  # Hydra stops with its own errors on some of its settings
+        raise ConfigError(
+            f"Hydra cannot apply {' '.join(given)} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). Check the hydra.* settings "
+            f"against `metacli {command} --cfg hydra`, which prints them."
+        ) from None
 
 
 def check_sampled_sweep(command: str, args: list[str]) -> None:
@@ -184,6 +231,9 @@ def gives_one_value(arg: str) -> bool:
         return True
 
 
+PROGRESS_EVERY_S = 10.0
+
+
 def check_sweep(command: str, args: list[str], first: DictConfig) -> None:
     """Every job of a sweep is checked before the first starts: a bad value met hours into
     a sweep is a sweep to run again. Each job's config is checked as its job would be; the
@@ -196,8 +246,16 @@ def check_sweep(command: str, args: list[str], first: DictConfig) -> None:
     swept = {key_of(o) for job in jobs for o in job if any(o not in other for other in jobs)}
     parser = OverridesParser.create()
     logging.disable(logging.WARNING)  # each job says its own notes when it runs
+    said = time.monotonic()
     try:
-        for job in jobs:
+        for done, job in enumerate(jobs):
+            if time.monotonic() - said > PROGRESS_EVERY_S:  # (a long sweep's checks)
+                print(
+                    f"metacli {command}: checked {done:,} of the sweep's {len(jobs):,} job configs",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                said = time.monotonic()
             changed = [o for o in job if o not in jobs[0]]
             try:
                 cfg = with_values(first, [parser.parse_override(o) for o in changed])
