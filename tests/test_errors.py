@@ -784,6 +784,12 @@ CASES = [
         message="seed=0, cannot be read as an override (Hydra: mismatched input",
     ),
     t(
+        "a path that starts with ~ (Hydra's grammar error)",
+        "data.root=~/omniglot",
+        message="data.root=~/omniglot: Hydra does not read a value that starts with ~. Quote "
+        "it, data.root='~/omniglot'",
+    ),
+    t(
         "an unclosed list",
         "task.amplitude=[1,2",
         message="task.amplitude=[1,2 cannot be read as an override",

@@ -86,6 +86,12 @@ def check_grammar(args: list[str]) -> None:
         try:
             parser.parse_override(arg)
         except Exception as err:
+            key, _, value = arg.partition("=")
+            if value.startswith("~"):
+                raise ConfigError(
+                    f"{arg}: Hydra does not read a value that starts with ~. Quote it, "
+                    f"{key}='{value}' (metacli expands ~ in paths), or write the path out."
+                ) from None
             hydra = " ".join(str(err).split())
             hydra = hydra.split(" See https://")[0].rstrip(".")
             raise ConfigError(
