@@ -230,6 +230,37 @@ def test_a_bad_target_is_one_paragraph_and_no_folder(
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "args", "message"),
+    [
+        (
+            "algo/broken.yaml",
+            "name: maml\ninner_lr: [0.1\n",
+            ("algo=broken",),
+            "A config file is not valid YAML: {conf}/algo/broken.yaml, line 3, column 1: "
+            "expected ',' or ']'",
+        ),
+        (
+            "experiment/typo.yaml",
+            "# @package _global_\ndefaults:\n  - override /algo: mamll\n",
+            ("experiment=typo",),
+            "algo=mamll (chosen in {conf}/experiment/typo.yaml) is not an option (did you "
+            "mean maml?)",
+        ),
+    ],
+)
+def test_a_broken_config_file_is_named_with_its_line(
+    tmp_path: Path, name: str, text: str, args: tuple[str, ...], message: str
+) -> None:
+    """A YAML error was a traceback; a preset's unknown option did not say which file
+    chose it."""
+    conf = write(tmp_path / "myconf", name, text)
+    result = run_cli("train", "--config-dir", str(conf), *args, cwd=tmp_path, check=False)
+    assert result.returncode == 2, result.stderr
+    assert message.format(conf=conf) in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_a_broken_plugin_fails_only_when_chosen(tmp_path: Path) -> None:
     site = tmp_path / "site"
     info = site / "brokenplug-0.1.dist-info"

@@ -429,12 +429,21 @@ def compose(command: str, overrides: list[str], keep_hydra: bool = False) -> Dic
     paragraph; ``keep_hydra`` keeps Hydra's node (choices, run folder)."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+    from yaml import MarkedYAMLError, YAMLError
 
     try:
         cfg = hydra_compose(command, overrides, with_hydra=keep_hydra)
         named = [g for g in COMPONENT_SECTIONS if "_target_" in (cfg.get(g) or {})]
         if named and not keep_hydra:  # the options' names are Hydra's choices
             cfg = hydra_compose(command, overrides)
+    except YAMLError as err:  # a config file of the user's that is not YAML
+        mark = err.problem_mark if isinstance(err, MarkedYAMLError) else None
+        where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = err.problem if isinstance(err, MarkedYAMLError) else str(err)
+        context = f" ({err.context})" if isinstance(err, MarkedYAMLError) and err.context else ""
+        raise ConfigError(
+            f"A config file is not valid YAML: {where}: {problem}{context}. Fix that file."
+        ) from None
     except (HydraException, OmegaConfBaseException) as err:
         message = explain(command, overrides, str(err))
         refused = re.search(r"Could not override '([^']+)'", str(err))
@@ -459,6 +468,17 @@ def run_dir(command: str, args: list[str]) -> str:
     return str(OmegaConf.select(cfg, "hydra.run.dir"))
 
 
+def choosing_files(group: str, option: str, folders: list[Path]) -> list[Path]:
+    """The config files whose defaults list chooses ``group: option``."""
+    line = re.compile(rf"^\s*-\s*(override\s+)?/?{re.escape(group)}\s*:\s*{re.escape(option)}\s*$")
+    return [
+        path
+        for folder in [*folders, config_dir()]
+        for path in sorted(folder.rglob("*.yaml"))
+        if any(line.match(text) for text in path.read_text(errors="replace").splitlines())
+    ]
+
+
 def explain(command: str, overrides: list[str], message: str) -> str:
     """Hydra's composition error, as the setting to fix and the closest valid one."""
     missing = re.search(r"Could not find '([^']+)/([^']+)'", message)
@@ -466,13 +486,17 @@ def explain(command: str, overrides: list[str], message: str) -> str:
         group, option = missing.groups()
         folders = folders_of(overrides)
         options = options_of(group, folders)
+        chosen = choosing_files(group, option, folders)
+        on_command_line = any(key_of(o) == group for o in overrides)
+        where_chosen = f" (chosen in {chosen[0]})" if chosen and not on_command_line else ""
         where = (
             f" (searched the built-in options and {', '.join(str(f) for f in folders)})"
             if folders
             else " (a folder of your own: --config-dir DIR with DIR/<group>/<option>.yaml)"
         )
         return (
-            f"{group}={option} is not an option{suggestion(option, options)}. The options of "
+            f"{group}={option}{where_chosen} is not an option{suggestion(option, options)}. "
+            f"The options of "
             f"{group}: {', '.join(options)}{where}."
         )
     bad = re.search(
