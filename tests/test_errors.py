@@ -537,6 +537,34 @@ CASES = [
         "meta-tests a checkpoint: metacli test ckpt_path={run}/checkpoints/best.pt",
     ),
     case(
+        "resume of a meta-test's folder",
+        "train",
+        "resume={tested}",
+        message="It is a meta-test's folder (metacli test): resume the training run it "
+        "tested, resume={run}.",
+    ),
+    case(
+        "resume of a sweep's folder",
+        "train",
+        "resume={sweep}",
+        message="It is a sweep's folder: resume one of its jobs (resume={sweep}/0)",
+    ),
+    case(
+        "ckpt_path of a sweep's folder",
+        "test",
+        "ckpt_path={sweep}",
+        message="{sweep} is a sweep's folder: give the checkpoint of one of its jobs, e.g. "
+        "ckpt_path={sweep}/0/checkpoints/best.pt",
+    ),
+    case(
+        "runs older than a negative age",
+        "runs",
+        "{run}",
+        "--older-than",
+        "-5",
+        message="--older-than '-5': give a number of days >= 0",
+    ),
+    case(
         "ckpt_path of a run folder",
         "test",
         "ckpt_path={run}",
@@ -1144,7 +1172,14 @@ def places(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (splits / "test.txt").write_text("Alpha/character01/rot180\n")
     (base / "file.txt").write_text("not a folder\n")
     (base / "cwd").mkdir()
+    tested = base / "tested"  # a meta-test's folder
+    run_cli(
+        "test", f"ckpt_path={checkpoint}", "test.num_tasks=4", f"hydra.run.dir={tested}", cwd=base
+    )
+    shutil.copytree(run, base / "sweep" / "0")  # a sweep's folder of one job
     return {
+        "tested": tested,
+        "sweep": base / "sweep",
         "run": run,
         "omniglot": omniglot,
         "truncated": truncated,

@@ -7,6 +7,7 @@ This module alone decides what a checkpoint contains (``make``), how it is read
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,9 +94,33 @@ def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
     save_tensors(path, checkpoint)
 
 
+def sweep_jobs_in(folder: Path) -> list[Path]:
+    """The job folders of a sweep's folder (its numbered folders with checkpoints)."""
+    if not folder.is_dir() or (folder / "checkpoints").is_dir():
+        return []
+    jobs = [p for p in folder.iterdir() if p.name.isdigit() and (p / "checkpoints").is_dir()]
+    return sorted(jobs, key=lambda p: int(p.name))
+
+
+def tested_run(folder: Path) -> Path | None:
+    """The training run that a meta-test's folder (``metacli test``) tested."""
+    try:
+        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    checkpoint = summary.get("checkpoint") if summary.get("command") == "test" else None
+    return Path(checkpoint).parent.parent if checkpoint else None
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load on the CPU with ``weights_only=True``: a checkpoint never runs code."""
     path = Path(path)
+    jobs = sweep_jobs_in(path)
+    if jobs:
+        raise MetacliError(
+            f"{path} is a sweep's folder: give the checkpoint of one of its jobs, e.g. "
+            f"ckpt_path={jobs[0]}/checkpoints/best.pt ({len(jobs)} jobs there)."
+        )
     saved = sorted(p.name for p in (path / "checkpoints").glob("*.pt")) if path.is_dir() else []
     if saved:
         raise MetacliError(

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from metacli.checkpoint import load_checkpoint, resumable
+from metacli.checkpoint import load_checkpoint, resumable, sweep_jobs_in, tested_run
 from metacli.config import config_dir, flatten, is_path_key
 from metacli.errors import ConfigError, MetacliError
 from metacli.options import declared_keys, register
@@ -283,10 +283,21 @@ def prepare(command: str, args: list[str]) -> list[str]:
         folder = Path(resume)
         last = resumable(folder)
         if last is None:
+            jobs, tested = sweep_jobs_in(folder), tested_run(folder)
+            instead = (
+                f" It is a sweep's folder: resume one of its jobs (resume={jobs[0]}), or "
+                f"continue the sweep with its own command and hydra.sweep.dir={folder} "
+                f"skip_finished=true."
+                if jobs
+                else f" It is a meta-test's folder (metacli test): resume the training run it "
+                f"tested, resume={tested}."
+                if tested
+                else " Set resume to the folder of a training run (the one that holds its "
+                "summary.json and checkpoints/)."
+            )
             raise MetacliError(
                 f"resume={resume}: {folder} is not a run folder with a checkpoint "
-                f"(expected {folder / 'checkpoints' / 'last.pt'}). Set resume to the folder "
-                f"of a training run (the one that holds its summary.json and checkpoints/)."
+                f"(expected {folder / 'checkpoints' / 'last.pt'}).{instead}"
             )
         saved = [str(o) for o in load_checkpoint(last).get("overrides", [])]
         return [*replay(carried(saved, folder), args), f"hydra.run.dir={quote(str(folder))}"]

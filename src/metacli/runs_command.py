@@ -66,9 +66,13 @@ def collect(paths: list[Path]) -> list[Entry]:
 def older_than(limit: str, now: dt.datetime) -> float:
     """Days from ``--older-than``: a number of days, or a date (ISO, 2026-11-30)."""
     try:
-        return float(limit)
+        days = float(limit)
     except ValueError:
         pass
+    else:
+        if not days >= 0:
+            raise MetacliError(f"--older-than {limit!r}: give a number of days >= 0 (e.g. 7).")
+        return days
     try:
         when = dt.datetime.fromisoformat(limit)
     except ValueError:
