@@ -935,6 +935,29 @@ CASES = [
         "(model.hidden=[100000000, 100000000])",
     ),
     t(
+        "a searched network of 100,000 cells (built for over an hour, silently)",
+        "task=synthetic",
+        "algo=metanas",
+        "model=darts",
+        "model.cells=100000",
+        message="model.cells=100000 is not allowed: 1 to 1,000",
+    ),
+    t(
+        "a searched cell of 1,000 nodes",
+        "task=synthetic",
+        "algo=metanas",
+        "model=darts",
+        "model.nodes=1000",
+        message="model.nodes=1000 is not allowed: 1 to 64",
+    ),
+    t(
+        "a long list in a message (repeated whole before)",
+        "task=synthetic",
+        "model=resnet12",
+        "model.widths=[64,64,64,64,64,64,64,64,64]",
+        message="model.widths=[64, 64, 64, 64, 64, 64, 64, 64, ... (9 items)] is not allowed",
+    ),
+    t(
         "an outsized support set",
         "task.shots=100000000",
         message="metacli train: This run needs about",
@@ -1202,6 +1225,19 @@ def snapshot(places: dict[str, Path]) -> dict[str, str]:
     return {  # a lock file records the last owner, not run data
         str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.name != ".lock"
     }
+
+
+def test_an_outsized_override_is_refused_before_hydra_parses_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 20,000-layer MLP as an override: Hydra's parser took 30 s a reading of it, and
+    metacli read it several times (no message for minutes)."""
+    monkeypatch.chdir(tmp_path)
+    deep = "model.hidden=[" + ",".join(["4"] * 20000) + "]"
+    code, _, err = run_here(["train", *TINY, deep], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "model.hidden=... is 40,014 characters long, more than the 20,000" in err
+    assert not list(tmp_path.iterdir())
 
 
 def run_here(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

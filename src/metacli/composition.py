@@ -76,6 +76,10 @@ def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
     return flags, overrides
 
 
+# Hydra's grammar reads a 20,000-item list in about 30 s, and metacli composes it several times
+MAX_OVERRIDE_CHARS = 20_000
+
+
 def check_grammar(args: list[str]) -> None:
     """Every override as Hydra's grammar reads it; a malformed one is named, with the
     forms that are read, before Hydra's parser error (exit 1, its grammar's tokens)."""
@@ -83,6 +87,13 @@ def check_grammar(args: list[str]) -> None:
 
     parser = OverridesParser.create()
     for arg in split_flags(args)[1]:
+        if len(arg) > MAX_OVERRIDE_CHARS:
+            raise ConfigError(
+                f"{key_of(arg)}=... is {len(arg):,} characters long, more than the "
+                f"{MAX_OVERRIDE_CHARS:,} an override may have: Hydra's parser takes minutes "
+                f"over such a value. Put it in a config file of your own (--config-dir DIR) "
+                f"and choose that file."
+            )
         try:
             parser.parse_override(arg)
         except Exception as err:

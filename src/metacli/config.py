@@ -35,7 +35,21 @@ def is_path_key(key: str) -> bool:
 def require(ok: bool, key: str, value: Any, rule: str) -> None:
     """Raise a ConfigError naming ``key`` unless ``ok``."""
     if not ok:
-        raise ConfigError(f"{key}={value!r} is not allowed: {rule}. Set {key} to a valid value.")
+        raise ConfigError(
+            f"{key}={shown(value)} is not allowed: {rule}. Set {key} to a valid value."
+        )
+
+
+def shown(value: Any, most: int = 8) -> str:
+    """``repr(value)``; a long list as its first items and its length."""
+    if isinstance(value, (list, tuple)) and len(value) > most:
+        return f"[{', '.join(map(repr, value[:most]))}, ... ({len(value):,} items)]"
+    return repr(value)
+
+
+# Layers (an MLP's hidden widths) and cells (an architecture search's network): more
+# than this takes minutes to build and never trains in a useful time.
+MAX_LAYERS = 1_000
 
 
 # A float setting's field metadata where +inf means something (a limit, e.g. algo.lam=inf):

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metacli.config import require
+from metacli.config import MAX_LAYERS, require
 from metacli.errors import ConfigError
 from metacli.models.base import MetaBatchNorm, Model, ModelConfig
 from metacli.models.operations import (
@@ -55,6 +55,7 @@ DARTS_OPS = [
 ]
 SAMPLING = ("none", "gumbel")
 KINDS = ("normal", "reduce")
+MAX_NODES = 64  # a cell's intermediate nodes (DARTS: 4)
 
 
 @dataclass
@@ -87,8 +88,13 @@ class DartsConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         require(self.channels >= 1, "model.channels", self.channels, "it must be >= 1")
-        require(self.cells >= 1, "model.cells", self.cells, "it must be >= 1")
-        require(self.nodes >= 1, "model.nodes", self.nodes, "it must be >= 1")
+        require(1 <= self.cells <= MAX_LAYERS, "model.cells", self.cells, f"1 to {MAX_LAYERS:,}")
+        require(
+            1 <= self.nodes <= MAX_NODES,
+            "model.nodes",
+            self.nodes,
+            f"1 to {MAX_NODES} (the edges of a cell grow with its nodes squared)",
+        )
         require(self.keep >= 1, "model.keep", self.keep, "it must be >= 1")
         require(self.stem_stride in (1, 2), "model.stem_stride", self.stem_stride, "1 or 2")
         require(self.temperature > 0, "model.temperature", self.temperature, "it must be > 0")

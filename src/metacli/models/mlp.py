@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metacli.config import require
+from metacli.config import MAX_LAYERS, require
 from metacli.models.base import NORMS, Backward, MetaBatchNorm, Model, ModelConfig
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
@@ -48,6 +48,12 @@ class MLPConfig(ModelConfig):
             "model.hidden",
             self.hidden,
             "every layer width must be >= 1",
+        )
+        require(
+            len(self.hidden) <= MAX_LAYERS,
+            "model.hidden",
+            self.hidden,
+            f"at most {MAX_LAYERS:,} hidden layers",
         )
         require(
             self.activation in ACTIVATIONS,
