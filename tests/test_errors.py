@@ -557,6 +557,13 @@ CASES = [
         "ckpt_path={sweep}/0/checkpoints/best.pt",
     ),
     case(
+        "plot of a run that failed before its first line (said: nothing to plot yet)",
+        "plot",
+        "{failed}",
+        message="{failed} has nothing to plot: the run failed before its first logged line: "
+        "The meta-loss (nan) is not finite at iteration 2",
+    ),
+    case(
         "runs older than a negative age",
         "runs",
         "{run}",
@@ -1200,7 +1207,10 @@ def places(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "test", f"ckpt_path={checkpoint}", "test.num_tasks=4", f"hydra.run.dir={tested}", cwd=base
     )
     shutil.copytree(run, base / "sweep" / "0")  # a sweep's folder of one job
+    failed = base / "failed"  # a run that diverged at its second iteration
+    run_cli("train", *TINY, "optim.lr=1e30", f"hydra.run.dir={failed}", cwd=base, check=False)
     return {
+        "failed": failed,
         "tested": tested,
         "sweep": base / "sweep",
         "run": run,

@@ -203,6 +203,13 @@ def plot_run(folder: Path) -> list[Path]:
     if figure is not None:
         written.append(figure)
     if not written:
+        status = summary.get("status")
+        if status in ("failed", "crashed", "interrupted"):
+            error = f": {summary['error']}" if summary.get("error") else ""
+            raise MetacliError(
+                f"{folder} has nothing to plot: the run {status} before its first logged "
+                f"line{error}"
+            )
         raise MetacliError(f"{folder} has nothing to plot yet (metrics.jsonl is empty or missing).")
     return written
 
