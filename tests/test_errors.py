@@ -572,6 +572,13 @@ CASES = [
         message="--older-than '-5': give a number of days >= 0",
     ),
     case(
+        "a sweep over checkpoints (read as one path with a comma)",
+        "test",
+        "-m",
+        "ckpt_path={run}/checkpoints/best.pt,{run}/checkpoints/last.pt",
+        message="sweeps checkpoints: metacli test meta-tests one checkpoint a run",
+    ),
+    case(
         "ckpt_path of a run folder",
         "test",
         "ckpt_path={run}",

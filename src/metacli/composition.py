@@ -80,6 +80,16 @@ def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
 MAX_OVERRIDE_CHARS = 20_000
 
 
+def gives_one(arg: str) -> bool:
+    """Whether an override gives one value (not a sweep); a malformed one counts as one."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return not OverridesParser.create().parse_override(arg).is_sweep_override()
+    except Exception:
+        return True
+
+
 def check_grammar(args: list[str]) -> None:
     """Every override as Hydra's grammar reads it; a malformed one is named, with the
     forms that are read, before Hydra's parser error (exit 1, its grammar's tokens)."""
@@ -313,6 +323,14 @@ def prepare(command: str, args: list[str]) -> list[str]:
         saved = [str(o) for o in load_checkpoint(last).get("overrides", [])]
         return [*replay(carried(saved, folder), args), f"hydra.run.dir={quote(str(folder))}"]
     ckpt_path = value_of(args, "ckpt_path") if command == "test" else None
+    swept = ckpt_path is not None and not gives_one(f"ckpt_path={ckpt_path}")
+    if swept and multirun(args) and not Path(str(ckpt_path)).exists():
+        raise MetacliError(
+            f"ckpt_path={ckpt_path} sweeps checkpoints: metacli test meta-tests one "
+            f"checkpoint a run, with the settings of the run that wrote it. Meta-test "
+            f"each in turn (for c in A B; do metacli test ckpt_path=$c; done); a sweep "
+            f"may vary the test.* settings of one checkpoint."
+        )
     if ckpt_path is not None:
         saved = [str(o) for o in load_checkpoint(ckpt_path).get("overrides", [])]
         runs = [p for p in Path(ckpt_path).parents[:3] if (p / "summary.json").is_file()]

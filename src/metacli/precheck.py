@@ -27,6 +27,7 @@ from metacli.composition import (
     compose,
     file_options,
     folders_of,
+    gives_one,
     informs,
     job_overrides,
     key_of,
@@ -179,7 +180,7 @@ def check_hydra_settings(command: str, overrides: list[str], args: list[str]) ->
     plain = OverridesParser.create()
     before = compose(command, overrides, keep_hydra=True)
     for arg in given:
-        if "/" in key_of(arg) or not gives_one_value(arg):
+        if "/" in key_of(arg) or not gives_one(arg):
             continue
         node = OmegaConf.select(before, key_of(arg), default=None)
         value = plain.parse_override(arg).value()
@@ -196,7 +197,7 @@ def check_hydra_settings(command: str, overrides: list[str], args: list[str]) ->
                 f"{key_of(arg)}.<key>=<value> (`metacli {command} --cfg hydra` prints them)."
             )
     try:
-        compose(command, [*overrides, *(a for a in given if gives_one_value(a))], True)
+        compose(command, [*overrides, *(a for a in given if gives_one(a))], True)
     except MetacliError:
         raise
     except Exception as err:  # Hydra stops with its own errors on some of its settings
@@ -213,7 +214,7 @@ def check_sampled_sweep(command: str, args: list[str]) -> None:
     sampled = sampled_sweeps(args) if multirun(args) and not informs(args) else []
     if not sampled:
         return
-    fixed = [a for a in args if "=" in a and not a.startswith("-") and gives_one_value(a)]
+    fixed = [a for a in args if "=" in a and not a.startswith("-") and gives_one(a)]
     cfg = compose(command, fixed, keep_hydra=True)
     if str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="")).endswith("BasicSweeper"):
         raise ConfigError(
@@ -222,13 +223,6 @@ def check_sampled_sweep(command: str, args: list[str]) -> None:
             f"or hydra/sweeper=optuna. The basic sweeper runs lists of values, e.g. "
             f"{key_of(sampled[0])}=0.001,0.01,0.1."
         )
-
-
-def gives_one_value(arg: str) -> bool:
-    try:
-        return not OverridesParser.create().parse_override(arg).is_sweep_override()
-    except Exception:  # malformed: Hydra says so when it composes
-        return True
 
 
 PROGRESS_EVERY_S = 10.0
