@@ -27,6 +27,13 @@ CONFIGS = [
     ["model.hidden=[2000,2000]", "val.num_tasks=1", "test.num_tasks=1"],
     ["test.num_tasks=300000", "test.batch_size=1000", "val.num_tasks=1"],
     ["val.batch_size=20000", "val.num_tasks=20000", "test.num_tasks=1"],
+    # the validation's and the meta-test's tasks take turns: each alone is the peak
+    [
+        "val.num_tasks=150000",
+        "test.num_tasks=150000",
+        "val.batch_size=1000",
+        "test.batch_size=1000",
+    ],
     [
         "task=omniglot",
         "model=conv4",

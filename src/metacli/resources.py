@@ -13,7 +13,8 @@ following the bytes of every tensor the pass creates. From that:
   the meta-gradient) and the adapted weights with their gradient, then the query pass;
   a meta-batch has ``train.meta_batch_size`` tasks in flight, an evaluation chunk
   ``val.batch_size`` / ``test.batch_size``;
-- the fixed validation and test tasks, held whole (``val.num_tasks`` / ``test.num_tasks``);
+- the fixed validation and test tasks, held whole while their evaluation runs
+  (``val.num_tasks`` / ``test.num_tasks``);
 - an image dataset's decoded cache (its image count times the image size).
 
 It is an estimate, not a bound: docs/memory.md sets it beside what runs use.
@@ -64,7 +65,9 @@ class Need:
     fixed: int
     each: int = 0
     count: int = 0
-    phase: bool = False  # alive in one phase only (a meta-batch, an evaluation's chunk)
+    # "": held all along; else the phase it lives in (train: a meta-batch; val, test: an
+    # evaluation's fixed tasks and its chunk): phases take turns
+    phase: str = ""
 
     @property
     def bytes(self) -> int:
@@ -74,7 +77,16 @@ class Need:
 def total(needs: list[Need]) -> int:
     """What is held all along, and the largest phase."""
     held = sum(need.bytes for need in needs if not need.phase)
-    return held + max((need.bytes for need in needs if need.phase), default=0)
+    return held + max(phase_sums(needs, {id(n): n.bytes for n in needs}).values(), default=0)
+
+
+def phase_sums(needs: list[Need], now: dict[int, int], but: Need | None = None) -> dict[str, int]:
+    """Each phase's bytes (``now``: each part's, by id), without the part ``but``."""
+    sums: dict[str, int] = {}
+    for need in needs:
+        if need.phase and need is not but:
+            sums[need.phase] = sums.get(need.phase, 0) + now[id(need)]
+    return sums
 
 
 class Counting(TorchFunctionMode):
@@ -245,7 +257,7 @@ def estimate(resolved: Resolved, device: torch.device, command: str = "train") -
             # a head runs on every task of the batch at once (and its graph is kept)
             each=train_task + (training if together else 0) + AUTOGRAD_GRAPH * head("train"),
             count=batch,
-            phase=True,
+            phase="train",
         ),
     ]
     for split, name in (("val", "validation"), ("test", "test")):
@@ -257,6 +269,7 @@ def estimate(resolved: Resolved, device: torch.device, command: str = "train") -
                 fixed=0,
                 each=task_data,
                 count=section.num_tasks,
+                phase=split,  # drawn for each evaluation, freed after it
             )
         )
         chunk = min(section.batch_size, section.num_tasks)
@@ -268,7 +281,7 @@ def estimate(resolved: Resolved, device: torch.device, command: str = "train") -
                 fixed=0 if together else in_flight(model.evaluation_batching, chunk) * evaluation,
                 each=(evaluation if together else 0) + head("test"),
                 count=chunk,
-                phase=True,
+                phase=split,
             )
         )
     images = task_cls.stored_images
@@ -334,10 +347,14 @@ def advice(needs: list[Need], room: float, resolved: Resolved) -> str:
     lowers = []
     for part in needs:
         held = sum(now[id(n)] for n in needs if not n.phase and n is not part)
-        phases = max((now[id(n)] for n in needs if n.phase and n is not part), default=0)
-        # phases take turns: a phase has what is held leaves; a held part what the
-        # other held parts and the largest phase leave
-        budget = room - held - (0 if part.phase else phases)
+        phases = phase_sums(needs, now, but=part)
+        # phases take turns: a phase's part has what is held and its phase's other parts
+        # leave; a held part what the other held parts and the largest phase leave
+        budget = (
+            room
+            - held
+            - (phases.get(part.phase, 0) if part.phase else max(phases.values(), default=0))
+        )
         if part.bytes <= budget:
             continue
         if part.key in ("model", "task.image_size"):
