@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from metacli import __version__
+from metacli.config import flatten
 from metacli.errors import MetacliError
 from metacli.files import save_tensors
 
@@ -202,8 +203,6 @@ def changed_components(before: Any, now: Any) -> str:
     """How the algo, model and task settings of ``now`` differ from ``before`` (the
     checkpoint's config): ``task=sinusoid (now synthetic)`` where the option differs,
     else ``model.hidden=[40, 40] (now [8, 8])``; at most six."""
-    from metacli.config import flatten
-
     if not before or now is None:
         return ""
     now = OmegaConf.to_container(now, resolve=True) if OmegaConf.is_config(now) else now

@@ -141,8 +141,8 @@ def precheck(command: str, args: list[str]) -> Checked | None:
         check_sampled_sweep(command, args)
         return None
     check_output_folder(command, args)
-    check_hydra_settings(command, overrides, args)
     cfg = compose(command, overrides, keep_hydra=True)
+    check_hydra_settings(command, overrides, args, cfg)
     for notice in shadowing(dict(cfg.hydra.runtime.choices), folders_of(overrides)):
         print(f"metacli {command}: {notice}", file=sys.stderr)
     with open_dict(cfg):
@@ -166,10 +166,12 @@ def precheck(command: str, args: list[str]) -> Checked | None:
     return Checked(cfg, resolved)
 
 
-def check_hydra_settings(command: str, overrides: list[str], args: list[str]) -> None:
+def check_hydra_settings(
+    command: str, overrides: list[str], args: list[str], before: DictConfig
+) -> None:
     """Hydra's own settings (``hydra.*``, ``hydra/launcher=...``), which the job's config
-    leaves out, composed once with it: a mistake there is Hydra's error (exit 1) after
-    the checks, or its traceback."""
+    (``before``, with Hydra's node) leaves out, composed once with it: a mistake there is
+    Hydra's error (exit 1) after the checks, or its traceback."""
     given = [
         a
         for a in split_flags(args)[1]
@@ -178,7 +180,6 @@ def check_hydra_settings(command: str, overrides: list[str], args: list[str]) ->
     if not given:
         return
     plain = OverridesParser.create()
-    before = compose(command, overrides, keep_hydra=True)
     for arg in given:
         if "/" in key_of(arg) or not gives_one(arg):
             continue
